@@ -1,0 +1,78 @@
+"""The Balancer contract: per-task losses (and, on request, per-task gradients) in, one update out.
+
+A balancer never reaches into the model or the trainer. The gradient engine
+(:mod:`mtlvision.balancers.engine`) hands it the per-task losses and a :class:`TaskGradients` object that
+computes, lazily and at most once per step, the per-task gradients of the shared parameters (the Jacobian
+``G`` of shape ``[T, P]``), their Gramian ``K = G Gᵀ`` or the per-task gradients of the shared
+representation. The balancer answers with an :class:`Update`; the engine turns it into ``.grad`` on every
+parameter. Balancers are ``nn.Module`` so that learnable weights (UW, GradNorm) reach the optimizer and
+their state (buffers, ``get_extra_state``) travels in checkpoints.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+
+class Needs(str, Enum):
+    """What a balancer needs beyond the losses."""
+
+    LOSSES = "losses"  # loss weighting: only the loss values
+    JACOBIAN = "jacobian"  # the per-task gradient matrix G [T, P]
+    GRAMIAN = "gramian"  # only K = G Gᵀ [T, T]; the update is a weighted sum of task gradients
+
+
+class TaskGradients(ABC):
+    """Lazily computed per-task gradients for one training step (each computed at most once)."""
+
+    @property
+    @abstractmethod
+    def num_tasks(self) -> int: ...
+
+    @abstractmethod
+    def jacobian(self) -> Tensor:
+        """``G`` [T, P]: row t is the gradient of task t's loss w.r.t. the shared parameters (or the
+        shared representation in representation mode), flattened and concatenated."""
+
+    @abstractmethod
+    def gramian(self) -> Tensor:
+        """``K = G Gᵀ`` [T, T] in float32 (float64 where the engine is asked for it)."""
+
+
+@dataclass
+class Update:
+    """A balancer's answer for one step.
+
+    - ``weights`` [T]: task weights, always recorded and logged. When ``direction`` is None the update
+      of every parameter is the gradient of ``Σ_t weights_t · loss_t`` (weights are detached).
+    - ``direction`` [P]: the update of the shared parameters (same layout as ``TaskGradients.jacobian``
+      rows), for methods whose result is not a weighted sum of task gradients. Task-specific parameters
+      then receive the gradient of ``Σ_t weights_t · loss_t``. In representation mode ``direction`` is a
+      vector over the representation and is back-propagated into the shared parameters.
+    - ``extra_loss``: a scalar back-propagated in addition, for the balancer's own learnable parameters
+      (e.g. UW's log-variances, GradNorm's weights). It must not depend on model parameters.
+    """
+
+    weights: Tensor
+    direction: Tensor | None = None
+    extra_loss: Tensor | None = None
+
+
+class Balancer(nn.Module, ABC):
+    """Turns per-task losses into one update. Subclasses cite their paper in the docstring."""
+
+    needs: ClassVar[Needs] = Needs.LOSSES
+    #: whether the method is defined on gradients of the shared representation (MGDA-UB style).
+    supports_representation: ClassVar[bool] = False
+
+    @abstractmethod
+    def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        """``losses`` [T] (with graph); ``grads`` is None for methods that need only losses."""
+
+    def forward(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        return self.balance(losses, grads)

@@ -1,0 +1,38 @@
+"""Loss-weighting methods that need only the loss values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlvision.balancers.base import Balancer, TaskGradients, Update
+from mtlvision.balancers.registry import BALANCERS
+from mtlvision.errors import ConfigError
+
+
+@BALANCERS.register("ew", "Equal weights: the plain sum of task losses.", "baseline")
+class EqualWeights(Balancer):
+    """Equal weighting: ``Σ_t L_t``."""
+
+    def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        return Update(weights=torch.ones_like(losses.detach()))
+
+
+@BALANCERS.register("fixed", "Fixed per-task weights given in the config.", "baseline")
+class FixedWeights(Balancer):
+    """Fixed weights ``Σ_t w_t L_t`` with ``w`` from ``balancer.weights`` (one per task, in task order)."""
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        super().__init__()
+        if any(w < 0 for w in weights):
+            raise ConfigError(f"balancer.weights must be non-negative, got {list(weights)}")
+        self.register_buffer("fixed", torch.tensor([float(w) for w in weights]))
+
+    def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        if self.fixed.numel() != losses.numel():
+            raise ConfigError(
+                f"balancer.weights has {self.fixed.numel()} values but there are {losses.numel()} tasks"
+            )
+        return Update(weights=self.fixed.to(losses.device))

@@ -1,0 +1,63 @@
+"""The sharing-architecture contract: images in, per-task multi-scale features out.
+
+An architecture owns the backbone (or its copies, for cross-stitch) and everything between the backbone
+and the task heads. It is built from an :class:`ArchitectureSpec` (a small, typed, hyper-parameter holder
+that the user creates, e.g. ``MTAN()``), a backbone factory and the task names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from mtlvision.errors import ConfigError
+
+
+class RepresentationUnavailable(ConfigError):
+    """Raised when representation-gradient mode is asked of an architecture without one shared representation."""
+
+
+class Architecture(nn.Module, ABC):
+    """Maps images to ``{task_name: [feature maps, fine to coarse]}``.
+
+    ``feature_channels`` / ``feature_strides`` describe the list each task receives (same for every task).
+    """
+
+    feature_channels: list[int]
+    feature_strides: list[int]
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> dict[str, list[Tensor]]: ...
+
+    @abstractmethod
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that more than one task depends on (the ones gradient balancers act on)."""
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The one representation every task consumes (for representation-gradient balancing)."""
+        raise RepresentationUnavailable(
+            f"architecture {type(self).__name__} has no single shared representation; "
+            "use balancer.mode=params"
+        )
+
+    def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
+        """Per-task features from the output of :meth:`encode`."""
+        raise RepresentationUnavailable(
+            f"architecture {type(self).__name__} has no single shared representation; "
+            "use balancer.mode=params"
+        )
+
+
+class ArchitectureSpec(ABC):
+    """A user-facing architecture choice with its hyper-parameters; :meth:`build` makes the module."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}

@@ -76,3 +76,13 @@ class Balancer(nn.Module, ABC):
 
     def forward(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         return self.balance(losses, grads)
+
+    #: when True the trainer re-evaluates the step's batch after the optimiser step and calls
+    #: :meth:`after_step` with those losses (FAMO's update needs L(θ_{t+1}) on the same batch).
+    needs_post_step_losses: ClassVar[bool] = False
+
+    def after_step(self, new_losses: Tensor) -> None:
+        """Called after the optimiser step with the same batch's new losses (see ``needs_post_step_losses``)."""
+
+    def on_epoch_end(self, mean_losses: Tensor) -> None:
+        """Called once per epoch with each task's mean training loss (DWA uses the loss history)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mtlvision.tasks.base import Task, TargetKind, TaskMetric
+from mtlvision.tasks.detection import Detection
 from mtlvision.tasks.registry import TASKS
 
 __all__ = ["TASKS", "Task", "TargetKind", "TaskMetric"]

@@ -1,0 +1,335 @@
+"""Object detection with an anchor-free FCOS head (Tian et al., ICCV 2019).
+
+Targets are variable-length per image (``{"boxes": [N, 4] xyxy pixels, "labels": [N]}``) and are collated
+as a list, never padded. Training follows FCOS: a location is positive for a box when it lies inside the
+box, within ``center_radius`` strides of its centre ("centre sampling") and the box's largest
+location-to-side distance falls in the location's level range; a location claimed by several boxes takes
+the smallest. Losses (torchvision's focal loss, GIoU loss and a centerness BCE) are summed over the valid
+images and divided by the number of positive locations (at least one), as FCOS does.
+
+Small-image adaptation (documented rule): a box that no location claims under the FCOS rule (a box smaller
+than its level's stride can fall between location centres) gets the location of its level nearest to its
+centre, unless a smaller box already holds it, so that every object is learnt.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+from torchvision.ops import (
+    batched_nms,
+    clip_boxes_to_image,
+    generalized_box_iou_loss,
+    sigmoid_focal_loss,
+)
+
+from mtlvision.errors import ConfigError
+from mtlvision.tasks.base import Task, TargetKind, require
+from mtlvision.tasks.detection_head import FCOSHead
+from mtlvision.tasks.detection_metric import DetectionMetric, Detections
+from mtlvision.tasks.registry import TASKS
+
+BoxTarget = dict[str, Tensor]
+
+
+def level_ranges(strides: Tensor, size_factor: float) -> tuple[Tensor, Tensor]:
+    """Per-location ``(low, high]`` range of the largest box distance, FCOS-style.
+
+    Level ``k`` (strides sorted ascending) takes ``(size_factor * s_{k-1}, size_factor * s_k]``, the finest
+    level starting at 0 and the coarsest reaching infinity; FCOS's P3..P7 ranges are ``size_factor = 8``.
+    """
+    levels = torch.unique(strides)
+    upper = levels * size_factor
+    upper[-1] = float("inf")
+    lower = torch.cat([upper.new_zeros(1), upper[:-1]])
+    index = torch.searchsorted(levels, strides)
+    return lower[index], upper[index]
+
+
+def assign_targets(
+    points: Tensor,
+    strides: Tensor,
+    boxes: Tensor,
+    center_radius: float = 1.5,
+    size_factor: float = 8.0,
+) -> Tensor:
+    """Index of the box each location regresses (``-1`` for background), shape ``[P]``.
+
+    ``points`` ``[P, 2]`` are location centres (x, y), ``strides`` ``[P]`` their level strides and ``boxes``
+    ``[N, 4]`` xyxy ground truth. Implements FCOS centre sampling with level ranges plus the small-box
+    fall-back described in the module docstring.
+    """
+    num_points = points.shape[0]
+    if boxes.shape[0] == 0:
+        return torch.full((num_points,), -1, dtype=torch.long, device=points.device)
+    x, y = points[:, 0:1], points[:, 1:2]
+    distances = torch.stack(
+        [x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=2
+    )  # [P, N, 4]
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    radius = center_radius * strides[:, None]
+    near_centre = ((points[:, None, :] - centres[None]).abs().amax(dim=2)) < radius
+    inside = distances.amin(dim=2) > 0
+    lower, upper = level_ranges(strides, size_factor)
+    largest = distances.amax(dim=2)
+    in_range = (largest > lower[:, None]) & (largest <= upper[:, None])
+    candidate = inside & near_centre & in_range
+
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    cost = torch.where(candidate, areas[None].expand(num_points, -1), torch.full_like(largest, float("inf")))
+    best_cost, assigned = cost.min(dim=1)
+    assigned = torch.where(torch.isfinite(best_cost), assigned, torch.full_like(assigned, -1))
+
+    for box_index in torch.nonzero(~candidate.any(dim=0)).flatten().tolist():
+        half_extent = (boxes[box_index, 2:] - boxes[box_index, :2]).amax() / 2
+        on_level = (half_extent > lower) & (half_extent <= upper)
+        gap = (points - centres[box_index]).abs().amax(dim=1)
+        gap = torch.where(on_level, gap, torch.full_like(gap, float("inf")))
+        nearest = int(gap.argmin())
+        holder = int(assigned[nearest])
+        if holder < 0 or areas[box_index] < areas[holder]:
+            assigned[nearest] = box_index
+    return assigned
+
+
+def centerness_target(distances: Tensor) -> Tensor:
+    """FCOS centerness ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` in [0, 1]."""
+    left_right = distances[:, [0, 2]].clamp_min(0)
+    top_bottom = distances[:, [1, 3]].clamp_min(0)
+    ratio = (left_right.amin(1) / left_right.amax(1).clamp_min(1e-6)) * (
+        top_bottom.amin(1) / top_bottom.amax(1).clamp_min(1e-6)
+    )
+    return ratio.sqrt()
+
+
+@TASKS.register("detection", citation="Tian et al., FCOS: Fully Convolutional One-Stage Object Detection, ICCV 2019")
+class Detection(Task):
+    """Object detection (boxes with classes) by an anchor-free FCOS head on the multi-scale features.
+
+    ``score_threshold``, ``nms_iou`` and ``max_detections`` shape the predictions that ``decode`` returns
+    and ``draw`` shows. The metrics use ``metric_score_threshold`` (lower, as in FCOS's evaluation, so the
+    precision-recall curve is not cut short) with the same NMS and ``max_detections``.
+    """
+
+    kind: ClassVar[str] = "detection"
+    target_kind: ClassVar[TargetKind] = TargetKind.BOXES
+    level: ClassVar[str] = "dense"
+    default_head: ClassVar[str] = "fcos"
+    metric_directions: ClassVar[dict[str, bool]] = {"map_50": True, "map": True, "recall": True}
+    primary_metric: ClassVar[str] = "map_50"
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        score_threshold: float = 0.3,
+        nms_iou: float = 0.5,
+        max_detections: int = 100,
+        pre_nms_top_k: int = 1000,
+        metric_score_threshold: float = 0.05,
+        strides: Sequence[int] = (8, 16, 32),
+        center_radius: float = 1.5,
+        size_factor: float = 8.0,
+        head_width: int = 64,
+        tower_depth: int = 2,
+    ) -> None:
+        super().__init__(name)
+        if num_classes < 1:
+            raise ConfigError(f"task {name!r}: num_classes must be at least 1, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(
+                f"task {name!r}: {len(class_names)} class_names given for num_classes={num_classes}"
+            )
+        for field, value in {"score_threshold": score_threshold, "metric_score_threshold": metric_score_threshold,
+                             "nms_iou": nms_iou}.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"task {name!r}: {field} must lie in [0, 1], got {value}")
+        if max_detections < 1 or pre_nms_top_k < 1:
+            raise ConfigError(f"task {name!r}: max_detections and pre_nms_top_k must be positive")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.score_threshold = score_threshold
+        self.nms_iou = nms_iou
+        self.max_detections = max_detections
+        self.pre_nms_top_k = pre_nms_top_k
+        self.metric_score_threshold = metric_score_threshold
+        self.strides = tuple(strides)
+        self.center_radius = center_radius
+        self.size_factor = size_factor
+        self.head_width = head_width
+        self.tower_depth = tower_depth
+
+    # ----------------------------------------------------------------------------------------- model side
+    @property
+    def output_channels(self) -> int:
+        """Per location: class logits, four box distances and one centerness logit."""
+        return self.num_classes + 5
+
+    def build_custom_head(self, feature_channels: Sequence[int], feature_strides: Sequence[int]) -> nn.Module:
+        return FCOSHead(
+            feature_channels,
+            feature_strides,
+            self.num_classes,
+            strides=self.strides,
+            width=self.head_width,
+            tower_depth=self.tower_depth,
+        )
+
+    def postprocess(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The raw per-location outputs are the prediction: the loss needs them, :meth:`detect` decodes them."""
+        return raw
+
+    # ------------------------------------------------------------------------------------------ training
+    def loss(self, prediction: dict[str, Any], target: Sequence[BoxTarget], valid: Tensor) -> Tensor:
+        """FCOS loss over valid images: focal + GIoU + centerness BCE, each summed and divided by positives."""
+        cls_logits: Tensor = prediction["cls_logits"]
+        keep = [i for i, flag in enumerate(valid.tolist()) if flag]
+        if not keep:
+            return (cls_logits.sum() + prediction["box_distances"].sum() + prediction["centerness"].sum()) * 0.0
+        points, strides = prediction["points"], prediction["strides"]
+        device = cls_logits.device
+        cls_targets, box_targets, positive_masks = [], [], []
+        for i in keep:
+            boxes = target[i]["boxes"].to(device=device, dtype=torch.float32)
+            labels = target[i]["labels"].to(device=device, dtype=torch.long)
+            assigned = assign_targets(points, strides, boxes, self.center_radius, self.size_factor)
+            positive = assigned >= 0
+            one_hot = torch.zeros_like(cls_logits[i])
+            one_hot[positive, labels[assigned[positive]]] = 1.0
+            cls_targets.append(one_hot)
+            box_targets.append(boxes[assigned[positive]])
+            positive_masks.append(positive)
+        index = torch.tensor(keep, device=device)
+        positive = torch.stack(positive_masks)  # [V, P]
+        num_positive = positive.sum().clamp_min(1).float()
+
+        cls_loss = sigmoid_focal_loss(cls_logits[index], torch.stack(cls_targets), reduction="sum")
+        distances = prediction["box_distances"][index][positive]  # [Npos, 4]
+        pos_points = points[None].expand(len(keep), -1, -1)[positive]
+        predicted_boxes = torch.cat([pos_points - distances[:, :2], pos_points + distances[:, 2:]], dim=1)
+        gt_boxes = torch.cat(box_targets)
+        box_loss = generalized_box_iou_loss(predicted_boxes, gt_boxes, reduction="sum")
+        gt_distances = torch.cat([pos_points - gt_boxes[:, :2], gt_boxes[:, 2:] - pos_points], dim=1)
+        centerness_loss = F.binary_cross_entropy_with_logits(
+            prediction["centerness"][index][positive], centerness_target(gt_distances), reduction="sum"
+        )
+        return (cls_loss + box_loss + centerness_loss) / num_positive
+
+    def metric(self) -> DetectionMetric:
+        return DetectionMetric(lambda p: self.detect(p, self.metric_score_threshold), self.class_names)
+
+    # ------------------------------------------------------------------------------------------- data side
+    def placeholder_target(self, height: int, width: int) -> BoxTarget:
+        return {"boxes": torch.zeros((0, 4), dtype=torch.float32), "labels": torch.zeros((0,), dtype=torch.int64)}
+
+    def check_target(self, target: Any, where: str, image_size: tuple[int, int] | None = None) -> None:
+        """Boxes finite, ``x2 > x1``, ``y2 > y1``, inside ``[0, W] x [0, H]`` when ``image_size`` is given
+        (non-negative otherwise), labels in ``[0, num_classes)``."""
+        require(isinstance(target, dict) and {"boxes", "labels"} <= set(target), where,
+                f"task {self.name!r} needs a dict with 'boxes' and 'labels', got {type(target).__name__}")
+        boxes, labels = target["boxes"], target["labels"]
+        require(isinstance(boxes, Tensor) and boxes.ndim == 2 and boxes.shape[1] == 4, where,
+                f"task {self.name!r}: boxes must be a float tensor [N, 4] (x1, y1, x2, y2)")
+        require(isinstance(labels, Tensor) and labels.ndim == 1 and labels.shape[0] == boxes.shape[0], where,
+                f"task {self.name!r}: labels must be an int tensor [N] matching {boxes.shape[0]} boxes")
+        require(bool(torch.isfinite(boxes).all()), where, f"task {self.name!r}: a box coordinate is not finite")
+        for row, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+            require(x2 > x1 and y2 > y1, where,
+                    f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} is empty (needs x2 > x1 and y2 > y1)")
+            require(min(x1, y1) >= 0, where, f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} starts outside "
+                    "the image (negative coordinate)")
+            if image_size is not None:
+                height, width = image_size
+                require(x2 <= width and y2 <= height, where,
+                        f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} ends outside the {width}x{height} image")
+        for row, label in enumerate(labels.tolist()):
+            require(0 <= label < self.num_classes, where,
+                    f"task {self.name!r}: box {row} has label {label}, outside [0, {self.num_classes - 1}]")
+
+    def collate(self, targets: Sequence[BoxTarget]) -> list[BoxTarget]:
+        """A list of per-image dicts: images hold different numbers of boxes, so nothing is padded."""
+        return list(targets)
+
+    # ----------------------------------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def detect(self, prediction: dict[str, Any], score_threshold: float | None = None) -> Detections:
+        """Boxes per image: score ``sqrt(sigmoid(cls) * sigmoid(centerness))`` above the threshold, the
+        ``pre_nms_top_k`` best, class-wise NMS at ``nms_iou``, at most ``max_detections``."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        points: Tensor = prediction["points"]
+        image_size = prediction["image_size"]
+        scores_all = (prediction["cls_logits"].sigmoid() * prediction["centerness"].sigmoid()[..., None]).sqrt()
+        results: Detections = []
+        for scores, distances in zip(scores_all, prediction["box_distances"], strict=True):
+            flat = scores.flatten()
+            candidates = torch.nonzero(flat > threshold).flatten()
+            if candidates.numel() > self.pre_nms_top_k:
+                candidates = candidates[flat[candidates].topk(self.pre_nms_top_k).indices]
+            location = candidates // self.num_classes
+            labels = candidates % self.num_classes
+            boxes = torch.cat(
+                [points[location] - distances[location, :2], points[location] + distances[location, 2:]], dim=1
+            )
+            boxes = clip_boxes_to_image(boxes.float(), image_size)
+            kept = batched_nms(boxes, flat[candidates].float(), labels, self.nms_iou)[: self.max_detections]
+            results.append({"boxes": boxes[kept], "scores": flat[candidates][kept].float(), "labels": labels[kept]})
+        return results
+
+    def decode(self, prediction: dict[str, Any]) -> list[dict[str, list[Any]]]:
+        return [
+            {
+                "boxes": [[round(v, 2) for v in box] for box in found["boxes"].tolist()],
+                "scores": [round(s, 4) for s in found["scores"].tolist()],
+                "labels": found["labels"].tolist(),
+                "class_names": [self.class_names[label] for label in found["labels"].tolist()],
+            }
+            for found in self.detect(prediction)
+        ]
+
+    def draw(self, image: np.ndarray, decoded: dict[str, list[Any]]) -> np.ndarray:
+        """The image with each box outlined in its class colour and labelled ``class score``."""
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        picture = Image.fromarray(array).convert("RGB")
+        pen = ImageDraw.Draw(picture)
+        for box, score, label in zip(decoded["boxes"], decoded["scores"], decoded["labels"], strict=True):
+            colour = _class_colour(label, self.num_classes)
+            pen.rectangle(box, outline=colour, width=1)
+            text = f"{self.class_names[label]} {score:.2f}"
+            left, top = box[0], max(box[1] - 10, 0)
+            text_box = pen.textbbox((left, top), text)
+            pen.rectangle(text_box, fill=colour)
+            pen.text((left, top), text, fill=(0, 0, 0))
+        return np.asarray(picture)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "score_threshold": self.score_threshold,
+            "nms_iou": self.nms_iou,
+            "max_detections": self.max_detections,
+            "pre_nms_top_k": self.pre_nms_top_k,
+            "metric_score_threshold": self.metric_score_threshold,
+            "strides": list(self.strides),
+            "center_radius": self.center_radius,
+            "size_factor": self.size_factor,
+            "head_width": self.head_width,
+            "tower_depth": self.tower_depth,
+        }
+
+
+def _class_colour(label: int, num_classes: int) -> tuple[int, int, int]:
+    red, green, blue = colorsys.hsv_to_rgb(label / max(num_classes, 1), 0.9, 1.0)
+    return int(red * 255), int(green * 255), int(blue * 255)

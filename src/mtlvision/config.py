@@ -1,0 +1,264 @@
+"""Run configuration: YAML presets shipped with the package, ``--set KEY=VALUE`` overrides, validation.
+
+A configuration is a nested mapping validated by :class:`RunConfig`. Errors name the dotted key that is
+wrong and, where the allowed values are a fixed set, list them.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mtlvision.errors import ConfigError
+
+PRESET_PACKAGE = "mtlvision.presets"
+DEFAULT_PRESET = "scenes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskEntry(BaseModel):
+    """One task of the run: a task the dataset provides, by name, with optional overrides.
+
+    ``head`` picks the head (``fpn``, ``aspp``, ``mlp``, ``linear``) and ``head_params`` its arguments;
+    any other key is passed to the task's constructor (e.g. ``loss: berhu`` for depth).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    head: str | None = None
+    head_params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def task_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(BaseModel):
+    """``data.*``: the dataset (its own keys are validated by the dataset), loading and augmentation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "scenes"
+    root: str | None = None
+    num_workers: int = Field(0, ge=0)
+    augment: dict[str, Any] = Field(default_factory=dict)
+    skip_bad: bool = False
+
+    @property
+    def dataset_params(self) -> dict[str, Any]:
+        """The keys handed to the dataset's own Params model."""
+        params = dict(self.model_extra or {})
+        params["name"] = self.name
+        params["root"] = self.root
+        return params
+
+
+class ModelConfig(_Strict):
+    """``model.*``: backbone, sharing architecture, heads and initialisation."""
+
+    backbone: str = "resnet18"
+    architecture: str | dict[str, Any] = "hps"
+    init: str = "kaiming"
+    pretrained: str | None = None
+    freeze_stages: int = Field(0, ge=0)
+    backbone_lr_scale: float = Field(1.0, ge=0.0)
+
+    @property
+    def architecture_name(self) -> str:
+        return self.architecture if isinstance(self.architecture, str) else str(self.architecture["name"])
+
+    @property
+    def architecture_params(self) -> dict[str, Any]:
+        if isinstance(self.architecture, str):
+            return {}
+        return {k: v for k, v in self.architecture.items() if k != "name"}
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture_has_name(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, dict) and "name" not in value:
+            raise ValueError("a mapping for model.architecture needs a 'name' key")
+        return value
+
+
+class BalancerConfig(BaseModel):
+    """``balancer.*``: the method's name, its mode, and its hyper-parameters beside them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "ew"
+    mode: Literal["params", "representation"] = "params"
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(_Strict):
+    """``train.*``: the optimisation loop."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    scheduler: Literal["none", "cosine", "step", "plateau"] = "cosine"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    device: str = "auto"
+    early_stopping: int | None = Field(None, ge=1)
+    select: str = "loss"
+    deterministic: bool = False
+    eval_split: Literal["val", "test"] = "test"
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if value == "auto" or value == "cpu" or value == "mps" or value.startswith("cuda"):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+
+
+class RunConfig(_Strict):
+    """The whole run configuration."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    tasks: list[TaskEntry] | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    balancer: BalancerConfig = Field(default_factory=BalancerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    baselines: str | None = None
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_from_names(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a non-empty list of task names or mappings with a 'name'")
+        entries = [{"name": v} if isinstance(v, str) else v for v in value]
+        names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+        duplicates = sorted({n for n in names if n is not None and names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
+        return entries
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved configuration as plain data (written to the run's config.yaml)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    folder = resources.files(PRESET_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_raw(source: str | Path | None) -> dict[str, Any]:
+    """The raw mapping of a preset name or a YAML file path (``None`` = the default preset)."""
+    source = DEFAULT_PRESET if source is None else source
+    path = Path(source)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return _read_yaml(path.read_text(), f"config file {path}")
+    name = str(source)
+    if name not in preset_names():
+        raise ConfigError(
+            f"{name!r} is neither a config file nor a preset. Presets: {', '.join(preset_names())}."
+        )
+    text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name}")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` with the value parsed as YAML (``tasks=[a,b]``, ``train.lr=3e-4``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. train.epochs=5)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({exc})") from None
+    # YAML 1.1 reads "3e-4" as a string; a number was meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set each dotted key of ``overrides`` in a copy of ``raw``."""
+    result = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section (it holds {child!r})")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping; every problem is reported with its dotted key."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif err["type"] == "literal_error":
+                message = f"must be one of {err['ctx']['expected']}"
+            lines.append(f"{key}: {message} (got {err.get('input')!r})")
+        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(
+    source: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> RunConfig:
+    """Load a preset or YAML file, apply overrides (a mapping or ``KEY=VALUE`` strings) and validate."""
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(item) for item in overrides)
+    return validate(apply_overrides(load_raw(source), overrides or {}))

@@ -1,0 +1,109 @@
+"""Checkpoints and weights files: written atomically, read without unpickling anything.
+
+- Model weights: safetensors (``model.safetensors``), with the mtlvision version and a model signature in
+  the metadata so that a file for another model is refused with the mismatch named.
+- Resumable checkpoints (``checkpoint.pt``): a dict of tensors and plain Python values saved with
+  ``torch.save`` and read back with ``torch.load(weights_only=True)``, which refuses pickled code.
+Every write goes to a temporary file in the same folder and is moved into place with ``os.replace``, so a
+crash or kill during a write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtlvision import __version__
+from mtlvision.errors import CheckpointError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and atomically move it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def model_signature(model: nn.Module) -> str:
+    """A short description of the parameter layout, stored with weights to detect mismatches."""
+    state = model.state_dict()
+    return f"{len(state)} tensors, {sum(t.numel() for t in state.values())} values"
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Save the model's state dict as safetensors (shared tensors are stored once, contiguously)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"mtlvision_version": __version__, "signature": model_signature(model)}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
+    """Load safetensors weights into ``model``, naming missing, unexpected or mis-shaped tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    own = model.state_dict()
+    mis_shaped = [
+        f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if mis_shaped or (strict and (missing or unexpected)):
+        parts = []
+        if mis_shaped:
+            parts.append("shapes differ for " + ", ".join(mis_shaped[:5]))
+        if missing:
+            parts.append(f"{len(missing)} tensors missing from the file (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(
+            f"{path} does not match this model: " + "; ".join(parts)
+            + ". Was it saved from a model with other tasks, backbone or architecture?"
+        )
+    model.load_state_dict(state, strict=strict)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomically save a resumable checkpoint (tensors and plain values only)."""
+    payload = {"mtlvision_version": __version__, **state}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: a file carrying pickled code is refused unrun."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or others for foreign files
+        raise CheckpointError(
+            f"{path} is not a safe mtlvision checkpoint and was not loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+        ) from None
+    if not isinstance(state, dict) or "mtlvision_version" not in state:
+        raise CheckpointError(f"{path} is not an mtlvision checkpoint")
+    return state

@@ -1,0 +1,84 @@
+"""Run logging: per-epoch CSV history, TensorBoard scalars and a rich progress bar."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    """Write the per-epoch history as CSV with the union of all columns, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def flatten_metrics(prefix: str, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{task: {metric: v}}`` -> ``{"prefix/task/metric": v}``."""
+    return {f"{prefix}/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
+
+
+class TensorBoardLog:
+    """Scalars to TensorBoard under ``run_dir/tb`` (no-op without a run folder)."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self._writer = None
+        if run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "tb"))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class EpochProgress:
+    """A progress bar over one epoch's steps showing the running loss and throughput (images/s)."""
+
+    def __init__(self, description: str, total: int, enabled: bool) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[speed]:.0f} img/s"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total, loss=float("nan"), speed=0.0)
+        self._start = time.perf_counter()
+        self._images = 0
+
+    def __enter__(self) -> EpochProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def advance(self, loss: float, images: int) -> None:
+        self._images += images
+        speed = self._images / max(time.perf_counter() - self._start, 1e-9)
+        self._progress.update(self._task, advance=1, loss=loss, speed=speed)

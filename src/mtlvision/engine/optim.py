@@ -1,0 +1,51 @@
+"""Optimisers and learning-rate schedules by name (registries, so the config lists what exists)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "adam": lambda groups, lr, weight_decay, momentum: torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay),
+    "adamw": lambda groups, lr, weight_decay, momentum: torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay),
+    "sgd": lambda groups, lr, weight_decay, momentum: torch.optim.SGD(
+        groups, lr=lr, weight_decay=weight_decay, momentum=momentum
+    ),
+}
+
+
+def build_optimizer(
+    name: str, groups: Iterable[dict[str, Any]], lr: float, weight_decay: float, momentum: float
+) -> Optimizer:
+    """The optimiser ``name`` over parameter groups (a group's ``lr_scale`` multiplies ``lr``)."""
+    groups = [dict(g, lr=lr * g.pop("lr_scale", 1.0)) for g in groups]
+    return OPTIMIZERS[name](groups, lr, weight_decay, momentum)
+
+
+def _warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    return (epoch + 1) / (warmup_epochs + 1) if epoch < warmup_epochs else 1.0
+
+
+SCHEDULES: dict[str, Callable[[int, int, int, float], Callable[[int], float]]] = {
+    # each maps (epochs, warmup_epochs, step_size, gamma) to an epoch -> lr factor function
+    "none": lambda epochs, warmup, step_size, gamma: lambda e: _warmup_factor(e, warmup),
+    "cosine": lambda epochs, warmup, step_size, gamma: lambda e: _warmup_factor(e, warmup)
+    * 0.5
+    * (1 + math.cos(math.pi * max(e - warmup, 0) / max(epochs - warmup, 1))),
+    "step": lambda epochs, warmup, step_size, gamma: lambda e: _warmup_factor(e, warmup)
+    * gamma ** (e // step_size),
+}
+
+
+def build_scheduler(
+    name: str, optimizer: Optimizer, epochs: int, warmup_epochs: int, step_size: int, gamma: float
+) -> LRScheduler | ReduceLROnPlateau:
+    """A per-epoch schedule; ``plateau`` reduces on the validation selection score."""
+    if name == "plateau":
+        return ReduceLROnPlateau(optimizer, mode="min", factor=gamma, patience=max(step_size // 2, 1))
+    return LambdaLR(optimizer, SCHEDULES[name](epochs, warmup_epochs, step_size, gamma))

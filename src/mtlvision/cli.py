@@ -1,0 +1,184 @@
+"""The ``mtlvision`` command line: one verb per job, ``--set KEY=VALUE`` overrides, run folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mtlvision import __version__
+from mtlvision.errors import MtlvisionError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _metrics_table(title: str, metrics: dict[str, dict[str, float]], delta: dict | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if delta is not None:
+        table.add_column("Δm term %", justify="right")
+    for task, values in metrics.items():
+        for metric, value in values.items():
+            row = [task, metric, f"{value:.4f}"]
+            if delta is not None:
+                row.append(f"{delta['per_metric'][task][metric]:+.2f}")
+            table.add_row(*row)
+    return table
+
+
+def _print_report(report: dict) -> None:
+    delta = report.get("delta_m")
+    console.print(_metrics_table(f"metrics on the {report['split']} split", report["metrics"], delta))
+    if delta is not None:
+        per_task = ", ".join(f"{t} {v:+.2f}%" for t, v in delta["per_task"].items())
+        console.print(f"Δm = [bold]{delta['overall']:+.2f}%[/] (lower is better; per task: {per_task})")
+        console.print(f"  against single-task experts in {delta['baselines']}")
+    elif report.get("delta_m_note"):
+        console.print(f"Δm not reported: {report['delta_m_note']}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    run = api.train(args.config, args.set or [], name=args.name, out=args.out, resume=args.resume)
+    _print_report(run.report)
+    console.print(f"Run saved in [bold]{run.path}[/]")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    path = api.baseline(args.config, args.set or [], out=args.out, name=args.name)
+    stored = json.loads(path.read_text())
+    for task, expert in stored["experts"].items():
+        split = next(k for k in expert["metrics"] if k != "val") if len(expert["metrics"]) > 1 else "val"
+        console.print(_metrics_table(f"expert {task} ({split})", {task: expert["metrics"][split]}))
+    console.print(f"Baselines saved in [bold]{path}[/]")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    report = api.evaluate(args.run, split=args.split, baselines=args.baselines)
+    _print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    results = api.predict(args.run, args.inputs, out=args.out)
+    console.print(f"Predicted {len(results)} image(s); JSON and pictures in [bold]{args.out}[/]")
+    return 0
+
+
+def _registry_rows(kind: str) -> list[tuple[str, str, str]]:
+    from mtlvision import api
+
+    return [(e.name, e.description, e.citation) for e in api.registry(kind)]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    table = Table(title=args.kind)
+    for column in ("name", "description", "reference"):
+        table.add_column(column)
+    for row in _registry_rows(args.kind):
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    report = api.check_data(args.config, args.set or [], splits=args.splits)
+    console.print(report.table())
+    if report.errors:
+        err_console.print(f"[red]{report.error_count} problem(s) found[/]")
+        return 1
+    console.print("[green]No problems found.[/]")
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="a preset name (default: scenes) or a YAML file")
+    parser.add_argument(
+        "--set", nargs="+", metavar="KEY=VALUE", help="override config keys; values parse as YAML", action="extend"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtlvision.api import REGISTRY_KINDS
+
+    parser = argparse.ArgumentParser(prog="mtlvision", description="Multi-task learning for computer vision.")
+    parser.add_argument("--version", action="version", version=f"mtlvision {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser("train", help="train a multi-task model")
+    _add_config_arguments(train)
+    train.add_argument("--name", help="run folder name (default: the dataset's name)")
+    train.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    train.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
+    train.set_defaults(handler=cmd_train)
+
+    base = verbs.add_parser("baseline", help="train one single-task expert per task, for Δm")
+    _add_config_arguments(base)
+    base.add_argument("--name", help="folder name (default: baseline-<dataset>)")
+    base.add_argument("--out", default="runs")
+    base.set_defaults(handler=cmd_baseline)
+
+    ev = verbs.add_parser("eval", help="per-task metrics of a run, and Δm when baselines exist")
+    ev.add_argument("run", help="a run folder")
+    ev.add_argument("--split", choices=["train", "val", "test"], help="default: the run's train.eval_split")
+    ev.add_argument("--baselines", help="a baselines.json (default: <runs>/baseline-<dataset>/baselines.json)")
+    ev.add_argument("--json", help="also write the report to this file")
+    ev.set_defaults(handler=cmd_eval)
+
+    pr = verbs.add_parser("predict", help="predict every task on images; JSON and a picture per image")
+    pr.add_argument("run", help="a run folder")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--out", default="preds")
+    pr.set_defaults(handler=cmd_predict)
+
+    ls = verbs.add_parser("list", help="list what can be chosen")
+    ls.add_argument("kind", choices=REGISTRY_KINDS)
+    ls.set_defaults(handler=cmd_list)
+
+    data = verbs.add_parser("data", help="data tools")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="VERB")
+    check = data_verbs.add_parser("check", help="read every sample and report problems (exit 1 if any)")
+    _add_config_arguments(check)
+    check.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    check.set_defaults(handler=cmd_data_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: user errors print one paragraph and exit 2, without a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except MtlvisionError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+import pytest
+
+from mtlvision.config import load_config, parse_override, preset_names
+from mtlvision.errors import ConfigError
+
+
+def test_presets_ship_with_the_package_and_validate():
+    names = preset_names()
+    assert {"scenes", "multimnist"} <= set(names)
+    for name in names:
+        config = load_config(name)
+        assert config.data.name
+
+
+def test_default_preset_is_scenes():
+    assert load_config(None).data.name == "scenes"
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "value"),
+    [
+        ("train.lr=3e-4", "train.lr", 3e-4),
+        ("train.epochs=5", "train.epochs", 5),
+        ("tasks=[segmentation,depth]", "tasks", ["segmentation", "depth"]),
+        ("model.backbone=resnet34", "model.backbone", "resnet34"),
+        ("train.deterministic=true", "train.deterministic", True),
+    ],
+)
+def test_override_values_parse_as_yaml(item, key, value):
+    assert parse_override(item) == (key, value)
+
+
+def test_overrides_reach_the_validated_config():
+    config = load_config("scenes", ["tasks=[segmentation,depth]", "train.lr=3e-4", "balancer.name=pcgrad"])
+    assert [t.name for t in config.tasks] == ["segmentation", "depth"]
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.balancer.name == "pcgrad"
+
+
+def test_balancer_hyperparameters_sit_beside_its_name():
+    config = load_config("scenes", {"balancer": {"name": "cagrad", "c": 0.2}})
+    assert config.balancer.hparams == {"c": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.epochz=3", "train.epochz: unknown key"),
+        ("train.optimizer=lbfgs", "train.optimizer: must be one of"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.lr=-1", "train.lr"),
+        ("train.device=tpu", "train.device"),
+        ("tasks=[depth,depth]", "repeated: depth"),
+        ("model.architecture={c: 1}", "model.architecture"),
+    ],
+)
+def test_invalid_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match="Invalid configuration") as info:
+        load_config("scenes", [override])
+    assert fragment in str(info.value)
+
+
+def test_malformed_yaml_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [epochs: 3\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(bad)
+
+
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="Presets: .*scenes"):
+        load_config("nopreset")
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.lr")
+
+
+def test_override_into_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config("scenes", ["seed.x=1"])

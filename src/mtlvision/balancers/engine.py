@@ -1,25 +1,90 @@
-"""The gradient engine: turns a balancer's :class:`Update` into ``.grad`` on every parameter.
+"""The gradient engine: per-task gradients on request, and a balancer's :class:`Update` turned into ``.grad``.
 
-It knows no model: only the list of shared parameters, the list of task-specific parameters and, in
-representation mode, the shared representation tensors.
+It knows no model: only the shared parameters, the task-specific parameters and, in representation mode,
+the shared representation tensors of the current step.
+
+How the per-task gradients are computed (``jacobian="batched"``, the default):
+
+1. **Heads, one task at a time.** Each task's loss is differentiated w.r.t. the shared representation (when
+   the engine has one) and the task-specific parameters. When ``losses`` is a ``torch.stack`` of the task
+   losses (what the trainer builds), every task starts from its own loss node, so task ``t`` walks only its
+   own head: the T calls together cost one backward through the heads. The per-task head gradients are
+   kept, so the task-specific ``.grad`` is later ``Σ_t w_t ∂L_t/∂θ_t`` without another backward.
+2. **Trunk, all tasks at once.** One vmapped backward (``is_grads_batched``) from the representation into
+   the shared parameters, with the T stacked representation gradients as batched ``grad_outputs``. Without
+   a representation, one vmapped backward from the T losses into the shared and task-specific parameters.
+3. **Applying the update needs no further backward through the trunk** when the Jacobian ``G`` is known:
+   the shared ``.grad`` is ``wᵀG`` (or the balancer's ``direction``), reshaped into the parameters. In
+   representation mode, ``Σ_t w_t ∂L_t/∂rep`` (or ``direction``) is back-propagated from the representation
+   into the shared parameters in one ordinary backward.
+
+Measured on this machine's CPU (resnet18 trunk, batch 16 of 64×64, T=3 linear heads, median of 5; the
+machine was shared, so ±20 %): equal weights 0.21 s/step; batched trunk backward from the representation
+0.60 s; a loop of T ``autograd.grad`` calls 0.60 s; vmapped backward straight from the losses 0.72 s. On CPU
+torch's batching rule for ``convolution_backward`` runs the T tasks one after another, so the batched and the
+loop path cost the same here (the floor: one forward plus T backward passes); on GPU the batched path fuses
+them. A Gramian built layer by layer without the Jacobian would need per-layer closed forms for convolutions
+(quadratic in batch × spatial positions) and was not faster for this size, so the Gramian is ``G Gᵀ``.
+
+``jacobian="loop"`` selects T plain ``autograd.grad`` calls instead of the vmapped backward, for an op
+without a batching rule; the batched path never silently falls back to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
+from mtlvision.errors import ConfigError
+
+JacobianPath = Literal["batched", "loop"]
 
 
-class _LazyTaskGradients(TaskGradients):
-    """Per-task gradients computed on first request, then cached for the step."""
+def _task_outputs(losses: Tensor) -> list[Tensor | GradientEdge | None]:
+    """One differentiable output per task: the loss node that fed ``torch.stack`` where there is one (so
+    task t back-propagates through its own head only), else ``losses[t]``; None for a constant loss."""
+    node = losses.grad_fn
+    if node is not None and type(node).__name__ == "StackBackward0" and len(node.next_functions) == len(losses):
+        return [GradientEdge(fn, nr) if fn is not None else None for fn, nr in node.next_functions]
+    if not losses.requires_grad:
+        return [None] * len(losses)
+    return [losses[t] for t in range(len(losses))]
 
-    def __init__(self, losses: Tensor, inputs: Sequence[Tensor]) -> None:
+
+def _zeros_batched(num_tasks: int, like: Tensor) -> Tensor:
+    return torch.zeros((num_tasks, *like.shape), dtype=like.dtype, device=like.device)
+
+
+class _StepGradients(TaskGradients):
+    """Per-task gradients of one step, each computed at most once, on the device of the model."""
+
+    def __init__(
+        self,
+        losses: Tensor,
+        shared: Sequence[Tensor],
+        task_specific: Sequence[Tensor],
+        representation: Sequence[Tensor] | None,
+        representation_mode: bool,
+        path: JacobianPath,
+        reduce: Callable[[Tensor], Tensor],
+        gramian_dtype: torch.dtype,
+    ) -> None:
         self._losses = losses
-        self._inputs = list(inputs)
+        self._outputs = _task_outputs(losses)
+        self._shared = list(shared)
+        self._task_specific = list(task_specific)
+        self._representation = list(representation) if representation is not None else None
+        self._representation_mode = representation_mode
+        self._path = path
+        self._reduce = reduce
+        self._gramian_dtype = gramian_dtype
+        self._rep_grads: list[Tensor] | None = None  # per representation tensor: [T, *shape]
+        self._head_grads: list[Tensor] | None = None  # per task-specific parameter: [T, *shape]
         self._jacobian: Tensor | None = None
         self._gramian: Tensor | None = None
 
@@ -27,58 +92,254 @@ class _LazyTaskGradients(TaskGradients):
     def num_tasks(self) -> int:
         return int(self._losses.numel())
 
+    @property
+    def representation_mode(self) -> bool:
+        return self._representation_mode
+
+    @property
+    def jacobian_known(self) -> bool:
+        return self._jacobian is not None
+
+    # ------------------------------------------------------------------------------------- computation
+    def _per_task_loop(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """``[T, *shape]`` per input, by one ``autograd.grad`` call per task from its own loss node."""
+        rows: list[list[Tensor]] = []
+        for out in self._outputs:
+            if out is None:
+                rows.append([torch.zeros_like(x) for x in inputs])
+                continue
+            grad_out = torch.ones((), dtype=self._losses.dtype, device=self._losses.device)
+            grads = torch.autograd.grad(
+                [out], list(inputs), grad_outputs=[grad_out], retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            rows.append(list(grads))
+        return [torch.stack([row[i] for row in rows]) for i in range(len(inputs))]
+
+    def _batched_from_losses(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """``[T, *shape]`` per input by one vmapped backward from the T losses."""
+        if not self._losses.requires_grad:
+            return [_zeros_batched(self.num_tasks, x) for x in inputs]
+        eye = torch.eye(self.num_tasks, dtype=self._losses.dtype, device=self._losses.device)
+        return list(self._vmapped(lambda: torch.autograd.grad(
+            self._losses, list(inputs), grad_outputs=eye, retain_graph=True, allow_unused=True,
+            is_grads_batched=True, materialize_grads=True,
+        )))
+
+    @staticmethod
+    def _vmapped(call: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        try:
+            return call()
+        except RuntimeError as exc:
+            raise ConfigError(
+                "the batched (vmapped) backward failed, most likely on an operation without a batching rule: "
+                f"{exc}. Select the per-task loop with GradientEngine(..., jacobian='loop') "
+                "(balancer.jacobian=loop)."
+            ) from exc
+
+    def _heads(self) -> None:
+        """Per-task gradients of the representation and of the task-specific parameters (each task walks
+        its own head only)."""
+        if self._head_grads is not None:
+            return
+        rep = self._representation or []
+        grads = self._per_task_loop([*rep, *self._task_specific])
+        self._rep_grads = grads[: len(rep)]
+        self._head_grads = grads[len(rep):]
+
+    def _shared_grads(self) -> list[Tensor]:
+        """``[T, *shape]`` per shared parameter."""
+        if self._representation is not None:
+            self._heads()
+            assert self._rep_grads is not None
+            if self._path == "loop":
+                return self._trunk_loop()
+            rep_grads = self._rep_grads
+            return list(self._vmapped(lambda: torch.autograd.grad(
+                self._representation, self._shared, grad_outputs=rep_grads, retain_graph=True,
+                allow_unused=True, is_grads_batched=True, materialize_grads=True,
+            )))
+        if self._path == "loop":
+            grads = self._per_task_loop([*self._shared, *self._task_specific])
+        else:
+            grads = self._batched_from_losses([*self._shared, *self._task_specific])
+        self._head_grads = grads[len(self._shared):]
+        return grads[: len(self._shared)]
+
+    def _trunk_loop(self) -> list[Tensor]:
+        assert self._representation is not None and self._rep_grads is not None
+        rows = [
+            torch.autograd.grad(
+                self._representation, self._shared, grad_outputs=[g[t] for g in self._rep_grads],
+                retain_graph=True, allow_unused=True, materialize_grads=True,
+            )
+            for t in range(self.num_tasks)
+        ]
+        return [torch.stack([row[i] for row in rows]) for i in range(len(self._shared))]
+
+    # ------------------------------------------------------------------------------------ public views
+    def representation_jacobian(self) -> Tensor:
+        """``[T, R]`` float32: row t is ``∂L_t/∂rep`` flattened over every representation tensor (batch
+        included). Available whenever the engine was given the representation; cheap (heads only)."""
+        if self._representation is None:
+            raise ConfigError("representation_jacobian() needs the engine to be given the shared representation")
+        self._heads()
+        assert self._rep_grads is not None
+        return torch.cat([g.reshape(self.num_tasks, -1) for g in self._rep_grads], dim=1).float()
+
     def jacobian(self) -> Tensor:
+        """``G`` [T, P] in float32 (also under autocast), after ``reduce``. In representation mode, the
+        representation Jacobian (not reduced: its rows are over this process's samples)."""
         if self._jacobian is None:
-            rows = []
-            for loss in self._losses:
-                grads = torch.autograd.grad(loss, self._inputs, retain_graph=True, allow_unused=True)
-                rows.append(
-                    torch.cat(
-                        [
-                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(grads, self._inputs)
-                        ]
-                    )
-                )
-            self._jacobian = torch.stack(rows)
+            if self._representation_mode:
+                self._jacobian = self.representation_jacobian()
+            else:
+                grads = self._shared_grads()
+                flat = torch.cat([g.reshape(self.num_tasks, -1).float() for g in grads], dim=1)
+                del grads
+                self._jacobian = self._reduce(flat)
         return self._jacobian
 
     def gramian(self) -> Tensor:
+        """``K = G Gᵀ`` [T, T] in the engine's ``gramian_dtype``. Parameter mode: from the reduced
+        Jacobian. Representation mode: ``reduce`` is applied to K (the Gramian of every process's
+        representation gradients together is the sum of the per-process Gramians)."""
         if self._gramian is None:
-            jac = self.jacobian().float()
-            self._gramian = jac @ jac.T
+            jac = self.jacobian().to(self._gramian_dtype)
+            gram = jac @ jac.T
+            self._gramian = self._reduce(gram) if self._representation_mode else gram
         return self._gramian
+
+    def head_grads(self) -> list[Tensor] | None:
+        """Per task-specific parameter ``[T, *shape]``, once the heads have been differentiated."""
+        return self._head_grads
+
+    def ensure_heads(self) -> list[Tensor]:
+        self._heads() if self._representation is not None else self.jacobian()
+        assert self._head_grads is not None
+        return self._head_grads
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    grad = grad.detach().to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+def _split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    sizes = [p.numel() for p in params]
+    return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, sizes), params)]
 
 
 class GradientEngine:
-    """Computes one step's gradients for a balancer.
+    """Computes one step's gradients for a balancer and accumulates them into ``.grad``.
 
-    ``shared`` are the parameters every task depends on; ``task_specific`` the rest. With
-    ``representation`` given, gradient methods work on the per-task gradients of those tensors instead
-    of the shared parameters (MGDA-UB style).
+    ``shared`` are the parameters every task depends on; ``task_specific`` the rest (the heads);
+    ``representation`` the shared representation tensors of this step (the trunk's output).
+
+    - ``mode``: ``"representation"`` (MGDA-UB style: gradient methods see the per-task gradients of the
+      representation; only balancers with ``supports_representation``) or ``"params"`` (the per-task
+      gradients of the shared parameters; a representation, when given, only speeds their computation up).
+      Default: ``"representation"`` when a representation is given, else ``"params"``.
+    - ``jacobian``: ``"batched"`` (one vmapped trunk backward, the default) or ``"loop"`` (T plain backward
+      passes, for operations without a vmap batching rule).
+    - ``reduce``: applied to the shared-parameter Jacobian (representation mode: to the Gramian) before the
+      balancer sees it, e.g. an all-reduce mean across ranks in distributed training. Identity by default.
+    - ``gramian_dtype``: float32 (default) or float64 for ``TaskGradients.gramian()``.
     """
 
     def __init__(
         self,
         shared: Sequence[nn.Parameter],
         task_specific: Sequence[nn.Parameter],
-        representation: Sequence[Tensor] | None = None,
+        representation: Sequence[Tensor] | Tensor | None = None,
+        *,
+        mode: Literal["params", "representation"] | None = None,
+        jacobian: JacobianPath = "batched",
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        gramian_dtype: torch.dtype = torch.float32,
     ) -> None:
+        if isinstance(representation, Tensor):
+            representation = [representation]
+        self.representation = list(representation) if representation is not None else None
+        mode = mode or ("representation" if self.representation is not None else "params")
+        if mode not in ("params", "representation"):
+            raise ConfigError(f"balancer.mode must be 'params' or 'representation', got {mode!r}")
+        if mode == "representation" and self.representation is None:
+            raise ConfigError("representation mode needs the shared representation tensors of the step")
+        if jacobian not in ("batched", "loop"):
+            raise ConfigError(f"balancer.jacobian must be 'batched' or 'loop', got {jacobian!r}")
+        if gramian_dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"the Gramian dtype must be float32 or float64, got {gramian_dtype}")
         self.shared = [p for p in shared if p.requires_grad]
         self.task_specific = [p for p in task_specific if p.requires_grad]
-        self.representation = list(representation) if representation is not None else None
+        self.mode = mode
+        self.jacobian_path: JacobianPath = jacobian
+        self.reduce: Callable[[Tensor], Tensor] = reduce if reduce is not None else (lambda t: t)
+        self.gramian_dtype = gramian_dtype
 
     def backward(self, losses: Tensor, balancer: Balancer) -> Update:
-        """Run ``balancer`` on ``losses`` [T] and accumulate the resulting update into ``.grad``."""
-        grads: TaskGradients | None = None
+        """Run ``balancer`` on ``losses`` [T] and accumulate the resulting update into ``.grad``.
+
+        Pass ``losses`` as ``torch.stack`` of the per-task losses: the engine then differentiates each task
+        from its own loss node and never walks another task's head."""
+        if losses.dim() != 1:
+            raise ConfigError(f"the engine expects a vector of T task losses, got shape {tuple(losses.shape)}")
+        name = type(balancer).__name__
+        representation_mode = self.mode == "representation"
+        if representation_mode and not balancer.supports_representation:
+            raise ConfigError(
+                f"balancer {name} is not defined on gradients of the shared representation; use balancer.mode=params"
+            )
+        grads: _StepGradients | None = None
         if balancer.needs is not Needs.LOSSES:
-            inputs = self.representation if self.representation is not None else self.shared
-            grads = _LazyTaskGradients(losses, inputs)
+            if not representation_mode and not self.shared:
+                raise ConfigError(
+                    f"balancer {name} needs per-task gradients ({balancer.needs.value}) but the engine was given "
+                    "no shared parameters that require grad"
+                )
+            grads = _StepGradients(
+                losses, self.shared, self.task_specific, self.representation, representation_mode,
+                self.jacobian_path, self.reduce, self.gramian_dtype,
+            )
         update = balancer.balance(losses, grads)
-        weighted = (update.weights.detach().to(losses.dtype) * losses).sum()
+        if update.direction is not None and grads is None:
+            raise ConfigError(f"balancer {name} needs only losses, so it cannot return a direction")
+        if grads is not None and (grads.jacobian_known or update.direction is not None):
+            self._apply_from_jacobian(update, grads)
+        else:
+            weights = update.weights.detach().to(device=losses.device, dtype=losses.dtype)
+            targets = self.shared + self.task_specific
+            if targets and losses.requires_grad:
+                torch.autograd.backward((weights * losses).sum(), inputs=targets)
         if update.extra_loss is not None:
-            weighted = weighted + update.extra_loss
-        weighted.backward()
-        if update.direction is not None:
-            raise NotImplementedError("direction updates arrive with the gradient methods")
+            own = [p for p in balancer.parameters() if p.requires_grad]
+            if not own:
+                raise ConfigError(f"balancer {name} returned an extra_loss but has no learnable parameters")
+            torch.autograd.backward(update.extra_loss, inputs=own)
         return update
+
+    def _apply_from_jacobian(self, update: Update, grads: _StepGradients) -> None:
+        """The update from the per-task gradients already computed: no second backward through the trunk."""
+        weights = update.weights.detach().float()
+        for param, g in zip(self.task_specific, grads.ensure_heads()):
+            _accumulate(param, torch.tensordot(weights.to(device=g.device, dtype=g.dtype), g, dims=1))
+        if self.mode == "representation":
+            assert self.representation is not None
+            flat = update.direction if update.direction is not None else weights @ grads.representation_jacobian()
+            parts = _split_like(flat.detach(), self.representation)
+            if self.shared:
+                torch.autograd.backward(
+                    self.representation, grad_tensors=[g.to(r.dtype) for g, r in zip(parts, self.representation)],
+                    inputs=self.shared,
+                )
+            return
+        flat = update.direction if update.direction is not None else weights @ grads.jacobian()
+        if flat.shape != (sum(p.numel() for p in self.shared),):
+            raise ConfigError(
+                f"the balancer's direction has shape {tuple(flat.shape)} but the shared parameters have "
+                f"{sum(p.numel() for p in self.shared)} entries"
+            )
+        for param, g in zip(self.shared, _split_like(flat.detach(), self.shared)):
+            _accumulate(param, g)

@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 from mtlvision.tasks.base import Task, TargetKind, TaskMetric
+from mtlvision.tasks.classification import Classification
+from mtlvision.tasks.depth import Depth
 from mtlvision.tasks.detection import Detection
+from mtlvision.tasks.multilabel import MultiLabel
+from mtlvision.tasks.normals import Normals
 from mtlvision.tasks.registry import TASKS
+from mtlvision.tasks.segmentation import Segmentation
 
-__all__ = ["TASKS", "Task", "TargetKind", "TaskMetric"]
+__all__ = [
+    "TASKS",
+    "Classification",
+    "Depth",
+    "Detection",
+    "MultiLabel",
+    "Normals",
+    "Segmentation",
+    "Task",
+    "TargetKind",
+    "TaskMetric",
+]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtlvision.balancers import weighting  # noqa: F401  (registers the methods)
+from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers the methods)
+from mtlvision.balancers.aggregate import aggregate
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.engine import GradientEngine
 from mtlvision.balancers.registry import BALANCERS
@@ -21,4 +22,4 @@ def get(name: str, **hparams: Any) -> Balancer:
         raise ConfigError(f"balancer {name!r}: {exc}") from None
 
 
-__all__ = ["BALANCERS", "Balancer", "GradientEngine", "Needs", "TaskGradients", "Update", "get"]
+__all__ = ["BALANCERS", "Balancer", "aggregate", "GradientEngine", "Needs", "TaskGradients", "Update", "get"]

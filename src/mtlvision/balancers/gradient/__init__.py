@@ -1,0 +1,44 @@
+"""Gradient-balancing methods, one module per method or family; importing this package registers them."""
+
+from __future__ import annotations
+
+from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer
+from mtlvision.balancers.gradient._solvers import SolverError
+from mtlvision.balancers.gradient.aligned_mtl import AlignedMTL, AlignedMTLUB
+from mtlvision.balancers.gradient.cagrad import CAGrad
+from mtlvision.balancers.gradient.conflict_free import ConFIG
+from mtlvision.balancers.gradient.fairgrad import FairGrad
+from mtlvision.balancers.gradient.graddrop import GradDrop
+from mtlvision.balancers.gradient.gradvac import GradVac
+from mtlvision.balancers.gradient.imtl import IMTL, IMTLG
+from mtlvision.balancers.gradient.mgda import MGDA, MGDAUB
+from mtlvision.balancers.gradient.moco import MoCo
+from mtlvision.balancers.gradient.modo import MoDo
+from mtlvision.balancers.gradient.nash_mtl import NashMTL
+from mtlvision.balancers.gradient.pcgrad import PCGrad
+from mtlvision.balancers.gradient.sdmgrad import SDMGrad
+from mtlvision.balancers.gradient.upgrad import DualProj, UPGrad
+
+__all__ = [
+    "IMTL",
+    "IMTLG",
+    "MGDA",
+    "MGDAUB",
+    "AlignedMTL",
+    "AlignedMTLUB",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GradDrop",
+    "GradVac",
+    "GradientBalancer",
+    "GramianBalancer",
+    "MoCo",
+    "MoDo",
+    "NashMTL",
+    "PCGrad",
+    "SDMGrad",
+    "SolverError",
+    "UPGrad",
+]

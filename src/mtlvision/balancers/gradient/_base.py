@@ -1,0 +1,68 @@
+"""Shared plumbing for gradient methods: fetching G or K, and state that travels in checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
+from mtlvision.balancers.gradient._solvers import to_numpy_gramian, to_tensor
+from mtlvision.errors import CheckpointError, ConfigError
+
+
+def require_grads(balancer: Balancer, grads: TaskGradients | None) -> TaskGradients:
+    if grads is None:
+        raise ConfigError(
+            f"balancer {type(balancer).__name__} needs per-task gradients but was called without them; "
+            "run it through mtlvision.balancers.GradientEngine or mtlvision.balancers.aggregate"
+        )
+    return grads
+
+
+class GradientBalancer(Balancer):
+    """Base of the gradient methods.
+
+    ``prefers_representation`` marks the "-UB" variants (Sener & Koltun 2018, Sec. 3.3): the same method,
+    registered under its own name so that a config can ask for it; the trainer runs a balancer that
+    prefers it in ``balancer.mode=representation`` (the gradients of the shared representation).
+    """
+
+    prefers_representation: ClassVar[bool] = False
+
+
+class GramianBalancer(GradientBalancer):
+    """A method whose update is ``Σ_t w_t g_t`` with ``w`` computed from ``K = G Gᵀ`` (and the losses)."""
+
+    needs: ClassVar[Needs] = Needs.GRAMIAN
+
+    def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        gramian = to_numpy_gramian(require_grads(self, grads).gramian())
+        weights = self.weights_from_gramian(gramian, losses.detach().to("cpu", torch.float64).numpy())
+        return Update(weights=to_tensor(weights, losses))
+
+    def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        """Task weights ``w`` [T] for the Gramian ``K`` [T, T] (float64) and the loss values [T]."""
+        raise NotImplementedError
+
+
+class ExtraStateMixin:
+    """Keeps a method's running state (whose shapes are known only at the first step) in the state dict.
+
+    Subclasses list their state attribute names in ``_state_names``; values are tensors, numbers or None,
+    so that checkpoints load with ``torch.load(..., weights_only=True)``.
+    """
+
+    _state_names: ClassVar[tuple[str, ...]] = ()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._state_names}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        missing = [name for name in self._state_names if name not in state]
+        if missing:
+            raise CheckpointError(f"{type(self).__name__} checkpoint state lacks {', '.join(missing)}")
+        for name in self._state_names:
+            setattr(self, name, state[name])

@@ -1,0 +1,112 @@
+"""Small numerical helpers shared by the gradient methods: they work on the T×T Gramian in float64.
+
+The Gramian is tiny (T ≤ a few dozen), so the solvers run on the CPU in numpy: one device-to-host copy of
+T² numbers per step is far cheaper than hundreds of tiny kernel launches on an accelerator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import quadprog
+import torch
+from torch import Tensor
+
+from mtlvision.errors import MtlvisionError
+
+
+class SolverError(MtlvisionError):
+    """A balancer's optimisation problem has no solution or its solver failed (never silently replaced)."""
+
+
+def to_numpy_gramian(gramian: Tensor) -> np.ndarray:
+    """``K`` as a symmetric float64 numpy array."""
+    k = gramian.detach().to("cpu", torch.float64).numpy()
+    return 0.5 * (k + k.T)
+
+
+def to_tensor(weights: np.ndarray, like: Tensor) -> Tensor:
+    """Weights as a tensor with ``like``'s device and floating dtype."""
+    return torch.as_tensor(np.ascontiguousarray(weights), dtype=like.dtype).to(like.device)
+
+
+def gradient_norms(gramian: np.ndarray) -> np.ndarray:
+    """``‖g_t‖`` from the diagonal of ``K`` (clamped at 0 against round-off)."""
+    return np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+
+
+def nonzero_tasks(gramian: np.ndarray, rel_tol: float = 1e-12) -> np.ndarray:
+    """Mask of tasks whose gradient is not (numerically) zero relative to the largest one."""
+    norms = gradient_norms(gramian)
+    top = norms.max(initial=0.0)
+    return norms > rel_tol * top if top > 0 else np.zeros_like(norms, dtype=bool)
+
+
+def project_to_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto the probability simplex (Held, Wolfe & Crowder 1974; sort-based)."""
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1.0
+    index = np.arange(1, v.size + 1)
+    rho = np.nonzero(u - cumulative / index > 0)[0][-1]
+    return np.maximum(v - cumulative[rho] / (rho + 1.0), 0.0)
+
+
+def _line_search(v1v1: np.ndarray, v1v2: np.ndarray, v2v2: np.ndarray) -> np.ndarray:
+    """``argmin_γ∈[0,1] ‖γ v1 + (1-γ) v2‖²`` from the three inner products (vectorised)."""
+    denom = v1v1 + v2v2 - 2.0 * v1v2  # = ‖v1 - v2‖² ≥ 0
+    safe = np.where(denom > 1e-300, denom, 1.0)
+    return np.where(denom > 1e-300, np.clip((v2v2 - v1v2) / safe, 0.0, 1.0), 1.0)
+
+
+def min_norm_frank_wolfe(gramian: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -> np.ndarray:
+    """Min-norm point of the convex hull of the gradients (Sener & Koltun 2018, Algorithm 2).
+
+    Initialised at the best pair of gradients as in the authors' solver, then Frank–Wolfe with exact line
+    search on the simplex, stopping when the weights move by less than ``tol`` (L1) or after ``max_iter``.
+    """
+    t = gramian.shape[0]
+    if t == 1:
+        return np.ones(1)
+    i, j = np.triu_indices(t, k=1)
+    gamma = _line_search(gramian[i, i], gramian[i, j], gramian[j, j])
+    cost = gamma**2 * gramian[i, i] + 2 * gamma * (1 - gamma) * gramian[i, j] + (1 - gamma) ** 2 * gramian[j, j]
+    best = int(np.argmin(cost))
+    alpha = np.zeros(t)
+    alpha[i[best]] = gamma[best]
+    alpha[j[best]] += 1.0 - gamma[best]
+    if t == 2:
+        return alpha
+    for _ in range(max_iter):
+        k_alpha = gramian @ alpha
+        vertex = int(np.argmin(k_alpha))
+        step = float(_line_search(alpha @ k_alpha, k_alpha[vertex], gramian[vertex, vertex]))
+        new = step * alpha
+        new[vertex] += 1.0 - step
+        moved = np.abs(new - alpha).sum()
+        alpha = new
+        if moved < tol:
+            break
+    return alpha
+
+
+def normalise_gramian(gramian: np.ndarray, eps: float) -> np.ndarray:
+    """``K / trace(K)`` (the Gramian of ``G / ‖G‖_F``), or zeros when ``trace(K) < eps``."""
+    trace = float(np.trace(gramian))
+    return gramian / trace if trace >= eps else np.zeros_like(gramian)
+
+
+def project_weights_to_dual_cone(gramian: np.ndarray, prefs: np.ndarray) -> np.ndarray:
+    """Weights ``w`` with ``Gᵀw`` the projection of ``Gᵀu`` onto the dual cone ``{x: Gx ≥ 0}``.
+
+    By Quinton & Rey (2024, Prop. 1) this is ``argmin_{w ≥ u} wᵀ K w``, solved per row ``u`` of ``prefs``
+    with quadprog (Goldfarb–Idnani); returns one row of weights per row of ``prefs``. ``gramian`` must be
+    positive definite (regularise it first).
+    """
+    t = gramian.shape[0]
+    prefs = np.atleast_2d(prefs)
+    out = np.empty((prefs.shape[0], t))
+    for row, u in enumerate(prefs):
+        try:
+            out[row] = quadprog.solve_qp(gramian, np.zeros(t), np.eye(t), u.astype(np.float64), 0)[0]
+        except ValueError as exc:
+            raise SolverError(f"dual-cone projection QP failed: {exc}") from None
+    return out

@@ -1,0 +1,61 @@
+"""GradDrop: drop gradient components by the sign-purity of the task gradients (Chen et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from mtlvision.balancers.base import Needs, TaskGradients, Update
+from mtlvision.balancers.gradient._base import GradientBalancer, require_grads
+from mtlvision.balancers.registry import BALANCERS
+from mtlvision.errors import ConfigError
+
+
+@BALANCERS.register(
+    "graddrop",
+    "GradDrop: keep, per coordinate, only the gradients of one sign, chosen by the sign purity.",
+    "Chen et al., Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout, NeurIPS 2020",
+)
+class GradDrop(GradientBalancer):
+    """GradDrop (Chen et al. 2020, Algorithm 1, lines 10–15) with ``f`` the identity.
+
+    Per coordinate, ``P = ½(1 + Σ_i g_i / Σ_i |g_i|)`` (½ where every gradient is 0), ``U ~ Uniform[0,1)``,
+    ``M_i = [P > U][g_i > 0] + [P < U][g_i < 0]`` and ``d = Σ_i (ℓ_i + (1 − ℓ_i) M_i) g_i`` with leaks ``ℓ``
+    (default 0). The paper applies it to the gradients of a shared activation (representation mode); its
+    ``sign(A)`` factor and batch sum estimate the sign of the weight gradients behind each activation,
+    which the parameter mode sees directly. The engine hands flattened gradients without the activation
+    values, so in representation mode the purity test runs on ``∂L_i/∂A`` per element, without the
+    ``sign(A)`` factor (which is 1 wherever a ReLU output is positive) and without the batch sum.
+    ``weights`` are ones: GradDrop leaves the task-specific gradients untouched.
+    """
+
+    needs: ClassVar[Needs] = Needs.JACOBIAN
+    supports_representation: ClassVar[bool] = True
+
+    def __init__(self, leak: float | Sequence[float] = 0.0) -> None:
+        super().__init__()
+        leaks = [float(leak)] if isinstance(leak, int | float) else [float(v) for v in leak]
+        if any(not 0.0 <= v <= 1.0 for v in leaks):
+            raise ConfigError(f"balancer.leak must lie in [0, 1], got {leak!r}")
+        self.leak = leaks if not isinstance(leak, int | float) else float(leak)
+
+    def _leaks(self, t: int, like: Tensor) -> Tensor:
+        if isinstance(self.leak, float):
+            return torch.full((t, 1), self.leak, dtype=like.dtype, device=like.device)
+        if len(self.leak) != t:
+            raise ConfigError(f"balancer.leak has {len(self.leak)} values but there are {t} tasks")
+        return torch.tensor(self.leak, dtype=like.dtype, device=like.device)[:, None]
+
+    def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        jacobian = require_grads(self, grads).jacobian().detach()
+        total = jacobian.sum(dim=0)
+        magnitude = jacobian.abs().sum(dim=0)
+        purity = 0.5 * (1.0 + torch.where(magnitude > 0, total / magnitude.clamp_min(torch.finfo(total.dtype).tiny), 0.0))
+        uniform = torch.rand(purity.shape, dtype=purity.dtype, device=purity.device)
+        keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
+        leaks = self._leaks(jacobian.shape[0], jacobian)
+        direction = ((leaks + (1.0 - leaks) * keep.to(jacobian.dtype)) * jacobian).sum(dim=0)
+        return Update(weights=torch.ones_like(losses.detach()), direction=direction)

@@ -1,0 +1,68 @@
+"""GradVac: steer pairwise gradient similarities towards their running averages (Wang et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from mtlvision.balancers.gradient._base import ExtraStateMixin, GramianBalancer
+from mtlvision.balancers.registry import BALANCERS
+from mtlvision.errors import ConfigError
+
+
+@BALANCERS.register(
+    "gradvac",
+    "GradVac: raise each pair's gradient cosine to its EMA target by adding the other gradient.",
+    "Wang et al., Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively "
+    "Multilingual Models, ICLR 2021",
+)
+class GradVac(ExtraStateMixin, GramianBalancer):
+    """GradVac (Wang et al. 2021, Algorithm 1), on the whole shared parameter vector.
+
+    For every task i, ``g_i'`` starts at ``g_i``; for the other tasks j in a random order, with
+    ``φ = cos(g_i', g_j)`` and the target ``φ̂_ij``: if ``φ < φ̂_ij``, add
+    ``‖g_i'‖(φ̂√(1−φ²) − φ√(1−φ̂²)) / (‖g_j‖√(1−φ̂²)) · g_j`` (which makes the cosine exactly ``φ̂``); then
+    ``φ̂_ij ← (1−β)φ̂_ij + βφ``. Targets start at 0 and are kept in the checkpoint. The update is
+    ``Σ_i g_i'``, a combination of task gradients tracked through ``K``. ``beta = 0.01`` is the paper's;
+    LibMTL uses 0.5. The paper applies it per layer; the engine hands the whole shared gradient, so this is
+    the whole-model granularity (LibMTL's default).
+    """
+
+    _state_names: ClassVar[tuple[str, ...]] = ("targets",)
+
+    def __init__(self, beta: float = 0.01) -> None:
+        super().__init__()
+        if not 0.0 < beta <= 1.0:
+            raise ConfigError(f"balancer.beta must be in (0, 1], got {beta}")
+        self.beta = beta
+        self.targets: torch.Tensor | None = None
+
+    def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        t = gramian.shape[0]
+        if self.targets is None:
+            self.targets = torch.zeros(t, t, dtype=torch.float64)
+        if self.targets.shape != (t, t):
+            raise ConfigError(f"GradVac state is for {self.targets.shape[0]} tasks but there are {t}")
+        targets = self.targets.numpy()
+        norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+        weights = np.zeros(t)
+        for i in range(t):
+            coeffs = np.zeros(t)
+            coeffs[i] = 1.0
+            for j in torch.randperm(t).tolist():
+                if j == i:
+                    continue
+                current_norm = np.sqrt(max(coeffs @ gramian @ coeffs, 0.0))
+                denom = current_norm * norms[j]
+                cosine = float(np.clip(coeffs @ gramian[:, j] / denom, -1.0, 1.0)) if denom > 0 else 0.0
+                target = targets[i, j]
+                room = np.sqrt(max(1.0 - target**2, 0.0))
+                if cosine < target and denom > 0 and room > 0:
+                    coeffs[j] += (
+                        current_norm * (target * np.sqrt(1.0 - cosine**2) - cosine * room) / (norms[j] * room)
+                    )
+                targets[i, j] = (1.0 - self.beta) * target + self.beta * cosine
+            weights += coeffs
+        return weights

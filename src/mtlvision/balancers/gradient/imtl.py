@@ -1,0 +1,91 @@
+"""IMTL: impartial multi-task learning, gradient part and the hybrid with learned loss scales (Liu et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mtlvision.balancers.base import Needs, TaskGradients, Update
+from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer, require_grads
+from mtlvision.balancers.gradient._solvers import gradient_norms, to_numpy_gramian
+from mtlvision.balancers.registry import BALANCERS
+from mtlvision.errors import ConfigError
+
+CITATION = "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"
+
+
+def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
+    """IMTL-G weights: ``α`` summing to one with equal projections ``dᵀu_t`` of ``d = Σ α_t g_t`` on every
+    unit gradient ``u_t``.
+
+    Equal projections mean ``Kα = s·n`` (``n_t = ‖g_t‖``), so ``α = K⁺n / 1ᵀK⁺n``. With ``K`` invertible
+    this is exactly the paper's closed form ``α_{2:T} = g_1 Uᵀ(DUᵀ)⁻¹``; the pseudo-inverse extends it to
+    linearly dependent gradients (as torchjd does). Zero weights when ``1ᵀK⁺n`` vanishes (all gradients 0).
+    """
+    norms = gradient_norms(gramian)
+    v = np.linalg.pinv(gramian, hermitian=True) @ norms
+    total = v.sum()
+    if not np.isfinite(total) or abs(total) <= 1e-12 * np.abs(v).sum(initial=0.0) or total == 0.0:
+        return np.zeros_like(norms)
+    return v / total
+
+
+@BALANCERS.register("imtl_g", "IMTL-G: the update with equal projections on every task's unit gradient.", CITATION)
+class IMTLG(GramianBalancer):
+    """IMTL-G (Liu et al. 2021, Sec. 3.2): see :func:`imtl_g_weights`. The paper applies it to the
+    gradients of the shared representation, so representation mode is supported."""
+
+    supports_representation: ClassVar[bool] = True
+
+    def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        return imtl_g_weights(gramian)
+
+
+@BALANCERS.register(
+    "imtl",
+    "IMTL (hybrid): learned loss scales (IMTL-L) with IMTL-G on the shared parameters.",
+    CITATION,
+)
+class IMTL(GradientBalancer):
+    """IMTL hybrid (Liu et al. 2021, Algorithm 1).
+
+    Each task's loss is scaled as ``e^{s_t} L_t − s_t`` with a learnable ``s_t`` (IMTL-L). Task-specific
+    parameters follow their scaled loss, ``e^{s_t}∇L_t``; the scales minimise ``Σ e^{s_t}L_t − s_t``
+    (``extra_loss``, on the detached losses); the shared parameters move along IMTL-G of the scaled
+    gradients ``e^{s_t} g_t``. Since the shared and task-specific parameters see different weights, the
+    shared update is returned as ``direction`` (so this needs ``G``); ``weights`` are the scales ``e^{s_t}``.
+
+    The scales are parameters for the optimiser, so their number must be known when the balancer is
+    built: give ``num_tasks``.
+    """
+
+    needs: ClassVar[Needs] = Needs.JACOBIAN
+    supports_representation: ClassVar[bool] = True
+
+    def __init__(self, num_tasks: int | None = None) -> None:
+        super().__init__()
+        if num_tasks is None or num_tasks < 1:
+            raise ConfigError(
+                "balancer 'imtl' (IMTL hybrid) learns one loss scale per task and needs balancer.num_tasks "
+                f"(the number of tasks) to create them, got {num_tasks!r}; use 'imtl_g' for the gradient "
+                "part alone"
+            )
+        self.log_scales = nn.Parameter(torch.zeros(num_tasks))
+
+    def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+        grads = require_grads(self, grads)
+        jacobian = grads.jacobian()
+        if losses.numel() != self.log_scales.numel():
+            raise ConfigError(
+                f"balancer.num_tasks is {self.log_scales.numel()} but there are {losses.numel()} tasks"
+            )
+        scales = self.log_scales.detach().exp().to(losses.device)
+        scales_np = scales.cpu().double().numpy()
+        scaled_gramian = to_numpy_gramian(grads.gramian()) * np.outer(scales_np, scales_np)
+        alpha = torch.as_tensor(imtl_g_weights(scaled_gramian), dtype=jacobian.dtype, device=jacobian.device)
+        direction = (alpha * scales.to(jacobian.dtype)) @ jacobian
+        extra = (self.log_scales.exp() * losses.detach().to(self.log_scales.device) - self.log_scales).sum()
+        return Update(weights=scales.to(losses.dtype), direction=direction, extra_loss=extra)

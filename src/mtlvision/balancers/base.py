@@ -86,3 +86,7 @@ class Balancer(nn.Module, ABC):
 
     def on_epoch_end(self, mean_losses: Tensor) -> None:
         """Called once per epoch with each task's mean training loss (DWA uses the loss history)."""
+
+    def setup(self, num_tasks: int) -> None:
+        """Called once with the number of tasks before the optimiser is built, so that methods with learnable
+        per-task parameters (UW, IMTL-L, GradNorm) create them in time to be optimised."""

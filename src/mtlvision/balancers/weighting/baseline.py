@@ -1,4 +1,4 @@
-"""Loss-weighting methods that need only the loss values."""
+"""Equal and fixed weights: the baselines every method is compared with."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Balancer, TaskGradients, Update
+from mtlvision.balancers.base import TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
+from mtlvision.balancers.weighting._common import LossWeighting
 from mtlvision.errors import ConfigError
 
 
 @BALANCERS.register("ew", "Equal weights: the plain sum of task losses.", "baseline")
-class EqualWeights(Balancer):
+class EqualWeights(LossWeighting):
     """Equal weighting: ``Σ_t L_t``."""
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
@@ -21,7 +22,7 @@ class EqualWeights(Balancer):
 
 
 @BALANCERS.register("fixed", "Fixed per-task weights given in the config.", "baseline")
-class FixedWeights(Balancer):
+class FixedWeights(LossWeighting):
     """Fixed weights ``Σ_t w_t L_t`` with ``w`` from ``balancer.weights`` (one per task, in task order)."""
 
     def __init__(self, weights: Sequence[float]) -> None:
@@ -35,4 +36,4 @@ class FixedWeights(Balancer):
             raise ConfigError(
                 f"balancer.weights has {self.fixed.numel()} values but there are {losses.numel()} tasks"
             )
-        return Update(weights=self.fixed.to(losses.device))
+        return Update(weights=self.fixed.to(device=losses.device, dtype=losses.dtype))

@@ -1,0 +1,96 @@
+"""Shared plumbing of the loss-weighting methods: checkpointed state, learnable per-task parameters, and
+the error raised where a method is undefined for the loss values it is given."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mtlvision.balancers.base import Balancer, TaskGradients
+from mtlvision.errors import CheckpointError, ConfigError, MtlvisionError
+
+
+class WeightingError(MtlvisionError):
+    """A weighting method is undefined for the losses or gradients of this step (e.g. a zero loss under a
+    logarithm); the message names the method, the task and the value."""
+
+
+class LossWeighting(Balancer):
+    """Base of the loss-weighting methods: the weights depend on the losses only, so they are defined in
+    representation mode too. Running state named in ``_state_names`` (tensors, numbers or None) travels in
+    the state dict through ``get_extra_state``, so checkpoints load with ``weights_only=True``."""
+
+    supports_representation: ClassVar[bool] = True
+    _state_names: ClassVar[tuple[str, ...]] = ()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._state_names}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        missing = [name for name in self._state_names if name not in state]
+        if missing:
+            raise CheckpointError(f"{type(self).__name__} checkpoint state lacks {', '.join(missing)}")
+        for name in self._state_names:
+            setattr(self, name, state[name])
+
+
+class LearnableTaskParameter(LossWeighting):
+    """A loss weighting with one learnable value per task (``self.task_param``), trained by the model's
+    optimiser through ``Update.extra_loss``. The parameter is created by :meth:`setup` (the trainer calls it
+    before building the optimiser) or by passing ``num_tasks``."""
+
+    initial_value: ClassVar[float] = 0.0
+
+    def __init__(self, num_tasks: int | None = None) -> None:
+        super().__init__()
+        self.task_param: nn.Parameter | None = None
+        if num_tasks is not None:
+            self.setup(num_tasks)
+
+    def setup(self, num_tasks: int) -> None:
+        if num_tasks < 1:
+            raise ConfigError(f"{type(self).__name__}: the number of tasks must be positive, got {num_tasks}")
+        if self.task_param is None:
+            self.task_param = nn.Parameter(torch.full((num_tasks,), self.initial_value))
+        elif self.task_param.numel() != num_tasks:
+            raise ConfigError(
+                f"{type(self).__name__} was set up for {self.task_param.numel()} tasks but is given {num_tasks}"
+            )
+
+    def parameter_for(self, losses: Tensor) -> nn.Parameter:
+        if self.task_param is None:
+            raise ConfigError(
+                f"{type(self).__name__} learns one parameter per task: call balancer.setup(num_tasks) before "
+                "building the optimiser (or pass num_tasks=...)"
+            )
+        if self.task_param.numel() != losses.numel():
+            raise ConfigError(
+                f"{type(self).__name__} was set up for {self.task_param.numel()} tasks but got {losses.numel()} losses"
+            )
+        return self.task_param
+
+
+def positive_losses(balancer: Balancer, losses: Tensor, offset: Tensor | float = 0.0) -> Tensor:
+    """The detached losses (minus ``offset``) in float64, checked to be finite and positive: the methods
+    that divide by a loss or take its logarithm are undefined otherwise."""
+    values = losses.detach().double() - (offset.double() if isinstance(offset, Tensor) else offset)
+    bad = torch.nonzero(~torch.isfinite(values) | (values <= 0)).flatten().tolist()
+    if bad:
+        shown = ", ".join(f"task {t}: {values[t].item():.3g}" for t in bad)
+        raise WeightingError(
+            f"{type(balancer).__name__} divides by each task's loss (or takes its logarithm) and needs every "
+            f"loss{' above its lower bound' if isinstance(offset, Tensor) or offset else ''} to be finite and "
+            f"positive; got {shown}"
+        )
+    return values
+
+
+def require_grads(balancer: Balancer, grads: TaskGradients | None) -> TaskGradients:
+    if grads is None:
+        raise ConfigError(
+            f"balancer {type(balancer).__name__} needs per-task gradients ({balancer.needs.value}) but was run "
+            "with the losses only; run it through mtlvision.balancers.GradientEngine"
+        )
+    return grads

@@ -18,7 +18,8 @@ class _DualConeBalancer(GramianBalancer):
     """Shared set-up: preference vector (default ``1/T``), ``K`` normalised by its trace and regularised.
 
     ``norm_eps`` and ``reg_eps`` are torchjd's defaults: ``K / trace(K)`` (zero when the trace is below
-    ``norm_eps``), plus ``reg_eps · I`` so that the QP is strictly convex even for rank-deficient ``G``.
+    ``norm_eps``), plus ``reg_eps · I`` so that the QP is strictly convex even for rank-deficient ``G``
+    (``reg_eps=0`` gives the exact projection but then needs linearly independent gradients).
     """
 
     def __init__(
@@ -27,8 +28,8 @@ class _DualConeBalancer(GramianBalancer):
         super().__init__()
         if pref_vector is not None and any(p < 0 for p in pref_vector):
             raise ConfigError(f"balancer.pref_vector must be non-negative, got {list(pref_vector)}")
-        if reg_eps <= 0 or norm_eps < 0:
-            raise ConfigError(f"balancer.reg_eps must be > 0 and norm_eps ≥ 0, got {reg_eps}, {norm_eps}")
+        if reg_eps < 0 or norm_eps < 0:
+            raise ConfigError(f"balancer.reg_eps and norm_eps must be ≥ 0, got {reg_eps}, {norm_eps}")
         self.pref_vector = None if pref_vector is None else [float(p) for p in pref_vector]
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps

@@ -1,0 +1,8 @@
+"""Datasets: importing this package registers every built-in loader in :data:`DATASETS`."""
+
+from __future__ import annotations
+
+from mtlvision.data.datasets import multimnist, scenes
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
+
+__all__ = ["DATASETS", "DatasetParams", "DatasetSource", "TaskSpec", "multimnist", "scenes"]

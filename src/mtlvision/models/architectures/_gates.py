@@ -1,0 +1,215 @@
+"""Gated mixtures of expert stages: the machinery shared by MMoE, CGC, PLE and DSelect-k.
+
+Experts are copies of a group of backbone stages. Each task owns a gate that turns its input into mixture
+weights over the experts it may use (weights >= 0 that sum to one). The papers mix one output per expert;
+a dense-prediction backbone has one output per stage, so a task's feature at stage ``s`` is the gated sum of
+the experts' outputs at stage ``s``, with one gate per task and stage. The experts themselves run
+unmixed through their stages, as in the papers; only PLE feeds gated mixtures into the next level.
+
+Gates read their input (the image, or the feature map that enters the level) average-pooled to a fixed
+``pool_size x pool_size`` grid and flattened: the papers' gates are linear in the input, and LibMTL flattens
+the whole image, which ties the model to one image size; pooling keeps the gate linear in a summary of the
+input at any size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtlvision.models.architectures._stages import (
+    backbone_stages,
+    feature_layout,
+    image_channels,
+    run_stages,
+    stage_copies,
+)
+from mtlvision.models.architectures.base import Architecture
+
+GateFactory = Callable[[int, int], nn.Module]
+"""``(in_features, num_experts) -> gate``; a gate maps ``[B, in_features]`` to weights ``[B, num_experts]``."""
+
+
+class SoftmaxGate(nn.Module):
+    """A linear map of the gate input followed by a softmax over the experts (Ma et al., KDD 2018)."""
+
+    def __init__(self, in_features: int, num_experts: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).softmax(dim=-1)
+
+
+def gate_input(x: Tensor, pool_size: int) -> Tensor:
+    """``x`` [B, C, H, W] average-pooled to ``pool_size``² cells and flattened to [B, C·pool_size²]."""
+    return F.adaptive_avg_pool2d(x, pool_size).flatten(1)
+
+
+def mix(weights: Tensor, outputs: Sequence[Tensor]) -> Tensor:
+    """Per-sample weighted sum of expert outputs: weights [B, E], outputs E × [B, C, H, W]."""
+    return torch.einsum("be,ebchw->bchw", weights, torch.stack(list(outputs)))
+
+
+class ExpertLevel(nn.Module):
+    """One extraction level (Tang et al., RecSys 2020): task-specific and shared experts over a stage group.
+
+    Each task's gate at each stage mixes the task's own experts and the shared experts. With
+    ``shared_gate``, a further gate mixes every expert's last-stage output into the input of the next
+    level's shared experts (PLE's shared path). MMoE is a level with no task-specific experts.
+    """
+
+    def __init__(
+        self,
+        backbone_factory: Callable[[], nn.Module],
+        stages: tuple[int, int],
+        num_tasks: int,
+        task_experts: int,
+        shared_experts: int,
+        in_channels: int,
+        gate_factory: GateFactory,
+        pool_size: int,
+        shared_gate: bool,
+    ) -> None:
+        super().__init__()
+        start, stop = stages
+        self.num_stages = stop - start
+        self.pool_size = pool_size
+        self.task_experts = nn.ModuleList(
+            stage_copies(backbone_factory, task_experts, start, stop) for _ in range(num_tasks)
+        )
+        self.shared_experts = stage_copies(backbone_factory, shared_experts, start, stop)
+        gate_features = in_channels * pool_size**2
+        self.task_gates = nn.ModuleList(
+            nn.ModuleList(gate_factory(gate_features, task_experts + shared_experts) for _ in range(self.num_stages))
+            for _ in range(num_tasks)
+        )
+        self.shared_gate = (
+            gate_factory(gate_features, num_tasks * task_experts + shared_experts) if shared_gate else None
+        )
+
+    def gate_weights(self, task_inputs: Sequence[Tensor], shared_input: Tensor) -> tuple[list[list[Tensor]], Tensor | None]:
+        """Mixture weights: per task and stage [B, own + shared experts], and the shared gate's [B, all experts]."""
+        per_task = []
+        for gates, x in zip(self.task_gates, task_inputs):
+            features = gate_input(x, self.pool_size)
+            per_task.append([gate(features) for gate in gates])
+        shared = None if self.shared_gate is None else self.shared_gate(gate_input(shared_input, self.pool_size))
+        return per_task, shared
+
+    def forward(self, task_inputs: Sequence[Tensor], shared_input: Tensor) -> tuple[list[list[Tensor]], Tensor | None]:
+        """Per-task features at every stage of the group, and the next level's shared input (or None)."""
+        task_weights, shared_weights = self.gate_weights(task_inputs, shared_input)
+        shared_outputs = [run_stages(expert, shared_input) for expert in self.shared_experts]
+        task_outputs = [
+            [run_stages(expert, x) for expert in experts] for experts, x in zip(self.task_experts, task_inputs)
+        ]
+        features = [
+            [
+                mix(weights[stage], [out[stage] for out in own + shared_outputs])
+                for stage in range(self.num_stages)
+            ]
+            for own, weights in zip(task_outputs, task_weights)
+        ]
+        shared_next = None
+        if shared_weights is not None:
+            every_expert = [out[-1] for own in task_outputs for out in own] + [out[-1] for out in shared_outputs]
+            shared_next = mix(shared_weights, every_expert)
+        return features, shared_next
+
+
+def split_stages(first: int, count: int, groups: int) -> list[tuple[int, int]]:
+    """Split stages ``first:first+count`` into ``groups`` contiguous ranges; earlier ranges take the remainder."""
+    size, extra = divmod(count, groups)
+    ranges, start = [], first
+    for group in range(groups):
+        stop = start + size + (1 if group < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+class GatedExperts(Architecture):
+    """Backbone stages as experts, mixed by per-task gates at every stage, over one or more levels.
+
+    The first ``shared_stages`` stages (the stem at least, when > 0) form one trunk that every expert
+    reads; the remaining stages are split into ``num_levels`` extraction levels.
+    """
+
+    def __init__(
+        self,
+        architecture: str,
+        backbone_factory: Callable[[], nn.Module],
+        task_names: Sequence[str],
+        *,
+        shared_stages: int,
+        num_levels: int,
+        task_experts: int,
+        shared_experts: int,
+        gate_factory: GateFactory,
+        gate_pool_size: int,
+    ) -> None:
+        super().__init__()
+        backbone = backbone_factory()
+        stages = backbone_stages(
+            backbone,
+            architecture,
+            shared_stages + num_levels,
+            f"{shared_stages} shared stage(s) and at least one stage for each of {num_levels} expert level(s)",
+        )
+        self.task_names = list(task_names)
+        self.feature_channels, self.feature_strides = feature_layout(backbone)
+        self.trunk = nn.ModuleList(list(stages)[:shared_stages])
+        levels = []
+        ranges = split_stages(shared_stages, len(stages) - shared_stages, num_levels)
+        for index, (start, stop) in enumerate(ranges):
+            in_channels = image_channels(stages, architecture) if start == 0 else self.feature_channels[start - 1]
+            levels.append(
+                ExpertLevel(
+                    backbone_factory,
+                    (start, stop),
+                    len(self.task_names),
+                    task_experts,
+                    shared_experts,
+                    in_channels,
+                    gate_factory,
+                    gate_pool_size,
+                    shared_gate=index < num_levels - 1,
+                )
+            )
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, images: Tensor) -> dict[str, list[Tensor]]:
+        trunk_features = run_stages(self.trunk, images)
+        x = trunk_features[-1] if trunk_features else images
+        task_inputs, shared_input = [x] * len(self.task_names), x
+        per_task = [list(trunk_features) for _ in self.task_names]
+        for level in self.levels:
+            features, shared_input = level(task_inputs, shared_input)
+            for collected, task_features in zip(per_task, features):
+                collected.extend(task_features)
+            task_inputs = [task_features[-1] for task_features in features]
+        return dict(zip(self.task_names, per_task))
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """The trunk, every shared expert and shared gate, and whatever feeds a shared gate.
+
+        In PLE a task's experts below the last level feed the shared gate, so every task depends on them;
+        so does a task's gate at a level's last stage when its output feeds such experts. The last level's
+        task experts and all other task gates serve one task only.
+        """
+        yield from self.trunk.parameters()
+        last = len(self.levels) - 1
+        for index, level in enumerate(self.levels):
+            yield from level.shared_experts.parameters()
+            if level.shared_gate is not None:
+                yield from level.shared_gate.parameters()
+            if index < last:
+                yield from level.task_experts.parameters()
+            feeds_shared_task_experts = index + 1 < last and len(self.levels[index + 1].task_experts[0]) > 0
+            if feeds_shared_task_experts:
+                for gates in level.task_gates:
+                    yield from gates[-1].parameters()

@@ -97,6 +97,7 @@ class BalancerConfig(BaseModel):
 
     name: str = "ew"
     mode: Literal["params", "representation"] = "params"
+    jacobian: Literal["batched", "loop"] = "batched"
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -123,6 +124,12 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     eval_split: Literal["val", "test"] = "test"
     progress: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    accumulate: int = Field(1, ge=1)
+    ema: float | None = Field(None, gt=0, lt=1)
+    compile: bool = False
+    checkpoint_every: int = Field(0, ge=0)
+    max_nonfinite: int = Field(10, ge=1)
 
     @field_validator("device")
     @classmethod

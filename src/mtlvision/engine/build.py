@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from torch.utils.data import Dataset
 
 from mtlvision.balancers import Balancer, get as get_balancer
 from mtlvision.config import RunConfig, TaskEntry
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
-from mtlvision.data.transforms import build_transforms
+from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.trainer import Trainer
 from mtlvision.errors import ConfigError
 from mtlvision.models import MultiTaskModel
@@ -87,12 +88,23 @@ def build_balancer(config: RunConfig) -> Balancer:
 
 
 class PreparedDataset(Dataset):
-    """A dataset split restricted to the run's tasks, with the joint transform applied to each sample."""
+    """A dataset split restricted to the run's tasks, with the joint transform applied to each sample.
 
-    def __init__(self, base: Dataset, task_names: Sequence[str], transform: Callable[[dict], dict] | None) -> None:
+    Augmentation draws come from a generator seeded by (seed, epoch, index), so a sample's augmentation
+    does not depend on which worker loads it or on where a resumed run restarted.
+    """
+
+    def __init__(
+        self, base: Dataset, task_names: Sequence[str], transform: JointTransform | None, seed: int = 0
+    ) -> None:
         self.base = base
         self.task_names = list(task_names)
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -104,15 +116,20 @@ class PreparedDataset(Dataset):
             "targets": {n: sample["targets"][n] for n in self.task_names},
             "valid": {n: sample["valid"][n] for n in self.task_names},
         }
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is None:
+            return sample
+        self.transform.generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        )
+        return self.transform(sample)
 
 
 def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: bool) -> PreparedDataset:
     """One split of the configured dataset, with training augmentation when ``train``."""
     source, params = dataset_source(config)
     base = source.build(params, split)
-    transform = build_transforms(config.data.augment, {t.name: t for t in tasks}, train=train)
-    return PreparedDataset(base, [t.name for t in tasks], transform)
+    transform = build_transforms(config.data.augment, target_specs(tasks), train=train)
+    return PreparedDataset(base, [t.name for t in tasks], transform, seed=config.seed)
 
 
 def build_trainer(config: RunConfig, model: MultiTaskModel, run_dir: Path | None) -> Trainer:
@@ -136,10 +153,17 @@ def build_trainer(config: RunConfig, model: MultiTaskModel, run_dir: Path | None
         early_stopping=train.early_stopping,
         select=train.select,
         balancer_mode=config.balancer.mode,
+        jacobian=config.balancer.jacobian,
         backbone_lr_scale=config.model.backbone_lr_scale,
         num_workers=config.data.num_workers,
         seed=config.seed,
         deterministic=train.deterministic,
+        precision=train.precision,
+        accumulate=train.accumulate,
+        ema=train.ema,
+        compile=train.compile,
+        checkpoint_every=train.checkpoint_every,
+        max_nonfinite=train.max_nonfinite,
         run_dir=run_dir,
         progress=train.progress,
     )

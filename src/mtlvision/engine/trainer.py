@@ -3,34 +3,54 @@
 Our own loop (rather than a generic one) so that gradient-balancing methods fit: the
 :class:`~mtlvision.balancers.engine.GradientEngine` computes per-task gradients only when the balancer asks
 for them. Validation runs every epoch; the best epoch on the validation split (never the test split) is
-kept as ``model.safetensors``; a resumable ``checkpoint.pt`` is written atomically after every epoch.
+kept as ``model.safetensors``; a resumable ``checkpoint.pt`` is written atomically after every epoch and,
+with ``checkpoint_every``, every that many steps, holding everything a step depends on (weights, optimiser,
+schedule, balancer state, EMA, sampler position, RNG states), so that a killed run resumes exactly.
+
+Under torchrun every rank runs this loop on its shard of each batch; see :mod:`mtlvision.engine.distributed`
+for how updates are made equal to a single process on the combined batch.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from mtlvision.balancers import Balancer, GradientEngine, get as get_balancer
+from mtlvision.balancers import Balancer, GradientEngine, Needs, get as get_balancer
 from mtlvision.data.collate import Collate
+from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
 from mtlvision.engine.logging import EpochProgress, TensorBoardLog, console, flatten_metrics, write_history
 from mtlvision.engine.optim import build_optimizer, build_scheduler
+from mtlvision.engine.precision import Precision
+from mtlvision.engine.sampler import EpochSampler
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
+from mtlvision.models.architectures.base import RepresentationUnavailable
 from mtlvision.tasks.base import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
+
+
+class TrainingInterrupted(MtlvisionError):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+
+
+class NonFiniteLossError(MtlvisionError):
+    """Too many steps produced a NaN or infinite loss or gradient."""
 
 
 @dataclass
@@ -42,27 +62,34 @@ class FitResult:
     best_score: float
     best_val: EvalResult | None = None
     stopped_early: bool = False
+    skipped_steps: int = 0
 
 
 @dataclass
 class _State:
     epoch: int = 0  # completed epochs
-    step: int = 0
+    step: int = 0  # optimiser steps taken
+    epoch_batches: int = 0  # batches consumed in the current (unfinished) epoch
     best_score: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
+    skipped_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-class NonFiniteLossError(MtlvisionError):
-    """Training produced a NaN or infinite loss."""
+    # running sums of the unfinished epoch (restored on a mid-epoch resume)
+    loss_sum: list[float] = field(default_factory=list)
+    weight_sum: list[float] = field(default_factory=list)
+    epoch_steps: int = 0
 
 
 class Trainer:
     """Trains a multi-task model (dict in, dict out) with a balancer.
 
-    Args mirror the ``train.*`` config keys. ``select`` is ``"loss"`` (the sum of the tasks' mean
+    Arguments mirror the ``train.*`` config keys. ``select`` is ``"loss"`` (the sum of the tasks' mean
     validation losses, lower is better) or ``"TASK.METRIC"`` (that validation metric in its own direction).
+    ``precision`` is ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast with a gradient scaler,
+    CUDA only). ``accumulate`` sums gradients over that many batches per step (loss-weighting balancers).
+    ``ema`` keeps an exponential moving average of the weights with that decay; it is what gets
+    evaluated and saved. ``max_nonfinite`` non-finite steps are skipped and counted before the run stops.
     """
 
     def __init__(
@@ -85,13 +112,20 @@ class Trainer:
         early_stopping: int | None = None,
         select: str = "loss",
         balancer_mode: str = "params",
+        jacobian: str = "batched",
         backbone_lr_scale: float = 1.0,
         num_workers: int = 0,
         seed: int = 0,
         deterministic: bool = False,
+        precision: str = "fp32",
+        accumulate: int = 1,
+        ema: float | None = None,
+        compile: bool = False,
+        checkpoint_every: int = 0,
+        max_nonfinite: int = 10,
         run_dir: str | Path | None = None,
         progress: bool = True,
-        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         self.model = model
         self.tasks: dict[str, Task] = dict(model.tasks)
@@ -103,7 +137,15 @@ class Trainer:
                 f"balancer {type(self.balancer).__name__} is not defined on representation gradients; "
                 "use balancer.mode=params"
             )
+        if accumulate < 1:
+            raise ConfigError(f"train.accumulate must be at least 1, got {accumulate}")
+        if accumulate > 1 and self.balancer.needs is not Needs.LOSSES:
+            raise ConfigError(
+                f"train.accumulate={accumulate} works with loss-weighting balancers only: "
+                f"{type(self.balancer).__name__} needs the per-task gradients of the whole batch at once"
+            )
         self.balancer_mode = balancer_mode
+        self.jacobian = jacobian
         self.epochs = epochs
         self.batch_size = batch_size
         self.grad_clip = grad_clip
@@ -111,24 +153,47 @@ class Trainer:
         self.select = self._parse_select(select)
         self.num_workers = num_workers
         self.seed = seed
-        self.deterministic = deterministic
+        self.accumulate = accumulate
+        self.checkpoint_every = checkpoint_every
+        self.max_nonfinite = max_nonfinite
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.progress = progress
-        self.on_epoch_end = on_epoch_end
-        self.device = resolve_device(device)
+        self.progress = progress and dist.is_main()
+        self.on_step = on_step
+        self.device = dist.setup(resolve_device(device))
         seed_everything(seed, deterministic)
+        self.precision = Precision(precision, self.device)
+        if self.precision.scaler is not None and (
+            self.balancer.needs is not Needs.LOSSES or any(True for _ in self.balancer.parameters())
+        ):
+            raise ConfigError(
+                "train.precision=fp16 (with loss scaling) works with loss-weighting balancers without learnable "
+                f"parameters; {type(self.balancer).__name__} needs unscaled gradients: use precision=bf16"
+            )
         self.model.to(self.device)
         self.balancer.to(self.device)
+        self.forward = self._compiled(model) if compile else model
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema is not None else None
         groups = list(model.parameter_groups(backbone_lr_scale))
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
-            groups.append({"params": balancer_params, "weight_decay": 0.0})
+            groups.append({"name": "balancer", "params": balancer_params, "weight_decay": 0.0})
         self.optimizer = build_optimizer(optimizer, groups, lr, weight_decay, momentum)
         self.scheduler = build_scheduler(scheduler, self.optimizer, epochs, warmup_epochs, step_size, gamma)
         self.collate = Collate(self.tasks)
         self.state = _State()
+        # Gradient methods get the shared representation too: the engine then reaches each head once and
+        # batches the trunk. Architectures without one raise RepresentationUnavailable (see _forward_losses).
+        self._uses_representation = balancer_mode == "representation" or self.balancer.needs is not Needs.LOSSES
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _compiled(model: nn.Module) -> Callable[..., Any]:
+        try:
+            return torch.compile(model)
+        except Exception as exc:  # torch.compile raises many kinds of errors on unsupported set-ups
+            raise ConfigError(f"train.compile=true failed on this set-up: {type(exc).__name__}: {exc}") from None
+
     def _parse_select(self, select: str) -> tuple[str, str, bool] | None:
         if select == "loss":
             return None
@@ -146,61 +211,160 @@ class Trainer:
         value = result.metrics[task][metric]
         return -value if higher else value
 
-    def loader(self, data: Dataset | DataLoader, shuffle: bool, epoch: int = 0) -> DataLoader:
-        """A DataLoader over ``data`` (returned as is if it already is one), reshuffled per epoch."""
+    def loader(self, data: Dataset | DataLoader, shuffle: bool, epoch: int = 0, start: int = 0) -> DataLoader:
+        """A DataLoader over this rank's shard of ``data`` (returned as is if it already is one).
+
+        The order depends only on (seed, epoch); ``start`` skips the first samples (mid-epoch resume).
+        Datasets with ``set_epoch`` (per-sample seeded augmentation) are told the epoch.
+        """
         if isinstance(data, DataLoader):
             return data
-        generator = torch.Generator()
-        generator.manual_seed(self.seed * 100_003 + epoch)
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+        sampler = EpochSampler(
+            len(data),  # type: ignore[arg-type]
+            shuffle=shuffle,
+            seed=self.seed,
+            epoch=epoch,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            start=start,
+            pad=shuffle,
+        )
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate,
-            generator=generator,
             pin_memory=self.device.type == "cuda",
-            drop_last=shuffle and len(data) > self.batch_size,  # type: ignore[arg-type]
-            persistent_workers=False,
+            drop_last=shuffle and len(sampler) > self.batch_size,
         )
 
     def task_losses(self, predictions: dict[str, Any], batch: dict[str, Any]) -> Tensor:
-        """The [T] vector of per-task losses, each over the samples that carry that task's label."""
+        """The [T] vector of per-task losses (float32), each over the samples that carry that task's label."""
         return torch.stack(
             [
-                task.loss(predictions[name], batch["targets"][name], batch["valid"][name])
+                task.loss(predictions[name], batch["targets"][name], batch["valid"][name]).float()
                 for name, task in self.tasks.items()
             ]
         )
 
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT ask for a checkpoint at the next step boundary, then a clean exit."""
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        try:
+            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread: leave signal handling to the caller
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     # ------------------------------------------------------------------------------------------ training
-    def train_step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """One optimisation step; returns the detached task losses and the balancer's task weights."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, list[Tensor] | None]:
         representation = None
-        if self.balancer_mode == "representation":
-            predictions, representation = self.model.forward_with_representation(batch["image"])
-        else:
-            predictions = self.model(batch["image"])
-        losses = self.task_losses(predictions, batch)
-        if not torch.isfinite(losses).all():
-            bad = [n for n, v in zip(self.tasks, losses.tolist()) if not math.isfinite(v)]
-            raise NonFiniteLossError(
-                f"non-finite loss for task(s) {', '.join(bad)} at step {self.state.step}; "
-                "lower train.lr or set train.grad_clip"
-            )
+        with self.precision.autocast():
+            if self._uses_representation:
+                try:
+                    predictions, representation = self.model.forward_with_representation(batch["image"])
+                except RepresentationUnavailable:
+                    if self.balancer_mode == "representation":
+                        raise
+                    self._uses_representation = False
+                    predictions = self.forward(batch["image"])
+            else:
+                predictions = self.forward(batch["image"])
+            losses = self.task_losses(predictions, batch)
+        return losses, representation
+
+    def _backward(self, losses: Tensor, representation: list[Tensor] | None, scale: float) -> Tensor:
+        """Accumulate this batch's update into ``.grad``; returns the balancer's task weights."""
         engine = GradientEngine(
-            self.model.shared_parameters(), self.model.task_specific_parameters(), representation
+            self.model.shared_parameters(),
+            self.model.task_specific_parameters(),
+            representation,
+            mode=self.balancer_mode,
+            jacobian=self.jacobian,  # type: ignore[arg-type]
+            reduce=dist.all_reduce_mean,
         )
-        update = engine.backward(losses, self.balancer)
+        balanced = dist.global_valued(losses)
+        if self.precision.scaler is not None:
+            # the balancer sees unscaled loss values; gradients arrive scaled for the fp16 scaler
+            factor = self.precision.scaler.get_scale() * scale
+            balanced = balanced * factor - (balanced * (factor - 1)).detach()
+        elif scale != 1.0:
+            balanced = balanced * scale - (balanced * (scale - 1)).detach()
+        return engine.backward(balanced, self.balancer).weights.detach()
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
+
+    def train_step(self, batches: list[dict[str, Any]]) -> tuple[Tensor, Tensor] | None:
+        """One optimisation step over ``batches`` (one, or ``accumulate`` of them).
+
+        Returns the mean detached task losses and task weights, or None when the step was skipped
+        because a loss or gradient was not finite.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total: Tensor | None = None
+        weights: Tensor | None = None
+        for batch in batches:
+            losses, representation = self._forward_losses(batch)
+            if not bool(torch.isfinite(dist.all_reduce_sum(losses.detach())).all()):
+                return self._skip(losses)
+            weights = self._backward(losses, representation, 1.0 / len(batches))
+            loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
+        assert loss_total is not None and weights is not None
+        dist.average_gradients(list(self.model.parameters()) + list(self.balancer.parameters()))
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        elif not self._grads_finite():
+            return self._skip(loss_total)
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale_before:  # the scaler found inf/NaN gradients and skipped the step
+                self.state.skipped_steps += 1
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         if self.balancer.needs_post_step_losses:
             with torch.no_grad():
-                self.balancer.after_step(self.task_losses(self.model(batch["image"]), batch))
+                new = torch.stack([self._forward_losses(b)[0] for b in batches]).mean(0)
+            self.balancer.after_step(dist.all_reduce_mean(new))
         self.state.step += 1
-        return losses.detach(), update.weights.detach()
+        return dist.all_reduce_mean(loss_total / len(batches)), weights
+
+    def _skip(self, losses: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        console.print(
+            f"[yellow]step {self.state.step}: non-finite loss or gradient "
+            f"({', '.join(f'{n}={v:.3g}' for n, v in zip(self.tasks, losses.tolist()))}); step skipped "
+            f"({self.state.skipped_steps}/{self.max_nonfinite})[/]"
+        )
+        if self.state.skipped_steps >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.state.skipped_steps} steps had a non-finite loss or gradient (train.max_nonfinite="
+                f"{self.max_nonfinite}); lower train.lr, set train.grad_clip, or check the data"
+            )
+        return None
 
     def fit(
         self, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader | None = None, resume: bool = False
@@ -208,40 +372,38 @@ class Trainer:
         """Train for ``epochs`` epochs (continuing from ``run_dir/checkpoint.pt`` when ``resume``)."""
         if resume:
             self.resume()
-        tb = TensorBoardLog(self.run_dir)
+        tb = TensorBoardLog(self.run_dir if dist.is_main() else None)
         stopped_early = False
         best_val: EvalResult | None = None
         try:
-            for epoch in range(self.state.epoch, self.epochs):
-                row = self._train_epoch(train_data, epoch)
-                if val_data is not None:
-                    val = evaluate(self.model, self.loader(val_data, shuffle=False), self.tasks, self.device)
-                    row.update({f"val_loss/{t}": v for t, v in val.losses.items()})
-                    row.update(flatten_metrics("val", val.metrics))
-                    score = self._score(val)
-                else:
+            with self._signals():
+                for epoch in range(self.state.epoch, self.epochs):
+                    row = self._train_epoch(train_data, epoch, tb)
                     val, score = None, float(row["train_loss"])
-                row["score"] = score
-                self._step_scheduler(score)
-                self.state.epoch = epoch + 1
-                self.state.history.append(row)
-                improved = score < self.state.best_score
-                if improved:
-                    self.state.best_score, self.state.best_epoch, self.state.bad_epochs = score, epoch + 1, 0
-                    best_val = val
-                    if self.run_dir is not None:
-                        save_weights(self.model, self.run_dir / WEIGHTS_NAME)
-                else:
-                    self.state.bad_epochs += 1
-                self._save_epoch(row, tb)
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(epoch + 1, row)
-                if self.early_stopping is not None and self.state.bad_epochs >= self.early_stopping:
-                    console.print(
-                        f"Early stopping: no improvement of the validation score for {self.early_stopping} epochs."
-                    )
-                    stopped_early = True
-                    break
+                    if val_data is not None:
+                        val = self.evaluate(val_data)
+                        row.update({f"val_loss/{t}": v for t, v in val.losses.items()})
+                        row.update(flatten_metrics("val", val.metrics))
+                        score = self._score(val)
+                    row["score"] = score
+                    self._step_scheduler(score)
+                    self.state.epoch, self.state.epoch_batches = epoch + 1, 0
+                    self.state.history.append(row)
+                    if score < self.state.best_score:
+                        self.state.best_score, self.state.best_epoch, self.state.bad_epochs = score, epoch + 1, 0
+                        best_val = val
+                        if self.run_dir is not None and dist.is_main():
+                            save_weights(self.evaluated_model, self.run_dir / WEIGHTS_NAME)
+                    else:
+                        self.state.bad_epochs += 1
+                    tb.scalars({k: v for k, v in row.items() if k != "epoch"}, self.state.epoch)
+                    self._save()
+                    if self.early_stopping is not None and self.state.bad_epochs >= self.early_stopping:
+                        console.print(
+                            f"Early stopping: the validation score did not improve for {self.early_stopping} epochs."
+                        )
+                        stopped_early = True
+                        break
         finally:
             tb.close()
         return FitResult(
@@ -250,42 +412,75 @@ class Trainer:
             best_score=self.state.best_score,
             best_val=best_val,
             stopped_early=stopped_early,
+            skipped_steps=self.state.skipped_steps,
         )
 
-    def _train_epoch(self, train_data: Dataset | DataLoader, epoch: int) -> dict[str, float]:
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the EMA when enabled, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def evaluate(self, data: Dataset | DataLoader) -> EvalResult:
+        """Metrics and losses of the evaluated model over ``data`` (sharded and reduced across ranks)."""
+        return evaluate(
+            self.evaluated_model, self.loader(data, shuffle=False), self.tasks, self.device, dist.all_reduce_sum
+        )
+
+    def _train_epoch(self, train_data: Dataset | DataLoader, epoch: int, tb: TensorBoardLog) -> dict[str, float]:
         self.model.train()
-        loader = self.loader(train_data, shuffle=True, epoch=epoch)
+        state = self.state
+        start_batch = state.epoch_batches
+        if start_batch == 0:
+            state.loss_sum, state.weight_sum, state.epoch_steps = [0.0] * len(self.tasks), [0.0] * len(self.tasks), 0
+        loader = self.loader(train_data, shuffle=True, epoch=epoch, start=start_batch * self.batch_size)
         names = list(self.tasks)
-        loss_sum = torch.zeros(len(names), device=self.device)
-        weight_sum = torch.zeros(len(names), device=self.device)
-        steps = 0
-        data_wait = 0.0
-        start = time.perf_counter()
+        data_wait, started = 0.0, time.perf_counter()
+        pending: list[dict[str, Any]] = []
         with EpochProgress(f"epoch {epoch + 1}/{self.epochs}", len(loader), self.progress) as bar:
             fetch_start = time.perf_counter()
             for batch in loader:
                 data_wait += time.perf_counter() - fetch_start
-                batch = move_batch(batch, self.device)
-                losses, weights = self.train_step(batch)
-                loss_sum += losses
-                weight_sum += weights.to(self.device, losses.dtype)
-                steps += 1
-                bar.advance(float(losses.sum()), int(batch["image"].shape[0]))
+                pending.append(move_batch(batch, self.device))
+                state.epoch_batches += 1
+                if len(pending) == self.accumulate or state.epoch_batches == start_batch + len(loader):
+                    result = self.train_step(pending)
+                    images = sum(int(b["image"].shape[0]) for b in pending)
+                    pending = []
+                    if result is not None:
+                        losses, weights = result
+                        state.loss_sum = [a + float(b) for a, b in zip(state.loss_sum, losses)]
+                        state.weight_sum = [a + float(b) for a, b in zip(state.weight_sum, weights)]
+                        state.epoch_steps += 1
+                        bar.advance(float(losses.sum()), images)
+                        tb.scalars({f"step/weight/{n}": float(w) for n, w in zip(names, weights)}, state.step)
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if self.checkpoint_every and state.step % self.checkpoint_every == 0:
+                        self._save()
+                    if self._stop_signal is not None:
+                        self._save()
+                        raise TrainingInterrupted(
+                            f"stopped by signal {signal.Signals(self._stop_signal).name} at step {state.step}; "
+                            f"checkpoint saved — resume with `mtlvision train --resume {self.run_dir}`"
+                        )
+                else:
+                    bar.advance(float("nan"), 0)
                 fetch_start = time.perf_counter()
-        if steps == 0:
-            raise ConfigError("the training split yields no batch; lower train.batch_size or add data")
-        mean_losses = loss_sum / steps
-        self.balancer.on_epoch_end(mean_losses)
-        elapsed = time.perf_counter() - start
+        if state.epoch_steps == 0:
+            raise ConfigError("no training step succeeded this epoch; lower train.batch_size or add data")
+        mean_losses = torch.tensor(state.loss_sum) / state.epoch_steps
+        self.balancer.on_epoch_end(mean_losses.to(self.device))
+        elapsed = time.perf_counter() - started
         row: dict[str, float] = {
             "epoch": float(epoch + 1),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "train_loss": float(mean_losses.sum()),
             "epoch_seconds": elapsed,
             "data_wait_fraction": data_wait / max(elapsed, 1e-9),
+            "skipped_steps": float(state.skipped_steps),
         }
         row.update({f"train_loss/{n}": float(v) for n, v in zip(names, mean_losses)})
-        row.update({f"weight/{n}": float(v) for n, v in zip(names, weight_sum / steps)})
+        row.update({f"weight/{n}": v / state.epoch_steps for n, v in zip(names, state.weight_sum)})
         return row
 
     def _step_scheduler(self, score: float) -> None:
@@ -295,48 +490,61 @@ class Trainer:
             self.scheduler.step()
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def _save_epoch(self, row: dict[str, float], tb: TensorBoardLog) -> None:
-        tb.scalars({k: v for k, v in row.items() if k != "epoch"}, self.state.epoch)
-        if self.run_dir is None:
-            return
-        write_history(self.run_dir / "history.csv", self.state.history)
-        save_checkpoint(self.checkpoint_state(), self.run_dir / CHECKPOINT_NAME)
+    def _save(self) -> None:
+        """History and checkpoint, from rank 0 only; every rank waits until they are on disk."""
+        if self.run_dir is not None and dist.is_main():
+            if self.state.history:
+                write_history(self.run_dir / "history.csv", self.state.history)
+            save_checkpoint(self.checkpoint_state(), self.run_dir / CHECKPOINT_NAME)
+        dist.barrier()
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimiser, schedule, balancer, loop and RNG state."""
+        """Everything needed to continue exactly: weights, optimiser, schedule, balancer, EMA, loop, RNG."""
+        state = self.state
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
             "loop": {
-                "epoch": self.state.epoch,
-                "step": self.state.step,
-                "best_score": self.state.best_score,
-                "best_epoch": self.state.best_epoch,
-                "bad_epochs": self.state.bad_epochs,
+                "epoch": state.epoch,
+                "step": state.step,
+                "epoch_batches": state.epoch_batches,
+                "best_score": state.best_score,
+                "best_epoch": state.best_epoch,
+                "bad_epochs": state.bad_epochs,
+                "skipped_steps": state.skipped_steps,
+                "loss_sum": state.loss_sum,
+                "weight_sum": state.weight_sum,
+                "epoch_steps": state.epoch_steps,
             },
-            "history": self.state.history,
+            "history": state.history,
             "rng": rng_state(),
         }
 
     def resume(self) -> None:
-        """Restore the state saved in ``run_dir/checkpoint.pt``."""
+        """Restore the state saved in ``run_dir/checkpoint.pt`` (every rank reads the same file)."""
         if self.run_dir is None:
             raise ConfigError("resuming needs a run folder")
-        state = load_checkpoint(self.run_dir / CHECKPOINT_NAME, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.balancer.load_state_dict(state["balancer"])
-        loop = state["loop"]
-        self.state = _State(
-            epoch=loop["epoch"],
-            step=loop["step"],
-            best_score=loop["best_score"],
-            best_epoch=loop["best_epoch"],
-            bad_epochs=loop["bad_epochs"],
-            history=list(state["history"]),
+        saved = load_checkpoint(self.run_dir / CHECKPOINT_NAME, map_location=self.device)
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as exc:
+            raise MtlvisionError(
+                f"{self.run_dir / CHECKPOINT_NAME} does not fit this model: {str(exc).splitlines()[0]}"
+            ) from None
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.balancer.load_state_dict(saved["balancer"])
+        if self.ema is not None and saved["ema"] is not None:
+            self.ema.load_state_dict(saved["ema"])
+        if self.precision.scaler is not None and saved["scaler"] is not None:
+            self.precision.scaler.load_state_dict(saved["scaler"])
+        self.state = _State(**saved["loop"], history=list(saved["history"]))
+        set_rng_state(saved["rng"])
+        console.print(
+            f"Resumed from {self.run_dir / CHECKPOINT_NAME}: epoch {self.state.epoch + 1}, "
+            f"batch {self.state.epoch_batches}, step {self.state.step}."
         )
-        set_rng_state(state["rng"])
-        console.print(f"Resumed from {self.run_dir / CHECKPOINT_NAME} after epoch {self.state.epoch}.")

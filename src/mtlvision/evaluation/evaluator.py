@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +40,17 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[dict], tasks: Mapping[str, Task], device: torch.device
+    model: nn.Module,
+    batches: Iterable[dict],
+    tasks: Mapping[str, Task],
+    device: torch.device,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Run ``model`` over ``batches`` and accumulate each task's metrics and loss over the whole split.
 
     A task's loss is averaged over the samples that carry its label (weighted by their count per batch).
+    In distributed evaluation each process sees a shard: ``reduce_sum`` sums loss totals over processes,
+    and the metrics (torchmetrics) synchronise their states in ``compute``.
     """
     was_training = model.training
     model.eval()
@@ -63,7 +69,10 @@ def evaluate(
                 counts[name] += n_valid
             metrics[name].update(predictions[name], batch["targets"][name], valid)
     model.train(was_training)
+    totals = torch.tensor([[loss_sums[n], counts[n]] for n in tasks], dtype=torch.float64, device=device)
+    if reduce_sum is not None:
+        totals = reduce_sum(totals)
     return EvalResult(
         metrics={name: {k: float(v) for k, v in metrics[name].compute().items()} for name in tasks},
-        losses={name: loss_sums[name] / max(counts[name], 1) for name in tasks},
+        losses={name: float(totals[i, 0] / totals[i, 1].clamp_min(1)) for i, name in enumerate(tasks)},
     )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients
+from mtlvision.balancers.base import TaskGradients
+from mtlvision.balancers.gradient._base import GradientBalancer
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -40,7 +40,8 @@ def aggregate(name: str, G: Tensor, *, losses: Tensor | None = None, **hparams: 
     The method starts from a fresh state (stateful methods take their first step). ``losses`` [T] are
     needed only by methods that read loss values (MGDA's ``"loss"`` normalisations, IMTL's scales); they
     default to ones. Methods whose update is a weighted sum return ``weights @ G``, the others their
-    direction. Loss-weighting methods have no gradient aggregation and raise :class:`ConfigError`.
+    direction. Loss-weighting methods (even those that read gradients, such as GradNorm) have no gradient
+    aggregation and raise :class:`ConfigError`.
     """
     entry = BALANCERS.entry(name)
     if not isinstance(G, Tensor) or G.ndim != 2 or G.shape[0] < 1 or not G.is_floating_point():
@@ -48,17 +49,16 @@ def aggregate(name: str, G: Tensor, *, losses: Tensor | None = None, **hparams: 
         raise ConfigError(f"aggregate({name!r}, G): G must be a floating-point matrix [T, P] with T ≥ 1, got {shape}")
     if not torch.isfinite(G).all():
         raise ConfigError(f"aggregate({name!r}, G): G holds NaN or infinite values")
-    if "num_tasks" in inspect.signature(entry.obj).parameters:
-        hparams.setdefault("num_tasks", G.shape[0])
-    try:
-        balancer = entry.obj(**hparams)
-    except TypeError as exc:
-        raise ConfigError(f"balancer {name!r}: {exc}") from None
-    if balancer.needs is Needs.LOSSES:
+    if not _is_gradient_method(entry.obj):
         raise ConfigError(
             f"{name!r} is a loss-weighting method: it weights losses and has no aggregation of a gradient "
             f"matrix. Gradient methods: {', '.join(gradient_methods())}"
         )
+    try:
+        balancer = entry.obj(**hparams)
+    except TypeError as exc:
+        raise ConfigError(f"balancer {name!r}: {exc}") from None
+    balancer.setup(int(G.shape[0]))
     G = G.detach()
     if losses is None:
         losses = torch.ones(G.shape[0], dtype=G.dtype, device=G.device)
@@ -70,6 +70,10 @@ def aggregate(name: str, G: Tensor, *, losses: Tensor | None = None, **hparams: 
     return update.weights.to(G.dtype) @ G
 
 
+def _is_gradient_method(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, GradientBalancer)
+
+
 def gradient_methods() -> list[str]:
-    """Names of the registered methods that combine per-task gradients."""
-    return [entry.name for entry in BALANCERS if getattr(entry.obj, "needs", Needs.LOSSES) is not Needs.LOSSES]
+    """Names of the registered gradient methods (those that combine per-task gradients into the update)."""
+    return [entry.name for entry in BALANCERS if _is_gradient_method(entry.obj)]

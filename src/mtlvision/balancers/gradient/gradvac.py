@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from mtlvision.balancers.gradient._base import ExtraStateMixin, GramianBalancer
+from mtlvision.balancers.gradient._solvers import random_orders
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -47,22 +48,20 @@ class GradVac(ExtraStateMixin, GramianBalancer):
             raise ConfigError(f"GradVac state is for {self.targets.shape[0]} tasks but there are {t}")
         targets = self.targets.numpy()
         norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-        weights = np.zeros(t)
-        for i in range(t):
-            coeffs = np.zeros(t)
-            coeffs[i] = 1.0
-            for j in torch.randperm(t).tolist():
-                if j == i:
-                    continue
-                current_norm = np.sqrt(max(coeffs @ gramian @ coeffs, 0.0))
-                denom = current_norm * norms[j]
-                cosine = float(np.clip(coeffs @ gramian[:, j] / denom, -1.0, 1.0)) if denom > 0 else 0.0
-                target = targets[i, j]
-                room = np.sqrt(max(1.0 - target**2, 0.0))
-                if cosine < target and denom > 0 and room > 0:
-                    coeffs[j] += (
-                        current_norm * (target * np.sqrt(1.0 - cosine**2) - cosine * room) / (norms[j] * room)
-                    )
-                targets[i, j] = (1.0 - self.beta) * target + self.beta * cosine
-            weights += coeffs
-        return weights
+        coeffs = np.eye(t)  # row i: g_i' in the basis of the task gradients
+        rows = np.arange(t)
+        # all tasks i advance together, each through its own random order of the other tasks
+        for others in random_orders(t).T:
+            products = coeffs @ gramian  # row i: g_i' · g_k for every task k
+            current_norm = np.sqrt(np.clip((products * coeffs).sum(axis=1), 0.0, None))
+            denom = current_norm * norms[others]
+            inner = products[rows, others]
+            cosine = np.where(denom > 0, np.clip(inner / np.where(denom > 0, denom, 1.0), -1.0, 1.0), 0.0)
+            target = targets[rows, others]
+            room = np.sqrt(np.clip(1.0 - target**2, 0.0, None))
+            adjust = (cosine < target) & (denom > 0) & (room > 0)
+            safe = np.where(adjust, norms[others] * room, 1.0)
+            step = current_norm * (target * np.sqrt(np.clip(1.0 - cosine**2, 0.0, None)) - cosine * room) / safe
+            coeffs[rows, others] += np.where(adjust, step, 0.0)
+            targets[rows, others] = (1.0 - self.beta) * target + self.beta * cosine
+        return coeffs.sum(axis=0)

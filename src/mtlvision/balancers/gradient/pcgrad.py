@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from mtlvision.balancers.gradient._base import GramianBalancer
+from mtlvision.balancers.gradient._solvers import random_orders
 from mtlvision.balancers.registry import BALANCERS
 
 
@@ -26,15 +26,13 @@ class PCGrad(GramianBalancer):
 
     def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
         t = gramian.shape[0]
-        weights = np.zeros(t)
-        for i in range(t):
-            coeffs = np.zeros(t)
-            coeffs[i] = 1.0
-            for j in torch.randperm(t).tolist():
-                if j == i or gramian[j, j] <= 0.0:
-                    continue
-                inner = coeffs @ gramian[:, j]
-                if inner < 0.0:
-                    coeffs[j] -= inner / gramian[j, j]
-            weights += coeffs
-        return weights
+        coeffs = np.eye(t)  # row i: g_i^PC in the basis of the task gradients
+        rows = np.arange(t)
+        diagonal = np.diag(gramian)
+        # all tasks i advance together, each through its own random order of the other tasks
+        for others in random_orders(t).T:
+            inner = np.einsum("ik,ki->i", coeffs, gramian[:, others])  # g_i^PC · g_j
+            conflict = (inner < 0.0) & (diagonal[others] > 0.0)
+            safe = np.where(conflict, diagonal[others], 1.0)
+            coeffs[rows, others] -= np.where(conflict, inner / safe, 0.0)
+        return coeffs.sum(axis=0)

@@ -1,4 +1,11 @@
-"""Gradient-balancing methods, one module per method or family; importing this package registers them."""
+"""Gradient-balancing methods, one module per method or family; importing this package registers them.
+
+What ``Update.weights`` holds (the engine logs them and applies them to the task-specific parameters):
+methods whose update is ``Σ_t w_t g_t`` (``needs = GRAMIAN``) return those ``w``. The three methods that
+return a ``direction`` return the weights their paper gives the task-specific parameters: GradDrop ones
+(it only acts on the shared gradients), MoCo ``λ`` (its direction is ``Yᵀλ`` over the tracked gradients),
+IMTL the loss scales ``e^{s_t}``.
+"""
 
 from __future__ import annotations
 

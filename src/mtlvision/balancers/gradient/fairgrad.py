@@ -21,11 +21,12 @@ class FairGrad(GramianBalancer):
     optimality condition of ``max_d Σ_i (g_iᵀd)^{1-α}/(1-α)``; ``α = 1`` is proportional fairness (the
     Nash-MTL equation), ``α → ∞`` max–min fairness. Solved with scipy's ``least_squares`` from ``w = 1/T``
     like the authors' code, on ``K/trace(K)`` and rescaled back (``w ∝ s^{-α/(1+α)}`` for ``K → sK``); a
-    result whose residual is not small raises :class:`SolverError`. ``alpha = 1.0`` is the default of
-    LibMTL's port of the authors' code. Tasks with a zero gradient have no solution and get weight 0.
+    result whose residual is not small raises :class:`SolverError`. ``alpha = 2.0`` is the value of the
+    authors' experiment scripts (LibMTL defaults to 1.0). Tasks with a zero gradient have no solution and
+    get weight 0.
     """
 
-    def __init__(self, alpha: float = 1.0, residual_tol: float = 1e-4) -> None:
+    def __init__(self, alpha: float = 2.0, residual_tol: float = 1e-4) -> None:
         super().__init__()
         if alpha <= 0:
             raise ConfigError(f"balancer.alpha must be positive, got {alpha}")

@@ -292,3 +292,10 @@ def test_bad_configuration_is_a_config_error() -> None:
         Detection("det", 3, class_names=["a"])
     with pytest.raises(ConfigError, match="nms_iou"):
         Detection("det", 3, nms_iou=1.5)
+
+
+def test_default_levels_are_strides_4_to_32() -> None:
+    task = Detection("det", 2)
+    head = task.build_custom_head([64, 64, 128, 256, 512], [2, 4, 8, 16, 32])
+    assert head.strides == [4, 8, 16, 32]
+    assert Detection("det", 2, strides=[16, 8]).build_custom_head([8, 16, 32], [4, 8, 16]).strides == [8, 16]

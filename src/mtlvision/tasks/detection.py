@@ -39,6 +39,13 @@ from mtlvision.tasks.registry import TASKS
 BoxTarget = dict[str, Tensor]
 
 
+def default_strides(feature_strides: Sequence[int]) -> tuple[int, ...]:
+    """The backbone levels with strides 4 to 32: FCOS's P3-P5 plus the stride-4 level that small images
+    (64 px scenes, objects of 3-35 px) need; every level when none lies in that range."""
+    chosen = tuple(s for s in feature_strides if 4 <= s <= 32)
+    return chosen or tuple(feature_strides)
+
+
 def level_ranges(strides: Tensor, size_factor: float) -> tuple[Tensor, Tensor]:
     """Per-location ``(low, high]`` range of the largest box distance, FCOS-style.
 
@@ -113,6 +120,9 @@ def centerness_target(distances: Tensor) -> Tensor:
 class Detection(Task):
     """Object detection (boxes with classes) by an anchor-free FCOS head on the multi-scale features.
 
+    ``strides`` picks the pyramid levels the head works on (default: see :func:`default_strides`);
+    ``center_radius`` (in strides) and ``size_factor`` (level ranges) are FCOS's assignment settings.
+
     ``score_threshold``, ``nms_iou`` and ``max_detections`` shape the predictions that ``decode`` returns
     and ``draw`` shows. The metrics use ``metric_score_threshold`` (lower, as in FCOS's evaluation, so the
     precision-recall curve is not cut short) with the same NMS and ``max_detections``.
@@ -135,7 +145,7 @@ class Detection(Task):
         max_detections: int = 100,
         pre_nms_top_k: int = 1000,
         metric_score_threshold: float = 0.05,
-        strides: Sequence[int] = (8, 16, 32),
+        strides: Sequence[int] | None = None,
         center_radius: float = 1.5,
         size_factor: float = 8.0,
         head_width: int = 64,
@@ -161,7 +171,7 @@ class Detection(Task):
         self.max_detections = max_detections
         self.pre_nms_top_k = pre_nms_top_k
         self.metric_score_threshold = metric_score_threshold
-        self.strides = tuple(strides)
+        self.strides = tuple(strides) if strides is not None else None
         self.center_radius = center_radius
         self.size_factor = size_factor
         self.head_width = head_width
@@ -178,7 +188,7 @@ class Detection(Task):
             feature_channels,
             feature_strides,
             self.num_classes,
-            strides=self.strides,
+            strides=self.strides if self.strides is not None else default_strides(feature_strides),
             width=self.head_width,
             tower_depth=self.tower_depth,
         )
@@ -322,7 +332,7 @@ class Detection(Task):
             "max_detections": self.max_detections,
             "pre_nms_top_k": self.pre_nms_top_k,
             "metric_score_threshold": self.metric_score_threshold,
-            "strides": list(self.strides),
+            "strides": list(self.strides) if self.strides is not None else None,
             "center_radius": self.center_radius,
             "size_factor": self.size_factor,
             "head_width": self.head_width,

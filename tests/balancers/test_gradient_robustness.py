@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtlvision.balancers import aggregate
-from mtlvision.balancers.aggregate import gradient_methods
+from mtlvision.balancers import aggregate, get
+from mtlvision.balancers.aggregate import MatrixGradients, gradient_methods
 from mtlvision.balancers.gradient import SolverError
 from mtlvision.errors import ConfigError, UnknownNameError
 
@@ -77,8 +77,6 @@ def test_opposite_gradients_have_no_nash_solution() -> None:
 
 
 def test_nash_mtl_can_reuse_previous_weights_with_a_warning() -> None:
-    from mtlvision.balancers import get
-    from mtlvision.balancers.aggregate import MatrixGradients
 
     balancer = get("nash_mtl", on_solver_failure="previous", max_norm=0.0)
     losses = torch.ones(2)
@@ -114,3 +112,22 @@ def test_loss_weighting_and_unknown_names_are_rejected() -> None:
         aggregate("mgda", torch.ones(2, 3), normalization="l1")
     with pytest.raises(ConfigError, match="pref_vector has 3 values"):
         aggregate("upgrad", torch.ones(2, 3), pref_vector=[1.0, 1.0, 1.0])
+
+
+class Float32Gramian(MatrixGradients):
+    """The engine's default: K computed in float32, so a rank-deficient G gets round-off eigenvalues."""
+
+    def gramian(self) -> torch.Tensor:
+        g = self.jacobian().float()
+        return g @ g.T
+
+
+@pytest.mark.parametrize("name", ["aligned_mtl", "imtl_g", "config", "upgrad", "mgda"])
+def test_rank_deficient_float32_gramian_matches_exact(name: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    g, h = torch.randn(2, 500, generator=gen, dtype=torch.float64)
+    G = torch.stack([g, 0.3 * g + 0.7 * h, 2.0 * g, h])  # rank 2
+    balancer = get(name)
+    exact = balancer.balance(torch.ones(4, dtype=torch.float64), MatrixGradients(G)).weights @ G
+    noisy = get(name).balance(torch.ones(4, dtype=torch.float64), Float32Gramian(G)).weights @ G
+    assert torch.allclose(noisy, exact, rtol=1e-3, atol=1e-3 * float(exact.norm()))

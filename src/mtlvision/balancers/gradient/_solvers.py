@@ -29,6 +29,17 @@ def to_tensor(weights: np.ndarray, like: Tensor) -> Tensor:
     return torch.as_tensor(np.ascontiguousarray(weights), dtype=like.dtype).to(like.device)
 
 
+#: relative precision of the Gramian the engine hands over (float32 by default): eigenvalues of ``K`` below
+#: ``T · RELATIVE_PRECISION · λ_max`` are round-off, not directions of the gradients.
+RELATIVE_PRECISION = float(np.finfo(np.float32).eps)
+
+
+def pinv_psd(gramian: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of a PSD Gramian, cutting eigenvalues at the Gramian's precision (as torch's
+    default ``rtol`` does for float32, which torchjd relies on)."""
+    return np.linalg.pinv(gramian, rcond=gramian.shape[0] * RELATIVE_PRECISION, hermitian=True)
+
+
 def gradient_norms(gramian: np.ndarray) -> np.ndarray:
     """``‖g_t‖`` from the diagonal of ``K`` (clamped at 0 against round-off)."""
     return np.sqrt(np.clip(np.diag(gramian), 0.0, None))

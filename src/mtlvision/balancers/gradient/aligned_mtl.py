@@ -8,6 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from mtlvision.balancers.gradient._base import GramianBalancer
+from mtlvision.balancers.gradient._solvers import RELATIVE_PRECISION
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -19,13 +20,13 @@ _SCALES = {"min": lambda lam: lam[-1], "median": np.median, "rmse": np.mean}
 def balance_transformation(gramian: np.ndarray, scale_mode: str = "min") -> np.ndarray:
     """``B`` [T, T] with ``Ĝ = B G`` the aligned gradients: ``B = √λ_min · V Λ^{-1/2} Vᵀ`` on the range of ``K``.
 
-    ``K = VΛVᵀ``; eigenvalues below ``λ_max · T · eps`` are treated as zero (the rank cut of the authors'
-    code), so ``Ĝ Ĝᵀ = λ_min · V_r V_rᵀ``, i.e. ``λ_min · I`` when ``G`` has full row rank.
+    ``K = VΛVᵀ``; eigenvalues below ``λ_max · T · eps`` (float32 eps) are treated as zero (the rank cut
+    of the authors' code), so ``Ĝ Ĝᵀ = λ_min · V_r V_rᵀ``, i.e. ``λ_min · I`` when ``G`` has full row rank.
     """
     eigenvalues, vectors = np.linalg.eigh(gramian)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-    tol = eigenvalues[0] * gramian.shape[0] * np.finfo(np.float64).eps
+    tol = eigenvalues[0] * gramian.shape[0] * RELATIVE_PRECISION
     rank = int((eigenvalues > max(tol, 0.0)).sum())
     if rank == 0:
         return np.zeros_like(gramian)

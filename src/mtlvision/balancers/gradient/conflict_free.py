@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import gradient_norms, nonzero_tasks
+from mtlvision.balancers.gradient._solvers import gradient_norms, nonzero_tasks, pinv_psd
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -41,7 +41,7 @@ class ConFIG(GramianBalancer):
             return weights
         norms = gradient_norms(gramian)[active]
         unit_gramian = gramian[np.ix_(active, active)] / np.outer(norms, norms)
-        beta = np.linalg.pinv(unit_gramian, hermitian=True) @ prefs[active]  # ĝ ∝ Σ β_i u_i
+        beta = pinv_psd(unit_gramian) @ prefs[active]  # ĝ ∝ Σ β_i u_i
         length_sq = float(beta @ unit_gramian @ beta)
         if length_sq <= 0.0:
             return weights

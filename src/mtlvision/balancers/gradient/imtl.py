@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlvision.balancers.base import Needs, TaskGradients, Update
 from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer, require_grads
-from mtlvision.balancers.gradient._solvers import gradient_norms, to_numpy_gramian
+from mtlvision.balancers.gradient._solvers import gradient_norms, pinv_psd, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -26,7 +26,7 @@ def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
     linearly dependent gradients (as torchjd does). Zero weights when ``1ᵀK⁺n`` vanishes (all gradients 0).
     """
     norms = gradient_norms(gramian)
-    v = np.linalg.pinv(gramian, hermitian=True) @ norms
+    v = pinv_psd(gramian) @ norms
     total = v.sum()
     if not np.isfinite(total) or abs(total) <= 1e-12 * np.abs(v).sum(initial=0.0) or total == 0.0:
         return np.zeros_like(norms)

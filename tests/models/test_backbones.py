@@ -186,3 +186,11 @@ def test_freeze_stages_stops_gradients_and_batch_norm_updates() -> None:
     assert all(p.requires_grad for p in backbone.parameters()) and frozen_bn.training
     with pytest.raises(ConfigError, match="out of range"):
         backbone.freeze_stages(6)
+
+
+def test_rgb_checkpoint_adapts_to_a_grey_backbone(tmp_path) -> None:
+    model = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "rgb.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    backbone = create_backbone("resnet18", pretrained=str(path), in_chans=1)
+    torch.testing.assert_close(backbone.stages[0].conv1.weight, model.conv1.weight.sum(dim=1, keepdim=True))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, UnknownNameError
 from mtlvision.models import HPS, INIT_SCHEMES, Backbone, BackboneStage, MultiTaskModel, create_backbone
 from mtlvision.models.complexity import count_flops, count_parameters, model_complexity
 from mtlvision.models.heads import ASPPHead, FPNHead, MLPHead
@@ -306,3 +306,8 @@ def test_architecture_spec_defaults_to_hps(resnet18) -> None:
     model = MultiTaskModel(resnet18, tasks())
     assert isinstance(model.architecture_spec, HPS)
     assert model.describe()["architecture"] == {"name": "hps"}
+
+
+def test_unknown_init_scheme_lists_the_choices() -> None:
+    with pytest.raises(UnknownNameError, match="kaiming, orthogonal, xavier, pretrained"):
+        MultiTaskModel(tiny_backbone, tasks(), init="he")

@@ -100,6 +100,8 @@ class Backbone(nn.Module):
         source_keys: dict[str, str],
     ) -> None:
         super().__init__()
+        if not all(isinstance(stage, BackboneStage) for stage in stages):
+            raise TypeError("Backbone stages must be BackboneStage modules (an indexed nn.Sequential)")
         self.name = name
         self.stages = nn.ModuleList(stages)
         self.feature_channels = [int(c) for c in feature_channels]
@@ -127,6 +129,9 @@ class Backbone(nn.Module):
     def load_pretrained(self, path: str | Path) -> LoadReport:
         """Load a local timm/torchvision checkpoint of this backbone's model; see :class:`LoadReport`.
 
+        An RGB stem is adapted to a backbone built for other input channels as timm does it (summed for
+        one channel, tiled and rescaled for more).
+
         Raises :class:`CheckpointError` when the file is missing or unreadable, when no tensor of it
         belongs to this backbone, or when a tensor's shape differs from the backbone's.
         """
@@ -139,6 +144,10 @@ class Backbone(nn.Module):
             key = by_source.get(source_key)
             if key is None:
                 continue
+            if _is_input_conv_of_other_width(tensor, own[key]):
+                from timm.models import adapt_input_conv
+
+                tensor = adapt_input_conv(own[key].shape[1], tensor)
             if tuple(tensor.shape) != tuple(own[key].shape):
                 mismatched.append(f"{source_key}: file {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
                 continue
@@ -169,6 +178,18 @@ class Backbone(nn.Module):
                 stacklevel=2,
             )
         return report
+
+
+def _is_input_conv_of_other_width(weight: Tensor, own: Tensor) -> bool:
+    """An RGB stem convolution loaded into a backbone built for another number of input channels."""
+    return (
+        weight.ndim == 4
+        and own.ndim == 4
+        and weight.shape[1] == 3
+        and own.shape[1] != 3
+        and weight.shape[0] == own.shape[0]
+        and weight.shape[2:] == own.shape[2:]
+    )
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, UnknownNameError
 from mtlvision.models.architectures import HPS, ArchitectureSpec
 from mtlvision.models.backbones import Backbone, BackboneStage, create_backbone
 from mtlvision.models.heads import build_head
-from mtlvision.models.init import PRETRAINED, initialise
+from mtlvision.models.init import INIT_SCHEMES, PRETRAINED, initialise
 from mtlvision.tasks.base import Task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +57,11 @@ class MultiTaskModel(nn.Module):
         unknown_heads = sorted(set(heads or {}) - set(names))
         if unknown_heads:
             raise ConfigError(f"heads given for unknown tasks {unknown_heads}; the tasks are {names}.")
+        if init != PRETRAINED and init not in INIT_SCHEMES:
+            raise UnknownNameError(
+                f"Unknown model.init {init!r}. Allowed: {', '.join(INIT_SCHEMES.names())}, {PRETRAINED} (with "
+                "model.pretrained: a local weights file)."
+            )
         if init == PRETRAINED and pretrained is None:
             raise ConfigError(
                 "model.init=pretrained needs a local weights file: set model.pretrained to a timm or "

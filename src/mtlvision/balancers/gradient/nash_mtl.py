@@ -52,14 +52,17 @@ class NashMTL(ExtraStateMixin, GramianBalancer):
 
     As in the authors' code, ``K`` is normalised by its Frobenius norm, the solution is warm-started at the
     previous step's, recomputed only every ``update_weights_every`` steps, and the update is clipped to
-    norm ``max_norm`` (0 disables it). The paper approximates the solution with a concave–convex procedure
-    (the code: at most ``optim_niter = 20`` cvxpy/ECOS solves); we compute the same solution directly, as the
-    minimiser of a strictly convex function (:func:`nash_weights`), to a residual below ``tol``. Measured on
-    random T = 40 problems, the CCP with scipy's SLSQP for its sub-problems failed on 4 of 20 and took
-    ~80 ms each; the direct solve failed on none and took ~20 ms. Their code clips the shared parameters' gradient only; we scale the weights
-    (task-specific parameters too), as torchjd does, which keeps the method Gramian-only. The returned
-    ``α`` is for the true ``K`` (the normalised solution divided by ``√‖K‖_F``), so ``αᵢ(Kα)ᵢ = 1`` holds
-    before clipping. Tasks with a zero gradient cannot satisfy the equation; they get weight 0.
+    norm ``max_norm`` (0 disables it). The returned ``α`` is for the true ``K`` (the normalised solution
+    divided by ``√‖K‖_F``), so ``αᵢ(Kα)ᵢ = 1`` holds before clipping. Tasks with a zero gradient cannot
+    satisfy the equation; they get weight 0.
+
+    Two departures from the code, both measured or forced: (1) the paper approximates the solution with a
+    concave–convex procedure (the code: at most ``optim_niter = 20`` cvxpy/ECOS solves, no cvxpy here);
+    we compute the same solution directly as the minimiser of a strictly convex function
+    (:func:`nash_weights`) to a residual below ``tol``. On 20 random T = 40 problems the CCP with scipy's
+    SLSQP for its sub-problems failed on 4 and took ~80 ms per solve; the direct solve failed on none and
+    takes a few ms. (2) The code clips the shared parameters' gradient only; we scale the weights
+    (task-specific parameters too), as torchjd does, which keeps the method Gramian-only.
 
     A solver failure raises :class:`SolverError`; with ``on_solver_failure="previous"`` the previous
     weights are reused with a warning (the authors' code does so silently).

@@ -144,29 +144,34 @@ def sample_layout(rng: np.random.Generator, max_objects: int) -> SceneLayout:
 Intersector = Callable[[np.ndarray, dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
-def _nearest_root(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both roots (small, large) of ``a t^2 - 2 b t + c = 0``; NaN where there is none."""
-    disc = b * b - a * c
-    root = np.sqrt(np.where(disc >= 0, disc, np.nan))
-    lo, hi = (b - root) / a, (b + root) / a
+def _quadratic_roots(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both roots (smaller, larger) of ``a t^2 - 2 b t + c = 0``; NaN or inf where there is none."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disc = b * b - a * c
+        root = np.sqrt(np.where(disc >= 0, disc, np.nan))
+        lo, hi = (b - root) / a, (b + root) / a
     return np.minimum(lo, hi), np.maximum(lo, hi)
 
 
 def _sphere(d: np.ndarray, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     centre = np.stack([p["x"], p["floor"] - p["size"], p["z"]], axis=1)
-    near, _ = _nearest_root((d * d).sum(1), (d * centre).sum(1), (centre * centre).sum(1) - p["size"] ** 2)
+    near, _ = _quadratic_roots((d * d).sum(1), (d * centre).sum(1), (centre * centre).sum(1) - p["size"] ** 2)
     t = np.where(near > 0, near, np.inf)
     normal = (np.nan_to_num(t, posinf=0.0)[:, None] * d - centre) / p["size"][:, None]
     return t, normal
+
+
+def _yaw(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate vectors [m, 3] about the vertical (y) axis."""
+    return np.stack([cos * v[:, 0] - sin * v[:, 2], v[:, 1], sin * v[:, 0] + cos * v[:, 2]], axis=1)
 
 
 def _cube(d: np.ndarray, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     # slab method in the cube's own frame (rotated by yaw about the vertical axis)
     cos, sin = np.cos(p["yaw"]), np.sin(p["yaw"])
     half = p["size"]
-    origin = -np.stack([p["x"], p["floor"] - half, p["z"]], axis=1)
-    to_local = lambda v: np.stack([cos * v[:, 0] - sin * v[:, 2], v[:, 1], sin * v[:, 0] + cos * v[:, 2]], 1)  # noqa: E731
-    o, dl = to_local(origin), to_local(d)
+    o = _yaw(-np.stack([p["x"], p["floor"] - half, p["z"]], axis=1), cos, sin)
+    dl = _yaw(d, cos, sin)
     with np.errstate(divide="ignore", invalid="ignore"):
         t1 = (-half[:, None] - o) / dl
         t2 = (half[:, None] - o) / dl
@@ -177,8 +182,7 @@ def _cube(d: np.ndarray, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarr
     local = np.zeros_like(d)
     rows = np.arange(len(d))
     local[rows, axis] = -np.sign(dl[rows, axis])
-    normal = np.stack([cos * local[:, 0] + sin * local[:, 2], local[:, 1], -sin * local[:, 0] + cos * local[:, 2]], 1)
-    return t, normal
+    return t, _yaw(local, cos, -sin)
 
 
 def _upright(d: np.ndarray, p: dict[str, np.ndarray], slope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +192,8 @@ def _upright(d: np.ndarray, p: dict[str, np.ndarray], slope: np.ndarray) -> tupl
     """
     r, h, floor = p["size"], p["height"], p["floor"]
     top = floor - h
-    # side: (x - X)^2 + (z - Z)^2 = (k (y - apex_y))^2 with apex_y = floor - r / k for a cone; for a
-    # cylinder k = 0 and the right-hand side is r^2.
+    # side, as a t^2 - 2 b t + c = 0 along the ray: (x - X)^2 + (z - Z)^2 = k^2 (y - apex_y)^2 with k the
+    # slope and the apex at the top for a cone; (x - X)^2 + (z - Z)^2 = r^2 for a cylinder (k = 0).
     cone = slope > 0
     apex_y = np.where(cone, floor - h, 0.0)
     radius_sq = np.where(cone, 0.0, r * r)
@@ -198,7 +202,7 @@ def _upright(d: np.ndarray, p: dict[str, np.ndarray], slope: np.ndarray) -> tupl
     b = d[:, 0] * p["x"] + d[:, 2] * p["z"] - k2 * d[:, 1] * apex_y
     c = p["x"] ** 2 + p["z"] ** 2 - k2 * apex_y**2 - radius_sq
     best = np.full(len(d), np.inf)
-    for root in _nearest_root(a, b, c):
+    for root in _quadratic_roots(a, b, c):
         y = root * d[:, 1]
         ok = (root > 0) & (y >= top) & (y <= floor) & np.isfinite(root)
         best = np.where(ok & (root < best), root, best)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import signal
+from abc import ABC, abstractmethod
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,21 @@ from mtlvision.tasks.base import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
+
+
+class AuxiliaryLoss(nn.Module, ABC):
+    """Extra per-task loss terms added to the task losses before balancing (e.g. distillation).
+
+    Called with the batch, the model's predictions and, when ``needs_representation``, the shared
+    representation (else None); returns a [T] vector in task order. Its parameters join the optimiser.
+    """
+
+    needs_representation: bool = False
+
+    @abstractmethod
+    def forward(
+        self, batch: dict[str, Any], predictions: dict[str, Any], representation: list[Tensor] | None
+    ) -> Tensor: ...
 
 
 class TrainingInterrupted(MtlvisionError):
@@ -126,6 +142,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         progress: bool = True,
         on_step: Callable[[Trainer], None] | None = None,
+        auxiliary: AuxiliaryLoss | None = None,
     ) -> None:
         self.model = model
         self.tasks: dict[str, Task] = dict(model.tasks)
@@ -159,6 +176,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress and dist.is_main()
         self.on_step = on_step
+        self.auxiliary = auxiliary
         self.device = dist.setup(resolve_device(device))
         seed_everything(seed, deterministic)
         self.precision = Precision(precision, self.device)
@@ -177,13 +195,22 @@ class Trainer:
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
             groups.append({"name": "balancer", "params": balancer_params, "weight_decay": 0.0})
+        if auxiliary is not None:
+            auxiliary.to(self.device)
+            auxiliary_params = [p for p in auxiliary.parameters() if p.requires_grad]
+            if auxiliary_params:
+                groups.append({"name": "auxiliary", "params": auxiliary_params})
         self.optimizer = build_optimizer(optimizer, groups, lr, weight_decay, momentum)
         self.scheduler = build_scheduler(scheduler, self.optimizer, epochs, warmup_epochs, step_size, gamma)
         self.collate = Collate(self.tasks)
         self.state = _State()
         # Gradient methods get the shared representation too: the engine then reaches each head once and
         # batches the trunk. Architectures without one raise RepresentationUnavailable (see _forward_losses).
-        self._uses_representation = balancer_mode == "representation" or self.balancer.needs is not Needs.LOSSES
+        self._uses_representation = (
+            balancer_mode == "representation"
+            or self.balancer.needs is not Needs.LOSSES
+            or (auxiliary is not None and auxiliary.needs_representation)
+        )
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -283,6 +310,8 @@ class Trainer:
             else:
                 predictions = self.forward(batch["image"])
             losses = self.task_losses(predictions, batch)
+            if self.auxiliary is not None:
+                losses = losses + self.auxiliary(batch, predictions, representation).float()
         return losses, representation
 
     def _backward(self, losses: Tensor, representation: list[Tensor] | None, scale: float) -> Tensor:
@@ -507,6 +536,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "auxiliary": self.auxiliary.state_dict() if self.auxiliary is not None else None,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
             "loop": {
                 "epoch": state.epoch,
@@ -540,6 +570,8 @@ class Trainer:
         self.balancer.load_state_dict(saved["balancer"])
         if self.ema is not None and saved["ema"] is not None:
             self.ema.load_state_dict(saved["ema"])
+        if self.auxiliary is not None and saved.get("auxiliary") is not None:
+            self.auxiliary.load_state_dict(saved["auxiliary"])
         if self.precision.scaler is not None and saved["scaler"] is not None:
             self.precision.scaler.load_state_dict(saved["scaler"])
         self.state = _State(**saved["loop"], history=list(saved["history"]))

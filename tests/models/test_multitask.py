@@ -17,7 +17,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError, UnknownNameError
-from mtlvision.models import HPS, INIT_SCHEMES, Backbone, BackboneStage, MultiTaskModel, create_backbone
+from mtlvision.models import (
+    HPS,
+    INIT_SCHEMES,
+    Architecture,
+    ArchitectureSpec,
+    Backbone,
+    BackboneStage,
+    MultiTaskModel,
+    create_backbone,
+)
 from mtlvision.models.complexity import count_flops, count_parameters, model_complexity
 from mtlvision.models.heads import ASPPHead, FPNHead, MLPHead
 from mtlvision.tasks.base import Task, TargetKind, masked_mean
@@ -292,6 +301,7 @@ def test_flops_grow_with_the_image_and_split_into_parts(resnet18) -> None:
     assert 0 < flops[0]["total"] < flops[1]["total"] < flops[2]["total"]
     for f in flops:
         assert 0 < f["backbone"] and 0 < f["heads"] and f["backbone"] + f["heads"] == f["total"]
+        assert f["shared"] == f["backbone"]  # hard sharing: the backbone is the shared part
     assert model.training  # the counter restores the mode
     # ResNet-18's convolutions and classifier are 1.82 GMACs at 224x224 (He et al. 2016, Table 1: 1.8e9
     # FLOPs counting multiply-adds); the backbone lacks the final 512x1000 classifier.
@@ -311,3 +321,44 @@ def test_architecture_spec_defaults_to_hps(resnet18) -> None:
 def test_unknown_init_scheme_lists_the_choices() -> None:
     with pytest.raises(UnknownNameError, match="kaiming, orthogonal, xavier, pretrained"):
         MultiTaskModel(tiny_backbone, tasks(), init="he")
+
+
+class _SplitAfterFirstStage(ArchitectureSpec):
+    """Test double: stage 0 shared, stage 1 copied per task (a minimal 'split' architecture)."""
+
+    name = "split_double"
+
+    def build(self, backbone_factory, task_names) -> Architecture:
+        return _Split(backbone_factory, task_names)
+
+
+class _Split(Architecture):
+    def __init__(self, backbone_factory, task_names) -> None:
+        super().__init__()
+        backbone = backbone_factory()
+        self.stem = backbone.stages[0]
+        self.branches = nn.ModuleDict({name: backbone_factory().stages[1] for name in task_names})
+        self.feature_channels, self.feature_strides = backbone.feature_channels, backbone.feature_strides
+
+    def forward(self, images: Tensor) -> dict[str, list[Tensor]]:
+        shared = self.stem(images)
+        return {name: [shared, branch(shared)] for name, branch in self.branches.items()}
+
+    def shared_parameters(self):
+        return self.stem.parameters()
+
+
+def test_shared_flops_count_only_the_shared_modules() -> None:
+    model = MultiTaskModel(tiny_backbone, tasks(), architecture=_SplitAfterFirstStage())
+    flops = count_flops(model, (32, 32))
+    stem = 2 * 16 * 3 * 9 * 16 * 16  # one 3x3 conv, 3 -> 16 channels, on a 16 x 16 output
+    branch = 2 * 512 * 16 * 9 * 8 * 8  # one 3x3 conv, 16 -> 512 channels, on an 8 x 8 output
+    assert flops["shared"] == stem
+    assert flops["backbone"] == stem + 2 * branch
+    assert flops["total"] == flops["backbone"] + flops["heads"]
+    groups = model.parameter_groups()
+    assert {id(p) for p in groups[0]["params"]} == {
+        id(p) for p in [*model.architecture.stem.parameters(), *model.architecture.branches.parameters()]
+    }
+    model.freeze_backbone_stages(2)
+    assert not any(p.requires_grad for p in model.architecture.branches.parameters())

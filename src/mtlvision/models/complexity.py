@@ -23,8 +23,9 @@ def count_parameters(model: MultiTaskModel) -> dict[str, int]:
 def count_flops(model: MultiTaskModel, image_size: Sequence[int], batch_size: int = 1) -> dict[str, int]:
     """FLOPs of one forward pass on ``batch_size`` images of ``image_size`` (height, width).
 
-    ``backbone`` counts the backbone stages (every copy), ``heads`` the task heads; the rest of ``total``
-    is the architecture's own modules (attention, gates, mixing). A multiply-add counts as two FLOPs.
+    ``shared`` counts the operations of modules whose own weights are all shared parameters,
+    ``backbone`` those inside backbone stages (every copy), ``heads`` those of the task heads; the rest of
+    ``total`` is the architecture's own modules (attention, gates, mixing). A multiply-add is two FLOPs.
     """
     height, width = (int(image_size[0]), int(image_size[1]))
     images = torch.zeros(batch_size, model.mean.shape[1], height, width, device=model.mean.device)
@@ -35,18 +36,31 @@ def count_flops(model: MultiTaskModel, image_size: Sequence[int], batch_size: in
             model(images)
     finally:
         model.train(was_training)
-    per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    # The counter attributes an operation to every module on the call stack, keyed "<Root>.<name>".
     root = type(model).__name__
+    per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    modules = dict(model.named_modules())
 
-    def total_of(module_names: list[str]) -> int:
-        return sum(per_module.get(f"{root}.{name}", 0) for name in module_names)
+    def inclusive(name: str) -> int:
+        return int(per_module.get(f"{root}.{name}" if name else root, 0))
 
-    stages = [name for name, module in model.named_modules() if isinstance(module, BackboneStage)]
-    heads = [f"heads.{name}" for name in model.heads]
+    def own(name: str) -> int:
+        prefix = f"{name}." if name else ""
+        children = [prefix + child for child, _ in modules[name].named_children()]
+        return inclusive(name) - sum(inclusive(child) for child in children)
+
+    shared_ids = {id(p) for p in model.shared_parameters()}
+    shared = 0
+    for name, module in modules.items():
+        weights = list(module.parameters(recurse=False))
+        if weights and all(id(w) in shared_ids for w in weights):
+            shared += own(name)
+    stages = [name for name, module in modules.items() if isinstance(module, BackboneStage)]
     return {
         "total": int(counter.get_total_flops()),
-        "backbone": int(total_of(stages)),
-        "heads": int(total_of(heads)),
+        "shared": shared,
+        "backbone": sum(inclusive(name) for name in stages),
+        "heads": sum(inclusive(f"heads.{name}") for name in model.heads),
     }
 
 

@@ -84,8 +84,8 @@ class MultiTaskModel(nn.Module):
         for task in tasks:
             head = task.build_custom_head(channels, strides)
             if head is None:
-                head = build_head((heads or {}).get(task.name) or task.default_head, channels, strides,
-                                  task.output_channels)
+                choice = (heads or {}).get(task.name) or task.default_head
+                head = build_head(choice, channels, strides, task.output_channels)
                 initialise(head, head_init)
             head_modules[task.name] = head
         self.heads = nn.ModuleDict(head_modules)

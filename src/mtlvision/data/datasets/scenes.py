@@ -21,6 +21,7 @@ the split's size nor on the rendering order. Splits are rendered once, at build 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -508,5 +509,11 @@ class Scenes(DatasetSource):
     def build(cls, params: DatasetParams, split: str) -> SceneDataset:
         assert isinstance(params, ScenesParams)
         sizes = {"train": params.train_size, "val": params.val_size, "test": params.test_size}
-        layouts, rendering = generate(params.seed, split, sizes[split], params.image_size, params.max_objects)
-        return SceneDataset(split, layouts, rendering, params.max_objects)
+        return _rendered_split(params.seed, split, sizes[split], params.image_size, params.max_objects)
+
+
+@functools.lru_cache(maxsize=len(SPLITS))
+def _rendered_split(seed: int, split: str, num_scenes: int, image_size: int, max_objects: int) -> SceneDataset:
+    """Render a split once per process: experts and joint models of one run share the read-only arrays."""
+    layouts, rendering = generate(seed, split, num_scenes, image_size, max_objects)
+    return SceneDataset(split, layouts, rendering, max_objects)

@@ -23,8 +23,11 @@ machine was shared, so ±20 %): equal weights 0.21 s/step; batched trunk backwar
 0.60 s; a loop of T ``autograd.grad`` calls 0.60 s; vmapped backward straight from the losses 0.72 s. On CPU
 torch's batching rule for ``convolution_backward`` runs the T tasks one after another, so the batched and the
 loop path cost the same here (the floor: one forward plus T backward passes); on GPU the batched path fuses
-them. A Gramian built layer by layer without the Jacobian would need per-layer closed forms for convolutions
-(quadratic in batch × spatial positions) and was not faster for this size, so the Gramian is ``G Gᵀ``.
+them. The Gramian is accumulated block by block, ``K = Σ_l G_l G_lᵀ`` over the per-parameter blocks the
+batched backward returns, and a Gramian-only balancer's update is ``Σ_t w_t G_l[t]`` per block: the flat
+``[T, P]`` copy is made only when a balancer asks for ``jacobian()`` (this saved ~T·P·4 bytes of peak
+memory, 134 MiB for resnet18 at T=3). A Gramian built without the weight gradients at all would need
+per-layer closed forms for convolutions (quadratic in batch × spatial positions); not attempted.
 
 ``jacobian="loop"`` selects T plain ``autograd.grad`` calls instead of the vmapped backward, for an op
 without a batching rule; the batched path never silently falls back to it.
@@ -86,6 +89,7 @@ class _StepGradients(TaskGradients):
         self._rep_grads: list[Tensor] | None = None  # per representation tensor: [T, *shape]
         self._head_grads: list[Tensor] | None = None  # per task-specific parameter: [T, *shape]
         self._jacobian: Tensor | None = None
+        self._blocks: list[Tensor] | None = None  # per shared parameter: [T, *shape], float32, reduced
         self._gramian: Tensor | None = None
 
     @property
@@ -98,7 +102,7 @@ class _StepGradients(TaskGradients):
 
     @property
     def jacobian_known(self) -> bool:
-        return self._jacobian is not None
+        return self._jacobian is not None or self._blocks is not None
 
     # ------------------------------------------------------------------------------------- computation
     def _per_task_loop(self, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -186,6 +190,14 @@ class _StepGradients(TaskGradients):
         assert self._rep_grads is not None
         return torch.cat([g.reshape(self.num_tasks, -1) for g in self._rep_grads], dim=1).float()
 
+    def shared_blocks(self) -> list[Tensor]:
+        """The Jacobian of the shared parameters as one ``[T, *shape]`` float32 block per parameter, each
+        after ``reduce`` (an all-reduce mean is exact block by block). The Gramian and the weighted update
+        are built from the blocks, so the flat ``[T, P]`` copy exists only if a balancer asks for it."""
+        if self._blocks is None:
+            self._blocks = [self._reduce(g.float()) for g in self._shared_grads()]
+        return self._blocks
+
     def jacobian(self) -> Tensor:
         """``G`` [T, P] in float32 (also under autocast), after ``reduce``. In representation mode, the
         representation Jacobian (not reduced: its rows are over this process's samples)."""
@@ -193,21 +205,34 @@ class _StepGradients(TaskGradients):
             if self._representation_mode:
                 self._jacobian = self.representation_jacobian()
             else:
-                grads = self._shared_grads()
-                flat = torch.cat([g.reshape(self.num_tasks, -1).float() for g in grads], dim=1)
-                del grads
-                self._jacobian = self._reduce(flat)
+                self._jacobian = torch.cat([b.reshape(self.num_tasks, -1) for b in self.shared_blocks()], dim=1)
+                self._blocks = None  # the flat matrix replaces the blocks; the update uses views of it
         return self._jacobian
 
     def gramian(self) -> Tensor:
-        """``K = G Gᵀ`` [T, T] in the engine's ``gramian_dtype``. Parameter mode: from the reduced
-        Jacobian. Representation mode: ``reduce`` is applied to K (the Gramian of every process's
-        representation gradients together is the sum of the per-process Gramians)."""
+        """``K = G Gᵀ`` [T, T] in the engine's ``gramian_dtype``, accumulated block by block in parameter mode
+        (from the reduced Jacobian). Representation mode: ``reduce`` is applied to K (the Gramian of every
+        process's representation gradients together is the sum of the per-process Gramians)."""
         if self._gramian is None:
-            jac = self.jacobian().to(self._gramian_dtype)
-            gram = jac @ jac.T
-            self._gramian = self._reduce(gram) if self._representation_mode else gram
+            if self._representation_mode:
+                jac = self.jacobian().to(self._gramian_dtype)
+                self._gramian = self._reduce(jac @ jac.T)
+            elif self._jacobian is not None:
+                jac = self._jacobian.to(self._gramian_dtype)
+                self._gramian = jac @ jac.T
+            else:
+                gram = torch.zeros(self.num_tasks, self.num_tasks, dtype=self._gramian_dtype, device=self._losses.device)
+                for block in self.shared_blocks():
+                    flat = block.reshape(self.num_tasks, -1).to(self._gramian_dtype)
+                    gram += flat @ flat.T
+                self._gramian = gram
         return self._gramian
+
+    def weighted_shared(self, weights: Tensor) -> list[Tensor]:
+        """``Σ_t w_t ∂L_t/∂θ`` for every shared parameter, from the known Jacobian."""
+        if self._jacobian is not None:
+            return _split_like(weights.to(self._jacobian.device) @ self._jacobian, self._shared)
+        return [torch.tensordot(weights.to(b.device), b, dims=1) for b in self.shared_blocks()]
 
     def head_grads(self) -> list[Tensor] | None:
         """Per task-specific parameter ``[T, *shape]``, once the heads have been differentiated."""
@@ -328,6 +353,11 @@ class GradientEngine:
         if self.mode == "representation":
             assert self.representation is not None
             flat = update.direction if update.direction is not None else weights @ grads.representation_jacobian()
+            if flat.shape != (sum(r.numel() for r in self.representation),):
+                raise ConfigError(
+                    f"the balancer's direction has shape {tuple(flat.shape)} but the representation has "
+                    f"{sum(r.numel() for r in self.representation)} entries"
+                )
             parts = _split_like(flat.detach(), self.representation)
             if self.shared:
                 torch.autograd.backward(
@@ -335,11 +365,15 @@ class GradientEngine:
                     inputs=self.shared,
                 )
             return
-        flat = update.direction if update.direction is not None else weights @ grads.jacobian()
-        if flat.shape != (sum(p.numel() for p in self.shared),):
+        if update.direction is None:
+            for param, g in zip(self.shared, grads.weighted_shared(weights)):
+                _accumulate(param, g)
+            return
+        numel = sum(p.numel() for p in self.shared)
+        if update.direction.shape != (numel,):
             raise ConfigError(
-                f"the balancer's direction has shape {tuple(flat.shape)} but the shared parameters have "
-                f"{sum(p.numel() for p in self.shared)} entries"
+                f"the balancer's direction has shape {tuple(update.direction.shape)} but the shared parameters "
+                f"have {numel} entries"
             )
-        for param, g in zip(self.shared, _split_like(flat.detach(), self.shared)):
+        for param, g in zip(self.shared, _split_like(update.direction.detach(), self.shared)):
             _accumulate(param, g)

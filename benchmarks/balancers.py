@@ -1,0 +1,347 @@
+"""Training-step time and peak memory of every balancer, relative to equal weights, beside LibMTL and torchjd.
+
+Setting (issue 3): a resnet18 trunk with hard parameter sharing, batch 16 of 64×64 images, either T = 3
+tasks (classification, segmentation, depth) or T = 40 binary attributes. Every (framework, method, T, mode)
+runs in its own subprocess, so that its peak memory is its own: ``ru_maxrss`` minus the resident size
+before the model is built on CPU, ``torch.cuda.max_memory_allocated`` on GPU. Each ratio divides a median
+step time by the equal-weights median of the same framework, T and run.
+
+The peers are installed by this script into their own virtual environments under ``.bench_envs/``
+(``LibMTL==1.1.5`` and ``torchjd``, with ``--no-deps``; everything else they need, torch included, comes
+from this environment through a ``.pth`` file). LibMTL 1.1.5 imports ``torchvision.models.utils``, gone from
+torchvision, and its gradient methods need ``encoder.zero_grad(set_to_none=False)`` on torch 2: the worker
+provides both, as LibMTL's GitHub head does.
+
+    python benchmarks/balancers.py                 # short: T=3, a few methods, 3 timed steps
+    python benchmarks/balancers.py --full          # every method, T=3 and T=40, 20 timed steps
+    python benchmarks/balancers.py --tasks 40 --methods ew mgda upgrad --steps 10 --no-peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+import types
+import venv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVS = ROOT / ".bench_envs"
+SHORT_METHODS = ["ew", "uw", "famo", "db_mtl", "mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad"]
+PEER_PACKAGES = {"libmtl": ["LibMTL==1.1.5"], "torchjd": ["torchjd", "qpsolvers"]}
+# Our name -> (LibMTL 1.1.5 class, its keyword arguments at the paper defaults).
+LIBMTL = {
+    "ew": ("EW", {}), "uw": ("UW", {}), "gls": ("GLS", {}), "rlw": ("RLW", {"dist": "Normal"}),
+    "dwa": ("DWA", {"T": 2.0}), "gradnorm": ("GradNorm", {"alpha": 1.5}), "mgda": ("MGDA", {"mgda_gn": "none"}),
+    "pcgrad": ("PCGrad", {}), "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}), "imtl": ("IMTL", {}),
+    "graddrop": ("GradDrop", {"leak": 0.0}), "gradvac": ("GradVac", {"beta": 0.5}),
+}
+# Our name -> torchjd aggregator class (None: plain sum of the losses, torchjd's equal-weights baseline).
+TORCHJD = {
+    "ew": None, "mgda": "MGDA", "pcgrad": "PCGrad", "upgrad": "UPGrad", "dualproj": "DualProj", "imtl_g": "IMTLG",
+    "aligned_mtl": "AlignedMTL", "config": "ConFIG", "graddrop": "GradDrop", "gradvac": "GradVac",
+}
+
+
+# ------------------------------------------------------------------------------------------ the model
+def build_problem(num_tasks: int, batch: int, size: int, device: str) -> tuple[Any, dict[str, Any], Callable, Any]:
+    """The trunk, the heads, ``task_losses(heads, rep) -> list[Tensor]`` and the input batch."""
+    import torch
+    import torchvision
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    r = torchvision.models.resnet18()
+    trunk = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def dense(out: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(512, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, out, 1),
+            nn.Upsample(size=(size, size), mode="bilinear", align_corners=False),
+        )
+
+    def linear(out: int) -> nn.Module:
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, out))
+
+    if num_tasks == 3:
+        heads = {"class": linear(10), "segmentation": dense(5), "depth": dense(1)}
+        targets = {
+            "class": torch.randint(0, 10, (batch,), device=device),
+            "segmentation": torch.randint(0, 5, (batch, size, size), device=device),
+            "depth": torch.rand(batch, 1, size, size, device=device),
+        }
+        criteria = {"class": F.cross_entropy, "segmentation": F.cross_entropy, "depth": F.l1_loss}
+    else:
+        heads = {f"attr{i}": linear(1) for i in range(num_tasks)}
+        targets = {name: torch.randint(0, 2, (batch, 1), device=device).float() for name in heads}
+        criteria = {name: F.binary_cross_entropy_with_logits for name in heads}
+    heads = nn.ModuleDict(heads).to(device)
+
+    def task_losses(heads_: Any, rep: Any) -> list[Any]:
+        return [criteria[name](head(rep), targets[name]) for name, head in heads_.items()]
+
+    return trunk, heads, task_losses, x
+
+
+# ------------------------------------------------------------------------------------------ step makers
+def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
+    import torch
+
+    from mtlvision import balancers
+
+    balancer = balancers.get(method, **({"weights": [1.0] * len(heads)} if method == "fixed" else {}))
+    balancer.setup(len(heads))
+    balancer.to(x.device)
+    shared, specific = list(trunk.parameters()), list(heads.parameters())
+    optimiser = torch.optim.SGD([*shared, *specific, *balancer.parameters()], lr=1e-3)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        rep = trunk(x)
+        losses = torch.stack(task_losses(heads, rep))
+        engine = balancers.GradientEngine(shared, specific, rep, mode="representation" if mode == "rep" else "params")
+        engine.backward(losses, balancer)
+        optimiser.step()
+        if balancer.needs_post_step_losses:
+            with torch.no_grad():
+                balancer.after_step(torch.stack(task_losses(heads, trunk(x))))
+
+    return step
+
+
+def libmtl_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
+    import torch
+
+    # LibMTL 1.1.5 imports a module torchvision removed; give it the function it wants from there.
+    sys.modules["torchvision.models.utils"] = types.SimpleNamespace(  # type: ignore[assignment]
+        load_state_dict_from_url=torch.hub.load_state_dict_from_url
+    )
+    import LibMTL.weighting as weighting
+
+    class_name, kwargs = LIBMTL[method]
+    base = getattr(weighting, class_name)
+    num_tasks = len(heads)
+
+    class Bench(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoders = trunk, heads
+            self.task_num, self.task_name, self.device = num_tasks, list(heads), x.device
+            self.rep_grad, self.epoch = False, 2
+            self.train_loss_buffer = torch.ones(num_tasks, 3).numpy()
+            self.init_param()
+
+        def get_share_params(self) -> Any:
+            return self.encoder.parameters()
+
+        def zero_grad_share_params(self) -> None:
+            self.encoder.zero_grad(set_to_none=False)
+
+    method_obj = Bench()
+    optimiser = torch.optim.SGD([*trunk.parameters(), *heads.parameters(), *method_obj.parameters()], lr=1e-3)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=False)
+        losses = torch.stack(task_losses(heads, trunk(x)))
+        method_obj.backward(losses, **kwargs)
+        optimiser.step()
+
+    return step
+
+
+def torchjd_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
+    import torch
+    import torchjd.aggregation as aggregation
+    from torchjd.autojac import jac_to_grad, mtl_backward
+
+    shared = list(trunk.parameters())
+    optimiser = torch.optim.SGD([*shared, *heads.parameters()], lr=1e-3)
+    aggregator = getattr(aggregation, TORCHJD[method])() if TORCHJD[method] else None
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        rep = trunk(x)
+        losses = task_losses(heads, rep)
+        if aggregator is None:
+            sum(losses).backward()
+        else:
+            mtl_backward(losses, features=rep)
+            jac_to_grad(shared, aggregator)
+        optimiser.step()
+
+    return step
+
+
+STEPS = {"ours": ours_step, "libmtl": libmtl_step, "torchjd": torchjd_step}
+
+
+# ------------------------------------------------------------------------------------------ one measurement
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
+    device = spec["device"]
+    base_rss = rss_kib()
+    trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], device)
+    trunk.train(), heads.train()
+    step = STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
+    cuda = device.startswith("cuda")
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if cuda:
+            torch.cuda.synchronize()
+            if i == spec["warmup"]:
+                torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+    peak_mib = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    )
+    return {"median_s": statistics.median(times), "peak_mib": peak_mib}
+
+
+def peer_python(peer: str) -> Path:
+    """The interpreter of ``.bench_envs/<peer>``, created and filled on first use."""
+    env = ENVS / peer
+    python = env / "bin" / "python"
+    marker = env / ".installed"
+    if marker.exists():
+        return python
+    venv.create(env, with_pip=True, clear=True)
+    site = subprocess.check_output(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
+    Path(site, "_mtlvision_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.check_call([str(python), "-m", "pip", "install", "-q", "--no-deps", *PEER_PACKAGES[peer]])
+    marker.write_text("ok\n")
+    return python
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any] | str:
+    python = Path(sys.executable) if spec["framework"] == "ours" else peer_python(spec["framework"])
+    done = subprocess.run(
+        [str(python), str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"failed: {last[:120]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ the table
+def methods_for(args: argparse.Namespace) -> list[str]:
+    if args.methods:
+        return args.methods
+    if args.full:
+        from mtlvision.balancers import BALANCERS
+
+        return ["ew", *[name for name in BALANCERS.names() if name not in ("ew", "fixed")]]
+    return SHORT_METHODS
+
+
+def supports_representation(method: str) -> bool:
+    from mtlvision.balancers import BALANCERS
+
+    return bool(BALANCERS.get(method).supports_representation)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="every method, T=3 and T=40, 20 timed steps")
+    parser.add_argument("--tasks", type=int, nargs="+", choices=[3, 40], help="task counts (default 3; --full: 3 40)")
+    parser.add_argument("--methods", nargs="+", help="balancer names (default: a short list; --full: all)")
+    parser.add_argument("--steps", type=int, help="timed steps per method (default 3; --full: 20)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
+    parser.add_argument("--no-representation", action="store_true", help="skip representation mode")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    tasks = args.tasks or ([3, 40] if args.full else [3])
+    steps = args.steps or (20 if args.full else 3)
+    methods = methods_for(args)
+    frameworks = ["ours"] if args.no_peers else ["ours", "libmtl", "torchjd"]
+    peers_of = {"libmtl": LIBMTL, "torchjd": TORCHJD}
+    common = {
+        "batch": args.batch, "size": args.size, "device": args.device, "steps": steps, "warmup": args.warmup,
+        "threads": args.threads,
+    }
+    print(f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
+          f"median of {steps} steps; peak memory in MiB)\n")
+    for num_tasks in tasks:
+        results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
+        for framework in frameworks:
+            for method in methods:
+                modes = ["params"] + (
+                    ["rep"] if framework == "ours" and not args.no_representation and supports_representation(method)
+                    else []
+                )
+                if framework != "ours" and method not in peers_of[framework]:
+                    continue
+                for mode in modes:
+                    spec = {**common, "framework": framework, "method": method, "mode": mode, "tasks": num_tasks}
+                    results[(framework, method, mode)] = measure(spec)
+                    print(f"  measured {framework} {method} {mode} T={num_tasks}: {results[(framework, method, mode)]}",
+                          file=sys.stderr)
+        print(table(num_tasks, methods, frameworks, results))
+
+
+def table(num_tasks: int, methods: list[str], frameworks: list[str], results: dict) -> str:
+    def ratio(framework: str, method: str, mode: str, key: str) -> str:
+        value, base = results.get((framework, method, mode)), results.get((framework, "ew", "params"))
+        if value is None:
+            return "–"
+        if isinstance(value, str):
+            return value
+        if not isinstance(base, dict):
+            return f"{value[key]:.3g}"
+        return f"{value[key] / base[key]:.2f}×"
+
+    head = ["method", "ours (params)", "ours (rep)", "ours peak mem"] + [f"{f}" for f in frameworks[1:]] + [
+        f"{f} peak mem" for f in frameworks[1:]
+    ]
+    lines = [f"## T = {num_tasks}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = results.get(("ours", "ew", "params"))
+    if isinstance(base, dict):
+        lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.0f} ms/step, {base['peak_mib']:.0f} MiB\n")
+    for method in methods:
+        row = [method, ratio("ours", method, "params", "median_s"), ratio("ours", method, "rep", "median_s"),
+               ratio("ours", method, "params", "peak_mib")]
+        row += [ratio(f, method, "params", "median_s") for f in frameworks[1:]]
+        row += [ratio(f, method, "params", "peak_mib") for f in frameworks[1:]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

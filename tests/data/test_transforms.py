@@ -64,7 +64,9 @@ def test_box_mask_and_depth_stay_aligned(box: tuple[int, int, int, int], seed: i
         return
     x1, y1, x2, y2 = out["boxes"]["boxes"][0].tolist()
     ys, xs = torch.nonzero(obj, as_tuple=True)
-    assert len(xs) > 0
+    if len(xs) == 0:  # a sliver narrower than a pixel covers no pixel centre (min_box_size drops these)
+        assert min(x2 - x1, y2 - y1) < 1.0
+        return
     # the mask region fills its box up to one pixel of resampling error at each side
     assert abs(xs.min().item() - x1) <= 1 and abs(xs.max().item() + 1 - x2) <= 1
     assert abs(ys.min().item() - y1) <= 1 and abs(ys.max().item() + 1 - y2) <= 1
@@ -219,13 +221,15 @@ def test_one_draw_per_sample_is_reproducible() -> None:
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["targets"]["seg"], y["targets"]["seg"])
 
 
-def test_bad_config_and_unknown_target_are_clear_errors() -> None:
+def test_bad_config_is_a_clear_error_and_unknown_targets_are_dropped() -> None:
     with pytest.raises(ConfigError, match="data.augment.scale"):
         build_transforms({"scale": [1.5, 0.5]}, KINDS, train=True)
     with pytest.raises(ConfigError, match="data.augment.flip"):
         build_transforms({"flip": True}, KINDS, train=True)
-    with pytest.raises(ConfigError, match="other"):
-        build_transforms({}, {"seg": K.MASK}, train=True)(
-            {"image": torch.rand(3, 4, 4), "targets": {"other": torch.tensor(1)}, "valid": {}, "id": "x"}
-        )
+    out = build_transforms({}, {"seg": K.MASK}, train=True)(
+        {"image": torch.rand(3, 4, 4), "targets": {"seg": torch.zeros(4, 4, dtype=torch.int64),
+                                                   "other": torch.tensor(1)},
+         "valid": {"seg": True, "other": True}, "id": "x"}
+    )
+    assert set(out["targets"]) == set(out["valid"]) == {"seg"}  # unconfigured tasks are dropped
     assert AugmentParams().hflip == 0.5

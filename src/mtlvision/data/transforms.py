@@ -235,9 +235,9 @@ class AugmentParams(BaseModel):
 class JointTransform:
     """``transform(sample) -> sample``: the pipeline of the module docstring with one random draw per sample.
 
-    ``targets`` maps each task name to its :class:`TargetSpec` (or just its :class:`TargetKind`). Targets of
-    tasks not in the mapping raise a :class:`ConfigError`, since silently leaving them untransformed would
-    misalign them. ``generator`` makes the draws reproducible (tests); by default torch's global RNG is used,
+    ``targets`` maps each task name to its :class:`TargetSpec` (or just its :class:`TargetKind`): the tasks
+    being trained. Targets of other tasks (a dataset provides more tasks than a config selects) are dropped
+    from the sample with their ``valid`` flags, since they could not be kept aligned. ``generator`` makes the draws reproducible (tests); by default torch's global RNG is used,
     which the DataLoader seeds per worker.
     """
 
@@ -282,13 +282,9 @@ class JointTransform:
     # --------------------------------------------------------------------------------------------- pipeline
     def __call__(self, sample: Sample) -> Sample:
         image: Tensor = sample["image"]
-        targets = dict(sample["targets"])
-        unknown = set(targets) - set(self._contexts)
-        if unknown:
-            raise ConfigError(
-                f"The joint transform got targets for {sorted(unknown)} but only knows the kinds of "
-                f"{sorted(self._contexts)}; build it with every task of the dataset."
-            )
+        # targets of tasks not configured are dropped: they could not be kept aligned, and nothing uses them
+        targets = {n: t for n, t in sample["targets"].items() if n in self._contexts}
+        valid = {n: v for n, v in sample.get("valid", {}).items() if n in self._contexts}
         if self.resize is not None and tuple(image.shape[-2:]) != tuple(self.resize):
             image, targets = self._resize(image, targets, tuple(self.resize), zoom=1.0)
         if tuple(self.scale) != (1.0, 1.0) or self.crop is not None:
@@ -299,7 +295,7 @@ class JointTransform:
             targets = {n: self._ops(n).flip(t, width) for n, t in targets.items()}
         if self._jitter is not None:
             image = self._jitter(tv_tensors.Image(image)).as_subclass(Tensor).clamp(0.0, 1.0)
-        return {**sample, "image": image, "targets": targets}
+        return {**sample, "image": image, "targets": targets, "valid": valid}
 
     def _resize(self, image: Tensor, targets: dict[str, Any], size: Size, zoom: float
                 ) -> tuple[Tensor, dict[str, Any]]:

@@ -121,3 +121,24 @@ if __name__ == "__main__":
     trainer = Trainer(model, run_dir=run_dir, progress=False, on_step=on_step, **options)
     trainer.fit(TinyScenes(), resume=resume)
     torch.save(flat_weights(model), run_dir / "final.pt")
+
+
+def distributed_worker(rank: int, world_size: int, port: int, out: str, balancer: str, batch_size: int) -> None:
+    """One torchrun-like rank: join a gloo group, train one epoch, rank 0 saves the final weights."""
+    import os
+
+    from mtlvision.engine import distributed
+    from mtlvision.engine.trainer import Trainer
+
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    model = tiny_model()
+    trainer = Trainer(model, balancer, epochs=1, batch_size=batch_size, lr=5e-3, seed=3, device="cpu",
+                      optimizer="sgd", progress=False)
+    trainer.fit(TinyScenes(), TinyScenes(8, seed=1))
+    if rank == 0:
+        torch.save(flat_weights(model), out)
+    distributed.cleanup()

@@ -1,0 +1,26 @@
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mtlvision.engine.trainer import Trainer
+
+from .tinyrun import TinyScenes, distributed_worker, flat_weights, tiny_model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("balancer", ["ew", "upgrad"])
+def test_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path, balancer):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(distributed_worker, args=(2, _free_port(), str(out), balancer, 4), nprocs=2, join=True)
+
+    single = tiny_model()
+    Trainer(single, balancer, epochs=1, batch_size=8, lr=5e-3, seed=3, device="cpu", optimizer="sgd",
+            progress=False).fit(TinyScenes(), TinyScenes(8, seed=1))
+    torch.testing.assert_close(torch.load(out), flat_weights(single), rtol=1e-4, atol=1e-5)

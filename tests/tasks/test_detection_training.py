@@ -23,15 +23,21 @@ def toy_set() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     return images, [{"boxes": b, "labels": c} for b, c in zip(boxes, labels)]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
 @pytest.mark.slow
-def test_head_overfits_two_images() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_overfits_two_images(device: str) -> None:
     torch.manual_seed(0)
     images, targets = toy_set()
+    images = images.to(device)
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
     task = Detection("det", 2, class_names=["red", "blue"])
-    backbone = timm.create_model("resnet18", features_only=True, pretrained=False)
-    head = task.build_custom_head(backbone.feature_info.channels(), backbone.feature_info.reduction())
+    backbone = timm.create_model("resnet18", features_only=True, pretrained=False).to(device)
+    head = task.build_custom_head(backbone.feature_info.channels(), backbone.feature_info.reduction()).to(device)
     optimiser = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=1e-3)
-    valid = torch.ones(2, dtype=torch.bool)
+    valid = torch.ones(2, dtype=torch.bool, device=device)
     losses = []
     for _ in range(80):
         loss = task.loss(head(backbone(images), (64, 64)), targets, valid)
@@ -50,6 +56,7 @@ def test_head_overfits_two_images() -> None:
     assert metric.compute()["map_50"] == pytest.approx(1.0)
     for found, target in zip(task.detect(prediction), targets):
         assert len(found["boxes"]) == len(target["boxes"])  # no duplicates above the default threshold
+        assert found["boxes"].device.type == device
         iou = box_iou(found["boxes"], target["boxes"])
         best = iou.argmax(dim=1)
         assert (iou.amax(dim=1) > 0.7).all()

@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from mtlvision.models.architectures import hps  # noqa: F401  (registers the architecture)
 from mtlvision.models.architectures.base import Architecture, ArchitectureSpec, RepresentationUnavailable
+from mtlvision.models.architectures.cgc import CGC
+from mtlvision.models.architectures.cross_stitch import CrossStitch
+from mtlvision.models.architectures.dselect_k import DSelectK
 from mtlvision.models.architectures.hps import HPS
+from mtlvision.models.architectures.mmoe import MMoE
+from mtlvision.models.architectures.mtan import MTAN
+from mtlvision.models.architectures.padnet import PADNet
+from mtlvision.models.architectures.ple import PLE
 from mtlvision.models.architectures.registry import ARCHITECTURES
 
-__all__ = ["ARCHITECTURES", "HPS", "Architecture", "ArchitectureSpec", "RepresentationUnavailable"]
+__all__ = [
+    "ARCHITECTURES",
+    "CGC",
+    "HPS",
+    "MMoE",
+    "MTAN",
+    "PLE",
+    "Architecture",
+    "ArchitectureSpec",
+    "CrossStitch",
+    "DSelectK",
+    "PADNet",
+    "RepresentationUnavailable",
+]

@@ -73,7 +73,8 @@ class MultiTaskAttentionNetwork(Architecture):
         previous = [None, *self.feature_channels[:-1]]
         self.attention = nn.ModuleList(
             nn.ModuleList(
-                AttentionModule(channels, before, reduction) for channels, before in zip(self.feature_channels, previous)
+                AttentionModule(channels, before, reduction)
+                for channels, before in zip(self.feature_channels, previous)
             )
             for _ in self.task_names
         )

@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from mtlvision.data.sampling import (
     MultiSourceBatchSampler,
     MultiSourceDataset,
+    TaskView,
     batch_composition,
     source_weights,
 )
 from mtlvision.errors import ConfigError
+from mtlvision.tasks import TASKS
 
 
 class Tiny(torch.utils.data.Dataset):
@@ -154,3 +156,43 @@ def test_dataloader_with_collate_and_transforms() -> None:
         assert batch["valid"]["digit"].sum() == 2 and batch["valid"]["seg"].sum() == 2
         assert batch["targets"]["seg"].shape == (4, 6, 6)
         assert (batch["targets"]["seg"][~batch["valid"]["seg"]] == 255).all()
+
+
+def test_task_view_selects_and_renames() -> None:
+    view = TaskView(Tiny("segmentation", 3), {"seg_a": "segmentation"})
+    item = view[2]
+    assert set(item["targets"]) == {"seg_a"} and item["valid"] == {"seg_a": True} and int(item["targets"]["seg_a"]) == 2
+    with pytest.raises(ConfigError, match="no task 'depth'"):
+        TaskView(Tiny("segmentation", 3), {"d": "depth"})[0]
+
+
+def test_multi_input_segmentation_from_scenes_and_digits_from_multimnist() -> None:
+    """Two real built-in datasets, one task each, mixed per batch; one training step sees both losses."""
+    from mtlvision.data.collate import Collate
+    from mtlvision.data.datasets import DATASETS
+    from mtlvision.data.transforms import build_transforms, target_specs
+    from mtlvision.models.multitask import MultiTaskModel
+
+    scenes, mnist = DATASETS.get("scenes"), DATASETS.get("multimnist")
+    scene_params = scenes.Params(name="scenes", train_size=6, val_size=1, test_size=1, image_size=32)
+    mnist_params = mnist.Params(name="multimnist", train_size=10, val_size=1, test_size=1)
+    specs = {"seg": scenes.tasks(scene_params)["segmentation"], "digit": mnist.tasks(mnist_params)["left"]}
+    tasks = {n: TASKS.get(s.kind)(n, **s.params) for n, s in specs.items()}
+    data = MultiSourceDataset(
+        {"scenes": TaskView(scenes.build(scene_params, "train"), {"seg": "segmentation"}),
+         "digits": TaskView(mnist.build(mnist_params, "train"), {"digit": "left"})},
+        {n: t.placeholder_target for n, t in tasks.items()},
+    )
+    transform = build_transforms({"resize": [32, 32], "hflip": 0.5}, target_specs(tasks), train=True)
+    sampler = MultiSourceBatchSampler(data.sizes, 4, strategy="temperature", temperature=2.0)
+    collate = Collate(tasks)
+    batch = collate([transform(data[i]) for i in next(iter(sampler))])
+    assert batch["image"].shape == (4, 3, 32, 32)
+    assert batch["valid"]["seg"].any() and batch["valid"]["digit"].any()
+    assert not (batch["valid"]["seg"] & batch["valid"]["digit"]).any()
+    model = MultiTaskModel("resnet18", list(tasks.values()))
+    out = model(batch["image"])
+    losses = {n: t.loss(out[n], batch["targets"][n], batch["valid"][n]) for n, t in tasks.items()}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+

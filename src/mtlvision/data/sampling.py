@@ -87,6 +87,34 @@ class MultiSourceDataset(Dataset):
         return {**item, "targets": targets, "valid": valid, "id": f"{self.names[source]}:{item['id']}"}
 
 
+class TaskView(Dataset):
+    """A dataset restricted to some of its tasks, renamed: ``tasks`` maps our task name to the source's.
+
+    For a config that takes each task from a different dataset (two datasets may both call a task
+    ``segmentation``), e.g. ``MultiSourceDataset({"digits": TaskView(mnist, {"digit": "left"}),
+    "scenes": TaskView(scenes, {"seg": "segmentation"})}, placeholders)``.
+    """
+
+    def __init__(self, dataset: Dataset, tasks: Mapping[str, str]) -> None:
+        self.dataset = dataset
+        self.tasks = dict(tasks)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        missing = [theirs for theirs in self.tasks.values() if theirs not in item["targets"]]
+        if missing:
+            raise ConfigError(f"sample {item['id']} has no task {missing[0]!r}; it provides "
+                              f"{sorted(item['targets'])}.")
+        return {
+            **item,
+            "targets": {ours: item["targets"][theirs] for ours, theirs in self.tasks.items()},
+            "valid": {ours: bool(item["valid"].get(theirs, False)) for ours, theirs in self.tasks.items()},
+        }
+
+
 def source_weights(sizes: Sequence[int], strategy: Strategy, temperature: float = 1.0) -> np.ndarray:
     """The probability ``p_k`` of drawing from source ``k`` under ``strategy`` (see the module docstring)."""
     n = np.asarray(sizes, dtype=np.float64)

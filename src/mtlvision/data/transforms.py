@@ -237,8 +237,8 @@ class JointTransform:
 
     ``targets`` maps each task name to its :class:`TargetSpec` (or just its :class:`TargetKind`): the tasks
     being trained. Targets of other tasks (a dataset provides more tasks than a config selects) are dropped
-    from the sample with their ``valid`` flags, since they could not be kept aligned. ``generator`` makes the draws reproducible (tests); by default torch's global RNG is used,
-    which the DataLoader seeds per worker.
+    from the sample with their ``valid`` flags, since they could not be kept aligned. ``generator`` makes the
+    draws reproducible (tests); by default torch's global RNG is used, which the DataLoader seeds per worker.
     """
 
     targets: Mapping[str, TargetSpec | TargetKind]

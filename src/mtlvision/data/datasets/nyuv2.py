@@ -145,14 +145,17 @@ def export_npy_layout(samples: Iterable[dict[str, Any]], folder: Path, segmentat
     """
     for sub in ("image", "label", "depth", *(("normal",) if normals is not None else ())):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    def hwc(tensor: Any) -> np.ndarray:
+        return tensor.permute(1, 2, 0).numpy().astype(np.float32)
+
     count = 0
     for i, item in enumerate(samples):
-        np.save(folder / "image" / f"{i}.npy", item["image"].permute(1, 2, 0).numpy().astype(np.float32))
+        np.save(folder / "image" / f"{i}.npy", hwc(item["image"]))
         label = item["targets"][segmentation].numpy().astype(np.float32)
         label[label == 255] = -1.0
         np.save(folder / "label" / f"{i}.npy", label)
-        np.save(folder / "depth" / f"{i}.npy", item["targets"][depth].permute(1, 2, 0).numpy().astype(np.float32))
+        np.save(folder / "depth" / f"{i}.npy", hwc(item["targets"][depth]))
         if normals is not None:
-            np.save(folder / "normal" / f"{i}.npy", item["targets"][normals].permute(1, 2, 0).numpy().astype(np.float32))
+            np.save(folder / "normal" / f"{i}.npy", hwc(item["targets"][normals]))
         count += 1
     return count

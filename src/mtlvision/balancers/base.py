@@ -69,6 +69,8 @@ class Balancer(nn.Module, ABC):
     needs: ClassVar[Needs] = Needs.LOSSES
     #: whether the method is defined on gradients of the shared representation (MGDA-UB style).
     supports_representation: ClassVar[bool] = False
+    #: whether ``balancer.mode: auto`` runs it in representation mode (the "-UB" variants).
+    prefers_representation: ClassVar[bool] = False
 
     @abstractmethod
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:

@@ -100,7 +100,8 @@ class _State:
 class Trainer:
     """Trains a multi-task model (dict in, dict out) with a balancer.
 
-    Arguments mirror the ``train.*`` config keys. ``select`` is ``"loss"`` (the sum of the tasks' mean
+    Arguments mirror the ``train.*`` config keys; ``balancer_mode`` is ``balancer.mode`` (``auto`` runs the
+    "-UB" variants on the shared representation and every other method on the shared parameters). ``select`` is ``"loss"`` (the sum of the tasks' mean
     validation losses, lower is better) or ``"TASK.METRIC"`` (that validation metric in its own direction).
     ``precision`` is ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast with a gradient scaler,
     CUDA only). ``accumulate`` sums gradients over that many batches per step (loss-weighting balancers).
@@ -127,7 +128,7 @@ class Trainer:
         device: str = "auto",
         early_stopping: int | None = None,
         select: str = "loss",
-        balancer_mode: str = "params",
+        balancer_mode: str = "auto",
         jacobian: str = "batched",
         backbone_lr_scale: float = 1.0,
         num_workers: int = 0,
@@ -147,8 +148,10 @@ class Trainer:
         self.model = model
         self.tasks: dict[str, Task] = dict(model.tasks)
         self.balancer = get_balancer(balancer) if isinstance(balancer, str) else balancer
-        if balancer_mode not in {"params", "representation"}:
-            raise ConfigError(f"balancer.mode must be 'params' or 'representation', got {balancer_mode!r}")
+        if balancer_mode not in {"auto", "params", "representation"}:
+            raise ConfigError(f"balancer.mode must be 'auto', 'params' or 'representation', got {balancer_mode!r}")
+        if balancer_mode == "auto":
+            balancer_mode = "representation" if self.balancer.prefers_representation else "params"
         if balancer_mode == "representation" and not self.balancer.supports_representation:
             raise ConfigError(
                 f"balancer {type(self.balancer).__name__} is not defined on representation gradients; "
@@ -188,6 +191,7 @@ class Trainer:
                 f"parameters; {type(self.balancer).__name__} needs unscaled gradients: use precision=bf16"
             )
         self.model.to(self.device)
+        self.balancer.setup(len(self.tasks))
         self.balancer.to(self.device)
         self.forward = self._compiled(model) if compile else model
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema is not None else None

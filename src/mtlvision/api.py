@@ -18,8 +18,8 @@ from PIL import Image
 from mtlvision.config import RunConfig, TaskEntry, load_config
 from mtlvision.data.io import read_image
 from mtlvision.engine.build import build_model, build_split, build_tasks, build_trainer, dataset_source
-from mtlvision.engine.checkpoint import load_weights
-from mtlvision.engine.device import resolve_device
+from mtlvision.engine.checkpoint import load_weights, save_weights
+from mtlvision.engine.device import resolve_device, seed_everything
 from mtlvision.engine.logging import console
 from mtlvision.engine.runs import Run, new_run_dir, read_config, write_config, write_json
 from mtlvision.engine.trainer import CHECKPOINT_NAME, WEIGHTS_NAME
@@ -34,6 +34,7 @@ from mtlvision.tasks import Task
 ConfigSource = str | Path | RunConfig | None
 Overrides = Mapping[str, Any] | Sequence[str] | None
 BASELINES_NAME = "baselines.json"
+INIT_WEIGHTS_NAME = "init.safetensors"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -129,22 +130,30 @@ def train(
     name: str | None = None,
     out: str | Path = "runs",
     resume: str | Path | None = None,
+    save_init: bool = False,
 ) -> Run:
-    """Train a multi-task model (``mtlvision train``); with ``resume`` continue that run folder's checkpoint."""
+    """Train a multi-task model (``mtlvision train``); with ``resume`` continue that run folder's checkpoint.
+
+    ``save_init`` also stores the initial weights as ``init.safetensors`` (the base of task arithmetic).
+    """
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CHECKPOINT_NAME).is_file():
             raise MtlvisionError(f"cannot resume {run_dir}: it holds no {CHECKPOINT_NAME}")
         cfg = read_config(run_dir)
     else:
-        cfg = _config(config, overrides)
+        cfg = _with_absolute_init(_config(config, overrides))
         run_dir = new_run_dir(out, name or cfg.data.name)
     tasks = build_tasks(cfg)
     cfg = _resolved(cfg, tasks)
     write_config(run_dir, cfg)
     console.print(f"Run folder: [bold]{run_dir}[/] — tasks: {', '.join(t.name for t in tasks)}")
-    model = build_model(cfg, tasks)
-    trainer = build_trainer(cfg, model, run_dir)
+    seed_everything(cfg.seed)  # the initial weights depend on the seed alone (experts share their backbone init)
+    model = build_model(cfg, tasks, load_init=resume is None)
+    if save_init and resume is None:
+        save_weights(model, run_dir / INIT_WEIGHTS_NAME)
+    auxiliary = _distillation(cfg, tasks, model) if cfg.distill.experts else None
+    trainer = build_trainer(cfg, model, run_dir, auxiliary=auxiliary)
     train_data = build_split(cfg, tasks, "train", train=True)
     val_data = build_split(cfg, tasks, "val", train=False)
     fit = trainer.fit(train_data, val_data, resume=resume is not None)
@@ -173,7 +182,7 @@ def baseline(
         expert_cfg = cfg.model_copy(
             update={"tasks": [e for e in (cfg.tasks or [TaskEntry(name=t.name) for t in tasks]) if e.name == task.name]}
         )
-        run = train(expert_cfg, out=folder, name=task.name)
+        run = train(expert_cfg, out=folder, name=task.name, save_init=True)
         stored["experts"][task.name] = {
             "run": str(run.path),
             "metrics": {
@@ -189,7 +198,7 @@ def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
     """The trained model of a run folder (best weights) and its config."""
     run = run if isinstance(run, Run) else Run.load(run)
     tasks = build_tasks(run.config)
-    model = build_model(run.config, tasks)
+    model = build_model(run.config, tasks, load_init=False)
     load_weights(model, run.path / WEIGHTS_NAME)
     return model.eval(), run.config
 
@@ -320,3 +329,300 @@ def registry(kind: str) -> list[Any]:
     if kind not in registries:
         raise MtlvisionError(f"unknown registry {kind!r}; choose one of {', '.join(REGISTRY_KINDS)}")
     return list(registries[kind])
+
+
+# ------------------------------------------------------------------ experts -> one model: init, distil, merge
+def _with_absolute_init(config: RunConfig) -> RunConfig:
+    """``model.init`` as an absolute path when it names a run folder, so config.yaml says which one."""
+    path = Path(config.model.init).expanduser()
+    if not path.is_dir():
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update={"init": str(path.resolve())})})
+
+
+def _baselines_file(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / BASELINES_NAME
+    if not path.is_file():
+        raise MtlvisionError(f"{source} is neither a {BASELINES_NAME} nor a folder holding one (from `mtlvision baseline`)")
+    return path
+
+
+def expert_runs(source: str | Path) -> dict[str, Path]:
+    """The expert run folders listed in a ``baselines.json`` (or its folder), by task name.
+
+    A run path stored relative to another working directory is looked for beside the file as well.
+    """
+    import json
+
+    path = _baselines_file(source)
+    experts: dict[str, Path] = {}
+    for task, entry in json.loads(path.read_text()).get("experts", {}).items():
+        candidates = [Path(entry["run"]), path.parent / Path(entry["run"]).name]
+        found = next((c for c in candidates if (c / WEIGHTS_NAME).is_file()), None)
+        if found is None:
+            raise MtlvisionError(f"{path}: the expert run of task {task!r} ({entry['run']}) holds no {WEIGHTS_NAME}")
+        experts[task] = found
+    return experts
+
+
+def _distillation(config: RunConfig, tasks: Sequence[Task], model: MultiTaskModel) -> Any:
+    """The distillation loss of ``distill.*``: the experts of ``distill.experts``, frozen, on CPU for now."""
+    from mtlvision.engine.distill import Distillation
+
+    settings = config.distill
+    assert settings.experts is not None
+    runs = expert_runs(settings.experts)
+    weights = dict(settings.weights)
+    wanted = [t.name for t in tasks if weights.get(t.name, 1.0) > 0]
+    missing = [name for name in wanted if name not in runs]
+    if missing:
+        raise MtlvisionError(
+            f"distill.experts={settings.experts} has no expert for task(s) {', '.join(missing)}; train them with "
+            f"`mtlvision baseline` or set distill.weights.<task>=0"
+        )
+    experts = {name: load_model(runs[name])[0] for name in wanted}
+    probe = build_split(config, tasks, "train", train=False)[0]["image"][None]
+    console.print(f"Distilling from experts: {', '.join(f'{n} ({runs[n]})' for n in wanted)}")
+    return Distillation(
+        {t.name: t for t in tasks},
+        experts,
+        weights=weights,
+        temperature=settings.temperature,
+        feature_weight=settings.feature_weight,
+        regression=settings.regression,
+        student=model,
+        probe=probe,
+    )
+
+
+def _merge_sources(sources: Sequence[str | Path]) -> list[Run]:
+    """Run folders from the arguments: expert run folders, or a baselines folder/file standing for its experts."""
+    runs: list[Run] = []
+    for source in map(Path, sources):
+        if (source / BASELINES_NAME).is_file() or source.name == BASELINES_NAME:
+            runs.extend(Run.load(p) for p in expert_runs(source).values())
+        else:
+            runs.append(Run.load(source))
+    if not runs:
+        raise MtlvisionError("merge needs at least one expert run")
+    return runs
+
+
+def _check_mergeable(runs: Sequence[Run]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("backbone", "architecture"):
+            mine, theirs = getattr(first.config.model, key), getattr(run.config.model, key)
+            if mine != theirs:
+                raise MtlvisionError(
+                    f"cannot merge: model.{key} differs ({mine!r} in {first.path}, {theirs!r} in {run.path}); "
+                    "merging needs experts that share one backbone architecture"
+                )
+        if run.config.data.dataset_params != first.config.data.dataset_params:
+            raise MtlvisionError(
+                f"cannot merge: {run.path} was trained on other data than {first.path} "
+                f"({run.config.data.dataset_params} vs {first.config.data.dataset_params})"
+            )
+    names = [e.name for run in runs for e in run.config.tasks or []]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MtlvisionError(f"cannot merge: several experts predict task(s) {', '.join(repeated)}")
+
+
+def _common_init(runs: Sequence[Run]) -> dict[str, torch.Tensor]:
+    """The experts' common initialisation (their ``init.safetensors``), checked to be one and the same."""
+    from safetensors.torch import load_file
+
+    states = []
+    for run in runs:
+        path = run.path / INIT_WEIGHTS_NAME
+        if not path.is_file():
+            raise MtlvisionError(
+                f"{run.path} holds no {INIT_WEIGHTS_NAME}: task arithmetic and TIES need the experts' common "
+                "initialisation, which `mtlvision baseline` records; retrain the experts with it or use --rule average"
+            )
+        states.append(load_file(str(path)))
+    common = set.intersection(*(set(s) for s in states))
+    for key in sorted(common):
+        if any(not torch.equal(states[0][key], s[key]) for s in states[1:]):
+            raise MtlvisionError(
+                f"the experts did not start from one initialisation (tensor {key!r} differs between their "
+                f"{INIT_WEIGHTS_NAME}): task vectors need a common base; use --rule average"
+            )
+    return {k: states[0][k] for k in common}
+
+
+def _evaluate_splits(
+    config: RunConfig, model: MultiTaskModel, splits: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    from torch.utils.data import DataLoader
+
+    from mtlvision.data.collate import Collate
+
+    device = resolve_device(config.train.device)
+    model.to(device)
+    tasks = list(model.tasks.values())
+    results = {}
+    for split in dict.fromkeys(splits):
+        loader = DataLoader(
+            build_split(config, tasks, split, train=False), batch_size=config.train.batch_size,
+            collate_fn=Collate(model.tasks),
+        )
+        results[split] = evaluate_model(model, loader, model.tasks, device).metrics
+    return results
+
+
+def merge(
+    experts: Sequence[str | Path], out: str | Path, rule: str = "average", hparams: Overrides = None
+) -> Run:
+    """One multi-task model from experts (``mtlvision merge``): heads carried over, shared part merged.
+
+    ``experts`` are run folders (or a baselines folder standing for its experts); ``rule`` is a name of
+    :data:`~mtlvision.engine.merge.MERGE_RULES` with ``hparams`` (a mapping or ``KEY=VALUE`` strings).
+    The BatchNorm statistics are recomputed on the training split; ``out`` becomes a normal run folder,
+    evaluated like a trained run, that ``eval``, ``predict`` and ``train --set model.init=OUT`` accept.
+    """
+    from mtlvision.config import parse_override
+    from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from mtlvision.data.collate import Collate
+
+    settings = dict(hparams) if isinstance(hparams, Mapping) else dict(parse_override(h) for h in hparams or [])
+    merging = make_rule(rule, settings)
+    runs = _merge_sources(experts)
+    _check_mergeable(runs)
+    run_dir = Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise MtlvisionError(f"--out {run_dir} already exists and is not empty; choose another folder")
+    first = runs[0].config
+    entries = [entry for run in runs for entry in run.config.tasks or []]
+    cfg = first.model_copy(update={
+        "tasks": entries,
+        "model": first.model.model_copy(update={"init": "kaiming"}),
+        "distill": first.distill.model_copy(update={"experts": None}),
+    })
+    tasks = build_tasks(cfg)
+    model = build_model(cfg, tasks, load_init=False)
+    states = {"+".join(e.name for e in run.config.tasks or []): load_file(str(run.path / WEIGHTS_NAME)) for run in runs}
+    base = _common_init(runs) if merging.needs_base else None
+    state, report = merge_states(model, states, merging, base)
+    model.load_state_dict(state)
+    device = resolve_device(cfg.train.device)
+    if has_batch_norm(model):
+        data = build_split(cfg, tasks, "train", train=False)
+        loader = DataLoader(data, batch_size=cfg.train.batch_size, collate_fn=Collate(model.tasks))
+        model.to(device)
+        recompute_batch_norm(model, (batch["image"] for batch in loader), device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+    save_weights(model, run_dir / WEIGHTS_NAME)
+    split = cfg.train.eval_split
+    results = _evaluate_splits(cfg, model, ["val", split])
+    record: dict[str, Any] = {
+        "split": split,
+        "metrics": results[split],
+        "val_metrics": results["val"],
+        "model": model_complexity(model.cpu(), image_size=_image_size(cfg)),
+        "merge": {
+            "rule": rule,
+            "hparams": merging.describe(),
+            "experts": {name: str(run.path) for name, run in zip(states, runs)},
+            "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
+            **report.summary(),
+        },
+    }
+    baselines = Path(cfg.baselines) if cfg.baselines else default_baselines_path(run_dir.parent, cfg)
+    record.update(_delta_m_report(cfg, tasks, results[split], split, baselines))
+    write_json(run_dir / "metrics.json", record)
+    return Run(path=run_dir, config=cfg, report=record)
+
+
+def describe_run(run: Run, experts: Iterable[Path] = ()) -> str:
+    """What a run is, read from its config and metrics: merged, distilled, started from another run, ..."""
+    if "merge" in run.report:
+        return f"merged ({run.report['merge']['rule']}), before training"
+    resolved = {Path(p).resolve() for p in experts}
+    if run.path.resolve() in resolved:
+        return "single-task expert"
+    parts = []
+    init = Path(run.config.model.init)
+    if init.is_dir():
+        try:
+            start = Run.load(init)
+            parts.append(
+                f"joint from merged ({start.report['merge']['rule']})" if "merge" in start.report
+                else f"joint from {init.name}"
+            )
+        except MtlvisionError:
+            parts.append(f"joint from {init.name}")
+    elif len(run.config.tasks or []) != 1:
+        parts.append("joint from scratch")
+    else:
+        parts.append("single-task from scratch")
+    if run.config.distill.experts:
+        parts.append("distilled from experts")
+    return ", ".join(parts)
+
+
+def compare(
+    runs: Sequence[str | Path],
+    baselines: str | Path | None = None,
+    *,
+    batch_size: int = 8,
+    repeats: int = 5,
+    device: str = "cpu",
+) -> Any:
+    """The whole path from experts to one model (``mtlvision compare``): per task, the experts and every run,
+    each metric, Δm against the experts, parameter count and inference time (median of ``repeats`` passes
+    over a batch of ``batch_size`` images) of each model vs the experts together.
+    """
+    import json
+
+    from mtlvision.evaluation.compare import Comparison, CompareEntry, time_inference
+
+    loaded = [Run.load(r) for r in runs]
+    if not loaded:
+        raise MtlvisionError("compare needs at least one run folder")
+    first = loaded[0]
+    path = _baselines_file(baselines) if baselines else (
+        Path(first.config.baselines) if first.config.baselines else default_baselines_path(first.path.parent, first.config)
+    )
+    if not path.is_file():
+        raise MtlvisionError(f"no baselines at {path}: compare measures every run against the experts; pass --baselines")
+    stored = json.loads(path.read_text())
+    expert_paths = expert_runs(path)
+    torch_device = resolve_device(device)
+    size = _image_size(first.config) or (64, 64)
+    images = torch.rand(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    directions: dict[str, dict[str, bool]] = {}
+    entries: list[CompareEntry] = []
+    split = first.report.get("split", first.config.train.eval_split)
+    for run in loaded:
+        if "metrics" not in run.report:
+            raise MtlvisionError(f"{run.path} holds no metrics.json; evaluate it first (`mtlvision eval`)")
+        if run.report["split"] != split:
+            raise MtlvisionError(f"{run.path} was evaluated on {run.report['split']}, the others on {split}")
+        model, _ = load_model(run)
+        directions.update(_directions(model.tasks.values()))
+        entries.append(CompareEntry(
+            label=run.path.name, kind=describe_run(run, expert_paths.values()), path=str(run.path),
+            metrics=run.report["metrics"], parameters=sum(p.numel() for p in model.parameters()),
+            inference_ms=time_inference([model], images, repeats, torch_device),
+        ))
+    task_names = list(directions)
+    missing = [t for t in task_names if t not in stored["experts"] or split not in stored["experts"][t]["metrics"]]
+    if missing:
+        raise MtlvisionError(f"{path} has no expert for task(s) {', '.join(missing)} on the {split} split")
+    experts = [load_model(expert_paths[t])[0] for t in task_names]
+    reference = CompareEntry(
+        label=f"{len(experts)} experts", kind="single-task experts", path=str(path),
+        metrics={t: stored["experts"][t]["metrics"][split] for t in task_names},
+        parameters=sum(p.numel() for m in experts for p in m.parameters()),
+        inference_ms=time_inference(experts, images, repeats, torch_device),
+    )
+    return Comparison(experts=reference, runs=entries, directions=directions, split=split,
+                      baselines=str(path), batch_size=batch_size, device=str(torch_device))

@@ -84,6 +84,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    run = api.merge(args.experts, args.out, rule=args.rule, hparams=args.set or [])
+    merge = run.report["merge"]
+    console.print(
+        f"Merged {len(merge['experts'])} expert(s) with [bold]{merge['rule']}[/] {merge['hparams'] or ''}: "
+        f"{merge['merged_tensors']} shared tensors combined, heads carried over; BatchNorm {merge['batch_norm']}"
+    )
+    _print_report(run.report)
+    console.print(f"Merged run saved in [bold]{run.path}[/]")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    comparison = api.compare(
+        args.runs, baselines=args.baselines, batch_size=args.batch_size, repeats=args.repeats, device=args.device
+    )
+    for table in comparison.tables():
+        console.print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    comparison.plot(out / "compare.png")
+    (out / "compare.md").write_text(comparison.markdown())
+    (out / "compare.json").write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    console.print(f"Plot, Markdown and JSON in [bold]{out}[/] (compare.png, compare.md, compare.json)")
+    return 0
+
+
 def _registry_rows(kind: str) -> list[tuple[str, str, str]]:
     from mtlvision import api
 
@@ -151,6 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--out", default="preds")
     pr.set_defaults(handler=cmd_predict)
+
+    from mtlvision.engine.merge import MERGE_RULES
+
+    mg = verbs.add_parser("merge", help="one multi-task model from single-task experts (heads kept, backbone merged)")
+    mg.add_argument("experts", nargs="+", help="expert run folders, or a baseline folder standing for its experts")
+    mg.add_argument("--out", required=True, help="the merged run folder to create")
+    mg.add_argument("--rule", default="average", choices=MERGE_RULES.names(), help="merging rule (default: average)")
+    mg.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
+                    help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties)")
+    mg.set_defaults(handler=cmd_merge)
+
+    cp = verbs.add_parser("compare", help="experts vs merged, joint and distilled runs: metrics, Δm, size, speed")
+    cp.add_argument("runs", nargs="+", help="run folders")
+    cp.add_argument("--baselines", help="a baselines.json or its folder (default: the first run's)")
+    cp.add_argument("--out", default="compare", help="folder for compare.png, compare.md, compare.json")
+    cp.add_argument("--batch-size", type=int, default=8, help="images per timed batch (default: 8)")
+    cp.add_argument("--repeats", type=int, default=5, help="timed passes; the median is reported (default: 5)")
+    cp.add_argument("--device", default="cpu", help="device for the timing (default: cpu)")
+    cp.set_defaults(handler=cmd_compare)
 
     ls = verbs.add_parser("list", help="list what can be chosen")
     ls.add_argument("kind", choices=REGISTRY_KINDS)

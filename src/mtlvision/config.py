@@ -82,6 +82,16 @@ class ModelConfig(_Strict):
             return {}
         return {k: v for k, v in self.architecture.items() if k != "name"}
 
+    @field_validator("init")
+    @classmethod
+    def _init_is_scheme_or_run(cls, value: str) -> str:
+        # A scheme name (checked against the registry by the model) or a run folder to start from; the
+        # folder's existence is checked when the model is built, so that a finished run whose init folder
+        # was moved can still be read back and evaluated.
+        if not value.strip():
+            raise ValueError("must name an init scheme (kaiming, xavier, orthogonal, pretrained) or a run folder")
+        return value
+
     @field_validator("architecture")
     @classmethod
     def _architecture_has_name(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -96,7 +106,7 @@ class BalancerConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = "ew"
-    mode: Literal["params", "representation"] = "params"
+    mode: Literal["auto", "params", "representation"] = "auto"
     jacobian: Literal["batched", "loop"] = "batched"
 
     @property
@@ -139,6 +149,30 @@ class TrainConfig(_Strict):
         raise ValueError("must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
 
 
+class DistillConfig(_Strict):
+    """``distill.*``: knowledge distillation from single-task experts (off while ``experts`` is unset).
+
+    ``experts`` is a ``baselines.json`` or the folder holding it; ``weights`` maps a task to the weight of
+    its distillation term (1 for tasks not listed, 0 leaves a task out); ``temperature`` softens logits;
+    ``feature_weight`` weighs the feature alignment through per-task adapters (0 turns it off);
+    ``regression`` is the distance to the experts' dense regression maps (depth, normals).
+    """
+
+    experts: str | None = None
+    weights: dict[str, float] = Field(default_factory=dict)
+    temperature: float = Field(2.0, gt=0)
+    feature_weight: float = Field(1.0, ge=0)
+    regression: Literal["l1", "l2"] = "l1"
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(task for task, weight in value.items() if weight < 0)
+        if negative:
+            raise ValueError(f"weights must be non-negative; negative for {', '.join(negative)}")
+        return value
+
+
 class RunConfig(_Strict):
     """The whole run configuration."""
 
@@ -149,6 +183,7 @@ class RunConfig(_Strict):
     balancer: BalancerConfig = Field(default_factory=BalancerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     baselines: str | None = None
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @field_validator("tasks", mode="before")
     @classmethod

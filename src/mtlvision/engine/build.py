@@ -14,10 +14,12 @@ from mtlvision.balancers import Balancer, get as get_balancer
 from mtlvision.config import RunConfig, TaskEntry
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
-from mtlvision.engine.trainer import Trainer
-from mtlvision.errors import ConfigError
+from mtlvision.engine.logging import console
+from mtlvision.engine.trainer import WEIGHTS_NAME, AuxiliaryLoss, Trainer
+from mtlvision.errors import CheckpointError, ConfigError
 from mtlvision.models import MultiTaskModel
 from mtlvision.models.architectures import ARCHITECTURES
+from mtlvision.models.init import INIT_SCHEMES, PRETRAINED
 from mtlvision.tasks import TASKS, Task
 
 
@@ -65,8 +67,80 @@ def head_choices(config: RunConfig) -> dict[str, Any]:
     return choices
 
 
-def build_model(config: RunConfig, tasks: Sequence[Task]) -> MultiTaskModel:
-    """The multi-task model of ``model.*`` for ``tasks``."""
+def init_run(config: RunConfig) -> Path | None:
+    """The run folder that ``model.init`` names, or None when it names an initialisation scheme."""
+    value = config.model.init
+    if value == PRETRAINED or value in INIT_SCHEMES:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"model.init={value!r} is neither an initialisation scheme ({', '.join(INIT_SCHEMES.names())}, "
+            f"{PRETRAINED}) nor a run folder to start from: {path} is not a directory."
+        )
+    if not (path / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"model.init={value!r}: the run folder {path} holds no {WEIGHTS_NAME} to start from.")
+    return path
+
+
+def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]:
+    """Copy every tensor of the weights file ``path`` whose name and shape match into ``model``.
+
+    Returns the names loaded, and those skipped because the file lacks them or their shape differs; a file
+    that matches nothing is an error (it was saved from another backbone or architecture).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    own = model.state_dict()
+    loaded = [k for k, v in own.items() if k in saved and saved[k].shape == v.shape]
+    mis_shaped = [k for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    absent = [k for k in own if k not in saved]
+    if not loaded:
+        raise CheckpointError(
+            f"model.init: no tensor of {path} matches this model by name and shape ({len(saved)} tensors in the "
+            f"file, {len(own)} in the model; e.g. file {next(iter(saved), '-')!r}, model {next(iter(own), '-')!r}). "
+            "Was it saved from another backbone or architecture?"
+        )
+    model.load_state_dict({k: saved[k] for k in loaded}, strict=False)
+    return {"loaded": loaded, "shape_differs": mis_shaped, "not_in_file": absent}
+
+
+def _report_init(path: Path, result: dict[str, list[str]]) -> None:
+    def parts(names: list[str]) -> str:
+        groups: dict[str, int] = {}
+        for name in names:
+            prefix = ".".join(name.split(".")[:2])
+            groups[prefix] = groups.get(prefix, 0) + 1
+        return ", ".join(f"{g} ({n})" for g, n in groups.items())
+
+    console.print(f"model.init: loaded {len(result['loaded'])} tensors from {path}: {parts(result['loaded'])}")
+    for reason, label in (("shape_differs", "shapes differ"), ("not_in_file", "not in the file")):
+        if result[reason]:
+            console.print(f"  kept initialised ({label}): {parts(result[reason])}")
+
+
+def build_model(config: RunConfig, tasks: Sequence[Task], load_init: bool = True) -> MultiTaskModel:
+    """The multi-task model of ``model.*`` for ``tasks``.
+
+    When ``model.init`` names a run folder, the model is initialised with kaiming and then takes every
+    tensor of that run's weights whose name and shape match (with ``load_init``; loading a run's own
+    weights afterwards needs no such start).
+    """
+    start = init_run(config)
+    if start is not None:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"init": "kaiming"})})
+    model = _build_model(config, tasks)
+    if start is not None and load_init:
+        _report_init(start, load_init_weights(model, start / WEIGHTS_NAME))
+    return model
+
+
+def _build_model(config: RunConfig, tasks: Sequence[Task]) -> MultiTaskModel:
     spec_cls = ARCHITECTURES.get(config.model.architecture_name)
     try:
         architecture = spec_cls(**config.model.architecture_params)
@@ -132,8 +206,10 @@ def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: boo
     return PreparedDataset(base, [t.name for t in tasks], transform, seed=config.seed)
 
 
-def build_trainer(config: RunConfig, model: MultiTaskModel, run_dir: Path | None) -> Trainer:
-    """A trainer with every ``train.*`` and ``balancer.*`` setting of ``config``."""
+def build_trainer(
+    config: RunConfig, model: MultiTaskModel, run_dir: Path | None, auxiliary: AuxiliaryLoss | None = None
+) -> Trainer:
+    """A trainer with every ``train.*`` and ``balancer.*`` setting of ``config`` (and an auxiliary loss)."""
     train = config.train
     return Trainer(
         model,
@@ -166,4 +242,5 @@ def build_trainer(config: RunConfig, model: MultiTaskModel, run_dir: Path | None
         max_nonfinite=train.max_nonfinite,
         run_dir=run_dir,
         progress=train.progress,
+        auxiliary=auxiliary,
     )

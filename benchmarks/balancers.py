@@ -6,15 +6,17 @@ runs in its own subprocess, so that its peak memory is its own: ``ru_maxrss`` mi
 before the model is built on CPU, ``torch.cuda.max_memory_allocated`` on GPU. Each ratio divides a median
 step time by the equal-weights median of the same framework, T and run.
 
-The peers are installed by this script into their own virtual environments under ``.bench_envs/``
-(``LibMTL==1.1.5`` and ``torchjd``, with ``--no-deps``; everything else they need, torch included, comes
-from this environment through a ``.pth`` file). LibMTL 1.1.5 imports ``torchvision.models.utils``, gone from
-torchvision, and its gradient methods need ``encoder.zero_grad(set_to_none=False)`` on torch 2: the worker
-provides both, as LibMTL's GitHub head does.
+The peers are installed by this script with pip, each into its own environment directory under
+``.bench_envs/`` (``pip install --no-deps --target``: ``LibMTL==1.1.5``; ``torchjd`` with ``qpsolvers``),
+put first on the worker's ``PYTHONPATH``; everything else they need, torch included, comes from this
+environment. ``--wheels DIR`` installs them offline from wheels in DIR. LibMTL 1.1.5 imports
+``torchvision.models.utils``, gone from torchvision, and its gradient methods need
+``encoder.zero_grad(set_to_none=False)`` on torch 2: the worker provides both, as LibMTL's GitHub head does.
 
     python benchmarks/balancers.py                 # short: T=3, a few methods, 3 timed steps
     python benchmarks/balancers.py --full          # every method, T=3 and T=40, 20 timed steps
     python benchmarks/balancers.py --tasks 40 --methods ew mgda upgrad --steps 10 --no-peers
+    python benchmarks/balancers.py --device cuda --wheels .bench_envs/wheels    # on a GPU machine, offline
 """
 
 from __future__ import annotations
@@ -26,10 +28,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 import types
-import venv
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -222,28 +222,28 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "peak_mib": peak_mib}
 
 
-def peer_python(peer: str) -> Path:
-    """The interpreter of ``.bench_envs/<peer>``, created and filled on first use."""
-    env = ENVS / peer
-    python = env / "bin" / "python"
-    marker = env / ".installed"
-    if marker.exists():
-        return python
-    venv.create(env, with_pip=True, clear=True)
-    site = subprocess.check_output(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip()
-    Path(site, "_mtlvision_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.check_call([str(python), "-m", "pip", "install", "-q", "--no-deps", *PEER_PACKAGES[peer]])
-    marker.write_text("ok\n")
-    return python
+def peer_path(peer: str, wheels: str | None) -> Path:
+    """The environment directory of ``peer`` under ``.bench_envs/``, installed with pip on first use."""
+    target = ENVS / peer
+    marker = target / ".installed"
+    if not marker.exists():
+        offline = ["--no-index", "--find-links", wheels] if wheels else []
+        subprocess.check_call(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(target),
+             *offline, *PEER_PACKAGES[peer]]
+        )
+        marker.write_text("ok\n")
+    return target
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any] | str:
-    python = Path(sys.executable) if spec["framework"] == "ours" else peer_python(spec["framework"])
+def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
+    env = dict(os.environ)
+    if spec["framework"] != "ours":
+        paths = [str(peer_path(spec["framework"], wheels)), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     done = subprocess.run(
-        [str(python), str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True, text=True, cwd=ROOT, env=env,
     )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
+    parser.add_argument("--wheels", help="install the peers offline from the wheels in this folder")
     parser.add_argument("--no-representation", action="store_true", help="skip representation mode")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,7 +311,7 @@ def main() -> None:
                     continue
                 for mode in modes:
                     spec = {**common, "framework": framework, "method": method, "mode": mode, "tasks": num_tasks}
-                    results[(framework, method, mode)] = measure(spec)
+                    results[(framework, method, mode)] = measure(spec, args.wheels)
                     print(f"  measured {framework} {method} {mode} T={num_tasks}: {results[(framework, method, mode)]}",
                           file=sys.stderr)
         print(table(num_tasks, methods, frameworks, results))

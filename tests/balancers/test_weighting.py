@@ -43,7 +43,9 @@ def build(name: str, num_tasks: int) -> Balancer:
 
 def drive(balancer: Balancer, losses: Tensor, jacobian: Tensor | None = None) -> Update:
     """One training step as the trainer runs it, without a model."""
-    grads = FakeGrads(jacobian if jacobian is not None else torch.randn(losses.numel(), 5)) if balancer.needs is not Needs.LOSSES else None
+    grads = None
+    if balancer.needs is not Needs.LOSSES:
+        grads = FakeGrads(jacobian if jacobian is not None else torch.randn(losses.numel(), 5))
     update = balancer.balance(losses, grads)
     if balancer.needs_post_step_losses:
         balancer.after_step(losses * 0.9)

@@ -114,7 +114,8 @@ class _StepGradients(TaskGradients):
                 continue
             grad_out = torch.ones((), dtype=self._losses.dtype, device=self._losses.device)
             grads = torch.autograd.grad(
-                [out], list(inputs), grad_outputs=[grad_out], retain_graph=True, allow_unused=True, materialize_grads=True
+                [out], list(inputs), grad_outputs=[grad_out], retain_graph=True, allow_unused=True,
+                materialize_grads=True,
             )
             rows.append(list(grads))
         return [torch.stack([row[i] for row in rows]) for i in range(len(inputs))]
@@ -133,6 +134,8 @@ class _StepGradients(TaskGradients):
     def _vmapped(call: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         try:
             return call()
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:
             raise ConfigError(
                 "the batched (vmapped) backward failed, most likely on an operation without a batching rule: "
@@ -221,7 +224,9 @@ class _StepGradients(TaskGradients):
                 jac = self._jacobian.to(self._gramian_dtype)
                 self._gramian = jac @ jac.T
             else:
-                gram = torch.zeros(self.num_tasks, self.num_tasks, dtype=self._gramian_dtype, device=self._losses.device)
+                gram = torch.zeros(
+                    self.num_tasks, self.num_tasks, dtype=self._gramian_dtype, device=self._losses.device
+                )
                 for block in self.shared_blocks():
                     flat = block.reshape(self.num_tasks, -1).to(self._gramian_dtype)
                     gram += flat @ flat.T

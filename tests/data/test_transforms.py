@@ -158,7 +158,7 @@ def test_boxes_leaving_the_crop_are_dropped_with_their_labels() -> None:
         "boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0], [20.0, 20.0, 39.0, 39.0]]),
         "labels": torch.tensor([3, 7]),
     }
-    transform = build_transforms({"crop": [20, 20], "scale": [1.0, 1.0]}, KINDS, train=True,
+    transform = build_transforms({"crop": [20, 20], "scale": [1.0, 1.0], "hflip": 0.0}, KINDS, train=True,
                                  generator=torch.Generator().manual_seed(0))
     # a crop that sees the large box's top-left quarter only, never the small box
     transform._randint = lambda high: min(high, 18)  # type: ignore[method-assign]
@@ -169,11 +169,11 @@ def test_boxes_leaving_the_crop_are_dropped_with_their_labels() -> None:
 
 def test_partial_visibility_rule() -> None:
     sample = scene(40, 40, (0, 0, 40, 8))
-    transform = build_transforms({"crop": [20, 20], "min_box_visibility": 0.5}, KINDS, train=True)
+    transform = build_transforms({"crop": [20, 20], "min_box_visibility": 0.5, "hflip": 0.0}, KINDS, train=True)
     transform._randint = lambda high: 0  # type: ignore[method-assign]
     # 20 of 40 columns visible: exactly half of the area, kept at 0.5 ...
     assert transform(sample)["targets"]["boxes"]["boxes"].shape[0] == 1
-    strict = build_transforms({"crop": [20, 20], "min_box_visibility": 0.6}, KINDS, train=True)
+    strict = build_transforms({"crop": [20, 20], "min_box_visibility": 0.6, "hflip": 0.0}, KINDS, train=True)
     strict._randint = lambda high: 0  # type: ignore[method-assign]
     assert strict(sample)["targets"]["boxes"]["boxes"].shape[0] == 0  # ... and dropped at 0.6
 
@@ -181,7 +181,7 @@ def test_partial_visibility_rule() -> None:
 def test_padding_uses_each_kinds_ignore_value() -> None:
     sample = scene(10, 10, (2, 2, 6, 6))
     specs = {**KINDS, "seg": TargetSpec(K.MASK, ignore_index=250)}
-    out = build_transforms({"crop": [14, 16]}, specs, train=True)(sample)
+    out = build_transforms({"crop": [14, 16], "hflip": 0.0}, specs, train=True)(sample)
     t = out["targets"]
     assert out["image"].shape == (3, 14, 16)
     assert (t["seg"][10:, :] == 250).all() and (t["seg"][:, 10:] == 250).all()

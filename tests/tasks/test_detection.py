@@ -14,7 +14,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from mtlvision.errors import ConfigError, DataError
 from mtlvision.tasks import TASKS
-from mtlvision.tasks.detection import Detection, assign_targets, centerness_target, level_ranges
+from mtlvision.tasks.detection import Detection, assign_batch, assign_targets, centerness_target, level_ranges
 from mtlvision.tasks.detection_head import FCOSHead, location_grid
 
 
@@ -299,3 +299,22 @@ def test_default_levels_are_strides_4_to_32() -> None:
     head = task.build_custom_head([64, 64, 128, 256, 512], [2, 4, 8, 16, 32])
     assert head.strides == [4, 8, 16, 32]
     assert Detection("det", 2, strides=[16, 8]).build_custom_head([8, 16, 32], [4, 8, 16]).strides == [8, 16]
+
+
+def test_batched_assignment_equals_per_image_assignment() -> None:
+    points, strides = grid(64, 4, 8, 16)
+    generator = torch.Generator().manual_seed(3)
+    images = []
+    for count in (3, 0, 5, 1):
+        corners = torch.rand(count, 2, generator=generator) * 50
+        sizes = torch.rand(count, 2, generator=generator) * 30 + 1
+        images.append(torch.cat([corners, (corners + sizes).clamp(max=64)], dim=1))
+    padded = torch.zeros(4, 5, 4)
+    box_valid = torch.zeros(4, 5, dtype=torch.bool)
+    for row, boxes in enumerate(images):
+        padded[row, : len(boxes)] = boxes
+        box_valid[row, : len(boxes)] = True
+    batched = assign_batch(points, strides, padded, box_valid)
+    for row, boxes in enumerate(images):
+        assert torch.equal(batched[row], assign_targets(points, strides, boxes))
+    assert (batched[1] == -1).all()

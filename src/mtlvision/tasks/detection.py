@@ -60,6 +60,52 @@ def level_ranges(strides: Tensor, size_factor: float) -> tuple[Tensor, Tensor]:
     return lower[index], upper[index]
 
 
+def assign_batch(
+    points: Tensor,
+    strides: Tensor,
+    boxes: Tensor,
+    box_valid: Tensor,
+    center_radius: float = 1.5,
+    size_factor: float = 8.0,
+) -> Tensor:
+    """Index of the box each location regresses (``-1`` for background), shape ``[B, P]``.
+
+    ``points`` ``[P, 2]`` are location centres (x, y), ``strides`` ``[P]`` their level strides, ``boxes``
+    ``[B, N, 4]`` xyxy ground truth padded to the batch's largest count and ``box_valid`` ``[B, N]`` marks
+    the real ones. Implements FCOS centre sampling with level ranges plus the small-box fall-back described
+    in the module docstring, for the whole batch at once (no host synchronisation).
+    """
+    if boxes.shape[1] == 0:
+        return torch.full((boxes.shape[0], points.shape[0]), -1, dtype=torch.long, device=points.device)
+    inf = torch.tensor(float("inf"), device=points.device)
+    x, y = points[None, :, None, 0], points[None, :, None, 1]  # [1, P, 1]
+    distances = torch.stack(
+        [x - boxes[:, None, :, 0], y - boxes[:, None, :, 1], boxes[:, None, :, 2] - x, boxes[:, None, :, 3] - y],
+        dim=3,
+    )  # [B, P, N, 4]
+    centres = (boxes[..., :2] + boxes[..., 2:]) / 2  # [B, N, 2]
+    gap = (points[None, :, None, :] - centres[:, None]).abs().amax(dim=3)  # [B, P, N]
+    near_centre = gap < center_radius * strides[None, :, None]
+    lower, upper = level_ranges(strides, size_factor)
+    largest = distances.amax(dim=3)
+    in_range = (largest > lower[None, :, None]) & (largest <= upper[None, :, None])
+    candidate = (distances.amin(dim=3) > 0) & near_centre & in_range & box_valid[:, None, :]
+
+    areas = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[:, None, :]  # [B, 1, N]
+    cost = torch.where(candidate, areas, inf)
+
+    # Fall-back: a real box without candidates claims the location of its level nearest to its centre.
+    half_extent = ((boxes[..., 2:] - boxes[..., :2]).amax(dim=2) / 2)[:, None, :]  # [B, 1, N]
+    on_level = (half_extent > lower[None, :, None]) & (half_extent <= upper[None, :, None])
+    nearest = torch.where(on_level, gap, inf).argmin(dim=1, keepdim=True)  # [B, 1, N]
+    orphan = (box_valid & ~candidate.any(dim=1))[:, None, :]
+    claims = orphan & (torch.arange(points.shape[0], device=points.device)[None, :, None] == nearest)
+    cost = torch.minimum(cost, torch.where(claims, areas, inf))
+
+    best_cost, assigned = cost.min(dim=2)
+    return torch.where(torch.isfinite(best_cost), assigned, torch.full_like(assigned, -1))
+
+
 def assign_targets(
     points: Tensor,
     strides: Tensor,
@@ -67,43 +113,9 @@ def assign_targets(
     center_radius: float = 1.5,
     size_factor: float = 8.0,
 ) -> Tensor:
-    """Index of the box each location regresses (``-1`` for background), shape ``[P]``.
-
-    ``points`` ``[P, 2]`` are location centres (x, y), ``strides`` ``[P]`` their level strides and ``boxes``
-    ``[N, 4]`` xyxy ground truth. Implements FCOS centre sampling with level ranges plus the small-box
-    fall-back described in the module docstring.
-    """
-    num_points = points.shape[0]
-    if boxes.shape[0] == 0:
-        return torch.full((num_points,), -1, dtype=torch.long, device=points.device)
-    x, y = points[:, 0:1], points[:, 1:2]
-    distances = torch.stack(
-        [x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=2
-    )  # [P, N, 4]
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    radius = center_radius * strides[:, None]
-    near_centre = ((points[:, None, :] - centres[None]).abs().amax(dim=2)) < radius
-    inside = distances.amin(dim=2) > 0
-    lower, upper = level_ranges(strides, size_factor)
-    largest = distances.amax(dim=2)
-    in_range = (largest > lower[:, None]) & (largest <= upper[:, None])
-    candidate = inside & near_centre & in_range
-
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    cost = torch.where(candidate, areas[None].expand(num_points, -1), torch.full_like(largest, float("inf")))
-    best_cost, assigned = cost.min(dim=1)
-    assigned = torch.where(torch.isfinite(best_cost), assigned, torch.full_like(assigned, -1))
-
-    for box_index in torch.nonzero(~candidate.any(dim=0)).flatten().tolist():
-        half_extent = (boxes[box_index, 2:] - boxes[box_index, :2]).amax() / 2
-        on_level = (half_extent > lower) & (half_extent <= upper)
-        gap = (points - centres[box_index]).abs().amax(dim=1)
-        gap = torch.where(on_level, gap, torch.full_like(gap, float("inf")))
-        nearest = int(gap.argmin())
-        holder = int(assigned[nearest])
-        if holder < 0 or areas[box_index] < areas[holder]:
-            assigned[nearest] = box_index
-    return assigned
+    """:func:`assign_batch` for one image: ``boxes`` ``[N, 4]`` -> box index per location ``[P]``."""
+    box_valid = torch.ones(1, boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    return assign_batch(points, strides, boxes[None], box_valid, center_radius, size_factor)[0]
 
 
 def centerness_target(distances: Tensor) -> Tensor:
@@ -199,38 +211,38 @@ class Detection(Task):
 
     # ------------------------------------------------------------------------------------------ training
     def loss(self, prediction: dict[str, Any], target: Sequence[BoxTarget], valid: Tensor) -> Tensor:
-        """FCOS loss over valid images: focal + GIoU + centerness BCE, each summed and divided by positives."""
-        cls_logits: Tensor = prediction["cls_logits"]
-        keep = [i for i, flag in enumerate(valid.tolist()) if flag]
-        if not keep:
-            return (cls_logits.sum() + prediction["box_distances"].sum() + prediction["centerness"].sum()) * 0.0
-        points, strides = prediction["points"], prediction["strides"]
-        device = cls_logits.device
-        cls_targets, box_targets, positive_masks = [], [], []
-        for i in keep:
-            boxes = target[i]["boxes"].to(device=device, dtype=torch.float32)
-            labels = target[i]["labels"].to(device=device, dtype=torch.long)
-            assigned = assign_targets(points, strides, boxes, self.center_radius, self.size_factor)
-            positive = assigned >= 0
-            one_hot = torch.zeros_like(cls_logits[i])
-            one_hot[positive, labels[assigned[positive]]] = 1.0
-            cls_targets.append(one_hot)
-            box_targets.append(boxes[assigned[positive]])
-            positive_masks.append(positive)
-        index = torch.tensor(keep, device=device)
-        positive = torch.stack(positive_masks)  # [V, P]
-        num_positive = positive.sum().clamp_min(1).float()
+        """FCOS loss over valid images: focal + GIoU + centerness BCE, each summed and divided by positives.
 
-        cls_loss = sigmoid_focal_loss(cls_logits[index], torch.stack(cls_targets), reduction="sum")
-        distances = prediction["box_distances"][index][positive]  # [Npos, 4]
-        pos_points = points[None].expand(len(keep), -1, -1)[positive]
-        predicted_boxes = torch.cat([pos_points - distances[:, :2], pos_points + distances[:, 2:]], dim=1)
-        gt_boxes = torch.cat(box_targets)
-        box_loss = generalized_box_iou_loss(predicted_boxes, gt_boxes, reduction="sum")
-        gt_distances = torch.cat([pos_points - gt_boxes[:, :2], gt_boxes[:, 2:] - pos_points], dim=1)
-        centerness_loss = F.binary_cross_entropy_with_logits(
-            prediction["centerness"][index][positive], centerness_target(gt_distances), reduction="sum"
-        )
+        Computed for the whole batch with masks instead of per-image loops or boolean indexing, so that a
+        GPU step never waits for the host.
+        """
+        cls_logits: Tensor = prediction["cls_logits"]
+        device = cls_logits.device
+        points, strides = prediction["points"], prediction["strides"]
+        boxes, labels, box_valid = _pad_targets(target, device)
+        assigned = assign_batch(points, strides, boxes, box_valid, self.center_radius, self.size_factor)
+        positive = (assigned >= 0) & valid.to(device=device, dtype=torch.bool)[:, None]  # [B, P]
+        image_weight = valid.to(device=device, dtype=cls_logits.dtype)[:, None]
+        num_positive = positive.sum().clamp_min(1).to(cls_logits.dtype)
+
+        index = assigned.clamp_min(0)
+        matched_labels = torch.gather(labels, 1, index)
+        cls_target = F.one_hot(matched_labels, self.num_classes).to(cls_logits.dtype) * positive[..., None]
+        focal = sigmoid_focal_loss(cls_logits, cls_target, reduction="none").sum(dim=2)
+        cls_loss = (focal * image_weight).sum()
+
+        matched = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4))  # [B, P, 4]
+        placeholder = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+        matched = torch.where(positive[..., None], matched, placeholder)
+        distances = prediction["box_distances"]
+        predicted = torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+        giou = generalized_box_iou_loss(predicted.reshape(-1, 4), matched.reshape(-1, 4), reduction="none")
+        box_loss = (giou.reshape(positive.shape) * positive).sum()
+
+        target_distances = torch.cat([points - matched[..., :2], matched[..., 2:] - points], dim=-1)
+        ctr_target = centerness_target(target_distances.reshape(-1, 4)).reshape(positive.shape)
+        ctr = F.binary_cross_entropy_with_logits(prediction["centerness"], ctr_target, reduction="none")
+        centerness_loss = (ctr * positive).sum()
         return (cls_loss + box_loss + centerness_loss) / num_positive
 
     def metric(self) -> DetectionMetric:
@@ -338,6 +350,21 @@ class Detection(Task):
             "head_width": self.head_width,
             "tower_depth": self.tower_depth,
         }
+
+
+def _pad_targets(targets: Sequence[BoxTarget], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Boxes ``[B, N, 4]``, labels ``[B, N]`` and a real-box mask ``[B, N]`` (N: the batch's largest count,
+    at least one so that gathering by box index always has a row)."""
+    largest = max([1, *(int(t["labels"].shape[0]) for t in targets)])
+    boxes = torch.zeros(len(targets), largest, 4, device=device)
+    labels = torch.zeros(len(targets), largest, dtype=torch.long, device=device)
+    box_valid = torch.zeros(len(targets), largest, dtype=torch.bool, device=device)
+    for row, target in enumerate(targets):
+        count = int(target["labels"].shape[0])
+        boxes[row, :count] = target["boxes"].to(device=device, dtype=torch.float32)
+        labels[row, :count] = target["labels"].to(device=device, dtype=torch.long)
+        box_valid[row, :count] = True
+    return boxes, labels, box_valid
 
 
 def _class_colour(label: int, num_classes: int) -> tuple[int, int, int]:

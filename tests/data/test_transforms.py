@@ -212,7 +212,7 @@ def test_eval_is_identity_without_resize_and_colour_jitter_touches_image_only() 
 
 
 def test_one_draw_per_sample_is_reproducible() -> None:
-    augment = {"hflip": 0.5, "scale": [0.7, 1.3], "crop": [12, 12]}
+    augment = {"hflip": 0.5, "scale": [0.7, 1.3], "crop": [12, 12], "color_jitter": 0.4, "hue": 0.1}
     a = build_transforms(augment, KINDS, train=True, generator=torch.Generator().manual_seed(3))
     b = build_transforms(augment, KINDS, train=True, generator=torch.Generator().manual_seed(3))
     sample = scene(16, 16, (2, 2, 8, 8))

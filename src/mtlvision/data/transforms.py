@@ -46,7 +46,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mtlvision.errors import ConfigError
@@ -263,11 +262,13 @@ class JointTransform:
             )
             for name, spec in self.targets.items()
         }
-        self._jitter = (
-            v2.ColorJitter(self.color_jitter, self.color_jitter, self.color_jitter, self.hue)
-            if self.color_jitter > 0 or self.hue > 0
-            else None
-        )
+        strength = self.color_jitter
+        ranges = [(F.adjust_brightness, (max(0.0, 1 - strength), 1 + strength)),
+                  (F.adjust_contrast, (max(0.0, 1 - strength), 1 + strength)),
+                  (F.adjust_saturation, (max(0.0, 1 - strength), 1 + strength))] if strength > 0 else []
+        if self.hue > 0:
+            ranges.append((F.adjust_hue, (-self.hue, self.hue)))
+        self._jitter_ranges = ranges
 
     def _ops(self, name: str) -> KindOps:
         return KIND_OPS[self._contexts[name].spec.kind]
@@ -293,9 +294,18 @@ class JointTransform:
             width = int(image.shape[-1])
             image = F.horizontal_flip(image)
             targets = {n: self._ops(n).flip(t, width) for n, t in targets.items()}
-        if self._jitter is not None:
-            image = self._jitter(tv_tensors.Image(image)).as_subclass(Tensor).clamp(0.0, 1.0)
+        if self._jitter_ranges:
+            image = self._color_jitter(image)
         return {**sample, "image": image, "targets": targets, "valid": valid}
+
+    def _color_jitter(self, image: Tensor) -> Tensor:
+        # v2.ColorJitter's semantics (factors drawn uniformly, ops in random order), drawn here from
+        # ``generator`` because v2.ColorJitter draws from the global RNG and would not be reproducible.
+        order = torch.randperm(len(self._jitter_ranges), generator=self.generator).tolist()
+        for index in order:
+            adjust, (low, high) = self._jitter_ranges[index]
+            image = adjust(image, self._uniform(low, high))
+        return image.clamp(0.0, 1.0)
 
     def _resize(self, image: Tensor, targets: dict[str, Any], size: Size, zoom: float
                 ) -> tuple[Tensor, dict[str, Any]]:

@@ -10,7 +10,9 @@ visible.
 
 Targets per sample: ``count`` (objects minus one), ``colors`` (multi-hot over the six colours),
 ``segmentation`` (shape class per pixel, 0 = background), ``depth`` (camera z-depth in world units,
-positive everywhere), ``normals`` (unit, camera frame: x right, y down, z towards the camera) and
+positive everywhere), ``normals`` (unit, camera frame: x right, y down, z towards the camera; every
+visible normal faces its viewing ray, and z > 0 everywhere except on grazing silhouettes near the image
+border, where an exact normal may point slightly away along the optical axis: about 0.05% of pixels) and
 ``detection`` (boxes tight around each object's visible pixels, in pixel-edge coordinates: a box holding
 only pixel (column c, row r) is ``(c, r, c + 1, r + 1)``; labels are shape classes, 0-based).
 

@@ -81,8 +81,11 @@ def test_planted_errors_are_found(tmp_path: Path) -> None:
     assert depth.labelled == 4 and 0.5 <= depth.value_min <= depth.value_max <= 1.5
     console = Console(width=200, record=True)
     console.print(render_report(report))
+    assert report.error_count == 6
+    console.print(report.table(max_findings=2))
     rendered = console.export_text()
     assert "invalid_depth" in rendered and "6 error(s)" in rendered and "train" in rendered
+    assert "and 4 more" in rendered
     assert report.to_dict()["findings"][0]["kind"]
 
 

@@ -121,6 +121,14 @@ class DataReport:
         return [f for f in self.findings if f.severity == "warning"]
 
     @property
+    def error_count(self) -> int:
+        return len(self.errors)
+
+    def table(self, max_findings: int = 50) -> Group:
+        """The rich rendering of :func:`render_report`."""
+        return render_report(self, max_findings)
+
+    @property
     def ok(self) -> bool:
         return not self.errors
 

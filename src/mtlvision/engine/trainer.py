@@ -320,9 +320,11 @@ class Trainer:
 
     def _backward(self, losses: Tensor, representation: list[Tensor] | None, scale: float) -> Tensor:
         """Accumulate this batch's update into ``.grad``; returns the balancer's task weights."""
+        # an auxiliary loss's parameters (distillation adapters) act on one task's term each: task-specific
+        auxiliary = [p for p in self.auxiliary.parameters() if p.requires_grad] if self.auxiliary is not None else []
         engine = GradientEngine(
             self.model.shared_parameters(),
-            self.model.task_specific_parameters(),
+            [*self.model.task_specific_parameters(), *auxiliary],
             representation,
             mode=self.balancer_mode,
             jacobian=self.jacobian,  # type: ignore[arg-type]

@@ -12,27 +12,29 @@ ratio divides by the HPS figure of the same framework in the same run.
 Hyper-parameters are each library's defaults where it has them and matched otherwise: MMoE 4 experts,
 CGC one expert per task plus one shared, DSelect-k 4 experts with k = 2, gamma = 1. PLE: mtlvision's
 default of two levels over the stages; LibMTL puts one level on each ResNet layer. LibMTL has no
-PAD-Net. LibMTL 1.1.5 (PyPI) is installed by this script with ``--no-deps`` into
-``.bench_envs/libmtl``; torch and the rest come from this environment through a ``.pth`` file. It
-imports ``torchvision.models.utils``, which torchvision removed; the worker provides that one function.
+PAD-Net. LibMTL 1.1.5 (PyPI) is installed by this script with ``pip install --no-deps --target
+.bench_envs/libmtl`` (the directory ``benchmarks/balancers.py`` uses too) and put first on the worker's
+``PYTHONPATH``; torch and the rest come from this environment. ``--wheels DIR`` installs it offline from
+a wheel in DIR (a GPU machine has no network). LibMTL imports ``torchvision.models.utils``, which
+torchvision removed; the worker provides the one function it wants from there.
 
     python benchmarks/architectures.py              # short: batch 4 of 64×64, 2 timed steps
     python benchmarks/architectures.py --full       # batch 16 of 128×128, 20 timed steps
     python benchmarks/architectures.py --architectures hps mtan mmoe --steps 5 --no-peers
+    python benchmarks/architectures.py --full --device cuda --wheels .bench_envs/wheels
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 import types
-import venv
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +96,23 @@ def ours_model(architecture: str, size: int, device: str) -> Any:
     return Model().to(device)
 
 
-def libmtl_model(architecture: str, size: int, device: str) -> Any:
+def import_framework(framework: str) -> None:
+    """Import everything a framework's model needs, so that the memory of the imports is not counted."""
     import torch
 
+    if framework == "mtlvision":
+        import mtlvision.models.architectures
+        import mtlvision.models.backbones  # noqa: F401
+        return
     # LibMTL 1.1.5 imports a module that torchvision removed; give it the one function it wants from there.
     sys.modules["torchvision.models.utils"] = types.SimpleNamespace(  # type: ignore[assignment]
         load_state_dict_from_url=torch.hub.load_state_dict_from_url
     )
+    import LibMTL.architecture  # noqa: F401
+
+
+def libmtl_model(architecture: str, size: int, device: str) -> Any:
+    import torch
     import LibMTL.architecture as libmtl_architectures
     from LibMTL.model import resnet18
 
@@ -119,6 +131,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     device, size, batch = spec["device"], spec["size"], spec["batch"]
     cuda = device.startswith("cuda")
+    import_framework(spec["framework"])
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = (ours_model if spec["framework"] == "mtlvision" else libmtl_model)(spec["architecture"], size, device)
     model.train()
@@ -161,27 +174,26 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def peer_python() -> Path:
-    """The interpreter of ``.bench_envs/libmtl``, created and filled on first use."""
-    python = PEER_ENV / "bin" / "python"
+def peer_path(wheels: str | None) -> Path:
+    """``.bench_envs/libmtl`` with LibMTL 1.1.5 in it, installed with pip on first use."""
     marker = PEER_ENV / ".installed"
-    if marker.exists():
-        return python
-    venv.create(PEER_ENV, with_pip=True, clear=True)
-    site = subprocess.check_output(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip()
-    Path(site, "_mtlvision_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.check_call([str(python), "-m", "pip", "install", "-q", "--no-deps", "LibMTL==1.1.5"])
-    marker.write_text("ok\n")
-    return python
+    if not marker.exists():
+        offline = ["--no-index", "--find-links", wheels] if wheels else []
+        subprocess.check_call(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(PEER_ENV),
+             *offline, "LibMTL==1.1.5"]
+        )
+        marker.write_text("ok\n")
+    return PEER_ENV
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any] | str:
-    python = Path(sys.executable) if spec["framework"] == "mtlvision" else peer_python()
+def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
+    env = dict(os.environ)
+    if spec["framework"] == "libmtl":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(peer_path(wheels)), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [str(python), str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True, text=True, cwd=ROOT, env=env,
     )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -215,6 +227,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL")
+    parser.add_argument("--wheels", help="install LibMTL offline from the wheels in this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -233,7 +246,7 @@ def main() -> None:
                 continue
             spec = {"framework": framework, "architecture": architecture, "device": args.device,
                     "batch": batch, "size": size, "steps": steps, "warmup": args.warmup}
-            results[framework, architecture] = measure(spec)
+            results[framework, architecture] = measure(spec, args.wheels)
             print(f"  {framework:9s} {architecture:12s} {results[framework, architecture]}", file=sys.stderr)
     header = ["architecture"]
     for framework in frameworks:

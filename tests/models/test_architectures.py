@@ -281,7 +281,7 @@ def test_gates_are_distributions_and_features_their_mixtures(spec) -> None:
 def test_mix_is_a_per_sample_weighted_sum() -> None:
     weights = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
     outputs = [torch.ones(2, 1, 2, 2), 3 * torch.ones(2, 1, 2, 2)]
-    mixed = mix(weights, outputs)
+    mixed = mix(weights, torch.stack(outputs))
     torch.testing.assert_close(mixed[0], torch.ones(1, 2, 2))
     torch.testing.assert_close(mixed[1], 2.5 * torch.ones(1, 2, 2))
 
@@ -435,6 +435,7 @@ def test_too_shallow_backbone_is_a_clear_error(spec, stages: int, why: str) -> N
         (lambda: DSelectK(num_experts=4, k=5), "k=5 must not exceed num_experts=4"),
         (lambda: DSelectK(gamma=0.0), "gamma"),
         (lambda: MMoE(num_experts=0), "num_experts=0"),
+        (lambda: MMoE(num_experts=2.5), "num_experts=2.5 must be an integer"),
         (lambda: CGC(shared_experts=0), "shared_experts=0"),
         (lambda: PLE(num_levels=0), "num_levels=0"),
         (lambda: CrossStitch(alpha=1.5), "alpha"),

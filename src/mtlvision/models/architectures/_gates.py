@@ -49,9 +49,9 @@ def gate_input(x: Tensor, pool_size: int) -> Tensor:
     return F.adaptive_avg_pool2d(x, pool_size).flatten(1)
 
 
-def mix(weights: Tensor, outputs: Sequence[Tensor]) -> Tensor:
-    """Per-sample weighted sum of expert outputs: weights [B, E], outputs E × [B, C, H, W]."""
-    return torch.einsum("be,ebchw->bchw", weights, torch.stack(list(outputs)))
+def mix(weights: Tensor, outputs: Tensor) -> Tensor:
+    """Per-sample weighted sum of stacked expert outputs: weights [B, E], outputs [E, B, C, H, W]."""
+    return torch.einsum("be,ebchw->bchw", weights, outputs)
 
 
 class ExpertLevel(nn.Module):
@@ -109,22 +109,31 @@ class ExpertLevel(nn.Module):
     ) -> tuple[list[list[Tensor]], Tensor | None]:
         """Per-task features at every stage of the group, and the next level's shared input (or None)."""
         task_weights, shared_weights = self.gate_weights(task_inputs, shared_input)
-        shared_outputs = [run_stages(expert, shared_input) for expert in self.shared_experts]
-        task_outputs = [
-            [run_stages(expert, x) for expert in experts] for experts, x in zip(self.task_experts, task_inputs)
+        # Stacked once per stage and reused by every task's gate, so that autograd keeps one copy.
+        shared = stacked_stages([run_stages(expert, shared_input) for expert in self.shared_experts])
+        own = [
+            stacked_stages([run_stages(expert, x) for expert in experts])
+            for experts, x in zip(self.task_experts, task_inputs)
         ]
         features = [
             [
-                mix(weights[stage], [out[stage] for out in own + shared_outputs])
+                mix(weights[stage], shared[stage] if mine is None else torch.cat([mine[stage], shared[stage]]))
                 for stage in range(self.num_stages)
             ]
-            for own, weights in zip(task_outputs, task_weights)
+            for mine, weights in zip(own, task_weights)
         ]
         shared_next = None
         if shared_weights is not None:
-            every_expert = [out[-1] for own in task_outputs for out in own] + [out[-1] for out in shared_outputs]
-            shared_next = mix(shared_weights, every_expert)
+            every_expert = [mine[-1] for mine in own if mine is not None] + [shared[-1]]
+            shared_next = mix(shared_weights, torch.cat(every_expert))
         return features, shared_next
+
+
+def stacked_stages(outputs: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
+    """Experts' per-stage outputs (expert, stage) as one [E, B, C, H, W] tensor per stage; None without experts."""
+    if not outputs:
+        return None
+    return [torch.stack(per_stage) for per_stage in zip(*outputs)]
 
 
 def split_stages(first: int, count: int, groups: int) -> list[tuple[int, int]]:

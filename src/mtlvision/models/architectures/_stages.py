@@ -57,10 +57,11 @@ def stage_copies(
 
 
 def require_at_least(architecture: str, field: str, value: int, minimum: int) -> None:
-    """A :class:`ConfigError` naming ``model.architecture.<field>`` when ``value`` is below ``minimum``."""
-    if value < minimum:
+    """A :class:`ConfigError` naming ``model.architecture.<field>`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(
-            f"architecture {architecture!r}: hyper-parameter {field}={value!r} must be at least {minimum}."
+            f"architecture {architecture!r}: hyper-parameter {field}={value!r} must be an integer of at least "
+            f"{minimum}."
         )
 
 

@@ -1,7 +1,7 @@
 """Object detection with an anchor-free FCOS head (Tian et al., ICCV 2019).
 
 Targets are variable-length per image (``{"boxes": [N, 4] xyxy pixels, "labels": [N]}``) and are collated
-as a list, never padded. Training follows FCOS: a location is positive for a box when it lies inside the
+as a list; the loss pads them per batch behind a mask, so no padded box is ever a target. Training follows FCOS: a location is positive for a box when it lies inside the
 box, within ``center_radius`` strides of its centre ("centre sampling") and the box's largest
 location-to-side distance falls in the location's level range; a location claimed by several boxes takes
 the smallest. Losses (torchvision's focal loss, GIoU loss and a centerness BCE) are summed over the valid
@@ -14,7 +14,6 @@ centre, unless a smaller box already holds it, so that every object is learnt.
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -34,6 +33,8 @@ from mtlvision.errors import ConfigError
 from mtlvision.tasks.base import Task, TargetKind, require
 from mtlvision.tasks.detection_head import FCOSHead
 from mtlvision.tasks.detection_metric import DetectionMetric, Detections
+from mtlvision.tasks.drawing import palette, to_rgb_uint8
+from mtlvision.tasks.params import name_list, require_count
 from mtlvision.tasks.registry import TASKS
 
 BoxTarget = dict[str, Tensor]
@@ -164,12 +165,7 @@ class Detection(Task):
         tower_depth: int = 2,
     ) -> None:
         super().__init__(name)
-        if num_classes < 1:
-            raise ConfigError(f"task {name!r}: num_classes must be at least 1, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ConfigError(
-                f"task {name!r}: {len(class_names)} class_names given for num_classes={num_classes}"
-            )
+        require_count(name, "num_classes", num_classes, 1)
         for field, value in {"score_threshold": score_threshold, "metric_score_threshold": metric_score_threshold,
                              "nms_iou": nms_iou}.items():
             if not 0.0 <= value <= 1.0:
@@ -177,7 +173,7 @@ class Detection(Task):
         if max_detections < 1 or pre_nms_top_k < 1:
             raise ConfigError(f"task {name!r}: max_detections and pre_nms_top_k must be positive")
         self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.class_names = name_list(name, "class_names", num_classes, class_names)
         self.score_threshold = score_threshold
         self.nms_iou = nms_iou
         self.max_detections = max_detections
@@ -318,13 +314,11 @@ class Detection(Task):
 
     def draw(self, image: np.ndarray, decoded: dict[str, list[Any]]) -> np.ndarray:
         """The image with each box outlined in its class colour and labelled ``class score``."""
-        array = np.asarray(image)
-        if array.dtype != np.uint8:
-            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-        picture = Image.fromarray(array).convert("RGB")
+        picture = Image.fromarray(to_rgb_uint8(image))
+        colours = palette(self.num_classes + 1)[1:]  # index 0 of the palette is black
         pen = ImageDraw.Draw(picture)
         for box, score, label in zip(decoded["boxes"], decoded["scores"], decoded["labels"], strict=True):
-            colour = _class_colour(label, self.num_classes)
+            colour = tuple(int(c) for c in colours[label])
             pen.rectangle(box, outline=colour, width=1)
             text = f"{self.class_names[label]} {score:.2f}"
             left, top = box[0], max(box[1] - 10, 0)
@@ -365,8 +359,3 @@ def _pad_targets(targets: Sequence[BoxTarget], device: torch.device) -> tuple[Te
         labels[row, :count] = target["labels"].to(device=device, dtype=torch.long)
         box_valid[row, :count] = True
     return boxes, labels, box_valid
-
-
-def _class_colour(label: int, num_classes: int) -> tuple[int, int, int]:
-    red, green, blue = colorsys.hsv_to_rgb(label / max(num_classes, 1), 0.9, 1.0)
-    return int(red * 255), int(green * 255), int(blue * 255)

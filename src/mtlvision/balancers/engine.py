@@ -35,7 +35,7 @@ without a batching rule; the batched path never silently falls back to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -233,11 +233,19 @@ class _StepGradients(TaskGradients):
                 self._gramian = gram
         return self._gramian
 
-    def weighted_shared(self, weights: Tensor) -> list[Tensor]:
-        """``Σ_t w_t ∂L_t/∂θ`` for every shared parameter, from the known Jacobian."""
+    def consume_weighted_shared(self, weights: Tensor) -> Iterator[Tensor]:
+        """``Σ_t w_t ∂L_t/∂θ`` for every shared parameter, from the known Jacobian. Each per-parameter block
+        is released once used, so that the step's peak memory holds the blocks or the new ``.grad``, not both;
+        the object answers no further Jacobian or Gramian requests afterwards."""
         if self._jacobian is not None:
-            return _split_like(weights.to(self._jacobian.device) @ self._jacobian, self._shared)
-        return [torch.tensordot(weights.to(b.device), b, dims=1) for b in self.shared_blocks()]
+            yield from _split_like(weights.to(self._jacobian.device) @ self._jacobian, self._shared)
+            return
+        blocks = self.shared_blocks()
+        self._blocks = None
+        while blocks:
+            block = blocks.pop(0)
+            yield torch.tensordot(weights.to(block.device), block, dims=1)
+            del block
 
     def head_grads(self) -> list[Tensor] | None:
         """Per task-specific parameter ``[T, *shape]``, once the heads have been differentiated."""
@@ -249,10 +257,11 @@ class _StepGradients(TaskGradients):
         return self._head_grads
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
+def _accumulate(param: Tensor, grad: Tensor, owned: bool = True) -> None:
+    """Add ``grad`` into ``param.grad``; a tensor the engine does not own (a balancer's direction) is copied."""
     grad = grad.detach().to(param.dtype)
     if param.grad is None:
-        param.grad = grad.clone()
+        param.grad = grad if owned else grad.clone()
     else:
         param.grad.add_(grad)
 
@@ -371,7 +380,7 @@ class GradientEngine:
                 )
             return
         if update.direction is None:
-            for param, g in zip(self.shared, grads.weighted_shared(weights)):
+            for param, g in zip(self.shared, grads.consume_weighted_shared(weights)):
                 _accumulate(param, g)
             return
         numel = sum(p.numel() for p in self.shared)
@@ -381,4 +390,4 @@ class GradientEngine:
                 f"have {numel} entries"
             )
         for param, g in zip(self.shared, _split_like(update.direction.detach(), self.shared)):
-            _accumulate(param, g)
+            _accumulate(param, g, owned=False)

@@ -190,6 +190,14 @@ def test_gls_refuses_a_zero_loss() -> None:
         build("gls", 2).balance(torch.tensor([1.0, 0.0]), None)
 
 
+@pytest.mark.parametrize("name", ["famo", "stch", "db_mtl", "gradnorm", "uw", "dwa", "imtl_l", "excess_mtl"])
+def test_a_zero_loss_from_a_batch_without_labels_is_accepted(name: str) -> None:
+    balancer = build(name, 2)
+    drive(balancer, torch.tensor([0.5, 1.0]))  # GradNorm's initial losses must be positive
+    update = drive(balancer, torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(update.weights).all() and (update.weights > 0).all()
+
+
 def test_rlw_weights_lie_on_the_simplex_for_every_distribution() -> None:
     for distribution in ("normal", "uniform", "dirichlet"):
         rlw = get("rlw", distribution=distribution)

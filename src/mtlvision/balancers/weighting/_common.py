@@ -72,17 +72,23 @@ class LearnableTaskParameter(LossWeighting):
         return self.task_param
 
 
-def positive_losses(balancer: Balancer, losses: Tensor, offset: Tensor | float = 0.0) -> Tensor:
-    """The detached losses (minus ``offset``) in float64, checked to be finite and positive: the methods
-    that divide by a loss or take its logarithm are undefined otherwise."""
-    values = losses.detach().double() - (offset.double() if isinstance(offset, Tensor) else offset)
-    bad = torch.nonzero(~torch.isfinite(values) | (values <= 0)).flatten().tolist()
+def checked_losses(
+    balancer: Balancer, losses: Tensor, lower: Tensor | float = 0.0, *, strict: bool = True
+) -> Tensor:
+    """The detached losses minus their lower bound ``lower``, in float64, checked to be finite and positive
+    (``strict``) or non-negative. Methods that divide by a loss or take its logarithm are undefined
+    otherwise; those that add an ε, as their papers do, accept a loss at its bound (a batch without labels
+    for a task gives a zero loss)."""
+    values = losses.detach().double() - (lower.double() if isinstance(lower, Tensor) else lower)
+    bad = torch.nonzero(~torch.isfinite(values) | ((values <= 0) if strict else (values < 0))).flatten().tolist()
     if bad:
         shown = ", ".join(f"task {t}: {values[t].item():.3g}" for t in bad)
+        bound = "above its lower bound" if isinstance(lower, Tensor) or lower else "positive"
+        if not strict:
+            bound = "at or above its lower bound" if isinstance(lower, Tensor) or lower else "non-negative"
         raise WeightingError(
             f"{type(balancer).__name__} divides by each task's loss (or takes its logarithm) and needs every "
-            f"loss{' above its lower bound' if isinstance(offset, Tensor) or offset else ''} to be finite and "
-            f"positive; got {shown}"
+            f"loss to be finite and {bound}; got {shown}"
         )
     return values
 

@@ -9,7 +9,12 @@ from torch import Tensor
 
 from mtlvision.balancers.base import Needs, TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LossWeighting, WeightingError, positive_losses, require_grads
+from mtlvision.balancers.weighting._common import (
+    LossWeighting,
+    WeightingError,
+    checked_losses,
+    require_grads,
+)
 from mtlvision.errors import ConfigError
 
 
@@ -42,7 +47,7 @@ class DBMTL(LossWeighting):
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         jacobian = require_grads(self, grads).jacobian()
-        scale = 1.0 / (positive_losses(self, losses) + self.eps)
+        scale = 1.0 / (checked_losses(self, losses, strict=False) + self.eps)
         log_grads = jacobian * scale.to(jacobian.device, jacobian.dtype)[:, None]
         if self.grad_average is None or self.grad_average.shape != log_grads.shape:
             if self.grad_average is not None:

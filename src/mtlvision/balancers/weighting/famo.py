@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtlvision.balancers.base import TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LossWeighting, positive_losses
+from mtlvision.balancers.weighting._common import LossWeighting, checked_losses
 from mtlvision.errors import ConfigError
 
 
@@ -47,7 +47,7 @@ class FAMO(LossWeighting):
         self._optimizer: torch.optim.Adam | None = None
 
     def _distance(self, losses: Tensor) -> Tensor:
-        return positive_losses(self, losses, self.min_losses.to(losses.device)) + self.eps
+        return checked_losses(self, losses, self.min_losses.to(losses.device), strict=False) + self.eps
 
     def _adam(self) -> torch.optim.Adam:
         assert self.logits is not None

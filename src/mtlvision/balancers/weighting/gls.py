@@ -6,7 +6,7 @@ from torch import Tensor
 
 from mtlvision.balancers.base import TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LossWeighting, positive_losses
+from mtlvision.balancers.weighting._common import LossWeighting, checked_losses
 
 
 @BALANCERS.register(
@@ -21,6 +21,6 @@ class GLS(LossWeighting):
     """
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
-        log_losses = positive_losses(self, losses).log()
+        log_losses = checked_losses(self, losses).log()
         weights = (log_losses.mean() - log_losses).exp() / losses.numel()
         return Update(weights=weights.to(device=losses.device, dtype=losses.dtype))

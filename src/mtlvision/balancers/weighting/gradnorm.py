@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mtlvision.balancers.base import Needs, TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LearnableTaskParameter, positive_losses, require_grads
+from mtlvision.balancers.weighting._common import LearnableTaskParameter, checked_losses, require_grads
 from mtlvision.errors import ConfigError
 
 
@@ -46,7 +46,7 @@ class GradNorm(LearnableTaskParameter):
         num_tasks = losses.numel()
         with torch.no_grad():
             weights.clamp_(min=1e-8).mul_(num_tasks / weights.sum())
-        values = positive_losses(self, losses)
+        values = checked_losses(self, losses, strict=self.initial_losses is None)
         if self.initial_losses is None:
             self.initial_losses = values.cpu()
         norms = require_grads(self, grads).gramian().diagonal().clamp(min=0).sqrt().to(weights.device, weights.dtype)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mtlvision.balancers.base import TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LossWeighting, positive_losses
+from mtlvision.balancers.weighting._common import LossWeighting, WeightingError, checked_losses
 from mtlvision.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ class STCH(LossWeighting):
         self.epoch += 1
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
-        values = positive_losses(self, losses).cpu()
+        values = checked_losses(self, losses, strict=False).cpu()
         if self.epoch <= self.warmup_epochs:
             if self.epoch == self.warmup_epochs:
                 self.loss_sum = values if self.loss_sum is None else self.loss_sum + values
@@ -52,8 +52,17 @@ class STCH(LossWeighting):
             weights = 1.0 / (values + self.eps)
         else:
             if self.nadir is None:
-                assert self.loss_sum is not None
-                self.nadir = self.loss_sum / self.loss_count
+                if self.loss_sum is None:
+                    raise WeightingError(
+                        f"STCH takes its nadir point from epoch {self.warmup_epochs}, which saw no training step"
+                    )
+                nadir = self.loss_sum / self.loss_count
+                if not (nadir > 0).all():
+                    raise WeightingError(
+                        f"STCH normalises each loss by its mean over epoch {self.warmup_epochs}, which is zero for "
+                        f"task(s) {torch.nonzero(nadir <= 0).flatten().tolist()}"
+                    )
+                self.nadir = nadir
             normalised = (values / self.nadir + self.eps).log()
             weights = losses.numel() * torch.softmax(normalised / self.mu, dim=0) / (values + self.eps * self.nadir)
         return Update(weights=weights.to(device=losses.device, dtype=losses.dtype))

@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from mtlvision.config import RunConfig, TaskEntry, load_config
+from mtlvision.data.check import DataReport
 from mtlvision.data.io import read_image
 from mtlvision.engine.build import build_model, build_split, build_tasks, build_trainer, dataset_source
 from mtlvision.engine.checkpoint import load_weights, save_weights
 from mtlvision.engine.device import resolve_device, seed_everything
+from mtlvision.engine.inputs import check_config_data, skipped_summary
 from mtlvision.engine.logging import console
 from mtlvision.engine.runs import Run, new_run_dir, read_config, write_config, write_json
 from mtlvision.engine.trainer import CHECKPOINT_NAME, WEIGHTS_NAME
@@ -92,21 +94,33 @@ def _delta_m_report(
 
 
 def _finish(
-    run_dir: Path, config: RunConfig, tasks: Sequence[Task], model: MultiTaskModel, trainer: Any, best_epoch: int
+    run_dir: Path,
+    config: RunConfig,
+    tasks: Sequence[Task],
+    model: MultiTaskModel,
+    trainer: Any,
+    best_epoch: int,
+    train_skipped: int | None = None,
 ) -> Run:
-    """Evaluate the best weights on val and the eval split, write metrics.json and plots."""
+    """Evaluate the best weights on val and the eval split, write metrics.json and plots.
+
+    ``train_skipped``: training samples skipped under ``data.skip_bad`` (reported with the eval splits').
+    """
     load_weights(model, run_dir / WEIGHTS_NAME)
     results: dict[str, EvalResult] = {}
+    skipped: dict[str, int | None] = {"train": train_skipped}
     for split in dict.fromkeys(["val", config.train.eval_split]):
         data = build_split(config, tasks, split, train=False)
         results[split] = evaluate_model(model, trainer.loader(data, shuffle=False), trainer.tasks, trainer.device)
+        skipped[split] = data.skipped
     split = config.train.eval_split
     report: dict[str, Any] = {
         "split": split,
         "metrics": results[split].metrics,
         "val_metrics": results["val"].metrics,
         "best_epoch": best_epoch,
-        "model": model_complexity(model, image_size=_image_size(config)),
+        "model": model_complexity(model, image_size=_image_size(config) or tuple(data[0]["image"].shape[-2:])),
+        **skipped_summary(config, skipped),
     }
     baselines = Path(config.baselines) if config.baselines else default_baselines_path(run_dir.parent, config)
     report.update(_delta_m_report(config, tasks, results[split].metrics, split, baselines))
@@ -116,8 +130,9 @@ def _finish(
 
 
 def _image_size(config: RunConfig) -> tuple[int, int] | None:
-    """The configured input size (``data.image_size``), or None for datasets of varying size."""
-    size = getattr(dataset_source(config)[1], "image_size", None)
+    """The model's input size: ``data.augment.resize``, else ``data.image_size``, or None for datasets of
+    varying size."""
+    size = config.data.augment.get("resize") or getattr(dataset_source(config)[1], "image_size", None)
     if size is None:
         return None
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -157,7 +172,7 @@ def train(
     train_data = build_split(cfg, tasks, "train", train=True)
     val_data = build_split(cfg, tasks, "val", train=False)
     fit = trainer.fit(train_data, val_data, resume=resume is not None)
-    return _finish(run_dir, cfg, tasks, model, trainer, fit.best_epoch)
+    return _finish(run_dir, cfg, tasks, model, trainer, fit.best_epoch, train_data.skipped)
 
 
 def baseline(
@@ -302,6 +317,15 @@ def predict(run: str | Path | Run, inputs: Iterable[str | Path], out: str | Path
         _panel(picture, drawings).save(stem.with_suffix(".png"))
         results.append(record)
     return results
+
+
+def check_data(
+    config: ConfigSource = None, overrides: Overrides = None, *, splits: Sequence[str] = ("train", "val", "test"),
+    progress: bool = True,
+) -> DataReport:
+    """Read every sample of the configured data and report counts, label distributions and problems
+    (``mtlvision data check``); ``report.errors`` is empty when nothing is wrong."""
+    return check_config_data(_config(config, overrides), splits, progress=progress)
 
 
 def _registries() -> dict[str, Any]:

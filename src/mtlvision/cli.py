@@ -137,9 +137,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     report = api.check_data(args.config, args.set or [], splits=args.splits)
     console.print(report.table())
     if report.errors:
-        err_console.print(f"[red]{report.error_count} problem(s) found[/]")
+        err_console.print(f"[red]{report.error_count} error(s) found[/] in the data; fix or remove those samples, "
+                          "or train with data.skip_bad=true to skip them.")
         return 1
-    console.print("[green]No problems found.[/]")
     return 0
 
 

@@ -24,6 +24,8 @@ duplicate      warning  the same image twice within one split
 raises :class:`DataError` is replaced by the next readable one (deterministically: index + 1, + 2, ...),
 and the bad indices are recorded in shared memory so that the count is exact across DataLoader workers.
 Without the wrapper the DataError propagates and training stops with the file named.
+:class:`CheckedSamples` (beneath it) turns a label that the task refuses (out of range, wrong shape) into
+such a DataError naming the sample, so that it is skipped or stops the run before it reaches a loss.
 """
 
 from __future__ import annotations
@@ -403,3 +405,27 @@ class SkipBadSamples(Dataset):
     def skipped(self) -> int:
         """How many distinct samples were found unreadable so far."""
         return int(self.bad.sum())
+
+
+class CheckedSamples(Dataset):
+    """Each labelled target passes its task's ``check_target`` as it is read; a refused one raises DataError.
+
+    ``tasks`` maps the task names to check to their tasks; targets of other tasks pass unchecked. The error
+    names the split and the sample id (the file, for file-based datasets).
+    """
+
+    def __init__(self, dataset: Dataset, tasks: Mapping[str, Task], split: str) -> None:
+        self.dataset = dataset
+        self.tasks = dict(tasks)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        where = f"{self.split} sample {item.get('id', index)}"
+        for name, task in self.tasks.items():
+            if item["valid"].get(name, False):
+                task.check_target(item["targets"][name], where)
+        return item

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, Sampler
 
 from mtlvision.errors import ConfigError
@@ -45,15 +46,32 @@ Mixing = Literal["mixed", "single"]
 Placeholder = Callable[[int, int], Any]
 
 
+class SamplingParams(BaseModel):
+    """``data.sampling.*``: how a multi-source dataset's sources are mixed into training batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy = "proportional"
+    mixing: Mixing = "mixed"
+    temperature: float = Field(5.0, gt=0, description="strategy temperature: p_k ∝ n_k^(1/T); 5 as Arivazhagan et al.")
+    steps_per_epoch: int | None = Field(None, ge=1, description="default: see the module docstring")
+
+
 class MultiSourceDataset(Dataset):
     """The concatenation of per-task datasets; each sample marks other sources' tasks as missing.
 
     ``sources`` maps a source name to its dataset; the tasks a source labels are the keys of its samples'
     ``targets`` whose ``valid`` is True. ``placeholders`` maps *every* task to the function
     ``(height, width) -> target`` that fills a missing label (a Task's ``placeholder_target``).
+    ``sampling`` sets how :meth:`batch_sampler` mixes the sources for training.
     """
 
-    def __init__(self, sources: Mapping[str, Dataset], placeholders: Mapping[str, Placeholder]) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, Dataset],
+        placeholders: Mapping[str, Placeholder],
+        sampling: SamplingParams | None = None,
+    ) -> None:
         if not sources:
             raise ConfigError("A multi-source dataset needs at least one source dataset.")
         self.names = list(sources)
@@ -64,6 +82,18 @@ class MultiSourceDataset(Dataset):
             raise ConfigError(f"Source dataset(s) {empty} of the multi-source dataset are empty.")
         self.offsets = np.cumsum([0, *self.sizes]).tolist()
         self.placeholders = dict(placeholders)
+        self.sampling = sampling or SamplingParams()
+
+    def batch_sampler(
+        self, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> MultiSourceBatchSampler:
+        """The training batches of ``epoch`` for this rank, from batch ``start`` on (the trainer's hook)."""
+        sampling = self.sampling
+        return MultiSourceBatchSampler(
+            self.sizes, batch_size, strategy=sampling.strategy, mixing=sampling.mixing,
+            temperature=sampling.temperature, steps_per_epoch=sampling.steps_per_epoch, seed=seed,
+            rank=rank, world_size=world_size, epoch=epoch, start=start,
+        )
 
     def __len__(self) -> int:
         return self.offsets[-1]

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from mtlvision.balancers import Balancer, get as get_balancer
 from mtlvision.config import RunConfig, TaskEntry
+from mtlvision.data.check import CheckedSamples, SkipBadSamples
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.logging import console
@@ -169,13 +170,29 @@ class PreparedDataset(Dataset):
     """
 
     def __init__(
-        self, base: Dataset, task_names: Sequence[str], transform: JointTransform | None, seed: int = 0
+        self,
+        base: Dataset,
+        task_names: Sequence[str],
+        transform: JointTransform | None,
+        seed: int = 0,
+        batches_from: Dataset | None = None,
     ) -> None:
         self.base = base
         self.task_names = list(task_names)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.batches_from = batches_from if batches_from is not None else base
+
+    def batch_sampler(self, batch_size: int, **kwargs: Any) -> Sampler[list[int]] | None:
+        """The training batches of a dataset that mixes several sources (None: the trainer shuffles)."""
+        make = getattr(self.batches_from, "batch_sampler", None)
+        return None if make is None else make(batch_size, **kwargs)
+
+    @property
+    def skipped(self) -> int | None:
+        """Samples skipped as unreadable so far (``data.skip_bad``), or None when skipping is off."""
+        return self.base.skipped if isinstance(self.base, SkipBadSamples) else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -199,11 +216,18 @@ class PreparedDataset(Dataset):
 
 
 def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: bool) -> PreparedDataset:
-    """One split of the configured dataset, with training augmentation when ``train``."""
+    """One split of the configured dataset, with training augmentation when ``train``.
+
+    Every label is checked by its task as it is read (a bad one raises DataError naming the sample); with
+    ``data.skip_bad`` unreadable or refused samples are skipped and counted instead.
+    """
     source, params = dataset_source(config)
     base = source.build(params, split)
+    checked: Dataset = CheckedSamples(base, {t.name: t for t in tasks}, split)
+    if config.data.skip_bad:
+        checked = SkipBadSamples(checked)
     transform = build_transforms(config.data.augment, target_specs(tasks), train=train)
-    return PreparedDataset(base, [t.name for t in tasks], transform, seed=config.seed)
+    return PreparedDataset(checked, [t.name for t in tasks], transform, seed=config.seed, batches_from=base)
 
 
 def build_trainer(

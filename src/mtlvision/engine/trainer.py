@@ -246,12 +246,28 @@ class Trainer:
         """A DataLoader over this rank's shard of ``data`` (returned as is if it already is one).
 
         The order depends only on (seed, epoch); ``start`` skips the first samples (mid-epoch resume).
-        Datasets with ``set_epoch`` (per-sample seeded augmentation) are told the epoch.
+        Datasets with ``set_epoch`` (per-sample seeded augmentation) are told the epoch. For training
+        (``shuffle``), a dataset with a ``batch_sampler(batch_size, *, seed, epoch, rank, world_size, start)``
+        method that returns a sampler of index lists (per-task datasets mixed per step, see
+        :mod:`mtlvision.data.sampling`) decides the batches itself; ``start`` is then in batches.
         """
         if isinstance(data, DataLoader):
             return data
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
+        make_batches = getattr(data, "batch_sampler", None) if shuffle else None
+        batches = make_batches(
+            self.batch_size, seed=self.seed, epoch=epoch, rank=dist.rank(), world_size=dist.world_size(),
+            start=start // self.batch_size,
+        ) if make_batches is not None else None
+        if batches is not None:
+            return DataLoader(
+                data,
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+                pin_memory=self.device.type == "cuda",
+            )
         sampler = EpochSampler(
             len(data),  # type: ignore[arg-type]
             shuffle=shuffle,

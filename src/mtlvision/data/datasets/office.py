@@ -11,9 +11,9 @@ The list files are LibMTL's ``examples/office/data_txt`` layout: for each domain
 
 Each task is a ``classification`` task named after its domain. A split is a
 :class:`~mtlvision.data.sampling.MultiSourceDataset` over the domains: a sample carries its own domain's
-label and placeholders (``valid`` False) for the others; train it with
-:class:`~mtlvision.data.sampling.MultiSourceBatchSampler`. Images keep their native sizes: set
-``data.augment.resize`` (the preset uses 224 x 224) so that they can be batched.
+label and placeholders (``valid`` False) for the others; the trainer draws its batches with
+:class:`~mtlvision.data.sampling.MultiSourceBatchSampler` as ``data.sampling`` says. Images keep their native
+sizes: set ``data.augment.resize`` (the preset uses 224 x 224) so that they can be batched.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from mtlvision.data.datasets._files import build_tasks, require_root, require_split, sample
 from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.io import read_image
-from mtlvision.data.sampling import MultiSourceDataset
+from mtlvision.data.sampling import MultiSourceDataset, SamplingParams
 from mtlvision.errors import DataError
 
 
@@ -36,6 +36,7 @@ class OfficeParams(DatasetParams):
     """``data.*`` keys of ``office31`` / ``officehome``."""
 
     list_dir: str | None = Field(None, description="folder of the {domain}_{split}.txt lists")
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="how domains mix per step")
 
 
 def read_list(path: Path, num_classes: int) -> list[tuple[str, int]]:
@@ -101,7 +102,8 @@ class OfficeBase(DatasetSource):
             for d in cls.DOMAINS
         }
         tasks = build_tasks(cls.tasks(params))
-        return MultiSourceDataset(sources, {name: task.placeholder_target for name, task in tasks.items()})
+        placeholders = {name: task.placeholder_target for name, task in tasks.items()}
+        return MultiSourceDataset(sources, placeholders, params.sampling)
 
 
 @DATASETS.register("office31", "Office-31 (LibMTL list files): 31-class classification, one task per domain.")

@@ -1,0 +1,166 @@
+"""Data through the command line: `data check`, `data.skip_bad`, the NYUv2 preset on a generated folder, and a
+multi-input run (segmentation from scenes, digits from MultiMNIST) from one preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtlvision.cli import main
+from mtlvision.engine.trainer import Trainer
+
+FAST = ["train.epochs=1", "train.progress=false", "model.backbone=resnet18"]
+SIZE = 32
+
+
+def write_folder(root: Path, corrupt: bool, bad_label: bool) -> Path:
+    """A `folder` dataset: 8 train / 2 val / 2 test PNGs, a weather CSV and segmentation masks; optionally
+    one train image that is not a PNG and one train label outside the 3 classes."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    rows = ["file,label"]
+    splits = {"train": [f"t{i}.png" for i in range(8)], "val": ["v0.png", "v1.png"], "test": ["s0.png", "s1.png"]}
+    for split, keys in splits.items():
+        (root / "splits" / f"{split}.txt").write_text("\n".join(keys) + "\n")
+        for key in keys:
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "images" / key)
+            Image.fromarray(rng.integers(0, 4, (SIZE, SIZE), dtype=np.uint8)).save(root / "masks" / key)
+            rows.append(f"{key},{rng.integers(0, 3)}")
+    if corrupt:
+        (root / "images" / "t3.png").write_bytes(b"this is not a png")
+    if bad_label:
+        rows[1 + 5] = "t5.png,7"
+    (root / "weather.csv").write_text("\n".join(rows) + "\n")
+    config = {
+        "data": {
+            "name": "folder",
+            "root": str(root),
+            "tasks": {
+                "weather": {"kind": "classification", "path": "weather.csv", "num_classes": 3},
+                "segmentation": {"kind": "segmentation", "path": "masks", "num_classes": 4},
+            },
+        },
+        "train": {"batch_size": 4},
+    }
+    path = root / "config.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def test_data_check_finds_the_corrupt_image_and_the_bad_label(tmp_path, capsys):
+    config = write_folder(tmp_path / "bad", corrupt=True, bad_label=True)
+    assert main(["data", "check", str(config)]) == 1
+    out = capsys.readouterr()
+    assert "unreadable" in out.out and "t3.png" in out.out
+    assert "invalid_label" in out.out and "t5.png" in out.out and "out of range" in out.out
+    assert "2 error(s) found" in out.err
+
+    clean = write_folder(tmp_path / "clean", corrupt=False, bad_label=False)
+    assert main(["data", "check", str(clean), "--splits", "train", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "No problems found" in out and "test" not in out.split("Data check")[1].split("No problems")[0]
+
+
+@pytest.mark.parametrize("corrupt, bad_label, named", [(True, False, "t3.png"), (False, True, "t5.png")])
+def test_training_stops_with_the_bad_file_named(tmp_path, capsys, corrupt, bad_label, named):
+    config = write_folder(tmp_path / "data", corrupt=corrupt, bad_label=bad_label)
+    assert main(["train", str(config), "--set", *FAST, "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    if bad_label:
+        assert "label 7 is out of range" in err
+
+
+def test_skip_bad_trains_and_reports_how_many(tmp_path, capsys):
+    config = write_folder(tmp_path / "data", corrupt=True, bad_label=True)
+    runs = tmp_path / "runs"
+    assert main(["train", str(config), "--set", *FAST, "data.skip_bad=true", "--out", str(runs), "--name", "r"]) == 0
+    report = json.loads((runs / "r" / "metrics.json").read_text())
+    assert report["skipped_samples"] == {"train": 2, "val": 0, "test": 0}
+    printed = capsys.readouterr()
+    assert "2 unreadable or invalid sample(s) skipped" in " ".join((printed.out + printed.err).split())
+
+
+def write_nyuv2(root: Path, counts: dict[str, int]) -> None:
+    """The mtan/LibMTL layout {root}/{train,val}/{image,label,depth,normal}/{i}.npy with its dtypes."""
+    rng = np.random.default_rng(1)
+    for split, count in counts.items():
+        for sub in ("image", "label", "depth", "normal"):
+            (root / split / sub).mkdir(parents=True)
+        for i in range(count):
+            normal = rng.normal(size=(SIZE, SIZE, 3)).astype(np.float32)
+            normal /= np.linalg.norm(normal, axis=2, keepdims=True)
+            arrays = {
+                "image": rng.random((SIZE, SIZE, 3)).astype(np.float32),
+                "label": rng.integers(-1, 13, (SIZE, SIZE)).astype(np.float32),
+                "depth": (rng.random((SIZE, SIZE, 1)) * 9 + 0.5).astype(np.float32),
+                "normal": normal,
+            }
+            for sub, array in arrays.items():
+                np.save(root / split / sub / f"{i}.npy", array)
+
+
+def test_nyuv2_preset_trains_on_a_generated_folder(tmp_path):
+    root = tmp_path / "nyuv2"
+    write_nyuv2(root, {"train": 9, "val": 3})
+    runs = tmp_path / "runs"
+    args = ["train", "nyuv2", "--set", f"data.root={root}", *FAST, "train.batch_size=4", "--out", str(runs),
+            "--name", "nyu"]
+    assert main(args) == 0
+    report = json.loads((runs / "nyu" / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"segmentation", "depth", "normals"}
+    assert 0.0 <= report["metrics"]["segmentation"]["miou"] <= 1.0
+    assert np.isfinite(report["metrics"]["normals"]["mean_angle"]) if "mean_angle" in report["metrics"]["normals"] \
+        else all(np.isfinite(v) for v in report["metrics"]["normals"].values())
+
+
+def test_nyuv2_without_its_data_names_the_missing_folder(tmp_path, capsys):
+    def error() -> str:
+        return "".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+    assert main(["train", "nyuv2", "--set", *FAST, "--out", str(tmp_path / "runs")]) == 2
+    err = error()
+    assert "data.rootisnotset" in err and "{root}/{train,val}" in err and "Traceback" not in err
+    missing = tmp_path / "nowhere"
+    assert main(["train", "nyuv2", "--set", f"data.root={missing}", *FAST, "--out", str(tmp_path / "runs")]) == 2
+    assert f"data.root'{missing}'isnotafolder" in error()
+
+
+def test_multi_demo_learns_each_task_from_its_own_source_only(tmp_path, monkeypatch):
+    seen: list[dict[str, int]] = []
+    original = Trainer.task_losses
+
+    def checked(self, predictions, batch):
+        """The masked per-task losses must equal each task's loss over its own source's samples alone."""
+        losses = original(self, predictions, batch)
+        own = {"segmentation": "scenes:", "digit": "digits:"}
+        for index, (name, task) in enumerate(self.tasks.items()):
+            rows = torch.tensor([i.startswith(own[name]) for i in batch["ids"]])
+            assert torch.equal(batch["valid"][name].cpu(), rows), name
+            subset = task.loss(predictions[name][rows], batch["targets"][name][rows], torch.ones(int(rows.sum()),
+                               dtype=torch.bool))
+            assert torch.allclose(losses[index], subset.float(), rtol=1e-5, atol=1e-6), name
+        if torch.is_grad_enabled():
+            seen.append({name: int(v.sum()) for name, v in batch["valid"].items()})
+        return losses
+
+    monkeypatch.setattr(Trainer, "task_losses", checked)
+    sizes = [f"data.sources.{s}.{k}={n}" for s in ("scenes", "digits")
+             for k, n in (("train_size", 12), ("val_size", 4), ("test_size", 4))]
+    runs = tmp_path / "runs"
+    args = ["train", "multi_demo", "--set", *sizes, "data.sources.digits.train_size=24", "data.augment.resize=[32,32]",
+            "data.sources.scenes.image_size=32", *FAST, "train.batch_size=6", "--out", str(runs), "--name", "m"]
+    assert main(args) == 0
+    report = json.loads((runs / "m" / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"segmentation", "digit"}
+    assert 0.0 <= report["metrics"]["digit"]["accuracy"] <= 1.0
+    assert 0.0 <= report["metrics"]["segmentation"]["miou"] <= 1.0
+    # proportional mixing of 12 scenes and 24 digit images: 2 + 4 of every batch of 6; 24 / 4 = 6 steps
+    assert seen == [{"segmentation": 2, "digit": 4}] * 6

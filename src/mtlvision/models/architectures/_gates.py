@@ -27,7 +27,7 @@ from mtlvision.models.architectures._stages import (
     run_stages,
     stage_copies,
 )
-from mtlvision.models.architectures.base import Architecture
+from mtlvision.models.architectures.base import Architecture, RepresentationUnavailable
 
 GateFactory = Callable[[int, int], nn.Module]
 """``(in_features, num_experts) -> gate``; a gate maps ``[B, in_features]`` to weights ``[B, num_experts]``."""
@@ -175,6 +175,7 @@ class GatedExperts(Architecture):
             shared_stages + num_levels,
             f"{shared_stages} shared stage(s) and at least one stage for each of {num_levels} expert level(s)",
         )
+        self.architecture = architecture
         self.task_names = list(task_names)
         self.feature_channels, self.feature_strides = feature_layout(backbone)
         self.trunk = nn.ModuleList(list(stages)[:shared_stages])
@@ -208,6 +209,12 @@ class GatedExperts(Architecture):
                 collected.extend(task_features)
             task_inputs = [task_features[-1] for task_features in features]
         return dict(zip(self.task_names, per_task))
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        raise RepresentationUnavailable(
+            f"architecture {self.architecture!r} has no single shared representation: each task mixes the "
+            "experts' features with its own gate. Use balancer.mode=params."
+        )
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """The trunk, every shared expert and shared gate, and whatever feeds a shared gate.

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
 from mtlvision.models.architectures._stages import backbone_stages, feature_layout, stage_copies
-from mtlvision.models.architectures.base import Architecture, ArchitectureSpec
+from mtlvision.models.architectures.base import Architecture, ArchitectureSpec, RepresentationUnavailable
 from mtlvision.models.architectures.registry import ARCHITECTURES
 
 
@@ -54,6 +54,12 @@ class CrossStitchNetwork(Architecture):
             for collected, feature in zip(per_task, inputs):
                 collected.append(feature)
         return dict(zip(self.task_names, per_task))
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        raise RepresentationUnavailable(
+            "architecture 'cross_stitch' has no single shared representation: every task has its own backbone "
+            "copy. Use balancer.mode=params."
+        )
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.parameters()

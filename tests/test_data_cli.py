@@ -164,3 +164,29 @@ def test_multi_demo_learns_each_task_from_its_own_source_only(tmp_path, monkeypa
     assert 0.0 <= report["metrics"]["segmentation"]["miou"] <= 1.0
     # proportional mixing of 12 scenes and 24 digit images: 2 + 4 of every batch of 6; 24 / 4 = 6 steps
     assert seen == [{"segmentation": 2, "digit": 4}] * 6
+
+
+def test_office_preset_mixes_domains_per_step_and_resumes_mid_epoch(tmp_path):
+    from mtlvision.config import load_config
+    from mtlvision.engine.build import build_split, build_tasks
+    from mtlvision.models import MultiTaskModel
+    from tests.data.test_office import write_office31
+    from tests.engine.tinyrun import tiny_backbone
+
+    write_office31(tmp_path, {"amazon": 6, "dslr": 3, "webcam": 3})
+    config = load_config("office31", {"data.root": str(tmp_path), "data.augment.resize": [16, 16]})
+    tasks = build_tasks(config)
+    data = build_split(config, tasks, "train", train=True)
+    trainer = Trainer(MultiTaskModel(tiny_backbone, tasks), epochs=1, batch_size=4, progress=False, device="cpu")
+    batches = list(trainer.loader(data, shuffle=True, epoch=1))
+    # proportional: p = (1/2, 1/4, 1/4), 2 + 1 + 1 per batch of 4; an epoch walks amazon once: 6 / 2 = 3 steps
+    assert len(batches) == 3
+    for batch in batches:
+        domains = [i.split(":")[0] for i in batch["ids"]]
+        assert sorted(domains) == ["amazon", "amazon", "dslr", "webcam"]
+        for task in ("amazon", "dslr", "webcam"):
+            assert batch["valid"][task].tolist() == [d == task for d in domains]
+    assert len({i for b in batches for i in b["ids"] if i.startswith("amazon")}) == 6
+    resumed = list(trainer.loader(data, shuffle=True, epoch=1, start=1 * 4))
+    assert [b["ids"] for b in resumed] == [b["ids"] for b in batches[1:]]
+    assert [b["ids"] for b in trainer.loader(data, shuffle=True, epoch=2)] != [b["ids"] for b in batches]

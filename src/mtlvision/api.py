@@ -612,9 +612,11 @@ def compare(
     if not loaded:
         raise MtlvisionError("compare needs at least one run folder")
     first = loaded[0]
-    path = _baselines_file(baselines) if baselines else (
-        Path(first.config.baselines) if first.config.baselines else default_baselines_path(first.path.parent, first.config)
-    )
+    candidates = [
+        Path(run.config.baselines) if run.config.baselines else default_baselines_path(run.path.parent, run.config)
+        for run in loaded
+    ]
+    path = _baselines_file(baselines) if baselines else next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         raise MtlvisionError(f"no baselines at {path}: compare measures every run against the experts; pass --baselines")
     stored = json.loads(path.read_text())

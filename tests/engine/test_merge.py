@@ -231,3 +231,19 @@ def test_model_init_errors_name_the_problem(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no tensor .* matches"):
         build_model(cfg, build_tasks(cfg))
     assert init_run(_scenes_config(tmp_path, **{"model.init": "xavier"})) is None
+
+
+def test_model_init_finds_backbone_stages_in_another_architecture(tmp_path) -> None:
+    source_cfg = _scenes_config(tmp_path)
+    torch.manual_seed(1)
+    source = build_model(source_cfg, build_tasks(source_cfg))
+    run = tmp_path / "hps"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(run / "model.safetensors"))
+    cfg = _scenes_config(tmp_path, **{"model.init": str(run), "model.architecture": "mtan"})
+    model = build_model(cfg, build_tasks(cfg))
+    stage_keys = [k for k in model.state_dict() if k.startswith("architecture.stages.")]
+    assert stage_keys
+    for key in stage_keys:
+        assert torch.equal(model.state_dict()[key], source.state_dict()["architecture.backbone." + key[13:]]), key
+    assert any(k.startswith("architecture.attention") for k in model.state_dict())

@@ -85,7 +85,7 @@ def init_run(config: RunConfig) -> Path | None:
 
 
 def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]:
-    """Copy every tensor of the weights file ``path`` whose name and shape match into ``model``.
+    """Copy every tensor of the weights file ``path`` whose name (or backbone stage) and shape match into ``model``.
 
     Returns the names loaded, and those skipped because the file lacks them or their shape differs; a file
     that matches nothing is an error (it was saved from another backbone or architecture).
@@ -98,16 +98,29 @@ def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     own = model.state_dict()
-    loaded = [k for k, v in own.items() if k in saved and saved[k].shape == v.shape]
-    mis_shaped = [k for k, v in own.items() if k in saved and saved[k].shape != v.shape]
-    absent = [k for k in own if k not in saved]
+    source = {k: k for k in own if k in saved}
+    # Architectures place the backbone stages differently (HPS: architecture.backbone.stages.i, MTAN:
+    # architecture.stages.i, cross-stitch: one copy per task); a stage tensor found exactly once in the
+    # file under the same "stages.i..." suffix is taken for every copy of it in the model.
+    by_stage: dict[str, list[str]] = {}
+    for key in saved:
+        if "stages." in key:
+            by_stage.setdefault(key[key.rfind("stages."):], []).append(key)
+    for key in own:
+        if key not in source and "stages." in key:
+            candidates = by_stage.get(key[key.rfind("stages."):], [])
+            if len(candidates) == 1:
+                source[key] = candidates[0]
+    loaded = [k for k, v in own.items() if k in source and saved[source[k]].shape == v.shape]
+    mis_shaped = [k for k, v in own.items() if k in source and saved[source[k]].shape != v.shape]
+    absent = [k for k in own if k not in source]
     if not loaded:
         raise CheckpointError(
             f"model.init: no tensor of {path} matches this model by name and shape ({len(saved)} tensors in the "
             f"file, {len(own)} in the model; e.g. file {next(iter(saved), '-')!r}, model {next(iter(own), '-')!r}). "
             "Was it saved from another backbone or architecture?"
         )
-    model.load_state_dict({k: saved[k] for k in loaded}, strict=False)
+    model.load_state_dict({k: saved[source[k]] for k in loaded}, strict=False)
     return {"loaded": loaded, "shape_differs": mis_shaped, "not_in_file": absent}
 
 

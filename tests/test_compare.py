@@ -1,0 +1,199 @@
+"""From experts to one model through the API and CLI, on tiny scenes: baseline (with the common init),
+merge, train from the merge with distillation, compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mtlvision import api, cli
+from mtlvision.config import load_config
+from mtlvision.engine.runs import Run
+from mtlvision.errors import MtlvisionError
+from mtlvision.evaluation.compare import CompareEntry, Comparison, time_inference
+
+TINY = {
+    "data.image_size": 32,
+    "data.train_size": 16,
+    "data.val_size": 8,
+    "data.test_size": 8,
+    "train.epochs": 1,
+    "train.batch_size": 8,
+    "train.progress": False,
+    "train.device": "cpu",
+    "model.backbone": "resnet18",
+    "tasks": ["count", "segmentation"],
+}
+
+
+# The pipeline trains two experts and a joint model (about a minute of CPU): its tests are marked slow.
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    baselines = api.baseline("scenes", TINY, out=out)
+    merged = api.merge([baselines.parent], out / "merged", rule="ties", hparams={"density": 0.5})
+    return {"out": out, "baselines": baselines, "merged": merged.path}
+
+
+@pytest.mark.slow
+def test_baseline_records_one_common_initialisation(pipeline: dict[str, Path]) -> None:
+    experts = api.expert_runs(pipeline["baselines"])
+    assert set(experts) == {"count", "segmentation"}
+    inits = [load_file(str(path / api.INIT_WEIGHTS_NAME)) for path in experts.values()]
+    backbone = [k for k in inits[0] if k.startswith("architecture.backbone.")]
+    assert backbone and all(torch.equal(inits[0][k], inits[1][k]) for k in backbone)
+    trained = load_file(str(experts["count"] / "model.safetensors"))
+    assert any(not torch.equal(trained[k], inits[0][k]) for k in backbone if trained[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> None:
+    merged = Run.load(pipeline["merged"])
+    assert [e.name for e in merged.config.tasks or []] == ["count", "segmentation"]
+    record = merged.report["merge"]
+    assert record["rule"] == "ties" and record["hparams"] == {"density": 0.5, "scale": 1.0}
+    assert record["batch_norm"] == "recomputed on the train split"
+    assert record["copied_tensors_per_task"].keys() == {"count", "segmentation"}
+    assert merged.report["delta_m"] is not None
+    again = api.evaluate(pipeline["merged"])
+    for task, values in merged.report["metrics"].items():
+        for metric, value in values.items():
+            assert again["metrics"][task][metric] == pytest.approx(value, abs=1e-6)
+    weights = load_file(str(pipeline["merged"] / "model.safetensors"))
+    experts = api.expert_runs(pipeline["baselines"])
+    for task in ("count", "segmentation"):
+        expert = load_file(str(experts[task] / "model.safetensors"))
+        head = [k for k in expert if k.startswith(f"heads.{task}.") and "running" not in k and "num_batches" not in k]
+        assert head and all(torch.equal(weights[k], expert[k]) for k in head)
+
+
+@pytest.mark.slow
+def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str, Path], capsys) -> None:
+    out = pipeline["out"]
+    run = api.train("scenes", {**TINY, "model.init": str(pipeline["merged"]),
+                               "distill.experts": str(pipeline["baselines"].parent)}, out=out, name="joint")
+    assert Path(run.config.model.init).is_absolute()
+    assert api.describe_run(run) == "joint from merged (ties), distilled from experts"
+    assert api.describe_run(Run.load(pipeline["merged"])) == "merged (ties), before training"
+    comparison = api.compare([pipeline["merged"], run.path], repeats=1, batch_size=2)
+    assert [e.label for e in comparison.entries] == ["2 experts", "merged", "joint"]
+    assert comparison.delta(comparison.experts).overall == 0.0
+    merged_delta = Run.load(pipeline["merged"]).report["delta_m"]["overall"]
+    assert comparison.delta(comparison.runs[0]).overall == pytest.approx(merged_delta)
+    assert comparison.experts.parameters > comparison.runs[0].parameters > comparison.experts.parameters / 2
+    header, rows = comparison.task_rows("segmentation")
+    assert header[2:4] == ["miou ↑", "pixel_accuracy ↑"] and len(rows) == 3
+    markdown = comparison.markdown()
+    assert "joint from merged (ties), distilled from experts" in markdown and "| 2 experts |" in markdown
+
+    code = cli.main(["compare", str(pipeline["merged"]), str(run.path), "--out", str(out / "cmp"),
+                     "--repeats", "1", "--batch-size", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "segmentation (test split)" in printed and "compare.png" in printed
+    assert "merged (ties), before training" in (out / "cmp" / "compare.md").read_text()
+    assert (out / "cmp" / "compare.png").stat().st_size > 1000
+    report = json.loads((out / "cmp" / "compare.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["2 experts", "merged", "joint"]
+
+
+@pytest.mark.slow
+def test_experts_of_other_backbones_or_an_existing_output_are_refused(pipeline: dict[str, Path], tmp_path) -> None:
+    experts = [Run.load(p) for p in api.expert_runs(pipeline["baselines"]).values()]
+    other = Run(path=Path("other"), config=load_config("scenes", {**TINY, "model.backbone": "resnet34",
+                                                                  "tasks": ["depth"]}))
+    with pytest.raises(MtlvisionError, match="model.backbone differs"):
+        api._check_mergeable([experts[0], other])
+    with pytest.raises(MtlvisionError, match="several experts predict task\\(s\\) count"):
+        api._check_mergeable([experts[0], experts[0]])
+    assert cli.main(["merge", str(pipeline["baselines"].parent), "--out", str(pipeline["merged"])]) == 2
+
+
+@pytest.mark.slow
+def test_task_arithmetic_with_scale_zero_gives_back_the_common_initialisation(pipeline: dict[str, Path]) -> None:
+    run = api.merge([pipeline["baselines"].parent], pipeline["out"] / "ta0", rule="task_arithmetic",
+                    hparams=["scale=0"])
+    weights = load_file(str(run.path / "model.safetensors"))
+    init = load_file(str(next(iter(api.expert_runs(pipeline["baselines"]).values())) / api.INIT_WEIGHTS_NAME))
+    names = dict(run_model_parameters(run.path))
+    backbone = [k for k in names if k.startswith("architecture.backbone.")]
+    assert backbone and all(torch.equal(weights[k], init[k]) for k in backbone)
+
+
+def run_model_parameters(path: Path) -> list[tuple[str, torch.nn.Parameter]]:
+    model, _ = api.load_model(path)
+    return list(model.named_parameters())
+
+
+# ------------------------------------------------------------------------------ fast: the report itself
+def _entry(label: str, accuracy: float, miou: float, parameters: int, ms: float) -> CompareEntry:
+    return CompareEntry(label=label, kind=f"{label} kind", path=f"/runs/{label}",
+                        metrics={"count": {"accuracy": accuracy}, "segmentation": {"miou": miou, "err": 2 - miou}},
+                        parameters=parameters, inference_ms=ms)
+
+
+def _comparison() -> Comparison:
+    return Comparison(
+        experts=_entry("experts", 0.5, 0.4, 200, 10.0),
+        runs=[_entry("merged", 0.6, 0.3, 110, 6.0), _entry("joint", 0.5, 0.5, 110, 5.0)],
+        directions={"count": {"accuracy": True}, "segmentation": {"miou": True, "err": False}},
+        split="test", baselines="b.json", batch_size=4, device="cpu",
+    )
+
+
+def test_comparison_delta_m_matches_a_hand_computation_and_renders(tmp_path: Path) -> None:
+    comparison = _comparison()
+    merged = comparison.delta(comparison.runs[0])
+    # count: -(0.6-0.5)/0.5 = -20%; segmentation: miou -(0.3-0.4)/0.4 = +25%, err (1.7-1.6)/1.6 = +6.25%
+    assert merged.per_task["count"] == pytest.approx(-20.0)
+    assert merged.per_task["segmentation"] == pytest.approx((25.0 + 6.25) / 2)
+    assert merged.overall == pytest.approx((-20.0 + 25.0 + 6.25) / 3)
+    rows = comparison.summary_rows()
+    assert [r[0] for r in rows] == ["experts", "merged", "joint"]
+    assert rows[1][5] == "0.55×" and rows[2][7] == "0.50×"
+    header, task_rows = comparison.task_rows("segmentation")
+    assert header == ["model", "what it is", "miou ↑", "err ↓", "Δm %"]
+    assert task_rows[2][2:] == ["0.5000", "1.5000", f"{(-25.0 - 6.25) / 2:+.2f}"]
+    titles = [t.title for t in comparison.tables()]
+    assert titles[:2] == ["count (test split)", "segmentation (test split)"]
+    assert "| merged | merged kind |" in comparison.markdown()
+    assert comparison.plot(tmp_path / "c.png").stat().st_size > 1000
+    assert json.loads(json.dumps(comparison.to_dict()))["models"][1]["delta_m"]["overall"] == pytest.approx(
+        merged.overall)
+
+
+def test_time_inference_is_the_median_over_every_model() -> None:
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            calls.append(images.shape[0])
+            return images
+
+    elapsed = time_inference([Counting(), Counting()], torch.zeros(3, 1), repeats=4, device=torch.device("cpu"))
+    assert elapsed >= 0 and calls == [3] * 10  # one warm-up pass and four timed passes over both models
+
+
+def test_describe_run_reads_what_a_run_is(tmp_path: Path) -> None:
+    def make(name: str, report: dict, **overrides) -> Run:
+        config = load_config("scenes", {**TINY, **overrides})
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        (path / "metrics.json").write_text(json.dumps(report))
+        return Run.load(path)
+
+    merged = make("merged", {"merge": {"rule": "average"}})
+    assert api.describe_run(merged) == "merged (average), before training"
+    assert api.describe_run(make("scratch", {})) == "joint from scratch"
+    assert api.describe_run(make("distilled", {}, **{"distill.experts": "b"})) == (
+        "joint from scratch, distilled from experts")
+    assert api.describe_run(make("from", {}, **{"model.init": str(merged.path)})) == "joint from merged (average)"
+    expert = make("expert", {}, tasks=["count"])
+    assert api.describe_run(expert, [expert.path]) == "single-task expert"
+    assert api.describe_run(expert) == "single-task from scratch"

@@ -1,5 +1,54 @@
-"""mtlvision: multi-task learning for computer vision on PyTorch."""
+"""mtlvision: multi-task learning for computer vision on PyTorch.
+
+>>> import mtlvision as mv
+>>> run = mv.train("scenes", overrides={"balancer.name": "pcgrad", "train.epochs": 5})
+>>> model = mv.MultiTaskModel("resnet18", [mv.tasks.Segmentation("seg", num_classes=13), mv.tasks.Depth("depth")],
+...                           architecture=mv.architectures.MTAN())
+>>> mv.balancers.aggregate("upgrad", G)   # any gradient method on a [T, P] matrix
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from mtlvision import balancers, tasks  # noqa: E402
+from mtlvision.api import (  # noqa: E402
+    baseline,
+    check_data,
+    compare,
+    evaluate,
+    load_model,
+    merge,
+    predict,
+    registry,
+    train,
+)
+from mtlvision.config import RunConfig, load_config  # noqa: E402
+from mtlvision.engine.runs import Run  # noqa: E402
+from mtlvision.engine.trainer import Trainer  # noqa: E402
+from mtlvision.errors import ConfigError, DataError, MtlvisionError  # noqa: E402
+from mtlvision.models import MultiTaskModel, architectures, create_backbone  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "MtlvisionError",
+    "MultiTaskModel",
+    "Run",
+    "RunConfig",
+    "Trainer",
+    "architectures",
+    "balancers",
+    "baseline",
+    "check_data",
+    "compare",
+    "create_backbone",
+    "evaluate",
+    "load_config",
+    "load_model",
+    "merge",
+    "predict",
+    "registry",
+    "tasks",
+    "train",
+]

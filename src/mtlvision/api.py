@@ -369,7 +369,9 @@ def _baselines_file(source: str | Path) -> Path:
     if path.is_dir():
         path = path / BASELINES_NAME
     if not path.is_file():
-        raise MtlvisionError(f"{source} is neither a {BASELINES_NAME} nor a folder holding one (from `mtlvision baseline`)")
+        raise MtlvisionError(
+            f"{source} is neither a {BASELINES_NAME} nor a folder holding one (from `mtlvision baseline`)"
+        )
     return path
 
 
@@ -392,7 +394,7 @@ def expert_runs(source: str | Path) -> dict[str, Path]:
 
 
 def _distillation(config: RunConfig, tasks: Sequence[Task], model: MultiTaskModel) -> Any:
-    """The distillation loss of ``distill.*``: the experts of ``distill.experts``, frozen, on CPU for now."""
+    """The distillation loss of ``distill.*`` with the frozen experts of ``distill.experts``."""
     from mtlvision.engine.distill import Distillation
 
     settings = config.distill
@@ -602,7 +604,7 @@ def compare(
 ) -> Any:
     """The whole path from experts to one model (``mtlvision compare``): per task, the experts and every run,
     each metric, Δm against the experts, parameter count and inference time (median of ``repeats`` passes
-    over a batch of ``batch_size`` images) of each model vs the experts together.
+    over the first ``batch_size`` images of the evaluation split) of each model vs the experts together.
     """
     import json
 
@@ -618,15 +620,17 @@ def compare(
     ]
     path = _baselines_file(baselines) if baselines else next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
-        raise MtlvisionError(f"no baselines at {path}: compare measures every run against the experts; pass --baselines")
+        raise MtlvisionError(
+            f"no baselines at {path}: compare measures every run against the experts; pass --baselines"
+        )
     stored = json.loads(path.read_text())
     expert_paths = expert_runs(path)
     torch_device = resolve_device(device)
-    size = _image_size(first.config) or (64, 64)
-    images = torch.rand(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    split = first.report.get("split", first.config.train.eval_split)
+    data = build_split(first.config, build_tasks(first.config), split, train=False)
+    images = torch.stack([data[i]["image"] for i in range(min(batch_size, len(data)))])
     directions: dict[str, dict[str, bool]] = {}
     entries: list[CompareEntry] = []
-    split = first.report.get("split", first.config.train.eval_split)
     for run in loaded:
         if "metrics" not in run.report:
             raise MtlvisionError(f"{run.path} holds no metrics.json; evaluate it first (`mtlvision eval`)")
@@ -643,7 +647,7 @@ def compare(
     missing = [t for t in task_names if t not in stored["experts"] or split not in stored["experts"][t]["metrics"]]
     if missing:
         raise MtlvisionError(f"{path} has no expert for task(s) {', '.join(missing)} on the {split} split")
-    experts = [load_model(expert_paths[t])[0] for t in task_names]
+    experts = [load_model(p)[0] for p in dict.fromkeys(expert_paths[t] for t in task_names)]
     reference = CompareEntry(
         label=f"{len(experts)} experts", kind="single-task experts", path=str(path),
         metrics={t: stored["experts"][t]["metrics"][split] for t in task_names},

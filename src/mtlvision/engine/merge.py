@@ -15,6 +15,7 @@ and those no expert holds (an error).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -27,13 +28,13 @@ from mtlvision.errors import ConfigError
 from mtlvision.registry import Registry
 
 
-class MergeRule:
+class MergeRule(ABC):
     """Combines the experts' flattened shared parameters ``[T, P]`` (and a base ``[P]``) into ``[P]``."""
 
     needs_base: ClassVar[bool] = False
 
-    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor: ...
 
     def describe(self) -> dict[str, float]:
         return {k: float(v) for k, v in vars(self).items()}

@@ -129,7 +129,8 @@ class Comparison:
             f"{self.batch_size} on {self.device}, median"
         )
         for column in self.SUMMARY_COLUMNS:
-            summary.add_column(column, justify="left" if column in {"model", "what it is", "Δm per task %"} else "right")
+            left = column in {"model", "what it is", "Δm per task %"}
+            summary.add_column(column, justify="left" if left else "right")
         for row in self.summary_rows():
             summary.add_row(*row)
         result.append(summary)

@@ -115,4 +115,18 @@ def test_export_round_trip(tmp_path: Path) -> None:
     again = source.build(source.Params(name="nyuv2", root=str(tmp_path / "b"), val_fraction=0.5), "test")
     for i in range(2):
         for name in ("segmentation", "depth", "normals"):
-            assert torch.equal(again[i]["targets"][name], test[i]["targets"][name])
+            assert torch.allclose(again[i]["targets"][name].float(), test[i]["targets"][name].float(), atol=1e-6, rtol=0)
+
+
+def test_rescaled_normals_are_renormalised_and_zero_stays_invalid(tmp_path: Path) -> None:
+    written = write_nyu(tmp_path, {"train": 2, "val": 1})
+    shortened = written["val"][0]["normal"] * np.linspace(0.6, 1.0, W, dtype=np.float32)[None, :, None]
+    np.save(tmp_path / "val" / "normal" / "0.npy", shortened)  # as bilinear rescaling of unit vectors leaves them
+    source, params = source_params(tmp_path)
+    normals = source.build(params, "test")[0]["targets"]["normals"]
+    lengths = normals.norm(dim=0)
+    zero = torch.from_numpy(np.abs(shortened).sum(2) == 0)
+    assert torch.allclose(lengths[~zero], torch.ones(()), atol=1e-5) and bool((lengths[zero] == 0).all())
+    expected = torch.nn.functional.normalize(torch.from_numpy(shortened).permute(2, 0, 1), dim=0)
+    assert torch.allclose(normals, expected, atol=1e-6)
+    TASKS.get("normals")("normals").check_target(normals, "val/0")

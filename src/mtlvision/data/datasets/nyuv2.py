@@ -10,7 +10,8 @@ The layout (Liu et al., "End-to-End Multi-Task Learning with Attention", CVPR 20
     {root}/val/...                the same, 654 samples
 
 ``i`` runs from 0 to the number of ``image/*.npy`` files minus one. We convert the layout to our sample format:
-labels -1 become 255 (our ignore index), depth becomes ``[1, H, W]``, normals ``[3, H, W]``.
+labels -1 become 255 (our ignore index), depth becomes ``[1, H, W]``, normals ``[3, H, W]`` renormalised to
+unit length.
 
 Splits: the published data has no test split; the papers report on ``val``. Here ``test`` is their ``val``
 and our ``val`` (used for model selection) is carved out of their ``train`` by ``val_fraction`` with
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from pydantic import Field
 from torch.utils.data import Dataset
 
@@ -106,7 +108,11 @@ def read_depth(array: Any, path: Path) -> Any:
 
 
 def read_normals(array: Any, path: Path) -> Any:
-    return dense_map(array, 3, path)
+    """Normals renormalised to unit length: MTAN rescaled the published maps from 480 x 640, which shortens
+    interpolated vectors; zero vectors (no measurement) stay zero."""
+    normals = dense_map(array, 3, path)
+    length = normals.norm(dim=0, keepdim=True)
+    return torch.where(length > 1e-6, normals / length.clamp_min(1e-6), torch.zeros_like(normals))
 
 
 @DATASETS.register("nyuv2", "NYUv2 (.npy layout of MTAN/LibMTL): 13-class segmentation, depth, surface normals.")

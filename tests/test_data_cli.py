@@ -131,6 +131,7 @@ def test_nyuv2_without_its_data_names_the_missing_folder(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main(["train", "nyuv2", "--set", f"data.root={missing}", *FAST, "--out", str(tmp_path / "runs")]) == 2
     assert f"data.root'{missing}'isnotafolder" in error()
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind
 
 
 def test_multi_demo_learns_each_task_from_its_own_source_only(tmp_path, monkeypatch):

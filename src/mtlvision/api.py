@@ -158,9 +158,13 @@ def train(
         cfg = read_config(run_dir)
     else:
         cfg = _with_absolute_init(_config(config, overrides))
-        run_dir = new_run_dir(out, name or cfg.data.name)
     tasks = build_tasks(cfg)
     cfg = _resolved(cfg, tasks)
+    # the data is opened before the run folder is made, so that a wrong data.root leaves no empty run behind
+    train_data = build_split(cfg, tasks, "train", train=True)
+    val_data = build_split(cfg, tasks, "val", train=False)
+    if resume is None:
+        run_dir = new_run_dir(out, name or cfg.data.name)
     write_config(run_dir, cfg)
     console.print(f"Run folder: [bold]{run_dir}[/] — tasks: {', '.join(t.name for t in tasks)}")
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone (experts share their backbone init)
@@ -169,8 +173,6 @@ def train(
         save_weights(model, run_dir / INIT_WEIGHTS_NAME)
     auxiliary = _distillation(cfg, tasks, model) if cfg.distill.experts else None
     trainer = build_trainer(cfg, model, run_dir, auxiliary=auxiliary)
-    train_data = build_split(cfg, tasks, "train", train=True)
-    val_data = build_split(cfg, tasks, "val", train=False)
     fit = trainer.fit(train_data, val_data, resume=resume is not None)
     return _finish(run_dir, cfg, tasks, model, trainer, fit.best_epoch, train_data.skipped)
 

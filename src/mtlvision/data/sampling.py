@@ -53,7 +53,7 @@ class SamplingParams(BaseModel):
 
     strategy: Strategy = "proportional"
     mixing: Mixing = "mixed"
-    temperature: float = Field(5.0, gt=0, description="strategy temperature: p_k ∝ n_k^(1/T); 5 as Arivazhagan et al.")
+    temperature: float = Field(5.0, gt=0, description="strategy temperature: p_k ∝ n_k^(1/T), 5 as Arivazhagan")
     steps_per_epoch: int | None = Field(None, ge=1, description="default: see the module docstring")
 
 

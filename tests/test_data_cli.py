@@ -154,17 +154,17 @@ def test_multi_demo_learns_each_task_from_its_own_source_only(tmp_path, monkeypa
 
     monkeypatch.setattr(Trainer, "task_losses", checked)
     sizes = [f"data.sources.{s}.{k}={n}" for s in ("scenes", "digits")
-             for k, n in (("train_size", 12), ("val_size", 4), ("test_size", 4))]
+             for k, n in (("train_size", 4), ("val_size", 3), ("test_size", 3))]
     runs = tmp_path / "runs"
-    args = ["train", "multi_demo", "--set", *sizes, "data.sources.digits.train_size=24", "data.augment.resize=[32,32]",
+    args = ["train", "multi_demo", "--set", *sizes, "data.sources.digits.train_size=8", "data.augment.resize=[32,32]",
             "data.sources.scenes.image_size=32", *FAST, "train.batch_size=6", "--out", str(runs), "--name", "m"]
     assert main(args) == 0
     report = json.loads((runs / "m" / "metrics.json").read_text())
     assert set(report["metrics"]) == {"segmentation", "digit"}
     assert 0.0 <= report["metrics"]["digit"]["accuracy"] <= 1.0
     assert 0.0 <= report["metrics"]["segmentation"]["miou"] <= 1.0
-    # proportional mixing of 12 scenes and 24 digit images: 2 + 4 of every batch of 6; 24 / 4 = 6 steps
-    assert seen == [{"segmentation": 2, "digit": 4}] * 6
+    # proportional mixing of 4 scenes and 8 digit images: 2 + 4 of every batch of 6; 8 / 4 = 2 steps
+    assert seen == [{"segmentation": 2, "digit": 4}] * 2
 
 
 def test_office_preset_mixes_domains_per_step_and_resumes_mid_epoch(tmp_path):

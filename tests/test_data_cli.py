@@ -68,10 +68,12 @@ def test_data_check_finds_the_corrupt_image_and_the_bad_label(tmp_path, capsys):
     assert "No problems found" in out and "test" not in out.split("Data check")[1].split("No problems")[0]
 
 
-@pytest.mark.parametrize("corrupt, bad_label, named", [(True, False, "t3.png"), (False, True, "t5.png")])
-def test_training_stops_with_the_bad_file_named(tmp_path, capsys, corrupt, bad_label, named):
+@pytest.mark.parametrize("corrupt, bad_label, named, workers",
+                         [(True, False, "t3.png", 0), (False, True, "t5.png", 0), (True, False, "t3.png", 1)])
+def test_training_stops_with_the_bad_file_named(tmp_path, capsys, corrupt, bad_label, named, workers):
     config = write_folder(tmp_path / "data", corrupt=corrupt, bad_label=bad_label)
-    assert main(["train", str(config), "--set", *FAST, "--out", str(tmp_path / "runs")]) == 2
+    args = ["train", str(config), "--set", *FAST, f"data.num_workers={workers}", "--out", str(tmp_path / "runs")]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     if bad_label:

@@ -215,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(exc: MtlvisionError) -> str:
+    """The error's own paragraph (one re-raised from a DataLoader worker process carries its traceback)."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[-1].strip()
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one paragraph and exit 2, without a traceback."""
     parser = build_parser()
@@ -223,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except MtlvisionError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

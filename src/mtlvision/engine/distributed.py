@@ -23,11 +23,13 @@ def launched_by_torchrun() -> bool:
 
 def setup(device: torch.device) -> torch.device:
     """Join the process group started by torchrun (gloo on CPU, nccl on CUDA); returns this rank's device."""
-    if not launched_by_torchrun() or dist.is_initialized():
+    if not launched_by_torchrun():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return device

@@ -18,6 +18,7 @@ from PIL import Image
 from mtlvision.config import RunConfig, TaskEntry, load_config
 from mtlvision.data.check import DataReport
 from mtlvision.data.io import read_image
+from mtlvision.engine import distributed as dist
 from mtlvision.engine.build import build_model, build_split, build_tasks, build_trainer, dataset_source
 from mtlvision.engine.checkpoint import load_weights, save_weights
 from mtlvision.engine.device import resolve_device, seed_everything
@@ -124,8 +125,9 @@ def _finish(
     }
     baselines = Path(config.baselines) if config.baselines else default_baselines_path(run_dir.parent, config)
     report.update(_delta_m_report(config, tasks, results[split].metrics, split, baselines))
-    write_json(run_dir / "metrics.json", report)
-    plot_history(trainer.state.history, run_dir / "plots")
+    if dist.is_main():
+        write_json(run_dir / "metrics.json", report)
+        plot_history(trainer.state.history, run_dir / "plots")
     return Run(path=run_dir, config=config, report=report)
 
 
@@ -164,8 +166,12 @@ def train(
     train_data = build_split(cfg, tasks, "train", train=True)
     val_data = build_split(cfg, tasks, "val", train=False)
     if resume is None:
-        run_dir = new_run_dir(out, name or cfg.data.name)
-    write_config(run_dir, cfg)
+        # under torchrun rank 0 makes the folder and every rank uses it
+        dist.setup(resolve_device(cfg.train.device))
+        made = str(new_run_dir(out, name or cfg.data.name)) if dist.is_main() else None
+        run_dir = Path(str(dist.broadcast_object(made)))
+    if dist.is_main():
+        write_config(run_dir, cfg)
     console.print(f"Run folder: [bold]{run_dir}[/] — tasks: {', '.join(t.name for t in tasks)}")
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone (experts share their backbone init)
     model = build_model(cfg, tasks, load_init=resume is None)
@@ -238,7 +244,12 @@ def evaluate(run: str | Path | Run, split: str | None = None, baselines: str | P
     path = Path(baselines) if baselines else (
         Path(cfg.baselines) if cfg.baselines else default_baselines_path(run.path.parent, cfg)
     )
-    return {"split": split, "metrics": result.metrics, **_delta_m_report(cfg, tasks, result.metrics, split, path)}
+    return {
+        "split": split,
+        "metrics": result.metrics,
+        **_delta_m_report(cfg, tasks, result.metrics, split, path),
+        **skipped_summary(cfg, {split: data.skipped}),
+    }
 
 
 def _image_files(inputs: Iterable[str | Path]) -> list[Path]:

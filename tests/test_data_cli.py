@@ -88,6 +88,9 @@ def test_skip_bad_trains_and_reports_how_many(tmp_path, capsys):
     assert report["skipped_samples"] == {"train": 2, "val": 0, "test": 0}
     printed = capsys.readouterr()
     assert "2 unreadable or invalid sample(s) skipped" in " ".join((printed.out + printed.err).split())
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(runs / "r"), "--split", "train", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["skipped_samples"] == {"train": 2}
 
 
 def write_nyuv2(root: Path, counts: dict[str, int]) -> None:

@@ -357,6 +357,34 @@ def _registries() -> dict[str, Any]:
     }
 
 
+def _sizes_config(config: ConfigSource, overrides: Overrides) -> RunConfig:
+    """The setting of ``list architectures`` sizes: ``config``, else scenes with count and segmentation."""
+    return _config(config, overrides) if config is not None else _config("scenes", {"tasks": ["count", "segmentation"]})
+
+
+def architecture_sizes(config: ConfigSource = None, overrides: Overrides = None) -> dict[str, dict[str, Any]]:
+    """Parameters and MACs (whole model and shared part) of every architecture for one configuration,
+    for ``mtlvision list architectures``."""
+    from mtlvision.models.architectures import ARCHITECTURES
+
+    cfg = _sizes_config(config, overrides)
+    tasks = build_tasks(cfg)
+    size = _image_size(cfg) or (224, 224)
+    sizes = {}
+    for entry in ARCHITECTURES:
+        model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"architecture": entry.name})}),
+                            tasks)
+        sizes[entry.name] = model_complexity(model, image_size=size)
+    return sizes
+
+
+def architecture_sizes_setting(config: ConfigSource = None, overrides: Overrides = None) -> str:
+    """A one-line description of the setting :func:`architecture_sizes` measured."""
+    cfg = _sizes_config(config, overrides)
+    tasks = ", ".join(t.name for t in build_tasks(cfg))
+    return f"backbone {cfg.model.backbone}, tasks {tasks}, input {_image_size(cfg) or (224, 224)}, batch of one"
+
+
 REGISTRY_KINDS = ("tasks", "balancers", "architectures", "backbones", "datasets")
 
 

@@ -122,12 +122,29 @@ def _registry_rows(kind: str) -> list[tuple[str, str, str]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
     table = Table(title=args.kind)
-    for column in ("name", "description", "reference"):
+    sizes = api.architecture_sizes(args.config, args.set or []) if args.kind == "architectures" else {}
+    columns = ["name", "description", "reference"]
+    if sizes:
+        columns += ["parameters (shared)", "MACs (shared)"]
+    for column in columns:
         table.add_column(column)
-    for row in _registry_rows(args.kind):
+    for name, description, citation in _registry_rows(args.kind):
+        row = [name, description, citation]
+        if sizes:
+            size = sizes[name]
+            row += [f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M)",
+                    f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G)"]
         table.add_row(*row)
     console.print(table)
+    if args.kind == "backbones":
+        from mtlvision.models.backbones import ANY_TIMM_NOTE
+
+        console.print(f"Beyond these, {ANY_TIMM_NOTE}; torchvision models as tv/<name>.")
+    if sizes:
+        console.print(f"Sizes for {api.architecture_sizes_setting(args.config, args.set or [])}.")
     return 0
 
 
@@ -204,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = verbs.add_parser("list", help="list what can be chosen")
     ls.add_argument("kind", choices=REGISTRY_KINDS)
+    ls.add_argument(
+        "--config", help="with architectures: report sizes for this preset or YAML (its backbone, tasks, image size)"
+    )
+    ls.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend", help="overrides for --config")
     ls.set_defaults(handler=cmd_list)
 
     data = verbs.add_parser("data", help="data tools")

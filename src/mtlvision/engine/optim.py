@@ -23,22 +23,33 @@ def build_optimizer(
     name: str, groups: Iterable[dict[str, Any]], lr: float, weight_decay: float, momentum: float
 ) -> Optimizer:
     """The optimiser ``name`` over parameter groups (a group's ``lr_scale`` multiplies ``lr``)."""
-    groups = [dict(g, lr=lr * g.pop("lr_scale", 1.0)) for g in groups]
+    groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": lr * g.get("lr_scale", 1.0)} for g in groups]
     return OPTIMIZERS[name](groups, lr, weight_decay, momentum)
 
 
-def _warmup_factor(epoch: int, warmup_epochs: int) -> float:
+def _warmup(epoch: int, warmup_epochs: int) -> float:
+    """Linear warm-up factor over the first ``warmup_epochs`` epochs."""
     return (epoch + 1) / (warmup_epochs + 1) if epoch < warmup_epochs else 1.0
 
 
-SCHEDULES: dict[str, Callable[[int, int, int, float], Callable[[int], float]]] = {
-    # each maps (epochs, warmup_epochs, step_size, gamma) to an epoch -> lr factor function
-    "none": lambda epochs, warmup, step_size, gamma: lambda e: _warmup_factor(e, warmup),
-    "cosine": lambda epochs, warmup, step_size, gamma: lambda e: _warmup_factor(e, warmup)
-    * 0.5
-    * (1 + math.cos(math.pi * max(e - warmup, 0) / max(epochs - warmup, 1))),
-    "step": lambda epochs, warmup, step_size, gamma: lambda e: _warmup_factor(e, warmup)
-    * gamma ** (e // step_size),
+def _constant(epoch: int, epochs: int, warmup: int, step_size: int, gamma: float) -> float:
+    return _warmup(epoch, warmup)
+
+
+def _cosine(epoch: int, epochs: int, warmup: int, step_size: int, gamma: float) -> float:
+    progress = max(epoch - warmup, 0) / max(epochs - warmup, 1)
+    return _warmup(epoch, warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step(epoch: int, epochs: int, warmup: int, step_size: int, gamma: float) -> float:
+    return _warmup(epoch, warmup) * gamma ** (epoch // step_size)
+
+
+#: learning-rate factor per epoch: (epoch, epochs, warmup_epochs, step_size, gamma) -> factor
+SCHEDULES: dict[str, Callable[[int, int, int, int, float], float]] = {
+    "none": _constant,
+    "cosine": _cosine,
+    "step": _step,
 }
 
 
@@ -48,4 +59,5 @@ def build_scheduler(
     """A per-epoch schedule; ``plateau`` reduces on the validation selection score."""
     if name == "plateau":
         return ReduceLROnPlateau(optimizer, mode="min", factor=gamma, patience=max(step_size // 2, 1))
-    return LambdaLR(optimizer, SCHEDULES[name](epochs, warmup_epochs, step_size, gamma))
+    schedule = SCHEDULES[name]
+    return LambdaLR(optimizer, lambda epoch: schedule(epoch, epochs, warmup_epochs, step_size, gamma))

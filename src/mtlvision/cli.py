@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except MtlvisionError as exc:
-        err_console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, soft_wrap=True, markup=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

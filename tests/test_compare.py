@@ -197,3 +197,19 @@ def test_describe_run_reads_what_a_run_is(tmp_path: Path) -> None:
     expert = make("expert", {}, tasks=["count"])
     assert api.describe_run(expert, [expert.path]) == "single-task expert"
     assert api.describe_run(expert) == "single-task from scratch"
+
+
+def test_task_vectors_need_one_recorded_initialisation(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    runs = [Run(path=tmp_path / name, config=load_config("scenes", TINY)) for name in ("a", "b")]
+    for run in runs:
+        run.path.mkdir()
+    with pytest.raises(MtlvisionError, match="holds no init.safetensors.*--rule average"):
+        api._common_init(runs)
+    save_file({"w": torch.zeros(3), "heads.a.w": torch.ones(1)}, str(runs[0].path / api.INIT_WEIGHTS_NAME))
+    save_file({"w": torch.zeros(3), "heads.b.w": torch.ones(2)}, str(runs[1].path / api.INIT_WEIGHTS_NAME))
+    assert set(api._common_init(runs)) == {"w"}
+    save_file({"w": torch.ones(3)}, str(runs[1].path / api.INIT_WEIGHTS_NAME))
+    with pytest.raises(MtlvisionError, match="did not start from one initialisation \\(tensor 'w'"):
+        api._common_init(runs)

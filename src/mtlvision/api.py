@@ -175,7 +175,7 @@ def train(
     console.print(f"Run folder: [bold]{run_dir}[/] — tasks: {', '.join(t.name for t in tasks)}")
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone (experts share their backbone init)
     model = build_model(cfg, tasks, load_init=resume is None)
-    if save_init and resume is None:
+    if save_init and resume is None and dist.is_main():
         save_weights(model, run_dir / INIT_WEIGHTS_NAME)
     auxiliary = _distillation(cfg, tasks, model) if cfg.distill.experts else None
     trainer = build_trainer(cfg, model, run_dir, auxiliary=auxiliary)

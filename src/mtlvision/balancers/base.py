@@ -14,9 +14,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
+
+from mtlvision.errors import CheckpointError
 
 
 class Needs(str, Enum):
@@ -92,3 +94,23 @@ class Balancer(nn.Module, ABC):
     def setup(self, num_tasks: int) -> None:
         """Called once with the number of tasks before the optimiser is built, so that methods with learnable
         per-task parameters (UW, IMTL-L, GradNorm) create them in time to be optimised."""
+
+
+class ExtraStateMixin:
+    """Keeps a method's running state (whose shapes are known only at the first step) in the state dict.
+
+    Subclasses list their state attribute names in ``_state_names``; values are tensors, numbers or None,
+    so that checkpoints load with ``torch.load(..., weights_only=True)``.
+    """
+
+    _state_names: ClassVar[tuple[str, ...]] = ()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._state_names}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        missing = [name for name in self._state_names if name not in state]
+        if missing:
+            raise CheckpointError(f"{type(self).__name__} checkpoint state lacks {', '.join(missing)}")
+        for name in self._state_names:
+            setattr(self, name, state[name])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.gradient._solvers import to_numpy_gramian, to_tensor
-from mtlvision.errors import CheckpointError, ConfigError
+from mtlvision.errors import ConfigError
 
 
 def require_grads(balancer: Balancer, grads: TaskGradients | None) -> TaskGradients:
@@ -48,21 +48,3 @@ class GramianBalancer(GradientBalancer):
         raise NotImplementedError
 
 
-class ExtraStateMixin:
-    """Keeps a method's running state (whose shapes are known only at the first step) in the state dict.
-
-    Subclasses list their state attribute names in ``_state_names``; values are tensors, numbers or None,
-    so that checkpoints load with ``torch.load(..., weights_only=True)``.
-    """
-
-    _state_names: ClassVar[tuple[str, ...]] = ()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._state_names}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        missing = [name for name in self._state_names if name not in state]
-        if missing:
-            raise CheckpointError(f"{type(self).__name__} checkpoint state lacks {', '.join(missing)}")
-        for name in self._state_names:
-            setattr(self, name, state[name])

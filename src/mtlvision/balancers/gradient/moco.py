@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from mtlvision.balancers.base import Needs, TaskGradients, Update
-from mtlvision.balancers.gradient._base import ExtraStateMixin, GradientBalancer, require_grads
+from mtlvision.balancers.base import ExtraStateMixin
+from mtlvision.balancers.gradient._base import GradientBalancer, require_grads
 from mtlvision.balancers.gradient._solvers import project_to_simplex, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError

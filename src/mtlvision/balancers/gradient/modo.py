@@ -7,7 +7,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from mtlvision.balancers.gradient._base import ExtraStateMixin, GramianBalancer
+from mtlvision.balancers.base import ExtraStateMixin
+from mtlvision.balancers.gradient._base import GramianBalancer
 from mtlvision.balancers.gradient._solvers import project_to_simplex
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from mtlvision.balancers.gradient._base import ExtraStateMixin, GramianBalancer
+from mtlvision.balancers.base import ExtraStateMixin
+from mtlvision.balancers.gradient._base import GramianBalancer
 from mtlvision.balancers.gradient._solvers import SolverError, nonzero_tasks
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError

@@ -3,13 +3,13 @@ the error raised where a method is undefined for the loss values it is given."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from mtlvision.balancers.base import Balancer, TaskGradients
-from mtlvision.errors import CheckpointError, ConfigError, MtlvisionError
+from mtlvision.balancers.base import Balancer, ExtraStateMixin, TaskGradients
+from mtlvision.errors import ConfigError, MtlvisionError
 
 
 class WeightingError(MtlvisionError):
@@ -17,23 +17,12 @@ class WeightingError(MtlvisionError):
     logarithm); the message names the method, the task and the value."""
 
 
-class LossWeighting(Balancer):
+class LossWeighting(ExtraStateMixin, Balancer):
     """Base of the loss-weighting methods: the weights depend on the losses only, so they are defined in
     representation mode too. Running state named in ``_state_names`` (tensors, numbers or None) travels in
     the state dict through ``get_extra_state``, so checkpoints load with ``weights_only=True``."""
 
     supports_representation: ClassVar[bool] = True
-    _state_names: ClassVar[tuple[str, ...]] = ()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._state_names}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        missing = [name for name in self._state_names if name not in state]
-        if missing:
-            raise CheckpointError(f"{type(self).__name__} checkpoint state lacks {', '.join(missing)}")
-        for name in self._state_names:
-            setattr(self, name, state[name])
 
 
 class LearnableTaskParameter(LossWeighting):

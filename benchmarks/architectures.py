@@ -38,8 +38,10 @@ import types
 from pathlib import Path
 from typing import Any
 
+# the LibMTL environment is the one the balancers benchmark installs (same package, same folder)
+from balancers import peer_path
+
 ROOT = Path(__file__).resolve().parents[1]
-PEER_ENV = ROOT / ".bench_envs" / "libmtl"
 ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet"]
 NUM_EXPERTS = 4
 # Our name -> (LibMTL 1.1.5 class, its keyword arguments for three tasks).
@@ -174,23 +176,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def peer_path(wheels: str | None) -> Path:
-    """``.bench_envs/libmtl`` with LibMTL 1.1.5 in it, installed with pip on first use."""
-    marker = PEER_ENV / ".installed"
-    if not marker.exists():
-        offline = ["--no-index", "--find-links", wheels] if wheels else []
-        subprocess.check_call(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(PEER_ENV),
-             *offline, "LibMTL==1.1.5"]
-        )
-        marker.write_text("ok\n")
-    return PEER_ENV
-
-
 def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
     env = dict(os.environ)
     if spec["framework"] == "libmtl":
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(peer_path(wheels)), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(peer_path("libmtl", wheels)), env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
         capture_output=True, text=True, cwd=ROOT, env=env,

@@ -166,6 +166,26 @@ def test_fp16_needs_cuda():
         Trainer(tiny_model(), "ew", precision="fp16", device="cpu", progress=False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("balancer", "options"), [("ew", {}), ("mgda", {"jacobian": "loop"})])
+def test_compiled_training_gives_the_eager_weights(balancer, options):
+    """torch.compile (inductor on CPU) changes how the step is computed, not what it computes; for a
+    gradient method the per-task gradients cross the boundary between the compiled trunk and heads."""
+    weights = []
+    for compile in (False, True):
+        model = tiny_model()
+        Trainer(model, balancer, compile=compile, **{**COMMON, "epochs": 1, "optimizer": "sgd"}, **options).fit(
+            TinyScenes()
+        )
+        weights.append(flat_weights(model))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_with_the_vmapped_jacobian_is_refused():
+    with pytest.raises(ConfigError, match="balancer.jacobian=loop"):
+        Trainer(tiny_model(), "pcgrad", compile=True, progress=False)
+
+
 def test_ema_weights_are_what_gets_evaluated():
     trainer = Trainer(tiny_model(), "ew", ema=0.9, **{**COMMON, "epochs": 1})
     trainer.fit(TinyScenes())

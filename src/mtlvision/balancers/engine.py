@@ -76,6 +76,7 @@ class _StepGradients(TaskGradients):
         shared: Sequence[Tensor],
         task_specific: Sequence[Tensor],
         representation: Sequence[Tensor] | None,
+        trunk: Sequence[Tensor] | None,
         representation_mode: bool,
         path: JacobianPath,
         reduce: Callable[[Tensor], Tensor],
@@ -86,6 +87,7 @@ class _StepGradients(TaskGradients):
         self._shared = list(shared)
         self._task_specific = list(task_specific)
         self._representation = list(representation) if representation is not None else None
+        self._trunk = list(trunk) if trunk is not None else self._representation
         self._representation_mode = representation_mode
         self._path = path
         self._reduce = reduce
@@ -166,7 +168,7 @@ class _StepGradients(TaskGradients):
                 return self._trunk_loop()
             rep_grads = self._rep_grads
             return list(self._vmapped(lambda: torch.autograd.grad(
-                self._representation, self._shared, grad_outputs=rep_grads, retain_graph=True,
+                self._trunk, self._shared, grad_outputs=rep_grads, retain_graph=True,
                 allow_unused=True, is_grads_batched=True, materialize_grads=True,
             )))
         if self._path == "loop":
@@ -177,10 +179,10 @@ class _StepGradients(TaskGradients):
         return grads[: len(self._shared)]
 
     def _trunk_loop(self) -> list[Tensor]:
-        assert self._representation is not None and self._rep_grads is not None
+        assert self._trunk is not None and self._rep_grads is not None
         rows = [
             torch.autograd.grad(
-                self._representation, self._shared, grad_outputs=[g[t] for g in self._rep_grads],
+                self._trunk, self._shared, grad_outputs=[g[t] for g in self._rep_grads],
                 retain_graph=True, allow_unused=True, materialize_grads=True,
             )
             for t in range(self.num_tasks)
@@ -279,7 +281,10 @@ class GradientEngine:
     """Computes one step's gradients for a balancer and accumulates them into ``.grad``.
 
     ``shared`` are the parameters every task depends on; ``task_specific`` the rest (the heads);
-    ``representation`` the shared representation tensors of this step (the trunk's output).
+    ``representation`` the shared representation tensors of this step, as the heads consumed them. When
+    they were cut from the trunk (:class:`~mtlvision.models.multitask.CutRepresentation`: detached copies,
+    needed whenever one tensor is computed from another, as a backbone's stage outputs are), ``trunk`` gives
+    the tensors they were cut from, and gradients reach the shared parameters through those.
 
     - ``mode``: ``"representation"`` (MGDA-UB style: gradient methods see the per-task gradients of the
       representation; only balancers with ``supports_representation``) or ``"params"`` (the per-task
@@ -298,6 +303,7 @@ class GradientEngine:
         task_specific: Sequence[nn.Parameter],
         representation: Sequence[Tensor] | Tensor | None = None,
         *,
+        trunk: Sequence[Tensor] | None = None,
         mode: Literal["params", "representation"] | None = None,
         jacobian: JacobianPath = "batched",
         reduce: Callable[[Tensor], Tensor] | None = None,
@@ -306,6 +312,12 @@ class GradientEngine:
         if isinstance(representation, Tensor):
             representation = [representation]
         self.representation = list(representation) if representation is not None else None
+        if trunk is not None and (
+            self.representation is None
+            or [t.shape for t in trunk] != [r.shape for r in self.representation]
+        ):
+            raise ConfigError("the trunk tensors must match the representation tensors cut from them, shape by shape")
+        self.trunk = list(trunk) if trunk is not None else self.representation
         mode = mode or ("representation" if self.representation is not None else "params")
         if mode not in ("params", "representation"):
             raise ConfigError(f"balancer.mode must be 'params' or 'representation', got {mode!r}")
@@ -343,7 +355,7 @@ class GradientEngine:
                     "no shared parameters that require grad"
                 )
             grads = _StepGradients(
-                losses, self.shared, self.task_specific, self.representation, representation_mode,
+                losses, self.shared, self.task_specific, self.representation, self.trunk, representation_mode,
                 self.jacobian_path, self.reduce, self.gramian_dtype,
             )
         update = balancer.balance(losses, grads)
@@ -353,15 +365,34 @@ class GradientEngine:
             self._apply_from_jacobian(update, grads)
         else:
             weights = update.weights.detach().to(device=losses.device, dtype=losses.dtype)
-            targets = self.shared + self.task_specific
-            if targets and losses.requires_grad:
-                torch.autograd.backward((weights * losses).sum(), inputs=targets)
+            if losses.requires_grad:
+                self._backward_weighted((weights * losses).sum())
         if update.extra_loss is not None:
             own = [p for p in balancer.parameters() if p.requires_grad]
             if not own:
                 raise ConfigError(f"balancer {name} returned an extra_loss but has no learnable parameters")
             torch.autograd.backward(update.extra_loss, inputs=own)
         return update
+
+    def _backward_weighted(self, total: Tensor) -> None:
+        """Accumulate ``∂total/∂θ`` into every parameter's ``.grad``, across the cut when there is one."""
+        if self.trunk is self.representation:
+            if self.shared or self.task_specific:
+                torch.autograd.backward(total, inputs=self.shared + self.task_specific)
+            return
+        assert self.representation is not None
+        inputs = [*self.task_specific, *self.representation]
+        grads = torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True)
+        for param, g in zip(self.task_specific, grads):
+            _accumulate(param, g)
+        self._through_trunk(grads[len(self.task_specific):])
+
+    def _through_trunk(self, rep_grads: Sequence[Tensor]) -> None:
+        """Back-propagate gradients of the representation into the shared parameters' ``.grad``."""
+        assert self.trunk is not None
+        pairs = [(t, g.to(t.dtype)) for t, g in zip(self.trunk, rep_grads) if t.requires_grad]
+        if self.shared and pairs:
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs], inputs=self.shared)
 
     def _apply_from_jacobian(self, update: Update, grads: _StepGradients) -> None:
         """The update from the per-task gradients already computed: no second backward through the trunk."""
@@ -377,11 +408,7 @@ class GradientEngine:
                     f"{sum(r.numel() for r in self.representation)} entries"
                 )
             parts = _split_like(flat.detach(), self.representation)
-            if self.shared:
-                torch.autograd.backward(
-                    self.representation, grad_tensors=[g.to(r.dtype) for g, r in zip(parts, self.representation)],
-                    inputs=self.shared,
-                )
+            self._through_trunk(parts)
             return
         if update.direction is None:
             for param, g in zip(self.shared, grads.consume_weighted_shared(weights)):

@@ -32,6 +32,7 @@ from mtlvision.balancers import Balancer, GradientEngine, Needs, get as get_bala
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
 from mtlvision.engine.logging import EpochProgress, TensorBoardLog, console, flatten_metrics, write_history
 from mtlvision.engine.optim import build_optimizer, build_scheduler
@@ -40,6 +41,7 @@ from mtlvision.engine.sampler import EpochSampler
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
 from mtlvision.models.architectures.base import RepresentationUnavailable
+from mtlvision.models.multitask import CutRepresentation
 from mtlvision.tasks.base import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -193,7 +195,13 @@ class Trainer:
         self.model.to(self.device)
         self.balancer.setup(len(self.tasks))
         self.balancer.to(self.device)
-        self.forward = self._compiled(model) if compile else model
+        if compile and jacobian == "batched" and self.balancer.needs is not Needs.LOSSES:
+            raise ConfigError(
+                f"train.compile=true with {type(self.balancer).__name__} needs balancer.jacobian=loop: the "
+                "per-task gradients come from a vmapped backward, which torch.func cannot run through a "
+                "compiled graph"
+            )
+        self.forward: Any = CompiledModel(model) if compile else model
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema is not None else None
         groups = list(model.parameter_groups(backbone_lr_scale))
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
@@ -218,13 +226,6 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _compiled(model: nn.Module) -> Callable[..., Any]:
-        try:
-            return torch.compile(model)
-        except Exception as exc:  # torch.compile raises many kinds of errors on unsupported set-ups
-            raise ConfigError(f"train.compile=true failed on this set-up: {type(exc).__name__}: {exc}") from None
-
     def _parse_select(self, select: str) -> tuple[str, str, bool] | None:
         if select == "loss":
             return None
@@ -316,12 +317,12 @@ class Trainer:
                 signal.signal(s, handler)
 
     # ------------------------------------------------------------------------------------------ training
-    def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, list[Tensor] | None]:
-        representation = None
+    def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, CutRepresentation | None]:
+        cut = None
         with self.precision.autocast():
             if self._uses_representation:
                 try:
-                    predictions, representation = self.model.forward_with_representation(batch["image"])
+                    predictions, cut = self.forward.forward_cut(batch["image"])
                 except RepresentationUnavailable:
                     if self.balancer_mode == "representation":
                         raise
@@ -331,17 +332,18 @@ class Trainer:
                 predictions = self.forward(batch["image"])
             losses = self.task_losses(predictions, batch)
             if self.auxiliary is not None:
-                losses = losses + self.auxiliary(batch, predictions, representation).float()
-        return losses, representation
+                losses = losses + self.auxiliary(batch, predictions, cut.inputs if cut is not None else None).float()
+        return losses, cut
 
-    def _backward(self, losses: Tensor, representation: list[Tensor] | None, scale: float) -> Tensor:
+    def _backward(self, losses: Tensor, cut: CutRepresentation | None, scale: float) -> Tensor:
         """Accumulate this batch's update into ``.grad``; returns the balancer's task weights."""
         # an auxiliary loss's parameters (distillation adapters) act on one task's term each: task-specific
         auxiliary = [p for p in self.auxiliary.parameters() if p.requires_grad] if self.auxiliary is not None else []
         engine = GradientEngine(
             self.model.shared_parameters(),
             [*self.model.task_specific_parameters(), *auxiliary],
-            representation,
+            cut.inputs if cut is not None else None,
+            trunk=cut.trunk if cut is not None else None,
             mode=self.balancer_mode,
             jacobian=self.jacobian,  # type: ignore[arg-type]
             reduce=dist.all_reduce_mean,
@@ -371,10 +373,10 @@ class Trainer:
         loss_total: Tensor | None = None
         weights: Tensor | None = None
         for batch in batches:
-            losses, representation = self._forward_losses(batch)
+            losses, cut = self._forward_losses(batch)
             if not bool(torch.isfinite(dist.all_reduce_sum(losses.detach())).all()):
                 return self._skip(losses)
-            weights = self._backward(losses, representation, 1.0 / len(batches))
+            weights = self._backward(losses, cut, 1.0 / len(batches))
             loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
         assert loss_total is not None and weights is not None
         dist.average_gradients(list(self.model.parameters()) + list(self.balancer.parameters()))
@@ -415,7 +417,6 @@ class Trainer:
                 f"{self.state.skipped_steps} steps had a non-finite loss or gradient (train.max_nonfinite="
                 f"{self.max_nonfinite}); lower train.lr, set train.grad_clip, or check the data"
             )
-        return None
 
     def fit(
         self, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader | None = None, resume: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,26 @@ from mtlvision.tasks.base import Task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CutRepresentation:
+    """The shared representation cut out of the autograd graph: ``trunk`` as the architecture's ``encode``
+    returned it, ``inputs`` what the heads consume instead (detached copies that require grad).
+
+    A trunk's tensors are often computed from one another (a backbone's stage outputs feed the next
+    stage), so ``∂L_t/∂trunk[i]`` would count the path through a later stage twice once it is
+    back-propagated from every stage. The gradient of a loss with respect to ``inputs`` holds only the
+    heads' direct use of each tensor; back-propagating those gradients from ``trunk`` then gives exactly
+    the gradient of the shared parameters.
+    """
+
+    trunk: list[Tensor]
+    inputs: list[Tensor]
+
+    @classmethod
+    def of(cls, trunk: Sequence[Tensor]) -> CutRepresentation:
+        return cls(list(trunk), [t.detach().requires_grad_(t.requires_grad) for t in trunk])
 
 
 class MultiTaskModel(nn.Module):
@@ -127,11 +148,24 @@ class MultiTaskModel(nn.Module):
         return self._predict(features, images.shape[-2:])
 
     def forward_with_representation(self, images: Tensor) -> tuple[dict[str, Any], list[Tensor]]:
-        """Predictions and the shared representation they were computed from (for representation-gradient
-        balancing); raises :class:`RepresentationUnavailable` when the architecture has none."""
-        representation = self.architecture.encode(self.normalise(images))
-        features = self.architecture.decode(representation)
-        return self._predict(features, images.shape[-2:]), representation
+        """Predictions and the shared representation they were computed from; raises
+        :class:`RepresentationUnavailable` when the architecture has none. For per-task gradients of the
+        representation use :meth:`forward_cut`: these tensors may be computed from one another."""
+        representation = self.encode(images)
+        return self.predict_from_representation(representation, images.shape[-2:]), representation
+
+    def forward_cut(self, images: Tensor) -> tuple[dict[str, Any], CutRepresentation]:
+        """Predictions computed from a :class:`CutRepresentation` of the shared representation."""
+        cut = CutRepresentation.of(self.encode(images))
+        return self.predict_from_representation(cut.inputs, images.shape[-2:]), cut
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The architecture's shared representation of ``images`` (the trunk's output)."""
+        return self.architecture.encode(self.normalise(images))
+
+    def predict_from_representation(self, representation: list[Tensor], image_size: Sequence[int]) -> dict[str, Any]:
+        """Every task's prediction from the output of :meth:`encode`."""
+        return self._predict(self.architecture.decode(representation), image_size)
 
     def _predict(self, features: Mapping[str, list[Tensor]], image_size: Sequence[int]) -> dict[str, Any]:
         size = (int(image_size[0]), int(image_size[1]))

@@ -6,6 +6,9 @@ better). Everything runs in this one process through the Python API.
 
     python benchmarks/methods_multimnist.py --seeds 0 1 2 --epochs 5 --device cuda
     python benchmarks/methods_multimnist.py --methods ew pcgrad --seeds 0 --epochs 1 --train-size 256   # quick check
+
+Seeds can run in separate processes (``--seeds 0 --json s0.json`` ...), then one table from all of them:
+``python benchmarks/methods_multimnist.py --table s0.json s1.json s2.json``.
 """
 
 from __future__ import annotations
@@ -33,13 +36,25 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                        help="print one table from the --json files of earlier runs (no training)")
     args = parser.parse_args()
+    if args.table:
+        merged: dict[str, list[dict]] = {}
+        runs = [json.loads(Path(f).read_text()) for f in args.table]
+        for run in runs:
+            for method, records in run["results"].items():
+                merged.setdefault(method, []).extend(records)
+        print_table(merged, runs[0]["settings"], sorted({s for run in runs for s in run["settings"]["seeds"]}))
+        return
     methods = args.methods or [n for n in BALANCERS.names() if n != "fixed"]
     common = {
         "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.device": args.device,
         "data.train_size": args.train_size, "data.val_size": args.eval_size, "data.test_size": args.eval_size,
         "model.backbone": args.backbone, "train.progress": False,
     }
+    settings = {"backbone": args.backbone, "epochs": args.epochs, "train_size": args.train_size,
+                "eval_size": args.eval_size, "batch_size": args.batch_size, "seeds": args.seeds}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -59,10 +74,15 @@ def main() -> None:
                           "right": run.metrics["right"]["accuracy"], "seconds": time.perf_counter() - start}
                 results[method].append(record)
                 print(f"{method} seed {seed}: {record}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"\nMultiMNIST, {args.backbone}, {args.epochs} epochs, {args.train_size} training pairs, "
-          f"seeds {args.seeds}; Δm % against single-task experts (lower is better)\n")
+                if args.json:  # after every run, so that an interrupted sweep keeps what it measured
+                    Path(args.json).write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    print_table(results, settings, args.seeds)
+
+
+def print_table(results: dict[str, list[dict]], settings: dict, seeds: list[int]) -> None:
+    print(f"\nMultiMNIST, {settings['backbone']}, {settings['epochs']} epochs, {settings['train_size']} training "
+          f"pairs, {settings['eval_size']} test pairs, seeds {seeds}; Δm % against each seed's single-task experts "
+          "(lower is better)\n")
     print("| method | Δm % (mean ± std) | left acc | right acc | s/run |")
     print("|---|---|---|---|---|")
 

@@ -78,7 +78,7 @@ def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str,
     run = api.train("scenes", {**TINY, "model.init": str(pipeline["merged"]),
                                "distill.experts": str(pipeline["baselines"].parent)}, out=out, name="joint")
     assert Path(run.config.model.init).is_absolute()
-    assert api.describe_run(run) == "joint from merged (ties), distilled from experts"
+    assert api.describe_run(run) == "joint from merged (ties), distilled from experts, hps + ew"
     assert api.describe_run(Run.load(pipeline["merged"])) == "merged (ties), before training"
     comparison = api.compare([pipeline["merged"], run.path], repeats=1, batch_size=2)
     assert [e.label for e in comparison.entries] == ["2 experts", "merged", "joint"]
@@ -190,10 +190,13 @@ def test_describe_run_reads_what_a_run_is(tmp_path: Path) -> None:
 
     merged = make("merged", {"merge": {"rule": "average"}})
     assert api.describe_run(merged) == "merged (average), before training"
-    assert api.describe_run(make("scratch", {})) == "joint from scratch"
+    assert api.describe_run(make("scratch", {})) == "joint from scratch, hps + ew"
+    assert api.describe_run(make("mtan", {}, **{"model.architecture": "mtan", "balancer.name": "pcgrad"})) == (
+        "joint from scratch, mtan + pcgrad")
     assert api.describe_run(make("distilled", {}, **{"distill.experts": "b"})) == (
-        "joint from scratch, distilled from experts")
-    assert api.describe_run(make("from", {}, **{"model.init": str(merged.path)})) == "joint from merged (average)"
+        "joint from scratch, distilled from experts, hps + ew")
+    assert api.describe_run(make("from", {}, **{"model.init": str(merged.path)})) == (
+        "joint from merged (average), hps + ew")
     expert = make("expert", {}, tasks=["count"])
     assert api.describe_run(expert, [expert.path]) == "single-task expert"
     assert api.describe_run(expert) == "single-task from scratch"

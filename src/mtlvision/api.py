@@ -632,6 +632,8 @@ def describe_run(run: Run, experts: Iterable[Path] = ()) -> str:
         parts.append("single-task from scratch")
     if run.config.distill.experts:
         parts.append("distilled from experts")
+    if len(run.config.tasks or []) != 1:
+        parts.append(f"{run.config.model.architecture_name} + {run.config.balancer.name}")
     return ", ".join(parts)
 
 

@@ -26,7 +26,7 @@ from mtlvision.engine.inputs import check_config_data, skipped_summary
 from mtlvision.engine.logging import console
 from mtlvision.engine.runs import Run, new_run_dir, read_config, write_config, write_json
 from mtlvision.engine.trainer import CHECKPOINT_NAME, WEIGHTS_NAME
-from mtlvision.errors import DataError, MtlvisionError
+from mtlvision.errors import ConfigError, DataError, MtlvisionError
 from mtlvision.evaluation.delta_m import delta_m
 from mtlvision.evaluation.evaluator import EvalResult, evaluate as evaluate_model
 from mtlvision.evaluation.plots import plot_history
@@ -606,6 +606,28 @@ def merge(
     record.update(_delta_m_report(cfg, tasks, results[split], split, baselines))
     write_json(run_dir / "metrics.json", record)
     return Run(path=run_dir, config=cfg, report=record)
+
+
+def export(
+    run: str | Path | Run,
+    out: str | Path | None = None,
+    *,
+    opset: int | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> Any:
+    """Export a run's model to ONNX (``mtlvision export``): ``RUN/model.onnx`` by default, with a JSON
+    description beside it; checked against PyTorch with onnxruntime (see :mod:`mtlvision.export`)."""
+    from mtlvision.export import DEFAULT_OPSET, export_onnx
+
+    run = run if isinstance(run, Run) else Run.load(run)
+    model, cfg = load_model(run)
+    size = image_size or _image_size(cfg)
+    if size is None:
+        raise ConfigError(
+            f"{run.path}: the run's data has images of varying size; give the export size (--image-size H W)"
+        )
+    return export_onnx(model, Path(out) if out else run.path / "model.onnx", (int(size[0]), int(size[1])),
+                       opset=opset or DEFAULT_OPSET)
 
 
 def describe_run(run: Run, experts: Iterable[Path] = ()) -> str:

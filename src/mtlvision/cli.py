@@ -84,6 +84,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mtlvision import api
+
+    report = api.export(args.run, args.out, opset=args.opset, image_size=tuple(args.image_size or ()) or None)
+    console.print(
+        f"Exported [bold]{report.onnx}[/] (opset {report.opset}, input 'image' [batch, C, "
+        f"{report.image_size[0]}, {report.image_size[1]}]); outputs: {', '.join(report.outputs)}"
+    )
+    console.print(
+        f"onnxruntime matches PyTorch within {report.max_abs_difference:.2g} (largest absolute difference); "
+        f"description in [bold]{report.description}[/]"
+    )
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from mtlvision import api
 
@@ -199,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--out", default="preds")
     pr.set_defaults(handler=cmd_predict)
+
+    ex = verbs.add_parser("export", help="export a run's model to ONNX, checked with onnxruntime")
+    ex.add_argument("run", help="a run folder")
+    ex.add_argument("--out", help="the .onnx file to write (default: RUN/model.onnx)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    ex.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                    help="input size (default: the run's; needed for data of varying size)")
+    ex.set_defaults(handler=cmd_export)
 
     from mtlvision.engine.merge import MERGE_RULES
 

@@ -3,6 +3,8 @@ otherwise, independent of labels, frozen experts outside the optimiser, and one 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,50 @@ def test_every_term_is_zero_for_the_expert_itself_and_positive_otherwise(kind, s
     teacher = _prediction(kind, seed)
     assert abs(float(term(teacher.clone(), teacher, options))) < 1e-5
     assert float(term(_prediction(kind, seed + 1), teacher, options)) > 1e-4
+
+
+def _detection_outputs(seed: int, locations: int = 7, classes: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "cls_logits": torch.randn(2, locations, classes, generator=g) * 3,
+        "centerness": torch.randn(2, locations, generator=g),
+        "box_distances": torch.rand(2, locations, 4, generator=g) * 20 + 0.5,
+        "points": torch.arange(locations * 2, dtype=torch.float32).reshape(locations, 2),
+        "strides": torch.full((locations,), 4.0),
+        "image_size": (16, 16),
+    }
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=30, deadline=None)
+def test_detection_term_is_zero_for_the_expert_itself_and_positive_otherwise(seed):
+    term, options = DISTILL_TERMS.get("detection"), DistillSettings()
+    teacher = _detection_outputs(seed)
+    assert abs(float(term({k: v.clone() if torch.is_tensor(v) else v for k, v in teacher.items()}, teacher,
+                          options))) < 1e-5
+    student = {**_detection_outputs(seed + 1), "points": teacher["points"]}
+    assert float(term(student, teacher, options)) > 1e-4
+
+
+def test_detection_term_weights_boxes_by_the_experts_score() -> None:
+    teacher = _detection_outputs(0, locations=2, classes=1)
+    teacher["cls_logits"] = torch.tensor([[[10.0], [-10.0]]] * 2)  # an object at location 0 only
+    teacher["centerness"] = torch.full((2, 2), 10.0)
+    student = {k: v.clone() if torch.is_tensor(v) else v for k, v in teacher.items()}
+    student["box_distances"][:, 1] *= 5  # off by log 5 on every side where the expert sees (almost) nothing
+    student["box_distances"][:, 0] *= 2  # off by log 2 where it sees an object
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    seen, unseen = np.sqrt(sigmoid(10) * sigmoid(10)), np.sqrt(sigmoid(-10) * sigmoid(10))
+    expected = (seen * 4 * np.log(2) + unseen * 4 * np.log(5)) / (seen + unseen)
+    got = float(DISTILL_TERMS.get("detection")(student, teacher, DistillSettings()))
+    assert got == pytest.approx(expected, rel=1e-4) and got < 4 * np.log(2) + 0.05
+
+
+def test_detection_term_needs_the_same_locations() -> None:
+    teacher = _detection_outputs(0)
+    student = {**_detection_outputs(1), "points": teacher["points"] + 1}
+    with pytest.raises(ConfigError, match="same pyramid levels"):
+        DISTILL_TERMS.get("detection")(student, teacher, DistillSettings())
 
 
 def test_classification_term_is_t_squared_times_the_kl_of_softened_distributions() -> None:
@@ -165,9 +211,9 @@ def test_bad_set_ups_are_named() -> None:
     wrong = {**experts, "cls": experts["seg"]}
     with pytest.raises(ConfigError, match="does not predict a classification task 'cls'"):
         _distill(student, wrong)
-    boxes = TASKS.get("detection")("boxes", num_classes=2)
-    with pytest.raises(ConfigError, match="no term for task 'boxes' of kind 'detection'"):
-        Distillation({"boxes": boxes}, {}, feature_weight=0.0)
+    keypoints = SimpleNamespace(kind="keypoints", output_channels=3)  # a user's task kind without a term
+    with pytest.raises(ConfigError, match="no term for task 'points' of kind 'keypoints'"):
+        Distillation({"points": keypoints}, {}, feature_weight=0.0)
 
 
 def test_the_trainer_optimises_the_adapters_and_adds_the_terms(tmp_path) -> None:

@@ -9,7 +9,12 @@ task kind only and is looked up in :data:`DISTILL_TERMS`:
 - segmentation: the same, per pixel (soft masks);
 - multilabel: per label, binary cross-entropy to the expert's sigmoid minus the expert's own entropy (the
   Bernoulli KL divergence: the gradient of the cross-entropy, and zero when the student equals the expert);
-- depth and normals: L1 (or L2) distance to the expert's maps.
+- depth and normals: L1 (or L2) distance to the expert's maps;
+- detection (FCOS outputs on the same locations): per location and class, the Bernoulli KL to the
+  expert's class and centerness probabilities, and, where the expert sees an object, the L1 distance
+  between log box distances weighted by the expert's score: the soft targets and teacher-guided box
+  regression of Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation",
+  NeurIPS 2017, on an anchor-free head.
 
 With ``feature_weight`` > 0 the student's shared representation (its coarsest level) passes through a small
 per-task adapter (a 1x1 convolution started at the identity) and is pulled towards the expert's
@@ -42,7 +47,7 @@ class DistillSettings:
     regression: Literal["l1", "l2"] = "l1"
 
 
-DistillTerm = Callable[[Tensor, Tensor, DistillSettings], Tensor]
+DistillTerm = Callable[[Any, Any, DistillSettings], Tensor]
 DISTILL_TERMS: Registry[DistillTerm] = Registry("distillation term (by task kind)")
 
 
@@ -63,12 +68,38 @@ def segmentation_term(student: Tensor, teacher: Tensor, settings: DistillSetting
     return _softened_kl(student, teacher, settings.temperature).mean() * settings.temperature**2
 
 
+def _bernoulli_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(Bernoulli(σ(teacher)) ‖ Bernoulli(σ(student))), elementwise."""
+    target = torch.sigmoid(teacher_logits.float())
+    cross = F.binary_cross_entropy_with_logits(student_logits.float(), target, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits.float(), target, reduction="none")
+    return cross - entropy
+
+
 @DISTILL_TERMS.register("multilabel", "BCE to the expert's sigmoid, less the expert's entropy")
 def multilabel_term(student: Tensor, teacher: Tensor, settings: DistillSettings) -> Tensor:
-    target = torch.sigmoid(teacher.float())
-    cross = F.binary_cross_entropy_with_logits(student.float(), target, reduction="none")
-    entropy = F.binary_cross_entropy_with_logits(teacher.float(), target, reduction="none")
-    return (cross - entropy).mean()
+    return _bernoulli_kl(student, teacher).mean()
+
+
+@DISTILL_TERMS.register(
+    "detection", "Bernoulli KL to the expert's class and centerness maps, score-weighted L1 of log box distances",
+    "Chen et al. 2017",
+)
+def detection_term(student: dict[str, Any], teacher: dict[str, Any], settings: DistillSettings) -> Tensor:
+    if student["points"].shape != teacher["points"].shape or not torch.equal(student["points"], teacher["points"]):
+        raise ConfigError(
+            "detection distillation needs the expert's detection head on the same pyramid levels and image size "
+            "as the student's (set the detection task's `strides` alike)"
+        )
+    classes = _bernoulli_kl(student["cls_logits"], teacher["cls_logits"]).sum(-1)  # [B, P]
+    centerness = _bernoulli_kl(student["centerness"], teacher["centerness"])  # [B, P]
+    with torch.no_grad():
+        score = (torch.sigmoid(teacher["cls_logits"].float()).amax(-1) * torch.sigmoid(teacher["centerness"].float()))
+        weight = score.sqrt()
+    log_ratio = torch.log(student["box_distances"].float().clamp_min(1e-6)) - torch.log(
+        teacher["box_distances"].float().clamp_min(1e-6))
+    boxes = (log_ratio.abs().sum(-1) * weight).sum() / weight.sum().clamp_min(1e-6)
+    return (classes + centerness).mean() + boxes
 
 
 def _regression_term(student: Tensor, teacher: Tensor, settings: DistillSettings) -> Tensor:

@@ -25,18 +25,24 @@ def _images() -> torch.Tensor:
     return torch.stack([TinyScenes(6)[i]["image"] for i in range(6)])
 
 
-def _reference(weights: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per-task Jacobian of the shared parameters and the gradient of Σ w_t L_t, by plain autograd."""
+def _model(frozen_stages: int = 0):
     model = tiny_model()
+    model.freeze_backbone_stages(frozen_stages)
+    return model
+
+
+def _reference(weights: torch.Tensor, frozen_stages: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-task Jacobian of the shared parameters and the gradient of Σ w_t L_t, by plain autograd."""
+    model = _model(frozen_stages)
     losses = _losses(model(_images()))
-    shared = list(model.shared_parameters())
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
     rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in losses]
-    total = torch.autograd.grad((weights * losses).sum(), list(model.parameters()))
+    total = torch.autograd.grad((weights * losses).sum(), [p for p in model.parameters() if p.requires_grad])
     return torch.stack(rows), list(total)
 
 
-def _engine_step(jacobian: str, mode: str, needs: Needs) -> tuple[Probe, list[torch.Tensor]]:
-    model = tiny_model()
+def _engine_step(jacobian: str, mode: str, needs: Needs, frozen_stages: int = 0) -> tuple[Probe, list[torch.Tensor]]:
+    model = _model(frozen_stages)
     predictions, cut = model.forward_cut(_images())
     assert isinstance(cut, CutRepresentation) and len(cut.trunk) == 2
     probe = Probe(needs, WEIGHTS)
@@ -45,22 +51,24 @@ def _engine_step(jacobian: str, mode: str, needs: Needs) -> tuple[Probe, list[to
         mode=mode, jacobian=jacobian,
     )
     engine.backward(_losses(predictions), probe)
-    return probe, [p.grad for p in model.parameters()]
+    return probe, [p.grad for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("frozen_stages", [0, 1])
 @pytest.mark.parametrize("jacobian", ["batched", "loop"])
-def test_per_task_jacobian_through_the_cut_equals_plain_autograd(jacobian: str) -> None:
-    expected_jacobian, expected_grads = _reference(WEIGHTS)
-    probe, grads = _engine_step(jacobian, "params", Needs.JACOBIAN)
+def test_per_task_jacobian_through_the_cut_equals_plain_autograd(jacobian: str, frozen_stages: int) -> None:
+    expected_jacobian, expected_grads = _reference(WEIGHTS, frozen_stages)
+    probe, grads = _engine_step(jacobian, "params", Needs.JACOBIAN, frozen_stages)
     assert_close(probe.seen["jacobian"], expected_jacobian, rtol=1e-4, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("frozen_stages", [0, 1])
 @pytest.mark.parametrize("needs", [Needs.LOSSES, Needs.JACOBIAN])
-def test_weighted_updates_through_the_cut_equal_plain_autograd(needs: Needs) -> None:
-    _, expected_grads = _reference(WEIGHTS)
-    _, grads = _engine_step("batched", "representation", needs)
+def test_weighted_updates_through_the_cut_equal_plain_autograd(needs: Needs, frozen_stages: int) -> None:
+    _, expected_grads = _reference(WEIGHTS, frozen_stages)
+    _, grads = _engine_step("batched", "representation", needs, frozen_stages)
     for got, want in zip(grads, expected_grads, strict=True):
         assert_close(got, want, rtol=1e-4, atol=1e-6)
 

@@ -166,9 +166,11 @@ class _StepGradients(TaskGradients):
             assert self._rep_grads is not None
             if self._path == "loop":
                 return self._trunk_loop()
-            rep_grads = self._rep_grads
+            trunk, rep_grads = self._differentiable_trunk()
+            if not trunk:
+                return [_zeros_batched(self.num_tasks, p) for p in self._shared]
             return list(self._vmapped(lambda: torch.autograd.grad(
-                self._trunk, self._shared, grad_outputs=rep_grads, retain_graph=True,
+                trunk, self._shared, grad_outputs=rep_grads, retain_graph=True,
                 allow_unused=True, is_grads_batched=True, materialize_grads=True,
             )))
         if self._path == "loop":
@@ -178,11 +180,20 @@ class _StepGradients(TaskGradients):
         self._head_grads = grads[len(self._shared):]
         return grads[: len(self._shared)]
 
-    def _trunk_loop(self) -> list[Tensor]:
+    def _differentiable_trunk(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The trunk tensors that require grad (a frozen stage's output does not) and their ``[T, ...]``
+        representation gradients."""
         assert self._trunk is not None and self._rep_grads is not None
+        pairs = [(t, g) for t, g in zip(self._trunk, self._rep_grads) if t.requires_grad]
+        return [t for t, _ in pairs], [g for _, g in pairs]
+
+    def _trunk_loop(self) -> list[Tensor]:
+        trunk, rep_grads = self._differentiable_trunk()
+        if not trunk:
+            return [_zeros_batched(self.num_tasks, p) for p in self._shared]
         rows = [
             torch.autograd.grad(
-                self._trunk, self._shared, grad_outputs=[g[t] for g in self._rep_grads],
+                trunk, self._shared, grad_outputs=[g[t] for g in rep_grads],
                 retain_graph=True, allow_unused=True, materialize_grads=True,
             )
             for t in range(self.num_tasks)

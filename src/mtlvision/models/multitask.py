@@ -38,7 +38,9 @@ class CutRepresentation:
 
     @classmethod
     def of(cls, trunk: Sequence[Tensor]) -> CutRepresentation:
-        return cls(list(trunk), [t.detach().requires_grad_(t.requires_grad) for t in trunk])
+        # every copy requires grad (when grad is on), also those of frozen stages: a head's gradient is
+        # defined for each of them, and only trunk tensors that require grad carry it further
+        return cls(list(trunk), [t.detach().requires_grad_(torch.is_grad_enabled()) for t in trunk])
 
 
 class MultiTaskModel(nn.Module):

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from mtlvision.errors import ConfigError
-from mtlvision.models.architectures.base import RepresentationUnavailable
 from mtlvision.models.multitask import CutRepresentation, MultiTaskModel
 
 
@@ -45,7 +44,5 @@ class CompiledModel:
 def _reported(function: Callable[..., Any], *args: Any) -> Any:
     try:
         return function(*args)
-    except RepresentationUnavailable:
-        raise
     except torch._dynamo.exc.TorchDynamoException as exc:  # compile-time failures (graph capture, backend)
         raise ConfigError(f"train.compile=true failed on this set-up: {type(exc).__name__}: {exc}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -275,3 +277,53 @@ def test_op_without_batching_rule_raises_clear_error_and_loop_path_works() -> No
     probe = Probe(Needs.JACOBIAN, torch.ones(2))
     GradientEngine(list(lin.parameters()), list(heads_.parameters()), jacobian="loop").backward(losses(), probe)
     assert probe.seen["jacobian"].shape == (2, 12)
+
+
+@pytest.mark.parametrize("with_rep", [False, True])
+@pytest.mark.parametrize("release", [False, True])
+def test_jacobian_blocks_cover_the_jacobian_in_order(with_rep: bool, release: bool) -> None:
+    net, x = setup(12)
+    expected = reference_jacobian(net, x)
+    rep, losses = net.losses(x)
+    seen: list[tuple[slice, Tensor]] = []
+
+    class Blocks(Probe):
+        def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
+            assert grads is not None and grads.num_columns == expected.shape[1]
+            seen.extend((columns, block.clone()) for columns, block in grads.jacobian_blocks(release=release))
+            if release:
+                with pytest.raises(ConfigError, match="released"):
+                    grads.gramian()
+            return Update(weights=torch.ones(T), direction=torch.zeros(expected.shape[1]))
+
+    engine = GradientEngine(shared(net), heads(net), rep if with_rep else None, mode="params")
+    engine.backward(losses, Blocks(Needs.JACOBIAN, torch.ones(T)))
+    assert [p.numel() for p in shared(net)] == [block.shape[1] for _, block in seen]
+    assert seen[0][0].start == 0 and all(a.stop == b.start for (a, _), (b, _) in itertools.pairwise(seen))
+    torch.testing.assert_close(torch.cat([block for _, block in seen], dim=1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["db_mtl", "moco", "excess_mtl", "graddrop"])
+def test_blockwise_stateful_methods_equal_their_matrix_form(name: str) -> None:
+    """DB-MTL, MoCo and ExcessMTL update their [T, P] state block by block in place through the engine, and
+    GradDrop computes its direction block by block: over three steps, the same updates as on the whole G."""
+    from mtlvision.balancers import get
+    from mtlvision.balancers.aggregate import MatrixGradients
+
+    net, x = setup(13)
+    through_engine, on_matrix = get(name), get(name)
+    through_engine.setup(T), on_matrix.setup(T)
+    for step in range(3):
+        x_step = x + 0.1 * step
+        jacobian = reference_jacobian(net, x_step)
+        _, losses = net.losses(x_step)
+        torch.manual_seed(step)
+        expected = on_matrix.balance(losses.detach(), MatrixGradients(jacobian))
+        want = expected.direction if expected.direction is not None else expected.weights.float() @ jacobian
+        net.zero_grad(set_to_none=True)
+        _, losses = net.losses(x_step)
+        torch.manual_seed(step)
+        update = GradientEngine(shared(net), heads(net)).backward(losses, through_engine)
+        got = torch.cat([p.grad.reshape(-1) for p in shared(net)])
+        torch.testing.assert_close(update.weights.float(), expected.weights.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)

@@ -12,6 +12,7 @@ their state (buffers, ``get_extra_state``) travels in checkpoints.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -44,6 +45,22 @@ class TaskGradients(ABC):
     @abstractmethod
     def gramian(self) -> Tensor:
         """``K = G Gᵀ`` [T, T] in float32 (float64 where the engine is asked for it)."""
+
+    @property
+    def num_columns(self) -> int:
+        """``P``, the number of columns of ``G`` (shared parameters, or representation entries)."""
+        return int(self.jacobian().shape[1])
+
+    def jacobian_blocks(self, release: bool = False) -> Iterator[tuple[slice, Tensor]]:
+        """``G`` as ``(columns, G[:, columns])`` pairs that cover its columns in order, each block ``[T, n]``.
+
+        For methods that keep per-task state of ``G``'s shape (a moving average, AdaGrad sums): updating it
+        block by block, in place, needs no ``[T, P]`` temporary. With ``release=True`` each block is freed
+        once the iteration moves past it, and the object answers no further ``jacobian``, ``gramian`` or
+        block requests: the balancer must then return ``Update.direction``. This default yields ``G`` whole.
+        """
+        matrix = self.jacobian()
+        yield slice(0, matrix.shape[1]), matrix
 
 
 @dataclass

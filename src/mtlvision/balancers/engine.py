@@ -33,6 +33,12 @@ batched backward returns, and a Gramian-only balancer's update is ``Σ_t w_t G_l
 memory, 134 MiB for resnet18 at T=3). A Gramian built without the weight gradients at all would need
 per-layer closed forms for convolutions (quadratic in batch × spatial positions); not attempted.
 
+Methods that keep per-task state of the Jacobian's shape (DB-MTL's moving average, MoCo's tracked gradients,
+ExcessMTL's AdaGrad sums) and coordinate-wise methods (GradDrop) read the Jacobian through
+:meth:`TaskGradients.jacobian_blocks`, one ``[T, n]`` block per parameter, and update their state in place;
+those that return a direction release each block once used. Their peak memory is then the state itself plus
+what every gradient method holds, instead of several ``[T, P]`` temporaries.
+
 ``jacobian="loop"`` selects T plain ``autograd.grad`` calls instead of the vmapped backward, for an op
 without a batching rule; the batched path never silently falls back to it.
 """
@@ -97,6 +103,7 @@ class _StepGradients(TaskGradients):
         self._jacobian: Tensor | None = None
         self._blocks: list[Tensor] | None = None  # per shared parameter: [T, *shape], float32, reduced
         self._gramian: Tensor | None = None
+        self._released = False  # set by jacobian_blocks(release=True): the Jacobian is gone
 
     @property
     def num_tasks(self) -> int:
@@ -105,6 +112,12 @@ class _StepGradients(TaskGradients):
     @property
     def representation_mode(self) -> bool:
         return self._representation_mode
+
+    @property
+    def num_columns(self) -> int:
+        columns = self._representation if self._representation_mode else self._shared
+        assert columns is not None
+        return sum(x.numel() for x in columns)
 
     @property
     def jacobian_known(self) -> bool:
@@ -214,6 +227,7 @@ class _StepGradients(TaskGradients):
         """The Jacobian of the shared parameters as one ``[T, *shape]`` float32 block per parameter, each
         after ``reduce`` (an all-reduce mean is exact block by block). The Gramian and the weighted update
         are built from the blocks, so the flat ``[T, P]`` copy exists only if a balancer asks for it."""
+        self._check_not_released()
         if self._blocks is None:
             self._blocks = [self._reduce(g.float()) for g in self._shared_grads()]
         return self._blocks
@@ -221,6 +235,7 @@ class _StepGradients(TaskGradients):
     def jacobian(self) -> Tensor:
         """``G`` [T, P] in float32 (also under autocast), after ``reduce``. In representation mode, the
         representation Jacobian (not reduced: its rows are over this process's samples)."""
+        self._check_not_released()
         if self._jacobian is None:
             if self._representation_mode:
                 self._jacobian = self.representation_jacobian()
@@ -234,6 +249,7 @@ class _StepGradients(TaskGradients):
         (from the reduced Jacobian). Representation mode: ``reduce`` is applied to K (the Gramian of every
         process's representation gradients together is the sum of the per-process Gramians)."""
         if self._gramian is None:
+            self._check_not_released()
             if self._representation_mode:
                 jac = self.jacobian().to(self._gramian_dtype)
                 self._gramian = self._reduce(jac @ jac.T)
@@ -249,6 +265,30 @@ class _StepGradients(TaskGradients):
                     gram += flat @ flat.T
                 self._gramian = gram
         return self._gramian
+
+    def jacobian_blocks(self, release: bool = False) -> Iterator[tuple[slice, Tensor]]:
+        """One ``[T, n]`` block per shared parameter (views of the flat Jacobian once it exists), so that a
+        balancer's per-task state is updated without a ``[T, P]`` temporary; see
+        :meth:`TaskGradients.jacobian_blocks`. Representation mode: the representation Jacobian whole."""
+        self._check_not_released()
+        if self._representation_mode:
+            yield from super().jacobian_blocks(release)
+            return
+        if self._jacobian is not None:
+            blocks = list(torch.split(self._jacobian, [p.numel() for p in self._shared], dim=1))
+        else:
+            blocks = [b.reshape(self.num_tasks, -1) for b in self.shared_blocks()]
+        if release:
+            self._released = True
+            self._jacobian = self._blocks = None
+        start = 0
+        for index in range(len(blocks)):
+            block = blocks[index]
+            if release:
+                blocks[index] = block.new_empty(0)  # drop the list's reference: freed once the caller moves on
+            yield slice(start, start + block.shape[1]), block
+            start += block.shape[1]
+            del block
 
     def consume_weighted_shared(self, weights: Tensor) -> Iterator[Tensor]:
         """``Σ_t w_t ∂L_t/∂θ`` for every shared parameter, from the known Jacobian. Each per-parameter block
@@ -268,8 +308,16 @@ class _StepGradients(TaskGradients):
         """Per task-specific parameter ``[T, *shape]``, once the heads have been differentiated."""
         return self._head_grads
 
+    def _check_not_released(self) -> None:
+        if self._released:
+            raise ConfigError(
+                "the step's shared-parameter Jacobian was released by jacobian_blocks(release=True); a balancer "
+                "that releases it must return Update.direction and ask for nothing more"
+            )
+
     def ensure_heads(self) -> list[Tensor]:
-        self._heads() if self._representation is not None else self.jacobian()
+        if self._head_grads is None:
+            self._heads() if self._representation is not None else self.jacobian()
         assert self._head_grads is not None
         return self._head_grads
 

@@ -50,13 +50,21 @@ class GradDrop(GradientBalancer):
         return torch.tensor(self.leak, dtype=like.dtype, device=like.device)[:, None]
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
-        jacobian = require_grads(self, grads).jacobian().detach()
-        total = jacobian.sum(dim=0)
-        magnitude = jacobian.abs().sum(dim=0)
-        ratio = total / magnitude.clamp_min(torch.finfo(total.dtype).tiny)
-        purity = 0.5 * (1.0 + torch.where(magnitude > 0, ratio, 0.0))
-        uniform = torch.rand(purity.shape, dtype=purity.dtype, device=purity.device)
-        keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
-        leaks = self._leaks(jacobian.shape[0], jacobian)
-        direction = ((leaks + (1.0 - leaks) * keep.to(jacobian.dtype)) * jacobian).sum(dim=0)
+        grads = require_grads(self, grads)
+        direction: Tensor | None = None
+        # Coordinate-wise, so computed block by block: the [T, n] temporaries (signs, masks) stay one
+        # parameter's size, and each block of the Jacobian is released once used.
+        for columns, block in grads.jacobian_blocks(release=True):
+            block = block.detach()
+            if direction is None:
+                direction = block.new_empty(grads.num_columns)
+                leaks = self._leaks(block.shape[0], block)
+            total = block.sum(dim=0)
+            magnitude = block.abs().sum(dim=0)
+            ratio = total / magnitude.clamp_min(torch.finfo(total.dtype).tiny)
+            purity = 0.5 * (1.0 + torch.where(magnitude > 0, ratio, 0.0))
+            uniform = torch.rand(purity.shape, dtype=purity.dtype, device=purity.device)
+            keep = ((purity > uniform) & (block > 0)) | ((purity < uniform) & (block < 0))
+            direction[columns] = ((leaks + (1.0 - leaks) * keep.to(block.dtype)) * block).sum(dim=0)
+        assert direction is not None
         return Update(weights=torch.ones_like(losses.detach()), direction=direction)

@@ -50,18 +50,25 @@ class MoCo(ExtraStateMixin, GradientBalancer):
         self.lambd: Tensor | None = None
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
-        jacobian = require_grads(self, grads).jacobian()
-        t = jacobian.shape[0]
-        if self.tracked is None:
-            self.tracked = torch.zeros_like(jacobian)
+        grads = require_grads(self, grads)
+        t, shape = grads.num_tasks, (grads.num_tasks, grads.num_columns)
+        if self.tracked is not None and tuple(self.tracked.shape) != shape:
+            raise ConfigError(f"MoCo state is for gradients {tuple(self.tracked.shape)}, got {shape}")
+        if self.lambd is None:
             self.lambd = torch.full((t,), 1.0 / t, dtype=torch.float64)
-        if self.tracked.shape != jacobian.shape:
-            raise ConfigError(f"MoCo state is for gradients {tuple(self.tracked.shape)}, got {tuple(jacobian.shape)}")
         self.step += 1
         beta = self.beta / self.step**self.beta_sigma
         gamma = self.gamma / self.step**self.gamma_sigma
-        tracked = self.tracked.to(jacobian.device)
-        tracked = tracked - beta * (tracked - jacobian.detach())
+        tracked: Tensor | None = None
+        # Y ← (1 − β)Y + βG block by block, in place: no [T, P] temporary beside the tracked gradients.
+        for columns, block in grads.jacobian_blocks(release=True):
+            if tracked is None:
+                tracked = (
+                    torch.zeros(shape, dtype=block.dtype, device=block.device) if self.tracked is None
+                    else self.tracked.to(block.device)
+                )
+            tracked[:, columns].mul_(1 - beta).add_(block.detach(), alpha=beta)
+        assert tracked is not None
         self.tracked = tracked
         gramian = to_numpy_gramian(tracked @ tracked.T)
         lambd = self.lambd.numpy()
@@ -69,5 +76,3 @@ class MoCo(ExtraStateMixin, GradientBalancer):
         self.lambd = torch.from_numpy(lambd)
         weights = self.lambd.to(device=tracked.device, dtype=tracked.dtype)
         return Update(weights=weights.to(losses.dtype), direction=weights @ tracked)
-
-

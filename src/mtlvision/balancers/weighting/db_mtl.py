@@ -46,20 +46,27 @@ class DBMTL(LossWeighting):
         self.grad_average: Tensor | None = None
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
-        jacobian = require_grads(self, grads).jacobian()
+        grads = require_grads(self, grads)
         scale = 1.0 / (checked_losses(self, losses, strict=False) + self.eps)
-        log_grads = jacobian * scale.to(jacobian.device, jacobian.dtype)[:, None]
-        if self.grad_average is None or self.grad_average.shape != log_grads.shape:
-            if self.grad_average is not None:
-                raise ConfigError(
-                    f"DB-MTL's gradient average has shape {tuple(self.grad_average.shape)} but this step's "
-                    f"Jacobian has {tuple(log_grads.shape)}"
-                )
-            self.grad_average = torch.zeros_like(log_grads)
+        shape = (grads.num_tasks, grads.num_columns)
+        if self.grad_average is not None and tuple(self.grad_average.shape) != shape:
+            raise ConfigError(
+                f"DB-MTL's gradient average has shape {tuple(self.grad_average.shape)} but this step's "
+                f"Jacobian has {shape}"
+            )
         self.step += 1
         beta = self.beta / self.step**self.beta_sigma
-        average = self.grad_average.to(log_grads.device)
-        average.mul_(beta).add_(log_grads, alpha=1 - beta)
+        average: Tensor | None = None
+        # The moving average is updated block by block, in place: no [T, P] temporary beside the state.
+        for columns, block in grads.jacobian_blocks(release=True):
+            if average is None:
+                average = (
+                    torch.zeros(shape, dtype=block.dtype, device=block.device) if self.grad_average is None
+                    else self.grad_average.to(block.device)
+                )
+                coefficient = ((1 - beta) * scale).to(block.device, block.dtype)[:, None]
+            average[:, columns].mul_(beta).addcmul_(block, coefficient)
+        assert average is not None
         self.grad_average = average
         norms = average.norm(dim=1)
         if not (norms > 0).all():

@@ -40,19 +40,32 @@ class ExcessMTL(LossWeighting):
         self.initial_risk: Tensor | None = None
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
-        jacobian = require_grads(self, grads).jacobian()
-        if self.grad_square_sum is None:
-            self.grad_square_sum = torch.zeros_like(jacobian)
-            self.task_weights = torch.ones(losses.numel(), dtype=torch.float64)
-        if self.grad_square_sum.shape != jacobian.shape:
+        grads = require_grads(self, grads)
+        shape = (grads.num_tasks, grads.num_columns)
+        if self.grad_square_sum is not None and tuple(self.grad_square_sum.shape) != shape:
             raise ConfigError(
                 f"ExcessMTL's AdaGrad state has shape {tuple(self.grad_square_sum.shape)} but this step's Jacobian "
-                f"has {tuple(jacobian.shape)}"
+                f"has {shape}"
             )
-        square_sum = self.grad_square_sum.to(jacobian.device)
-        square_sum.add_(jacobian.square())
+        if self.task_weights is None:
+            self.task_weights = torch.ones(losses.numel(), dtype=torch.float64)
+        square_sum: Tensor | None = None
+        risk: Tensor | None = None
+        # AdaGrad sums and the risk estimate block by block, in place: no [T, P] temporary beside the state
+        # (the weighted update needs this step's Jacobian afterwards, so the blocks are kept).
+        for columns, block in grads.jacobian_blocks():
+            if square_sum is None:
+                square_sum = (
+                    torch.zeros(shape, dtype=block.dtype, device=block.device) if self.grad_square_sum is None
+                    else self.grad_square_sum.to(block.device)
+                )
+                risk = torch.zeros(shape[0], dtype=torch.float64, device=block.device)
+            block_sum = square_sum[:, columns]
+            block_sum.addcmul_(block, block)
+            risk += (block.square() / (block_sum + self.eps).sqrt()).sum(dim=1).double()
+        assert square_sum is not None and risk is not None
         self.grad_square_sum = square_sum
-        risk = (jacobian.square() / (square_sum + self.eps).sqrt()).sum(dim=1).double().cpu()
+        risk = risk.cpu()
         assert self.task_weights is not None
         if self.initial_risk is None:
             if not (risk > 0).all():

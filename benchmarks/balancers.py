@@ -105,12 +105,15 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
     balancer.to(x.device)
     shared, specific = list(trunk.parameters()), list(heads.parameters())
     optimiser = torch.optim.SGD([*shared, *specific, *balancer.parameters()], lr=1e-3)
+    jacobian = "loop" if mode == "loop" else "batched"  # "loop": parameter mode with T plain backward passes
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
         rep = trunk(x)
         losses = torch.stack(task_losses(heads, rep))
-        engine = balancers.GradientEngine(shared, specific, rep, mode="representation" if mode == "rep" else "params")
+        engine = balancers.GradientEngine(
+            shared, specific, rep, mode="representation" if mode == "rep" else "params", jacobian=jacobian
+        )
         engine.backward(losses, balancer)
         optimiser.step()
         if balancer.needs_post_step_losses:
@@ -183,7 +186,28 @@ def torchjd_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Ca
     return step
 
 
-STEPS = {"ours": ours_step, "libmtl": libmtl_step, "torchjd": torchjd_step}
+def torch_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
+    """Plain PyTorch: ``ew`` backpropagates the summed losses once; ``floor`` backpropagates each task's loss
+    through the trunk on its own (T backward passes accumulated into ``.grad``, nothing stored per task), the
+    least work any method that needs T per-task gradients of the trunk's parameters can do."""
+    import torch
+
+    optimiser = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=1e-3)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        losses = task_losses(heads, trunk(x))
+        if method == "ew":
+            sum(losses).backward()
+        else:
+            for index, loss in enumerate(losses):
+                loss.backward(retain_graph=index < len(losses) - 1)
+        optimiser.step()
+
+    return step
+
+
+STEPS = {"ours": ours_step, "libmtl": libmtl_step, "torchjd": torchjd_step, "torch": torch_step}
 
 
 # ------------------------------------------------------------------------------------------ one measurement
@@ -282,6 +306,8 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
     parser.add_argument("--wheels", help="install the peers offline from the wheels in this folder")
     parser.add_argument("--no-representation", action="store_true", help="skip representation mode")
+    parser.add_argument("--loop", action="store_true",
+                        help="also time parameter mode with balancer.jacobian=loop (T plain backward passes)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -293,6 +319,7 @@ def main() -> None:
     methods = methods_for(args)
     frameworks = ["ours"] if args.no_peers else ["ours", "libmtl", "torchjd"]
     peers_of = {"libmtl": LIBMTL, "torchjd": TORCHJD}
+    floor_methods = ["ew", "floor"]
     common = {
         "batch": args.batch, "size": args.size, "device": args.device, "steps": steps, "warmup": args.warmup,
         "threads": args.threads,
@@ -301,11 +328,15 @@ def main() -> None:
           f"median of {steps} steps; peak memory in MiB)\n")
     for num_tasks in tasks:
         results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
+        for method in floor_methods:
+            spec = {**common, "framework": "torch", "method": method, "mode": "params", "tasks": num_tasks}
+            results[("torch", method, "params")] = measure(spec, args.wheels)
+            print(f"  measured torch {method} T={num_tasks}: {results[('torch', method, 'params')]}", file=sys.stderr)
         for framework in frameworks:
             for method in methods:
-                modes = ["params"] + (
-                    ["rep"] if framework == "ours" and not args.no_representation and supports_representation(method)
-                    else []
+                ours = framework == "ours"
+                modes = ["params"] + (["loop"] if ours and args.loop and method != "ew" else []) + (
+                    ["rep"] if ours and not args.no_representation and supports_representation(method) else []
                 )
                 if framework != "ours" and method not in peers_of[framework]:
                     continue
@@ -314,10 +345,10 @@ def main() -> None:
                     results[(framework, method, mode)] = measure(spec, args.wheels)
                     print(f"  measured {framework} {method} {mode} T={num_tasks}: {results[(framework, method, mode)]}",
                           file=sys.stderr)
-        print(table(num_tasks, methods, frameworks, results))
+        print(table(num_tasks, methods, frameworks, results, args.loop))
 
 
-def table(num_tasks: int, methods: list[str], frameworks: list[str], results: dict) -> str:
+def table(num_tasks: int, methods: list[str], frameworks: list[str], results: dict, loop: bool) -> str:
     def ratio(framework: str, method: str, mode: str, key: str) -> str:
         value, base = results.get((framework, method, mode)), results.get((framework, "ew", "params"))
         if value is None:
@@ -328,16 +359,22 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
             return f"{value[key]:.3g}"
         return f"{value[key] / base[key]:.2f}×"
 
-    head = ["method", "ours (params)", "ours (rep)", "ours peak mem"] + [f"{f}" for f in frameworks[1:]] + [
-        f"{f} peak mem" for f in frameworks[1:]
-    ]
+    head = ["method", "ours (params)", *(["ours (params, loop)"] if loop else []), "ours (rep)", "ours peak mem"]
+    head += [f"{f}" for f in frameworks[1:]] + [f"{f} peak mem" for f in frameworks[1:]]
     lines = [f"## T = {num_tasks}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results.get(("ours", "ew", "params"))
     if isinstance(base, dict):
         lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.0f} ms/step, {base['peak_mib']:.0f} MiB\n")
+    floor, torch_ew = results.get(("torch", "floor", "params")), results.get(("torch", "ew", "params"))
+    if isinstance(floor, dict) and isinstance(torch_ew, dict):
+        lines.insert(1, f"floor (plain PyTorch, one forward and T backward passes through the trunk): "
+                        f"{floor['median_s'] / torch_ew['median_s']:.2f}× its equal-weights step "
+                        f"({torch_ew['median_s'] * 1000:.0f} ms), peak memory "
+                        f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n")
     for method in methods:
-        row = [method, ratio("ours", method, "params", "median_s"), ratio("ours", method, "rep", "median_s"),
-               ratio("ours", method, "params", "peak_mib")]
+        row = [method, ratio("ours", method, "params", "median_s"),
+               *([ratio("ours", method, "loop", "median_s")] if loop else []),
+               ratio("ours", method, "rep", "median_s"), ratio("ours", method, "params", "peak_mib")]
         row += [ratio(f, method, "params", "median_s") for f in frameworks[1:]]
         row += [ratio(f, method, "params", "peak_mib") for f in frameworks[1:]]
         lines.append("| " + " | ".join(row) + " |")

@@ -100,6 +100,9 @@ def test_metric_matches_cocoeval(seed: int) -> None:
         if (per_iou > -1).any():
             assert got["ap"] == pytest.approx(per_iou[per_iou > -1].mean(), abs=1e-6)
             assert got["ap_50"] == pytest.approx(per_iou[0][per_iou[0] > -1].mean(), abs=1e-6)
+            assert ours[f"ap_50/{name}"] == pytest.approx(got["ap_50"], abs=1e-9)
+        else:
+            assert f"ap_50/{name}" not in ours
 
 
 def test_invalid_images_are_left_out() -> None:
@@ -117,7 +120,10 @@ def test_perfect_detections_score_one_and_reset_clears() -> None:
     perfect = [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]} for t in truths]
     metric = passthrough_metric()
     metric.update(perfect, truths, torch.ones(len(truths), dtype=torch.bool))
-    assert metric.compute() == pytest.approx({"map_50": 1.0, "map": 1.0, "recall": 1.0})
+    present = {CLASSES[label] for t in truths for label in t["labels"].tolist()}
+    assert metric.compute() == pytest.approx(
+        {"map_50": 1.0, "map": 1.0, "recall": 1.0, **{f"ap_50/{name}": 1.0 for name in present}}
+    )
     metric.reset()
     metric.update(perfect[:1], truths[:1], torch.ones(1, dtype=torch.bool))
     metric.update([{k: v[:0] for k, v in perfect[1].items()}], truths[1:2], torch.ones(1, dtype=torch.bool))

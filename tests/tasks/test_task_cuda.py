@@ -65,6 +65,6 @@ def test_cuda_matches_cpu(task: Task, deterministic: None) -> None:
         cpu_metric.update(prediction, target, valid)
         cuda_metric.update(*cuda)
     expected, got = cpu_metric.compute(), cuda_metric.compute()
-    assert set(got) == set(task.metric_directions)
+    assert set(task.metric_directions) <= set(got)  # detection adds per-class AP beside the means
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key

@@ -2,8 +2,8 @@
 
 Wraps :class:`torchmetrics.detection.MeanAveragePrecision` with the pycocotools backend, so the numbers are
 COCOeval's: ``map_50`` (AP at IoU 0.5), ``map`` (AP averaged over IoU 0.50:0.05:0.95) and ``recall``
-(AR with at most 100 detections per image), each averaged over the classes that have ground truth.
-:meth:`DetectionMetric.per_class` gives the per-class AP behind those means.
+(AR with at most 100 detections per image), each averaged over the classes that have ground truth, and
+the AP@0.5 of each such class (``ap_50/<class>``). :meth:`DetectionMetric.per_class` gives both per-class APs.
 """
 
 from __future__ import annotations
@@ -49,12 +49,18 @@ class DetectionMetric:
         return self._last
 
     def compute(self) -> dict[str, float]:
+        """``map_50``, ``map``, ``recall``, and ``ap_50/<class>`` for every class with ground truth (reported
+        beside the means; Δm and model selection use only the three means)."""
         summary = self._summary()
-        return {
+        result = {
             "map_50": float(summary["map_50"]),
             "map": float(summary["map"]),
             "recall": float(summary["mar_100"]),
         }
+        for name, values in self.per_class().items():
+            if values["ap_50"] is not None:
+                result[f"ap_50/{name}"] = values["ap_50"]
+        return result
 
     def per_class(self) -> dict[str, dict[str, float | None]]:
         """``{class name: {"ap": AP@[.5:.95], "ap_50": AP@.5}}``; ``None`` for a class without ground truth.

@@ -17,6 +17,13 @@ environment. ``--wheels DIR`` installs them offline from wheels in DIR. LibMTL 1
     python benchmarks/balancers.py --full          # every method, T=3 and T=40, 20 timed steps
     python benchmarks/balancers.py --tasks 40 --methods ew mgda upgrad --steps 10 --no-peers
     python benchmarks/balancers.py --device cuda --wheels .bench_envs/wheels    # on a GPU machine, offline
+    python benchmarks/balancers.py --interleave --loop --steps 15 --warmup 2   # steadier ratios on a shared CPU
+
+Every run also times the floor in plain PyTorch: the summed losses backpropagated once (its equal-weights
+step) against each task's loss backpropagated through the trunk on its own (T backward passes, nothing
+stored), the least work any method that needs T per-task gradients of the trunk's parameters can do.
+``--interleave`` times all configurations in one process with their steps interleaved round-robin, so that
+a slow spell of a shared machine falls on every method alike.
 """
 
 from __future__ import annotations
@@ -246,6 +253,53 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "peak_mib": peak_mib}
 
 
+def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median step time of every spec, measured in one process with the steps interleaved round-robin, so
+    that a slow spell of a shared machine falls on every method alike instead of on whichever ran then."""
+    import torch
+
+    first = specs[0]
+    torch.set_num_threads(first["threads"]) if first["threads"] else None
+    cuda = first["device"].startswith("cuda")
+    steps: dict[str, Callable[[], None]] = {}
+    for spec in specs:
+        trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], spec["device"])
+        trunk.train(), heads.train()
+        steps[spec_key(spec)] = STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    order = list(steps)
+    for round_ in range(first["warmup"] + first["steps"]):
+        for key in order[round_ % len(order):] + order[: round_ % len(order)]:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[key]()
+            if cuda:
+                torch.cuda.synchronize()
+            if round_ >= first["warmup"]:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return f"{spec['framework']}/{spec['method']}/{spec['mode']}"
+
+
+def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float]:
+    env = dict(os.environ)
+    peers = sorted({s["framework"] for s in specs} & set(PEER_PACKAGES))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [*(str(peer_path(peer, wheels)) for peer in peers), env.get("PYTHONPATH", "")] if p
+    )
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--timing-worker", json.dumps(specs)],
+        capture_output=True, text=True, cwd=ROOT, env=env, check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the interleaved timing process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def peer_path(peer: str, wheels: str | None) -> Path:
     """The environment directory of ``peer`` under ``.bench_envs/``, installed with pip on first use."""
     target = ENVS / peer
@@ -262,7 +316,7 @@ def peer_path(peer: str, wheels: str | None) -> Path:
 
 def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
     env = dict(os.environ)
-    if spec["framework"] != "ours":
+    if spec["framework"] in PEER_PACKAGES:
         paths = [str(peer_path(spec["framework"], wheels)), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     done = subprocess.run(
@@ -308,10 +362,17 @@ def main() -> None:
     parser.add_argument("--no-representation", action="store_true", help="skip representation mode")
     parser.add_argument("--loop", action="store_true",
                         help="also time parameter mode with balancer.jacobian=loop (T plain backward passes)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time every method in one process, steps interleaved round-robin (peak memory still "
+                             "comes from one process per method); steadier ratios on a shared machine")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.timing_worker:
+        print(json.dumps(timing_worker(json.loads(args.timing_worker))))
         return
 
     tasks = args.tasks or ([3, 40] if args.full else [3])
@@ -324,14 +385,14 @@ def main() -> None:
         "batch": args.batch, "size": args.size, "device": args.device, "steps": steps, "warmup": args.warmup,
         "threads": args.threads,
     }
+    how = "interleaved in one process" if args.interleave else "one process per method"
     print(f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
-          f"median of {steps} steps; peak memory in MiB)\n")
+          f"median of {steps} steps, {how}; peak memory in MiB, one process per method)\n")
     for num_tasks in tasks:
-        results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
-        for method in floor_methods:
-            spec = {**common, "framework": "torch", "method": method, "mode": "params", "tasks": num_tasks}
-            results[("torch", method, "params")] = measure(spec, args.wheels)
-            print(f"  measured torch {method} T={num_tasks}: {results[('torch', method, 'params')]}", file=sys.stderr)
+        specs = [
+            {**common, "framework": "torch", "method": method, "mode": "params", "tasks": num_tasks}
+            for method in floor_methods
+        ]
         for framework in frameworks:
             for method in methods:
                 ours = framework == "ours"
@@ -340,11 +401,24 @@ def main() -> None:
                 )
                 if framework != "ours" and method not in peers_of[framework]:
                     continue
-                for mode in modes:
-                    spec = {**common, "framework": framework, "method": method, "mode": mode, "tasks": num_tasks}
-                    results[(framework, method, mode)] = measure(spec, args.wheels)
-                    print(f"  measured {framework} {method} {mode} T={num_tasks}: {results[(framework, method, mode)]}",
-                          file=sys.stderr)
+                specs += [
+                    {**common, "framework": framework, "method": method, "mode": mode, "tasks": num_tasks}
+                    for mode in modes
+                ]
+        results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
+        for spec in specs:
+            alone = {**spec, "steps": min(steps, 3)} if args.interleave else spec  # memory only: a few steps
+            key = (spec["framework"], spec["method"], spec["mode"])
+            results[key] = measure(alone, args.wheels)
+            print(f"  measured {spec_key(spec)} T={num_tasks}: {results[key]}", file=sys.stderr)
+        if args.interleave:
+            runnable = [
+                spec for spec in specs if isinstance(results[(spec["framework"], spec["method"], spec["mode"])], dict)
+            ]
+            for key, median_s in measure_interleaved(runnable, args.wheels).items():
+                framework, method, mode = key.split("/")
+                results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
+            print(f"  interleaved timing of {len(runnable)} configurations done", file=sys.stderr)
         print(table(num_tasks, methods, frameworks, results, args.loop))
 
 

@@ -106,3 +106,17 @@ def test_undecodable_image_is_named(trained, tmp_path, capsys):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     assert main(["predict", str(trained / "joint"), str(broken), "--out", str(tmp_path / "p")]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_metrics_table_leaves_details_that_are_not_delta_m_terms_blank() -> None:
+    """Detection reports per-class AP beside its means; only the means are Δm terms."""
+    from rich.console import Console
+
+    from mtlvision.cli import _metrics_table
+
+    metrics = {"detection": {"map_50": 0.8, "ap_50/cube": 0.7}}
+    delta = {"per_metric": {"detection": {"map_50": 1.5}}}
+    console = Console(width=120, record=True)
+    console.print(_metrics_table("t", metrics, delta))
+    text = console.export_text()
+    assert "+1.50" in text and "ap_50/cube" in text and "0.7000" in text

@@ -28,8 +28,9 @@ def _metrics_table(title: str, metrics: dict[str, dict[str, float]], delta: dict
     for task, values in metrics.items():
         for metric, value in values.items():
             row = [task, metric, f"{value:.4f}"]
-            if delta is not None:
-                row.append(f"{delta['per_metric'][task][metric]:+.2f}")
+            if delta is not None:  # per-class details (detection's ap_50/<class>) are not Δm terms
+                term = delta["per_metric"].get(task, {}).get(metric)
+                row.append("" if term is None else f"{term:+.2f}")
             table.add_row(*row)
     return table
 

@@ -133,10 +133,7 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
 def libmtl_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
     import torch
 
-    # LibMTL 1.1.5 imports a module torchvision removed; give it the function it wants from there.
-    sys.modules["torchvision.models.utils"] = types.SimpleNamespace(  # type: ignore[assignment]
-        load_state_dict_from_url=torch.hub.load_state_dict_from_url
-    )
+    import_framework("libmtl")
     import LibMTL.weighting as weighting
 
     class_name, kwargs = LIBMTL[method]
@@ -223,11 +220,31 @@ def rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def import_framework(framework: str) -> None:
+    """Import what a framework's step needs, so that the modules' own resident size is not counted as the
+    step's memory (mtlvision's import alone, with timm and torchmetrics, is about 100 MiB)."""
+    import importlib
+
+    import torch
+    import torchvision  # noqa: F401  (every problem builds a torchvision resnet18)
+
+    if framework == "libmtl":
+        # LibMTL 1.1.5 imports a module torchvision removed; give it the function it wants from there.
+        sys.modules["torchvision.models.utils"] = types.SimpleNamespace(  # type: ignore[assignment]
+            load_state_dict_from_url=torch.hub.load_state_dict_from_url
+        )
+    modules = {"ours": ["mtlvision.balancers"], "libmtl": ["LibMTL.weighting"],
+               "torchjd": ["torchjd.aggregation", "torchjd.autojac"], "torch": []}
+    for module in modules[framework]:
+        importlib.import_module(module)
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
     device = spec["device"]
+    import_framework(spec["framework"])
     base_rss = rss_kib()
     trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], device)
     trunk.train(), heads.train()
@@ -365,6 +382,8 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="time every method in one process, steps interleaved round-robin (peak memory still "
                              "comes from one process per method); steadier ratios on a shared machine")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="peak memory only: one process per method, one warm-up and one measured step")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,6 +405,7 @@ def main() -> None:
         "threads": args.threads,
     }
     how = "interleaved in one process" if args.interleave else "one process per method"
+    how = "NOT MEANINGFUL: --memory-only" if args.memory_only else how
     print(f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
           f"median of {steps} steps, {how}; peak memory in MiB, one process per method)\n")
     for num_tasks in tasks:
@@ -407,11 +427,14 @@ def main() -> None:
                 ]
         results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
         for spec in specs:
-            alone = {**spec, "steps": min(steps, 3)} if args.interleave else spec  # memory only: a few steps
+            if args.memory_only:
+                alone = {**spec, "steps": 1, "warmup": 1}
+            else:  # with --interleave these runs give the memory only: a few steps
+                alone = {**spec, "steps": min(steps, 3)} if args.interleave else spec
             key = (spec["framework"], spec["method"], spec["mode"])
             results[key] = measure(alone, args.wheels)
             print(f"  measured {spec_key(spec)} T={num_tasks}: {results[key]}", file=sys.stderr)
-        if args.interleave:
+        if args.interleave and not args.memory_only:
             runnable = [
                 spec for spec in specs if isinstance(results[(spec["framework"], spec["method"], spec["mode"])], dict)
             ]

@@ -120,3 +120,18 @@ def test_metrics_table_leaves_details_that_are_not_delta_m_terms_blank() -> None
     console.print(_metrics_table("t", metrics, delta))
     text = console.export_text()
     assert "+1.50" in text and "ap_50/cube" in text and "0.7000" in text
+
+
+def test_scenes_detection_preset_trains_and_reports_per_class_ap(tmp_path):
+    """The detection preset end to end at a tiny size: its three tasks, the per-class AP of every shape
+    that has a box in the test split, and the means Δm uses."""
+    tiny = ["data.image_size=32", "data.train_size=16", "data.val_size=8", "data.test_size=8", "train.epochs=1",
+            "train.batch_size=8", "train.progress=false"]
+    assert main(["train", "scenes_detection", "--set", *tiny, "--out", str(tmp_path), "--name", "det"]) == 0
+    report = json.loads((tmp_path / "det" / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"detection", "segmentation", "depth"}
+    detection = report["metrics"]["detection"]
+    assert {"map_50", "map", "recall"} <= set(detection)
+    per_class = {key.removeprefix("ap_50/") for key in detection if key.startswith("ap_50/")}
+    assert per_class and per_class <= {"sphere", "cube", "cylinder", "cone"}
+    assert all(0.0 <= value <= 1.0 for value in detection.values())

@@ -227,6 +227,26 @@ def test_decode_thresholds_suppresses_per_class_and_clips() -> None:
     assert result["scores"] == pytest.approx(expected, abs=1e-4)
 
 
+def test_decode_offers_each_location_once_and_the_metric_every_class() -> None:
+    """An object the classifier is unsure about: decode returns its box once, under the best class; the
+    metrics (FCOS's evaluation) see one candidate per class above the threshold."""
+    raw = hand_made_raw()
+    raw["cls_logits"][0, 0, 1] = 2.8  # location 0 also says "dog", a little less sure than "cat" (3.0)
+    task = Detection("det", 2, class_names=["cat", "dog"], score_threshold=0.3, nms_iou=0.5)
+    decoded = task.decode(raw)[0]
+    assert decoded["boxes"].count([5.0, 5.0, 15.0, 15.0]) == 2  # location 0 as cat, location 2 as dog
+    at_location_0 = [label for box, label in zip(decoded["boxes"], decoded["labels"], strict=True)
+                     if box == [5.0, 5.0, 15.0, 15.0]]
+    assert sorted(at_location_0) == [0, 1]
+    every_class = task.detect(raw, multi_label=True)[0]
+    # Here both give three boxes: location 0's "dog" and location 2's "dog" share one box, so NMS keeps one.
+    assert len(every_class["labels"]) == len(decoded["labels"]) == 3
+    raw["cls_logits"][0, 2, 1] = -10.0  # without location 2's dog the two modes differ:
+    assert task.decode(raw)[0]["labels"] == [0, 0]
+    assert sorted(task.detect(raw, multi_label=True)[0]["labels"].tolist()) == [0, 0, 1]
+    assert Detection("det", 2, multi_label_decode=True).decode(raw)[0]["labels"].count(1) == 1
+
+
 def test_max_detections_and_top_k_bound_the_output() -> None:
     task = Detection("det", 2, max_detections=2)
     assert len(task.detect(hand_made_raw())[0]["scores"]) == 2

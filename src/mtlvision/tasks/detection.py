@@ -136,9 +136,11 @@ class Detection(Task):
     ``strides`` picks the pyramid levels the head works on (default: see :func:`default_strides`);
     ``center_radius`` (in strides) and ``size_factor`` (level ranges) are FCOS's assignment settings.
 
-    ``score_threshold``, ``nms_iou`` and ``max_detections`` shape the predictions that ``decode`` returns
-    and ``draw`` shows. The metrics use ``metric_score_threshold`` (lower, as in FCOS's evaluation, so the
-    precision-recall curve is not cut short) with the same NMS and ``max_detections``.
+    ``score_threshold``, ``nms_iou``, ``max_detections`` and ``multi_label_decode`` shape the predictions that
+    ``decode`` returns and ``draw`` shows: by default each location offers only its best class (one box per
+    object rather than the same box under several uncertain classes). The metrics score every class of a
+    location, with ``metric_score_threshold`` (lower, as in FCOS's evaluation, so the precision-recall curve
+    is not cut short), the same NMS and ``max_detections``.
     """
 
     kind: ClassVar[str] = "detection"
@@ -163,6 +165,7 @@ class Detection(Task):
         size_factor: float = 8.0,
         head_width: int = 64,
         tower_depth: int = 2,
+        multi_label_decode: bool = False,
     ) -> None:
         super().__init__(name)
         require_count(name, "num_classes", num_classes, 1)
@@ -184,6 +187,7 @@ class Detection(Task):
         self.size_factor = size_factor
         self.head_width = head_width
         self.tower_depth = tower_depth
+        self.multi_label_decode = multi_label_decode
 
     # ----------------------------------------------------------------------------------------- model side
     @property
@@ -242,7 +246,9 @@ class Detection(Task):
         return (cls_loss + box_loss + centerness_loss) / num_positive
 
     def metric(self) -> DetectionMetric:
-        return DetectionMetric(lambda p: self.detect(p, self.metric_score_threshold), self.class_names)
+        return DetectionMetric(
+            lambda p: self.detect(p, self.metric_score_threshold, multi_label=True), self.class_names
+        )
 
     # ------------------------------------------------------------------------------------------- data side
     def placeholder_target(self, height: int, width: int) -> BoxTarget:
@@ -278,21 +284,34 @@ class Detection(Task):
 
     # ----------------------------------------------------------------------------------------- prediction
     @torch.no_grad()
-    def detect(self, prediction: dict[str, Any], score_threshold: float | None = None) -> Detections:
+    def detect(
+        self, prediction: dict[str, Any], score_threshold: float | None = None, multi_label: bool | None = None
+    ) -> Detections:
         """Boxes per image: score ``sqrt(sigmoid(cls) * sigmoid(centerness))`` above the threshold, the
-        ``pre_nms_top_k`` best, class-wise NMS at ``nms_iou``, at most ``max_detections``."""
+        ``pre_nms_top_k`` best, class-wise NMS at ``nms_iou``, at most ``max_detections``.
+
+        ``multi_label`` (default: the task's ``multi_label_decode``): every (location, class) pair above the
+        threshold is a candidate, as FCOS evaluates; otherwise each location offers only its best class, so one
+        object does not come back as the same box under several classes.
+        """
         threshold = self.score_threshold if score_threshold is None else score_threshold
+        multi_label = self.multi_label_decode if multi_label is None else multi_label
         points: Tensor = prediction["points"]
         image_size = prediction["image_size"]
         scores_all = (prediction["cls_logits"].sigmoid() * prediction["centerness"].sigmoid()[..., None]).sqrt()
         results: Detections = []
         for scores, distances in zip(scores_all, prediction["box_distances"], strict=True):
-            flat = scores.flatten()
+            if multi_label:
+                flat = scores.flatten()
+            else:
+                flat, best_class = scores.max(dim=1)
             candidates = torch.nonzero(flat > threshold).flatten()
             if candidates.numel() > self.pre_nms_top_k:
                 candidates = candidates[flat[candidates].topk(self.pre_nms_top_k).indices]
-            location = candidates // self.num_classes
-            labels = candidates % self.num_classes
+            if multi_label:
+                location, labels = candidates // self.num_classes, candidates % self.num_classes
+            else:
+                location, labels = candidates, best_class[candidates]
             boxes = torch.cat(
                 [points[location] - distances[location, :2], points[location] + distances[location, 2:]], dim=1
             )
@@ -343,6 +362,7 @@ class Detection(Task):
             "size_factor": self.size_factor,
             "head_width": self.head_width,
             "tower_depth": self.tower_depth,
+            "multi_label_decode": self.multi_label_decode,
         }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from mtlvision.errors import CheckpointError
@@ -61,6 +62,15 @@ class TaskGradients(ABC):
         """
         matrix = self.jacobian()
         yield slice(0, matrix.shape[1]), matrix
+
+
+def jacobian_shaped_state(current: Tensor | None, shape: tuple[int, int], like: Tensor) -> Tensor:
+    """A balancer's per-task state of ``G``'s shape on ``like``'s device, to be updated in place block by
+    block (see :meth:`TaskGradients.jacobian_blocks`): zeros of ``like``'s dtype at the first step, else
+    ``current`` (restored from a checkpoint, perhaps on another device) moved there."""
+    if current is None:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return current.to(like.device)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update
+from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state
 from mtlvision.balancers.base import ExtraStateMixin
 from mtlvision.balancers.gradient._base import GradientBalancer, require_grads
 from mtlvision.balancers.gradient._solvers import project_to_simplex, to_numpy_gramian
@@ -63,10 +63,7 @@ class MoCo(ExtraStateMixin, GradientBalancer):
         # Y ← (1 − β)Y + βG block by block, in place: no [T, P] temporary beside the tracked gradients.
         for columns, block in grads.jacobian_blocks(release=True):
             if tracked is None:
-                tracked = (
-                    torch.zeros(shape, dtype=block.dtype, device=block.device) if self.tracked is None
-                    else self.tracked.to(block.device)
-                )
+                tracked = jacobian_shaped_state(self.tracked, shape, block)
             tracked[:, columns].mul_(1 - beta).add_(block.detach(), alpha=beta)
         assert tracked is not None
         self.tracked = tracked

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update
+from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.balancers.weighting._common import (
     LossWeighting,
@@ -60,10 +60,7 @@ class DBMTL(LossWeighting):
         # The moving average is updated block by block, in place: no [T, P] temporary beside the state.
         for columns, block in grads.jacobian_blocks(release=True):
             if average is None:
-                average = (
-                    torch.zeros(shape, dtype=block.dtype, device=block.device) if self.grad_average is None
-                    else self.grad_average.to(block.device)
-                )
+                average = jacobian_shaped_state(self.grad_average, shape, block)
                 coefficient = ((1 - beta) * scale).to(block.device, block.dtype)[:, None]
             average[:, columns].mul_(beta).addcmul_(block, coefficient)
         assert average is not None

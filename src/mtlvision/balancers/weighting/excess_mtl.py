@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update
+from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.balancers.weighting._common import LossWeighting, WeightingError, require_grads
 from mtlvision.errors import ConfigError
@@ -55,10 +55,7 @@ class ExcessMTL(LossWeighting):
         # (the weighted update needs this step's Jacobian afterwards, so the blocks are kept).
         for columns, block in grads.jacobian_blocks():
             if square_sum is None:
-                square_sum = (
-                    torch.zeros(shape, dtype=block.dtype, device=block.device) if self.grad_square_sum is None
-                    else self.grad_square_sum.to(block.device)
-                )
+                square_sum = jacobian_shaped_state(self.grad_square_sum, shape, block)
                 risk = torch.zeros(shape[0], dtype=torch.float64, device=block.device)
             block_sum = square_sum[:, columns]
             block_sum.addcmul_(block, block)

@@ -239,29 +239,41 @@ def import_framework(framework: str) -> None:
         importlib.import_module(module)
 
 
+def build_step(spec: dict[str, Any]) -> Callable[[], None]:
+    """The training step of one (framework, method, mode, T) configuration on a fresh model."""
+    trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], spec["device"])
+    trunk.train(), heads.train()
+    return STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
+
+
+def timed(step: Callable[[], None], cuda: bool) -> float:
+    """Seconds one step takes, the GPU's queue drained before and after."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
-    device = spec["device"]
     import_framework(spec["framework"])
     base_rss = rss_kib()
-    trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], device)
-    trunk.train(), heads.train()
-    step = STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
-    cuda = device.startswith("cuda")
+    step = build_step(spec)
+    cuda = spec["device"].startswith("cuda")
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
-        if cuda:
-            torch.cuda.synchronize()
-            if i == spec["warmup"]:
-                torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
+        if cuda and i == spec["warmup"]:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(step, cuda)
         if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     peak_mib = (
         torch.cuda.max_memory_allocated() / 2**20
         if cuda
@@ -278,23 +290,14 @@ def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
     first = specs[0]
     torch.set_num_threads(first["threads"]) if first["threads"] else None
     cuda = first["device"].startswith("cuda")
-    steps: dict[str, Callable[[], None]] = {}
-    for spec in specs:
-        trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], spec["device"])
-        trunk.train(), heads.train()
-        steps[spec_key(spec)] = STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
+    steps = {spec_key(spec): build_step(spec) for spec in specs}
     times: dict[str, list[float]] = {key: [] for key in steps}
     order = list(steps)
     for round_ in range(first["warmup"] + first["steps"]):
         for key in order[round_ % len(order):] + order[: round_ % len(order)]:
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            steps[key]()
-            if cuda:
-                torch.cuda.synchronize()
+            seconds = timed(steps[key], cuda)
             if round_ >= first["warmup"]:
-                times[key].append(time.perf_counter() - start)
+                times[key].append(seconds)
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -302,16 +305,20 @@ def spec_key(spec: dict[str, Any]) -> str:
     return f"{spec['framework']}/{spec['method']}/{spec['mode']}"
 
 
-def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float]:
+def run_worker(flag: str, payload: Any, frameworks: set[str], wheels: str | None) -> subprocess.CompletedProcess:
+    """Run this script as a worker (``--worker`` or ``--timing-worker``) with the peers among ``frameworks``
+    first on its ``PYTHONPATH``."""
     env = dict(os.environ)
-    peers = sorted({s["framework"] for s in specs} & set(PEER_PACKAGES))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [*(str(peer_path(peer, wheels)) for peer in peers), env.get("PYTHONPATH", "")] if p
-    )
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--timing-worker", json.dumps(specs)],
+    paths = [str(peer_path(peer, wheels)) for peer in sorted(frameworks & set(PEER_PACKAGES))]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [*paths, env.get("PYTHONPATH", "")] if p)
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(payload)],
         capture_output=True, text=True, cwd=ROOT, env=env, check=False,
     )
+
+
+def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float]:
+    done = run_worker("--timing-worker", specs, {s["framework"] for s in specs}, wheels)
     if done.returncode != 0:
         raise SystemExit(f"the interleaved timing process failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -332,14 +339,7 @@ def peer_path(peer: str, wheels: str | None) -> Path:
 
 
 def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
-    env = dict(os.environ)
-    if spec["framework"] in PEER_PACKAGES:
-        paths = [str(peer_path(spec["framework"], wheels)), env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, cwd=ROOT, env=env,
-    )
+    done = run_worker("--worker", spec, {spec["framework"]}, wheels)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return f"failed: {last[:120]}"

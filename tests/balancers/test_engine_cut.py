@@ -5,11 +5,13 @@ would break."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from mtlvision.balancers import GradientEngine, Needs
+from mtlvision.balancers import GradientEngine, LayerTaps, Needs
 from mtlvision.models.multitask import CutRepresentation
 from tests.balancers.test_engine import Probe
 from tests.engine.tinyrun import TinyScenes, tiny_model
@@ -41,25 +43,40 @@ def _reference(weights: torch.Tensor, frozen_stages: int = 0) -> tuple[torch.Ten
     return torch.stack(rows), list(total)
 
 
-def _engine_step(jacobian: str, mode: str, needs: Needs, frozen_stages: int = 0) -> tuple[Probe, list[torch.Tensor]]:
+def _engine_step(
+    jacobian: str, mode: str, needs: Needs, frozen_stages: int = 0, ask: str = "jacobian"
+) -> tuple[Probe, list[torch.Tensor]]:
     model = _model(frozen_stages)
-    predictions, cut = model.forward_cut(_images())
+    taps = LayerTaps(model, model.shared_parameters()) if jacobian == "layers" else None
+    with taps.recording() if taps is not None else nullcontext():
+        predictions, cut = model.forward_cut(_images())
     assert isinstance(cut, CutRepresentation) and len(cut.trunk) == 2
-    probe = Probe(needs, WEIGHTS)
+    probe = Probe(needs, WEIGHTS, ask=ask)
     engine = GradientEngine(
         list(model.shared_parameters()), list(model.task_specific_parameters()), cut.inputs, trunk=cut.trunk,
-        mode=mode, jacobian=jacobian,
+        mode=mode, jacobian=jacobian, taps=taps,
     )
     engine.backward(_losses(predictions), probe)
     return probe, [p.grad for p in model.parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("frozen_stages", [0, 1])
-@pytest.mark.parametrize("jacobian", ["batched", "loop"])
+@pytest.mark.parametrize("jacobian", ["batched", "loop", "layers"])
 def test_per_task_jacobian_through_the_cut_equals_plain_autograd(jacobian: str, frozen_stages: int) -> None:
     expected_jacobian, expected_grads = _reference(WEIGHTS, frozen_stages)
     probe, grads = _engine_step(jacobian, "params", Needs.JACOBIAN, frozen_stages)
     assert_close(probe.seen["jacobian"], expected_jacobian, rtol=1e-4, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen_stages", [0, 1])
+def test_layer_gramian_and_update_through_the_cut_equal_plain_autograd(frozen_stages: int) -> None:
+    """Path "layers" for a Gramian method: K from activations and per-layer weight gradients, the update from
+    each layer's weighted output gradient; never the Jacobian itself."""
+    expected_jacobian, expected_grads = _reference(WEIGHTS, frozen_stages)
+    probe, grads = _engine_step("layers", "params", Needs.GRAMIAN, frozen_stages, ask="gramian")
+    assert_close(probe.seen["gramian"], expected_jacobian @ expected_jacobian.T, rtol=1e-4, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         assert_close(got, want, rtol=1e-4, atol=1e-6)
 

@@ -7,7 +7,8 @@ from typing import Any
 from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers the methods)
 from mtlvision.balancers.aggregate import aggregate
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
-from mtlvision.balancers.engine import GradientEngine
+from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
+from mtlvision.balancers.layers import LayerTaps
 from mtlvision.balancers.registry import BALANCERS
 
 
@@ -22,4 +23,7 @@ def get(name: str, **hparams: Any) -> Balancer:
         raise ConfigError(f"balancer {name!r}: {exc}") from None
 
 
-__all__ = ["BALANCERS", "Balancer", "aggregate", "GradientEngine", "Needs", "TaskGradients", "Update", "get"]
+__all__ = [
+    "BALANCERS", "Balancer", "aggregate", "GradientEngine", "LayerTaps", "Needs", "TaskGradients", "Update", "get",
+    "resolve_jacobian_path",
+]

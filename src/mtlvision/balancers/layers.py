@@ -1,0 +1,271 @@
+"""Per-layer gradients from activations: a layer's per-task weight gradients, their Gramian and the weighted
+update, from the layer's input and the per-task gradients of its output.
+
+A convolution or linear layer computes ``y = W a`` at ``M`` places (the rows of a linear layer's flattened
+input; a convolution's patches over batch × output positions). With ``A`` [M, D] its inputs and ``B_t``
+[M, O] the gradient of task t's loss w.r.t. ``y``, task t's weight gradient is ``B_tᵀ A``, so
+
+    ⟨∇_W L_s, ∇_W L_t⟩ = Σ_mn (B_s B_tᵀ)_mn (A Aᵀ)_mn = ⟨B_s, (A Aᵀ) B_t⟩,
+
+the identity behind per-example gradient norms (Goodfellow, "Efficient Per-Example Gradient Computations",
+2015; for convolutions Rochette et al., "Efficient Per-Example Gradient Computations in Convolutional Neural
+Networks", 2019), here applied across tasks. Forming ``K`` that way costs ``M²D + T M² O + T² M O`` instead
+of ``T M O D + T² O D`` for the T weight gradients and their products: far less where M is small against O
+and D, as in a backbone's deep stages (resnet18's layer4 at 64×64 input: M = 64 patches of D = 4608 inputs
+for O = 512 outputs). Each layer takes the cheaper way. The weighted update needs one weight gradient per
+layer, ``(Σ_t w_t B_t)ᵀ A``, whatever T is.
+
+The engine gets ``B`` from one vmapped backward that stops at each tapped layer's output, so autograd never
+forms the T per-task weight gradients itself (see :mod:`mtlvision.balancers.engine`, ``jacobian="layers"``).
+:class:`LayerTaps` records, during the forward, each tapped layer's input and the autograd edge of its output.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from mtlvision.errors import ConfigError
+
+
+@dataclass
+class LayerCall:
+    """One call of a tapped layer in this step's forward."""
+
+    module: nn.Module
+    name: str
+    input: Tensor
+    output: GradientEdge
+    output_shape: torch.Size
+    input_version: int
+
+    def released(self) -> LayerCall:
+        """This call without its input activation (so that it can be freed)."""
+        return dataclasses.replace(self, input=self.input.new_empty(0), input_version=-1)
+
+    def checked_input(self) -> Tensor:
+        """The layer's input, refusing one modified in place after the layer read it."""
+        if self.input._version != self.input_version:
+            raise ConfigError(
+                f"the input of layer {self.name!r} was modified in place after the layer read it, so its weight "
+                "gradients cannot be formed from it; use balancer.jacobian=batched"
+            )
+        return self.input
+
+
+class LayerRule(ABC):
+    """How one kind of layer's weight gradients follow from its input ``A`` and output gradients ``B``."""
+
+    module_type: ClassVar[type[nn.Module]]
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return True
+
+    @staticmethod
+    def parameters(module: nn.Module) -> list[Tensor]:
+        """The layer's parameters in the order the rule returns their gradients: weight, then bias."""
+        return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+
+    @abstractmethod
+    def task_gradients(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> list[Tensor]:
+        """``[T, *shape]`` per parameter, from ``grads`` [T, *output shape]."""
+
+    @abstractmethod
+    def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
+        """``[*shape]`` per parameter, from one output gradient (``Σ_t w_t B_t``)."""
+
+    @abstractmethod
+    def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        """``A`` [M, D] and ``B`` [T, M, O]: the layer as one matrix product at M places."""
+
+    def gramian_costs(self, module: nn.Module, grads: Tensor, places: int) -> tuple[int, int]:
+        """Multiply-adds of the weight-gradient way and of the activation way to this layer's Gramian."""
+        tasks, outputs = grads.shape[0], self.parameters(module)[0].shape[0]
+        width = self.parameters(module)[0][0].numel()
+        direct = tasks * places * outputs * width + tasks * tasks * outputs * width
+        by_activations = places * places * width + tasks * places * places * outputs + tasks * tasks * places * outputs
+        return direct, by_activations
+
+    def gramian_by_activations(self, module: nn.Module, inputs: Tensor, grads: Tensor, dtype: torch.dtype) -> Tensor:
+        """``K`` [T, T] of the layer's per-task gradients (bias included) as ``⟨B_s, (A Aᵀ) B_t⟩``."""
+        rows, outs = self.rows(module, inputs, grads)
+        rows, outs = rows.to(dtype), outs.to(dtype)
+        gram = torch.einsum("smo,tmo->st", outs, torch.matmul(rows @ rows.T, outs))
+        if getattr(module, "bias", None) is not None:
+            summed = outs.sum(dim=1)
+            gram = gram + summed @ summed.T
+        return gram
+
+
+class Conv2dRule(LayerRule):
+    """``nn.Conv2d`` with zero padding given as numbers (or ``"valid"``)."""
+
+    module_type = nn.Conv2d
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        assert isinstance(module, nn.Conv2d)
+        return module.padding_mode == "zeros" and (module.padding == "valid" or not isinstance(module.padding, str))
+
+    @staticmethod
+    def _geometry(module: nn.Conv2d) -> dict[str, Any]:
+        padding = (0, 0) if module.padding == "valid" else module.padding
+        return {"stride": module.stride, "padding": padding, "dilation": module.dilation}
+
+    def task_gradients(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> list[Tensor]:
+        assert isinstance(module, nn.Conv2d)
+        tasks, out = grads.shape[0], module.out_channels
+        inputs, grads = inputs.float(), grads.float()
+        if module.groups == 1:
+            # the T tasks stacked as T·O output channels: one weight-gradient call, each task's block exact
+            stacked = grads.transpose(0, 1).reshape(grads.shape[1], tasks * out, *grads.shape[3:])
+            weight = torch.nn.grad.conv2d_weight(
+                inputs, (tasks * out, *module.weight.shape[1:]), stacked, groups=1, **self._geometry(module)
+            ).view(tasks, *module.weight.shape)
+        else:
+            weight = torch.stack([
+                torch.nn.grad.conv2d_weight(
+                    inputs, tuple(module.weight.shape), g, groups=module.groups, **self._geometry(module)
+                )
+                for g in grads
+            ])
+        return [weight] if module.bias is None else [weight, grads.sum(dim=(1, 3, 4))]
+
+    def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
+        assert isinstance(module, nn.Conv2d)
+        grad = grad.float()
+        weight = torch.nn.grad.conv2d_weight(
+            inputs.float(), tuple(module.weight.shape), grad, groups=module.groups, **self._geometry(module)
+        )
+        return [weight] if module.bias is None else [weight, grad.sum(dim=(0, 2, 3))]
+
+    def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        assert isinstance(module, nn.Conv2d) and module.groups == 1
+        geometry = self._geometry(module)
+        patches = F.unfold(
+            inputs.float(), module.kernel_size, geometry["dilation"], geometry["padding"], geometry["stride"]
+        )
+        batch, width, positions = patches.shape
+        rows = patches.transpose(1, 2).reshape(batch * positions, width)
+        tasks = grads.shape[0]
+        outs = grads.float().reshape(tasks, batch, module.out_channels, positions).transpose(2, 3)
+        return rows, outs.reshape(tasks, batch * positions, module.out_channels)
+
+    def gramian_costs(self, module: nn.Module, grads: Tensor, places: int) -> tuple[int, int]:
+        assert isinstance(module, nn.Conv2d)
+        direct, by_activations = super().gramian_costs(module, grads, places)
+        return direct, (by_activations if module.groups == 1 else direct + 1)
+
+
+class LinearRule(LayerRule):
+    """``nn.Linear`` on inputs of any leading shape."""
+
+    module_type = nn.Linear
+
+    def task_gradients(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> list[Tensor]:
+        rows, outs = self.rows(module, inputs, grads)
+        weight = torch.einsum("tmo,mi->toi", outs, rows)
+        return [weight] if getattr(module, "bias", None) is None else [weight, outs.sum(dim=1)]
+
+    def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
+        rows, outs = self.rows(module, inputs, grad.unsqueeze(0))
+        weight = outs[0].T @ rows
+        return [weight] if getattr(module, "bias", None) is None else [weight, outs[0].sum(dim=0)]
+
+    def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        rows = inputs.float().reshape(-1, inputs.shape[-1])
+        return rows, grads.float().reshape(grads.shape[0], -1, grads.shape[-1])
+
+
+RULES: dict[type[nn.Module], LayerRule] = {rule.module_type: rule() for rule in (Conv2dRule, LinearRule)}
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule for ``module`` (its exact type: a subclass may compute something else), if it accepts it."""
+    rule = RULES.get(type(module))
+    return rule if rule is not None and rule.accepts(module) else None
+
+
+def places(module: nn.Module, grads: Tensor) -> int:
+    """M: how many times the layer's weight is applied in this call (batch × output positions)."""
+    if isinstance(module, nn.Conv2d):
+        return int(grads.shape[1] * grads.shape[3] * grads.shape[4])
+    return int(grads[0].numel() // grads.shape[-1])
+
+
+class LayerTaps:
+    """Forward hooks that record, for each tapped layer call, its input and its output's autograd edge.
+
+    Tapped are the layers with a :data:`RULES` entry whose parameters are all in ``shared`` and require grad
+    and belong to no other module (tied weights are left to autograd). Records are kept only inside
+    :meth:`recording` and while gradients are enabled; :meth:`take` hands them over and forgets them.
+    """
+
+    def __init__(self, model: nn.Module, shared: Iterable[Tensor]) -> None:
+        shared_ids = {id(p) for p in shared if p.requires_grad}
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.modules: dict[nn.Module, str] = {}
+        for name, module in model.named_modules():
+            own = list(module.parameters(recurse=False))
+            rule = rule_for(module)
+            if rule is None or not own or len(own) != len(rule.parameters(module)):
+                continue
+            if all(id(p) in shared_ids and owners[id(p)] == 1 for p in own):
+                self.modules[module] = name or type(module).__name__
+        self._calls: list[LayerCall] = []
+        self._active = False
+        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._record) for m in self.modules]
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._active or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if output.grad_fn is None or len(args) != 1 or not isinstance(args[0], Tensor):
+            return
+        self._calls.append(LayerCall(
+            module, self.modules[module], args[0], get_gradient_edge(output), output.shape, args[0]._version
+        ))
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the layer calls of the forward run inside (earlier, untaken records are dropped)."""
+        self._calls = []
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def take(self) -> list[LayerCall]:
+        calls, self._calls = self._calls, []
+        return calls
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._calls = []
+
+
+def group_by_module(calls: Sequence[LayerCall]) -> dict[nn.Module, list[int]]:
+    """Indices of ``calls`` per module, in first-call order."""
+    groups: dict[nn.Module, list[int]] = {}
+    for index, call in enumerate(calls):
+        groups.setdefault(call.module, []).append(index)
+    return groups

@@ -86,12 +86,24 @@ def test_list(kind, capsys):
         (["train", "scenes", "--set", "train.epochs=zero"], "train.epochs"),
         (["train", "no_such_preset"], "Presets:"),
         (["train", "multimnist", "--set", "data.root=/no/such/mnist"], "/no/such/mnist"),
+        (
+            ["train", "scenes", "--set", *TINY, "balancer.name=mgda", "balancer.mode=representation",
+             "balancer.jacobian=layers"],
+            "parameter-mode path",
+        ),
     ],
 )
 def test_bad_input_is_one_paragraph_without_traceback(args, fragment, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path)] if args[0] == "train" else args) == 2
     err = capsys.readouterr().err
     assert fragment in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_a_gramian_method_trains_on_the_layer_path(tmp_path):
+    args = ["train", "scenes", "--set", *TINY, "balancer.name=upgrad", "balancer.jacobian=layers"]
+    assert main([*args, "--out", str(tmp_path), "--name", "layers"]) == 0
+    history = (tmp_path / "layers" / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
 
 
 def test_malformed_yaml_is_named(tmp_path, capsys):

@@ -107,7 +107,7 @@ class BalancerConfig(BaseModel):
 
     name: str = "ew"
     mode: Literal["auto", "params", "representation"] = "auto"
-    jacobian: Literal["batched", "loop"] = "batched"
+    jacobian: Literal["auto", "batched", "layers", "loop"] = "auto"
 
     @property
     def hparams(self) -> dict[str, Any]:

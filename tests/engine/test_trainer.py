@@ -202,3 +202,31 @@ def test_representation_and_gradient_balancers_train(balancer):
 def test_unknown_select_lists_the_choices():
     with pytest.raises(ConfigError, match="seg.miou"):
         Trainer(tiny_model(), "ew", select="seg.nope", progress=False)
+
+
+def test_auto_jacobian_taps_the_shared_layers_for_gramian_methods_only():
+    assert Trainer(tiny_model(), "upgrad", progress=False).jacobian == "layers"
+    assert Trainer(tiny_model(), "moco", progress=False).jacobian == "batched"
+    trainer = Trainer(tiny_model(), "mgda", balancer_mode="representation", progress=False)
+    assert trainer.jacobian == "batched" and trainer.taps is None
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ({"compile": True}, "compiled forward"),
+        ({"balancer_mode": "representation"}, "parameter-mode path"),
+    ],
+)
+def test_an_impossible_layer_path_is_refused_with_its_reason(options, why):
+    with pytest.raises(ConfigError, match=why):
+        Trainer(tiny_model(), "mgda", jacobian="layers", progress=False, **options)
+
+
+def test_training_on_the_layer_path_gives_the_parameter_path_weights():
+    weights = []
+    for jacobian in ("batched", "layers"):
+        model = tiny_model()
+        Trainer(model, "upgrad", jacobian=jacobian, **{**COMMON, "epochs": 1, "optimizer": "sgd"}).fit(TinyScenes())
+        weights.append(flat_weights(model))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ import signal
 from abc import ABC, abstractmethod
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from mtlvision.balancers import Balancer, GradientEngine, Needs, get as get_balancer
+from mtlvision.balancers import Balancer, GradientEngine, LayerTaps, Needs, get as get_balancer, resolve_jacobian_path
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
@@ -131,7 +131,7 @@ class Trainer:
         early_stopping: int | None = None,
         select: str = "loss",
         balancer_mode: str = "auto",
-        jacobian: str = "batched",
+        jacobian: str = "auto",
         backbone_lr_scale: float = 1.0,
         num_workers: int = 0,
         seed: int = 0,
@@ -167,7 +167,6 @@ class Trainer:
                 f"{type(self.balancer).__name__} needs the per-task gradients of the whole batch at once"
             )
         self.balancer_mode = balancer_mode
-        self.jacobian = jacobian
         self.epochs = epochs
         self.batch_size = batch_size
         self.grad_clip = grad_clip
@@ -195,14 +194,10 @@ class Trainer:
         self.model.to(self.device)
         self.balancer.setup(len(self.tasks))
         self.balancer.to(self.device)
-        if compile and jacobian == "batched" and self.balancer.needs is not Needs.LOSSES:
-            raise ConfigError(
-                f"train.compile=true with {type(self.balancer).__name__} needs balancer.jacobian=loop: the "
-                "per-task gradients come from a vmapped backward, which torch.func cannot run through a "
-                "compiled graph"
-            )
         self.forward: Any = CompiledModel(model) if compile else model
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema is not None else None
+        # after the EMA copy, which would otherwise copy the taps' hooks
+        self.jacobian, self.taps = self._jacobian_path(jacobian, compile)
         groups = list(model.parameter_groups(backbone_lr_scale))
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
@@ -226,6 +221,32 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _jacobian_path(self, requested: str, compile: bool) -> tuple[str, LayerTaps | None]:
+        """``balancer.jacobian`` resolved (see :func:`~mtlvision.balancers.resolve_jacobian_path`), with the
+        forward hooks path ``"layers"`` needs."""
+        name = type(self.balancer).__name__
+        needs_gradients = self.balancer.needs is not Needs.LOSSES
+        taps = None
+        if requested in ("auto", "layers") and needs_gradients and not compile and self.balancer_mode == "params":
+            taps = LayerTaps(self.model, self.model.shared_parameters())
+        path = resolve_jacobian_path(requested, self.balancer, self.balancer_mode, bool(taps))
+        if path == "layers" and needs_gradients and not taps:
+            why = (
+                "a compiled forward (train.compile) runs no forward hooks" if compile
+                else "it is a parameter-mode path (balancer.mode=params)" if self.balancer_mode != "params"
+                else "the shared parameters hold no Conv2d or Linear layer it can tap"
+            )
+            raise ConfigError(f"balancer.jacobian=layers cannot run {name}: {why}; use balancer.jacobian=batched")
+        if taps is not None and path != "layers":
+            taps.remove()
+            taps = None
+        if compile and path == "batched" and needs_gradients:
+            raise ConfigError(
+                f"train.compile=true with {name} needs balancer.jacobian=loop: the per-task gradients come from a "
+                "vmapped backward, which torch.func cannot run through a compiled graph"
+            )
+        return path, taps
+
     def _parse_select(self, select: str) -> tuple[str, str, bool] | None:
         if select == "loss":
             return None
@@ -319,7 +340,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ training
     def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, CutRepresentation | None]:
         cut = None
-        with self.precision.autocast():
+        with self.precision.autocast(), (self.taps.recording() if self.taps is not None else nullcontext()):
             if self._uses_representation:
                 try:
                     predictions, cut = self.forward.forward_cut(batch["image"])
@@ -346,7 +367,8 @@ class Trainer:
             trunk=cut.trunk if cut is not None else None,
             mode=self.balancer_mode,
             jacobian=self.jacobian,  # type: ignore[arg-type]
-            reduce=dist.all_reduce_mean,
+            taps=self.taps,
+            reduce=dist.all_reduce_mean if dist.is_distributed() else None,
         )
         balanced = dist.global_valued(losses)
         if self.precision.scaler is not None:

@@ -17,7 +17,7 @@ environment. ``--wheels DIR`` installs them offline from wheels in DIR. LibMTL 1
     python benchmarks/balancers.py --full          # every method, T=3 and T=40, 20 timed steps
     python benchmarks/balancers.py --tasks 40 --methods ew mgda upgrad --steps 10 --no-peers
     python benchmarks/balancers.py --device cuda --wheels .bench_envs/wheels    # on a GPU machine, offline
-    python benchmarks/balancers.py --interleave --loop --steps 15 --warmup 2   # steadier ratios on a shared CPU
+    python benchmarks/balancers.py --interleave --paths batched --steps 15   # steadier ratios on a shared CPU
 
 Every run also times the floor in plain PyTorch: the summed losses backpropagated once (its equal-weights
 step) against each task's loss backpropagated through the trunk on its own (T backward passes, nothing
@@ -112,15 +112,21 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
     balancer.to(x.device)
     shared, specific = list(trunk.parameters()), list(heads.parameters())
     optimiser = torch.optim.SGD([*shared, *specific, *balancer.parameters()], lr=1e-3)
-    jacobian = "loop" if mode == "loop" else "batched"  # "loop": parameter mode with T plain backward passes
+    # "params": the path training takes (balancer.jacobian=auto); "batched" / "loop": that path forced
+    engine_mode = "representation" if mode == "rep" else "params"
+    requested = "auto" if mode in ("params", "rep") else mode
+    jacobian = balancers.resolve_jacobian_path(requested, balancer, engine_mode, True)
+    taps = balancers.LayerTaps(trunk, shared) if jacobian == "layers" else None
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        rep = trunk(x)
+        if taps is not None:
+            with taps.recording():
+                rep = trunk(x)
+        else:
+            rep = trunk(x)
         losses = torch.stack(task_losses(heads, rep))
-        engine = balancers.GradientEngine(
-            shared, specific, rep, mode="representation" if mode == "rep" else "params", jacobian=jacobian
-        )
+        engine = balancers.GradientEngine(shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps)
         engine.backward(losses, balancer)
         optimiser.step()
         if balancer.needs_post_step_losses:
@@ -377,8 +383,10 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
     parser.add_argument("--wheels", help="install the peers offline from the wheels in this folder")
     parser.add_argument("--no-representation", action="store_true", help="skip representation mode")
-    parser.add_argument("--loop", action="store_true",
-                        help="also time parameter mode with balancer.jacobian=loop (T plain backward passes)")
+    parser.add_argument("--paths", nargs="+", default=[], choices=["batched", "layers", "loop"],
+                        help="also time parameter mode with balancer.jacobian forced to these paths (batched: one "
+                             "vmapped backward into the parameters; layers: into the layer outputs; loop: T plain "
+                             "backward passes)")
     parser.add_argument("--interleave", action="store_true",
                         help="time every method in one process, steps interleaved round-robin (peak memory still "
                              "comes from one process per method); steadier ratios on a shared machine")
@@ -416,7 +424,7 @@ def main() -> None:
         for framework in frameworks:
             for method in methods:
                 ours = framework == "ours"
-                modes = ["params"] + (["loop"] if ours and args.loop and method != "ew" else []) + (
+                modes = ["params"] + (args.paths if ours and method != "ew" else []) + (
                     ["rep"] if ours and not args.no_representation and supports_representation(method) else []
                 )
                 if framework != "ours" and method not in peers_of[framework]:
@@ -442,10 +450,10 @@ def main() -> None:
                 framework, method, mode = key.split("/")
                 results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
             print(f"  interleaved timing of {len(runnable)} configurations done", file=sys.stderr)
-        print(table(num_tasks, methods, frameworks, results, args.loop))
+        print(table(num_tasks, methods, frameworks, results, args.paths))
 
 
-def table(num_tasks: int, methods: list[str], frameworks: list[str], results: dict, loop: bool) -> str:
+def table(num_tasks: int, methods: list[str], frameworks: list[str], results: dict, paths: list[str]) -> str:
     def ratio(framework: str, method: str, mode: str, key: str) -> str:
         value, base = results.get((framework, method, mode)), results.get((framework, "ew", "params"))
         if value is None:
@@ -456,7 +464,8 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
             return f"{value[key]:.3g}"
         return f"{value[key] / base[key]:.2f}×"
 
-    head = ["method", "ours (params)", *(["ours (params, loop)"] if loop else []), "ours (rep)", "ours peak mem"]
+    head = ["method", "ours (params)", *[f"ours (params, {path})" for path in paths], "ours (rep)", "ours peak mem"]
+    head += [f"ours peak mem ({path})" for path in paths]
     head += [f"{f}" for f in frameworks[1:]] + [f"{f} peak mem" for f in frameworks[1:]]
     lines = [f"## T = {num_tasks}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results.get(("ours", "ew", "params"))
@@ -470,8 +479,9 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
                         f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n")
     for method in methods:
         row = [method, ratio("ours", method, "params", "median_s"),
-               *([ratio("ours", method, "loop", "median_s")] if loop else []),
-               ratio("ours", method, "rep", "median_s"), ratio("ours", method, "params", "peak_mib")]
+               *[ratio("ours", method, path, "median_s") for path in paths],
+               ratio("ours", method, "rep", "median_s"), ratio("ours", method, "params", "peak_mib"),
+               *[ratio("ours", method, path, "peak_mib") for path in paths]]
         row += [ratio(f, method, "params", "median_s") for f in frameworks[1:]]
         row += [ratio(f, method, "params", "peak_mib") for f in frameworks[1:]]
         lines.append("| " + " | ".join(row) + " |")

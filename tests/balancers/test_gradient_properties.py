@@ -155,7 +155,9 @@ def test_imtl_hybrid_scales_direction_and_scale_loss() -> None:
     update = balancer.balance(losses, MatrixGradients(G))
     scales = torch.exp(torch.tensor([0.0, 0.5, -1.0], dtype=torch.float64))
     assert_close(update.weights, scales)
-    assert_close(update.direction, aggregate("imtl_g", scales[:, None] * G))
+    assert update.direction is None and update.shared_weights is not None
+    assert_close(update.shared_weights.to(G.dtype) @ G, aggregate("imtl_g", scales[:, None] * G))
+    assert_close(aggregate("imtl", G, losses=losses), aggregate("imtl_g", G))  # fresh scales are ones
     update.extra_loss.backward()
     assert_close(balancer.log_scales.grad.double(), scales * losses - 1.0)
 

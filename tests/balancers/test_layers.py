@@ -135,7 +135,9 @@ class Shared(nn.Module):
         return torch.stack([(head(rep) ** 2).mean() * (t + 1) for t, head in enumerate(self.heads)])
 
 
-def engine_step(path: str, needs: Needs, ask: str, weights: Tensor, use_rep: bool) -> tuple[Probe, list[Tensor]]:
+def engine_step(
+    path: str, needs: Needs, ask: str, weights: Tensor, use_rep: bool, balancer: balancers.Balancer | None = None
+) -> tuple[Probe, list[Tensor]]:
     torch.manual_seed(0)
     net = Shared().double()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
@@ -151,7 +153,7 @@ def engine_step(path: str, needs: Needs, ask: str, weights: Tensor, use_rep: boo
         net.shared_parameters(), list(net.heads.parameters()), rep if use_rep else None, mode="params",
         jacobian=path, taps=taps,
     )
-    engine.backward(net.losses(rep), probe)
+    engine.backward(net.losses(rep), balancer if balancer is not None else probe)
     return probe, [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
 
 
@@ -163,6 +165,20 @@ def test_layer_path_equals_the_parameter_path(needs: Needs, ask: str, use_rep: b
     got_probe, got = engine_step("layers", needs, ask, weights, use_rep)
     assert_close(got_probe.seen[ask].double(), want_probe.seen[ask].double(), rtol=1e-5, atol=1e-7)
     for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["graddrop", "moco", "db_mtl", "excess_mtl", "imtl", "nash_mtl", "gradvac"])
+def test_methods_that_read_the_jacobian_block_by_block_agree_on_both_paths(name: str) -> None:
+    """Blocks formed layer by layer when reached (released or kept for the weighted update), IMTL's shared
+    weights, two steps of state: the same update as from the vmapped parameter backward."""
+    grads = {}
+    for path in ("batched", "layers"):
+        balancer = balancers.get(name)
+        balancer.setup(3)
+        for _ in range(2):
+            _, grads[path] = engine_step(path, Needs.LOSSES, "", torch.ones(3), True, balancer.double())
+    for g, w in zip(grads["layers"], grads["batched"], strict=True):
         assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
@@ -212,11 +228,12 @@ def test_the_layer_path_needs_taps_and_a_recorded_forward() -> None:
         engine.backward(torch.stack([out.mean(), out.std()]), balancers.get("upgrad"))
 
 
-def test_auto_takes_the_layer_path_for_gramian_methods_in_parameter_mode_only() -> None:
+def test_auto_takes_the_layer_path_for_gradient_methods_in_parameter_mode_only() -> None:
     assert resolve_jacobian_path("auto", balancers.get("upgrad"), "params", True) == "layers"
     assert resolve_jacobian_path("auto", balancers.get("upgrad"), "params", False) == "batched"
     assert resolve_jacobian_path("auto", balancers.get("mgda"), "representation", True) == "batched"
-    assert resolve_jacobian_path("auto", balancers.get("moco"), "params", True) == "batched"  # needs G itself
+    assert resolve_jacobian_path("auto", balancers.get("moco"), "params", True) == "layers"  # G block by block
+    assert resolve_jacobian_path("auto", balancers.get("uw"), "params", True) == "batched"  # losses only
     assert resolve_jacobian_path("loop", balancers.get("upgrad"), "params", True) == "loop"
     with pytest.raises(ConfigError, match="balancer.jacobian must be"):
         resolve_jacobian_path("vmap", balancers.get("upgrad"), "params", True)

@@ -204,9 +204,10 @@ def test_unknown_select_lists_the_choices():
         Trainer(tiny_model(), "ew", select="seg.nope", progress=False)
 
 
-def test_auto_jacobian_taps_the_shared_layers_for_gramian_methods_only():
+def test_auto_jacobian_taps_the_shared_layers_for_gradient_methods_in_parameter_mode():
     assert Trainer(tiny_model(), "upgrad", progress=False).jacobian == "layers"
-    assert Trainer(tiny_model(), "moco", progress=False).jacobian == "batched"
+    assert Trainer(tiny_model(), "moco", progress=False).jacobian == "layers"
+    assert Trainer(tiny_model(), "uw", progress=False).taps is None
     trainer = Trainer(tiny_model(), "mgda", balancer_mode="representation", progress=False)
     assert trainer.jacobian == "batched" and trainer.taps is None
 

@@ -67,7 +67,8 @@ def aggregate(name: str, G: Tensor, *, losses: Tensor | None = None, **hparams: 
     update = balancer.balance(losses.detach(), MatrixGradients(G))
     if update.direction is not None:
         return update.direction.to(G.dtype)
-    return update.weights.to(G.dtype) @ G
+    shared = update.shared_weights if update.shared_weights is not None else update.weights
+    return shared.to(G.dtype) @ G
 
 
 def _is_gradient_method(obj: object) -> bool:

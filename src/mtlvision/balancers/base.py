@@ -83,6 +83,10 @@ class Update:
       rows), for methods whose result is not a weighted sum of task gradients. Task-specific parameters
       then receive the gradient of ``Σ_t weights_t · loss_t``. In representation mode ``direction`` is a
       vector over the representation and is back-propagated into the shared parameters.
+    - ``shared_weights`` [T]: for methods whose shared update is a weighted sum of the task gradients with
+      other coefficients than the task-specific one (IMTL's hybrid: ``Σ_t α_t s_t g_t`` for the shared
+      parameters, ``s_t ∇L_t`` for each head): the shared (or representation) update is then
+      ``Σ_t shared_weights_t g_t``. Only after the balancer asked for the per-task gradients.
     - ``extra_loss``: a scalar back-propagated in addition, for the balancer's own learnable parameters
       (e.g. UW's log-variances, GradNorm's weights). It must not depend on model parameters.
     """
@@ -90,6 +94,7 @@ class Update:
     weights: Tensor
     direction: Tensor | None = None
     extra_loss: Tensor | None = None
+    shared_weights: Tensor | None = None
 
 
 class Balancer(nn.Module, ABC):

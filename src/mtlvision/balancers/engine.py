@@ -30,8 +30,16 @@ MGDA 110 ms; T=40: equal weights 22.6 ms, MGDA 194 ms (8.6×), LibMTL's 1.96 s.
 The Gramian is accumulated block by block, ``K = Σ_l G_l G_lᵀ`` over the per-parameter blocks the
 batched backward returns, and a Gramian-only balancer's update is ``Σ_t w_t G_l[t]`` per block: the flat
 ``[T, P]`` copy is made only when a balancer asks for ``jacobian()`` (this saved ~T·P·4 bytes of peak
-memory, 134 MiB for resnet18 at T=3). A Gramian built without the weight gradients at all would need
-per-layer closed forms for convolutions (quadratic in batch × spatial positions); not attempted.
+memory, 134 MiB for resnet18 at T=3).
+
+``jacobian="layers"`` (what training takes for a gradient method in parameter mode, see
+:func:`resolve_jacobian_path`) goes further: the vmapped backward stops at the outputs of the shared
+``Conv2d`` and ``Linear`` layers that :class:`~mtlvision.balancers.layers.LayerTaps` recorded in the forward,
+so autograd forms no per-task weight gradient. Each layer's Gramian term then comes from its input and the
+per-task output gradients (``⟨B_s, (A Aᵀ) B_t⟩`` where that is cheaper, else from its per-task weight
+gradients, formed and dropped), the Jacobian's blocks are formed one layer at a time when a balancer reads
+them, and the update is one weight gradient of ``Σ_t w_t B_t`` per layer. Other shared parameters (norms)
+go through the vmapped backward as before.
 
 Methods that keep per-task state of the Jacobian's shape (DB-MTL's moving average, MoCo's tracked gradients,
 ExcessMTL's AdaGrad sums) and coordinate-wise methods (GradDrop) read the Jacobian through
@@ -295,6 +303,36 @@ class _StepGradients(TaskGradients):
         self._calls, self._layer_groups = None, {}  # from here on the blocks answer every request
         return [by_param[id(p)] for p in self._shared]
 
+    def _layer_blocks_lazily(self, release: bool) -> Iterator[tuple[slice, Tensor]]:
+        """The Jacobian's per-parameter blocks in order, each formed when reached (a tapped layer's from its
+        activations) and dropped once the caller moves on: no ``[T, P]`` array is ever held. The layer data
+        stay for the weighted update, unless ``release``."""
+        self._layer_backward()
+        assert self._calls is not None and self._output_grads is not None and self._untapped_grads is not None
+        if release:
+            self._released = True
+        untapped = dict(zip(map(id, self._untapped), self._untapped_grads))
+        owner = {id(p): m for m in self._layer_groups for p in self._rule(m).parameters(m)}
+        pending: dict[int, Tensor] = {}
+        start = 0
+        for param in self._shared:
+            key = id(param)
+            if key in untapped:
+                block = self._reduce(untapped[key].float())
+            else:
+                if key not in pending:
+                    module = owner[key]
+                    params = self._rule(module).parameters(module)
+                    pending.update(zip(map(id, params), self._layer_task_gradients(module)))
+                block = pending.pop(key)
+            block = block.reshape(self.num_tasks, -1)
+            yield slice(start, start + block.shape[1]), block
+            start += block.shape[1]
+            del block
+        if release:
+            self._calls = self._output_grads = self._untapped_grads = None
+            self._layer_groups = {}
+
     def _layer_gramian(self) -> Tensor:
         """``K`` layer by layer: a tapped layer's term from its activations where that is cheaper (and exact:
         one call, no cross-process reduction), else from its per-task weight gradients, formed and dropped."""
@@ -416,6 +454,9 @@ class _StepGradients(TaskGradients):
         if self._representation_mode:
             yield from super().jacobian_blocks(release)
             return
+        if self._calls is not None and self._blocks is None:
+            yield from self._layer_blocks_lazily(release)
+            return
         if self._jacobian is not None:
             blocks = list(torch.split(self._jacobian, [p.numel() for p in self._shared], dim=1))
         else:
@@ -473,16 +514,16 @@ class _StepGradients(TaskGradients):
 
 
 def resolve_jacobian_path(requested: str, balancer: Balancer, mode: str, taps_possible: bool) -> JacobianPath:
-    """``balancer.jacobian: auto``: ``"layers"`` for a Gramian-only balancer in parameter mode when the model
-    has layers to tap (``taps_possible``: some, and no compiled forward), else ``"batched"``. On the reference
-    CPU the layer path made a Gramian method's step 1.3× (T=3) to 1.6× (T=40) faster and lighter than the
-    vmapped parameter backward (docs/balancers.md); a Jacobian method gains nothing from it, since it needs
-    every per-task weight gradient anyway. An explicit choice is returned as it is."""
+    """``balancer.jacobian: auto``: ``"layers"`` for a gradient method in parameter mode when the model has
+    layers to tap (``taps_possible``: some, and no compiled forward), else ``"batched"``. Gramian methods then
+    never hold the Jacobian, methods that read it block by block hold one layer's block at a time, and both
+    are faster than through the vmapped parameter backward (docs/balancers.md). An explicit choice is
+    returned as it is."""
     if requested != "auto":
         if requested not in ("batched", "loop", "layers"):
             raise ConfigError(f"balancer.jacobian must be 'auto', 'batched', 'layers' or 'loop', got {requested!r}")
         return requested  # type: ignore[return-value]
-    if balancer.needs is Needs.GRAMIAN and mode == "params" and taps_possible:
+    if balancer.needs is not Needs.LOSSES and mode == "params" and taps_possible:
         return "layers"
     return "batched"
 
@@ -592,8 +633,12 @@ class GradientEngine:
                 self.jacobian_path, self.reduce, self.gramian_dtype, self._layer_calls(representation_mode),
             )
         update = balancer.balance(losses, grads)
-        if update.direction is not None and grads is None:
-            raise ConfigError(f"balancer {name} needs only losses, so it cannot return a direction")
+        if (update.direction is not None or update.shared_weights is not None) and grads is None:
+            raise ConfigError(f"balancer {name} needs only losses, so it cannot return a direction or shared weights")
+        if update.shared_weights is not None and not (grads is not None and grads.jacobian_known):
+            raise ConfigError(
+                f"balancer {name} returned shared_weights without asking for the per-task gradients first"
+            )
         if grads is not None and (grads.jacobian_known or update.direction is not None):
             self._apply_from_jacobian(update, grads)
         else:
@@ -647,6 +692,13 @@ class GradientEngine:
         weights = update.weights.detach().float()
         for param, g in zip(self.task_specific, grads.ensure_heads()):
             _accumulate(param, torch.tensordot(weights.to(device=g.device, dtype=g.dtype), g, dims=1))
+        if update.shared_weights is not None:
+            weights = update.shared_weights.detach().float()
+            if weights.shape != update.weights.shape:
+                raise ConfigError(
+                    f"the balancer's shared_weights have shape {tuple(weights.shape)} but its weights "
+                    f"{tuple(update.weights.shape)}"
+                )
         if self.mode == "representation":
             assert self.representation is not None
             flat = update.direction if update.direction is not None else weights @ grads.representation_jacobian()

@@ -55,14 +55,15 @@ class IMTL(GradientBalancer):
     Each task's loss is scaled as ``e^{s_t} L_t − s_t`` with a learnable ``s_t`` (IMTL-L). Task-specific
     parameters follow their scaled loss, ``e^{s_t}∇L_t``; the scales minimise ``Σ e^{s_t}L_t − s_t``
     (``extra_loss``, on the detached losses); the shared parameters move along IMTL-G of the scaled
-    gradients ``e^{s_t} g_t``. Since the shared and task-specific parameters see different weights, the
-    shared update is returned as ``direction`` (so this needs ``G``); ``weights`` are the scales ``e^{s_t}``.
+    gradients ``e^{s_t} g_t``, whose weights ``α`` depend on ``K`` only. Since the shared and task-specific
+    parameters see different weights, the shared update is returned as ``shared_weights = α_t e^{s_t}``;
+    ``weights`` are the scales ``e^{s_t}``.
 
     The scales are parameters for the optimiser: they are created by :meth:`setup` (called by the trainer
     before it builds the optimiser) or by passing ``num_tasks``.
     """
 
-    needs: ClassVar[Needs] = Needs.JACOBIAN
+    needs: ClassVar[Needs] = Needs.GRAMIAN
     supports_representation: ClassVar[bool] = True
 
     def __init__(self, num_tasks: int | None = None) -> None:
@@ -81,7 +82,6 @@ class IMTL(GradientBalancer):
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         grads = require_grads(self, grads)
-        jacobian = grads.jacobian()
         if self.log_scales is None:
             raise ConfigError(
                 "IMTL learns one loss scale per task: call balancer.setup(num_tasks) before building the "
@@ -92,7 +92,6 @@ class IMTL(GradientBalancer):
         scales = self.log_scales.detach().exp().to(losses.device)
         scales_np = scales.cpu().double().numpy()
         scaled_gramian = to_numpy_gramian(grads.gramian()) * np.outer(scales_np, scales_np)
-        alpha = torch.as_tensor(imtl_g_weights(scaled_gramian), dtype=jacobian.dtype, device=jacobian.device)
-        direction = (alpha * scales.to(jacobian.dtype)) @ jacobian
+        alpha = torch.as_tensor(imtl_g_weights(scaled_gramian) * scales_np, device=scales.device)  # float64
         extra = (self.log_scales.exp() * losses.detach().to(self.log_scales.device) - self.log_scales).sum()
-        return Update(weights=scales.to(losses.dtype), direction=direction, extra_loss=extra)
+        return Update(weights=scales.to(losses.dtype), shared_weights=alpha, extra_loss=extra)

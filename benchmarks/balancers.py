@@ -199,15 +199,28 @@ def torchjd_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Ca
 def torch_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
     """Plain PyTorch: ``ew`` backpropagates the summed losses once; ``floor`` backpropagates each task's loss
     through the trunk on its own (T backward passes accumulated into ``.grad``, nothing stored per task), the
-    least work any method that needs T per-task gradients of the trunk's parameters can do."""
+    least work any method that needs T per-task gradients of the trunk's parameters can do. ``outputs``: one
+    vmapped backward of the T losses into the outputs of the trunk's layers only, no weight gradient at all
+    (then the summed losses' update): what every per-task method pays before it touches a weight."""
     import torch
+    from torch import nn
+    from torch.autograd.graph import get_gradient_edge
 
     optimiser = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=1e-3)
+    layers = [m for m in trunk.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    edges: list[Any] = []
+    for layer in layers if method == "outputs" else []:
+        layer.register_forward_hook(lambda module, args, out: edges.append(get_gradient_edge(out)))
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
+        edges.clear()
         losses = task_losses(heads, trunk(x))
         if method == "ew":
+            sum(losses).backward()
+        elif method == "outputs":
+            eye = torch.eye(len(losses))
+            torch.autograd.grad(torch.stack(losses), edges, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
             sum(losses).backward()
         else:
             for index, loss in enumerate(losses):
@@ -407,7 +420,7 @@ def main() -> None:
     methods = methods_for(args)
     frameworks = ["ours"] if args.no_peers else ["ours", "libmtl", "torchjd"]
     peers_of = {"libmtl": LIBMTL, "torchjd": TORCHJD}
-    floor_methods = ["ew", "floor"]
+    floor_methods = ["ew", "floor", "outputs"]
     common = {
         "batch": args.batch, "size": args.size, "device": args.device, "steps": steps, "warmup": args.warmup,
         "threads": args.threads,
@@ -477,6 +490,10 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
                         f"{floor['median_s'] / torch_ew['median_s']:.2f}× its equal-weights step "
                         f"({torch_ew['median_s'] * 1000:.0f} ms), peak memory "
                         f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n")
+    outputs = results.get(("torch", "outputs", "params"))
+    if isinstance(outputs, dict) and isinstance(torch_ew, dict):
+        lines.insert(2, f"per-task gradients of the layer outputs only (one vmapped backward, no weight gradient, "
+                        f"then the summed update): {outputs['median_s'] / torch_ew['median_s']:.2f}×\n")
     for method in methods:
         row = [method, ratio("ours", method, "params", "median_s"),
                *[ratio("ours", method, path, "median_s") for path in paths],

@@ -82,7 +82,8 @@ def test_linear_rule_matches_autograd_on_any_leading_shape(tasks: int, leading: 
     for g, w in zip(rule.task_gradients(linear, x, projections), want, strict=True):
         assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
     flat = torch.cat([w.reshape(tasks, -1) for w in want], dim=1)
-    assert_close(rule.gramian_by_activations(linear, x, projections, torch.float64), flat @ flat.T, rtol=1e-5, atol=1e-6)
+    gram = rule.gramian_by_activations(linear, x, projections, torch.float64)
+    assert_close(gram, flat @ flat.T, rtol=1e-5, atol=1e-6)
     assert places(linear, projections) == x[..., 0].numel()
 
 
@@ -237,3 +238,20 @@ def test_auto_takes_the_layer_path_for_gradient_methods_in_parameter_mode_only()
     assert resolve_jacobian_path("loop", balancers.get("upgrad"), "params", True) == "loop"
     with pytest.raises(ConfigError, match="balancer.jacobian must be"):
         resolve_jacobian_path("vmap", balancers.get("upgrad"), "params", True)
+
+
+def test_what_the_layer_path_hands_a_balancer_carries_no_graph() -> None:
+    """Blocks, Gramian and update are data: a balancer that folds blocks into its state (ExcessMTL) must not
+    chain one step's graph onto the next."""
+    seen: dict[str, Tensor] = {}
+
+    class Keep(Probe):
+        def balance(self, losses: Tensor, grads: balancers.TaskGradients | None) -> balancers.Update:
+            assert grads is not None
+            seen["gramian"] = grads.gramian()
+            seen["blocks"] = torch.cat([block for _, block in grads.jacobian_blocks()], dim=1)
+            return balancers.Update(weights=self.w)
+
+    keep = Keep(Needs.JACOBIAN, torch.ones(3))
+    engine_step("layers", Needs.JACOBIAN, "", torch.ones(3, dtype=torch.float64), True, keep)
+    assert seen and not any(t.requires_grad for t in seen.values())

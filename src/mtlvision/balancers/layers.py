@@ -54,13 +54,14 @@ class LayerCall:
         return dataclasses.replace(self, input=self.input.new_empty(0), input_version=-1)
 
     def checked_input(self) -> Tensor:
-        """The layer's input, refusing one modified in place after the layer read it."""
+        """The layer's input, detached (what is computed from it is data, not graph), refusing one modified
+        in place after the layer read it."""
         if self.input._version != self.input_version:
             raise ConfigError(
                 f"the input of layer {self.name!r} was modified in place after the layer read it, so its weight "
                 "gradients cannot be formed from it; use balancer.jacobian=batched"
             )
-        return self.input
+        return self.input.detach()
 
 
 class LayerRule(ABC):

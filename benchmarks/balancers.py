@@ -3,8 +3,9 @@
 Setting (issue 3): a resnet18 trunk with hard parameter sharing, batch 16 of 64×64 images, either T = 3
 tasks (classification, segmentation, depth) or T = 40 binary attributes. Every (framework, method, T, mode)
 runs in its own subprocess, so that its peak memory is its own: ``ru_maxrss`` minus the resident size
-before the model is built on CPU, ``torch.cuda.max_memory_allocated`` on GPU. Each ratio divides a median
-step time by the equal-weights median of the same framework, T and run.
+before the model is built on CPU (with a fixed glibc mmap threshold where the process measures memory
+only, see :func:`run_worker`), ``torch.cuda.max_memory_allocated`` on GPU. Each ratio divides a median step
+time by the equal-weights median of the same framework, T and run.
 
 The peers are installed by this script with pip, each into its own environment directory under
 ``.bench_envs/`` (``pip install --no-deps --target``: ``LibMTL==1.1.5``; ``torchjd`` with ``qpsolvers``),
@@ -324,10 +325,17 @@ def spec_key(spec: dict[str, Any]) -> str:
     return f"{spec['framework']}/{spec['method']}/{spec['mode']}"
 
 
-def run_worker(flag: str, payload: Any, frameworks: set[str], wheels: str | None) -> subprocess.CompletedProcess:
+def run_worker(
+    flag: str, payload: Any, frameworks: set[str], wheels: str | None, memory_only: bool = False
+) -> subprocess.CompletedProcess:
     """Run this script as a worker (``--worker`` or ``--timing-worker``) with the peers among ``frameworks``
-    first on its ``PYTHONPATH``."""
+    first on its ``PYTHONPATH``. A worker that measures memory only gets a fixed glibc mmap threshold, so that
+    every large buffer is returned to the system when freed and the resident set follows the live tensors
+    (glibc's sliding threshold otherwise keeps freed buffers of a size it saw freed, in proportions that
+    depend on allocation order, not on what the method holds)."""
     env = dict(os.environ)
+    if memory_only:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     paths = [str(peer_path(peer, wheels)) for peer in sorted(frameworks & set(PEER_PACKAGES))]
     env["PYTHONPATH"] = os.pathsep.join(p for p in [*paths, env.get("PYTHONPATH", "")] if p)
     return subprocess.run(
@@ -357,8 +365,8 @@ def peer_path(peer: str, wheels: str | None) -> Path:
     return target
 
 
-def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
-    done = run_worker("--worker", spec, {spec["framework"]}, wheels)
+def measure(spec: dict[str, Any], wheels: str | None, memory_only: bool) -> dict[str, Any] | str:
+    done = run_worker("--worker", spec, {spec["framework"]}, wheels, memory_only)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return f"failed: {last[:120]}"
@@ -453,7 +461,7 @@ def main() -> None:
             else:  # with --interleave these runs give the memory only: a few steps
                 alone = {**spec, "steps": min(steps, 3)} if args.interleave else spec
             key = (spec["framework"], spec["method"], spec["mode"])
-            results[key] = measure(alone, args.wheels)
+            results[key] = measure(alone, args.wheels, args.memory_only or args.interleave)
             print(f"  measured {spec_key(spec)} T={num_tasks}: {results[key]}", file=sys.stderr)
         if args.interleave and not args.memory_only:
             runnable = [

@@ -54,14 +54,14 @@ without a batching rule; the batched path never silently falls back to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
-from mtlvision.balancers.layers import LayerCall, LayerTaps, group_by_module, places, rule_for
+from mtlvision.balancers.layers import LayerCall, LayerRule, LayerTaps, group_by_module, places, rule_for
 from mtlvision.errors import ConfigError
 
 JacobianPath = Literal["batched", "loop", "layers"]
@@ -238,7 +238,7 @@ class _StepGradients(TaskGradients):
 
     # ----------------------------------------------------------------------------- path "layers"
     @staticmethod
-    def _rule(module: nn.Module) -> Any:
+    def _rule(module: nn.Module) -> LayerRule:
         rule = rule_for(module)
         assert rule is not None, f"{type(module).__name__} was tapped without a layer rule"
         return rule
@@ -294,14 +294,14 @@ class _StepGradients(TaskGradients):
         return [self._reduce(g) for g in total]
 
     def _layer_blocks(self) -> list[Tensor]:
-        self._layer_backward()
-        assert self._untapped_grads is not None
-        by_param = {id(p): self._reduce(g.float()) for p, g in zip(self._untapped, self._untapped_grads)}
-        for module in self._layer_groups:
-            by_param.update(zip(map(id, self._rule(module).parameters(module)), self._layer_task_gradients(module)))
-        self._output_grads = self._untapped_grads = None
-        self._calls, self._layer_groups = None, {}  # from here on the blocks answer every request
-        return [by_param[id(p)] for p in self._shared]
+        """Every block at once (``[T, *shape]`` per shared parameter); from here on they answer every request."""
+        blocks = [
+            block.view(self.num_tasks, *param.shape)
+            for (_, block), param in zip(self._layer_blocks_lazily(release=False), self._shared)
+        ]
+        self._calls = self._output_grads = self._untapped_grads = None
+        self._layer_groups = {}
+        return blocks
 
     def _layer_blocks_lazily(self, release: bool) -> Iterator[tuple[slice, Tensor]]:
         """The Jacobian's per-parameter blocks in order, each formed when reached (a tapped layer's from its

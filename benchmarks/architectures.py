@@ -33,13 +33,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Any
 
 # the LibMTL environment is the one the balancers benchmark installs (same package, same folder)
-from balancers import peer_path
+from balancers import peer_path, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet"]
@@ -158,14 +157,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for index in range(spec["warmup"] + spec["steps"]):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
+        seconds = timed(step, cuda)
         if index >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     peak_mib = (
         torch.cuda.max_memory_allocated() / 2**20
         if cuda

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from mtlvision import balancers
 from mtlvision.balancers import GradientEngine, LayerTaps, Needs, resolve_jacobian_path
-from mtlvision.balancers.layers import Conv2dRule, LinearRule, places, rule_for
+from mtlvision.balancers.layers import Conv2dRule, LinearRule, rule_for
 from mtlvision.errors import ConfigError
 from tests.balancers.test_engine import Probe
 from tests.engine.tinyrun import tiny_model
@@ -84,7 +84,7 @@ def test_linear_rule_matches_autograd_on_any_leading_shape(tasks: int, leading: 
     flat = torch.cat([w.reshape(tasks, -1) for w in want], dim=1)
     gram = rule.gramian_by_activations(linear, x, projections, torch.float64)
     assert_close(gram, flat @ flat.T, rtol=1e-5, atol=1e-6)
-    assert places(linear, projections) == x[..., 0].numel()
+    assert rule.places(linear, projections) == x[..., 0].numel()
 
 
 def test_convolutions_the_rules_cannot_express_are_not_tapped() -> None:
@@ -99,10 +99,14 @@ def test_gramian_costs_favour_activations_where_places_are_few() -> None:
     layer1 conv (4096 places) keeps the weight gradients."""
     deep, shallow = nn.Conv2d(512, 512, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
     rule = Conv2dRule()
-    direct, by_activations = rule.gramian_costs(deep, torch.empty(40, 16, 512, 2, 2), 64)
-    assert by_activations * 10 < direct
-    direct, by_activations = rule.gramian_costs(shallow, torch.empty(40, 16, 64, 16, 16), 4096)
-    assert by_activations > direct
+    deep_grads, shallow_grads = torch.empty(40, 16, 512, 2, 2), torch.empty(40, 16, 64, 16, 16)
+    assert rule.places(deep, deep_grads) == 64 and rule.places(shallow, shallow_grads) == 4096
+    direct, by_activations = rule.gramian_costs(deep, deep_grads)
+    assert by_activations * 10 < direct and rule.prefers_activations(deep, deep_grads)
+    direct, by_activations = rule.gramian_costs(shallow, shallow_grads)
+    assert by_activations > direct and not rule.prefers_activations(shallow, shallow_grads)
+    grouped = nn.Conv2d(512, 512, 3, padding=1, groups=2)
+    assert not rule.prefers_activations(grouped, deep_grads)
 
 
 # ------------------------------------------------------------------------------------------------ the engine

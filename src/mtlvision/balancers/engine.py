@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
-from mtlvision.balancers.layers import LayerCall, LayerRule, LayerTaps, group_by_module, places, rule_for
+from mtlvision.balancers.layers import LayerCall, LayerRule, LayerTaps, group_by_module, rule_for
 from mtlvision.errors import ConfigError
 
 JacobianPath = Literal["batched", "loop", "layers"]
@@ -350,15 +350,11 @@ class _StepGradients(TaskGradients):
         add([self._reduce(g.float()) for g in self._untapped_grads])
         for module, indices in self._layer_groups.items():
             rule = self._rule(module)
-            if self._reduce_is_identity and len(indices) == 1:
-                call, grads = self._calls[indices[0]], self._output_grads[indices[0]]
-                count = places(module, grads)
-                direct, by_activations = rule.gramian_costs(module, grads, count)
-                # the activation way also holds an [M, M] matrix: never more than the weight gradients it avoids
-                if by_activations < direct and count * count <= num_tasks * rule.parameters(module)[0].numel():
-                    gram = gram + rule.gramian_by_activations(module, call.checked_input(), grads, dtype)
-                    continue
-            add(self._layer_task_gradients(module))
+            call, grads = self._calls[indices[0]], self._output_grads[indices[0]]
+            if self._reduce_is_identity and len(indices) == 1 and rule.prefers_activations(module, grads):
+                gram = gram + rule.gramian_by_activations(module, call.checked_input(), grads, dtype)
+            else:
+                add(self._layer_task_gradients(module))
         return gram
 
     def _layer_weighted(self, weights: Tensor) -> Iterator[Tensor]:

@@ -90,13 +90,25 @@ class LayerRule(ABC):
     def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         """``A`` [M, D] and ``B`` [T, M, O]: the layer as one matrix product at M places."""
 
-    def gramian_costs(self, module: nn.Module, grads: Tensor, places: int) -> tuple[int, int]:
+    @abstractmethod
+    def places(self, module: nn.Module, grads: Tensor) -> int:
+        """M: how many times the layer's weight is applied in this call."""
+
+    def gramian_costs(self, module: nn.Module, grads: Tensor) -> tuple[int, int]:
         """Multiply-adds of the weight-gradient way and of the activation way to this layer's Gramian."""
-        tasks, outputs = grads.shape[0], self.parameters(module)[0].shape[0]
-        width = self.parameters(module)[0][0].numel()
+        places, tasks = self.places(module, grads), grads.shape[0]
+        weight = self.parameters(module)[0]
+        outputs, width = weight.shape[0], weight[0].numel()
         direct = tasks * places * outputs * width + tasks * tasks * outputs * width
         by_activations = places * places * width + tasks * places * places * outputs + tasks * tasks * places * outputs
         return direct, by_activations
+
+    def prefers_activations(self, module: nn.Module, grads: Tensor) -> bool:
+        """Whether this call's Gramian term is cheaper the activation way, whose ``[M, M]`` matrix must also be
+        no larger than the T weight gradients it avoids."""
+        places = self.places(module, grads)
+        direct, by_activations = self.gramian_costs(module, grads)
+        return by_activations < direct and places * places <= grads.shape[0] * self.parameters(module)[0].numel()
 
     def gramian_by_activations(self, module: nn.Module, inputs: Tensor, grads: Tensor, dtype: torch.dtype) -> Tensor:
         """``K`` [T, T] of the layer's per-task gradients (bias included) as ``⟨B_s, (A Aᵀ) B_t⟩``."""
@@ -162,10 +174,13 @@ class Conv2dRule(LayerRule):
         outs = grads.float().reshape(tasks, batch, module.out_channels, positions).transpose(2, 3)
         return rows, outs.reshape(tasks, batch * positions, module.out_channels)
 
-    def gramian_costs(self, module: nn.Module, grads: Tensor, places: int) -> tuple[int, int]:
+    def places(self, module: nn.Module, grads: Tensor) -> int:
+        """Batch × output positions."""
+        return int(grads.shape[1] * grads.shape[3] * grads.shape[4])
+
+    def prefers_activations(self, module: nn.Module, grads: Tensor) -> bool:
         assert isinstance(module, nn.Conv2d)
-        direct, by_activations = super().gramian_costs(module, grads, places)
-        return direct, (by_activations if module.groups == 1 else direct + 1)
+        return module.groups == 1 and super().prefers_activations(module, grads)  # rows() flattens one group
 
 
 class LinearRule(LayerRule):
@@ -183,6 +198,10 @@ class LinearRule(LayerRule):
         weight = outs[0].T @ rows
         return [weight] if getattr(module, "bias", None) is None else [weight, outs[0].sum(dim=0)]
 
+    def places(self, module: nn.Module, grads: Tensor) -> int:
+        """Every position of the input's leading dimensions."""
+        return int(grads[0].numel() // grads.shape[-1])
+
     def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         rows = inputs.float().reshape(-1, inputs.shape[-1])
         return rows, grads.float().reshape(grads.shape[0], -1, grads.shape[-1])
@@ -195,13 +214,6 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     """The rule for ``module`` (its exact type: a subclass may compute something else), if it accepts it."""
     rule = RULES.get(type(module))
     return rule if rule is not None and rule.accepts(module) else None
-
-
-def places(module: nn.Module, grads: Tensor) -> int:
-    """M: how many times the layer's weight is applied in this call (batch × output positions)."""
-    if isinstance(module, nn.Conv2d):
-        return int(grads.shape[1] * grads.shape[3] * grads.shape[4])
-    return int(grads[0].numel() // grads.shape[-1])
 
 
 class LayerTaps:

@@ -12,6 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from mtlvision import api, cli
+from mtlvision.engine.comparing import describe_run
+from mtlvision.engine.merged_run import check_mergeable, common_init
+from mtlvision.engine.runs import INIT_WEIGHTS_NAME, Baselines
 from mtlvision.config import load_config
 from mtlvision.engine.runs import Run
 from mtlvision.errors import MtlvisionError
@@ -42,9 +45,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_baseline_records_one_common_initialisation(pipeline: dict[str, Path]) -> None:
-    experts = api.expert_runs(pipeline["baselines"])
+    experts = Baselines.load(pipeline["baselines"]).expert_runs()
     assert set(experts) == {"count", "segmentation"}
-    inits = [load_file(str(path / api.INIT_WEIGHTS_NAME)) for path in experts.values()]
+    inits = [load_file(str(path / INIT_WEIGHTS_NAME)) for path in experts.values()]
     backbone = [k for k in inits[0] if k.startswith("architecture.backbone.")]
     assert backbone and all(torch.equal(inits[0][k], inits[1][k]) for k in backbone)
     trained = load_file(str(experts["count"] / "model.safetensors"))
@@ -55,17 +58,17 @@ def test_baseline_records_one_common_initialisation(pipeline: dict[str, Path]) -
 def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> None:
     merged = Run.load(pipeline["merged"])
     assert [e.name for e in merged.config.tasks or []] == ["count", "segmentation"]
-    record = merged.report["merge"]
+    record = merged.report.merge
     assert record["rule"] == "ties" and record["hparams"] == {"density": 0.5, "scale": 1.0}
     assert record["batch_norm"] == "recomputed on the train split"
     assert record["copied_tensors_per_task"].keys() == {"count", "segmentation"}
-    assert merged.report["delta_m"] is not None
+    assert merged.report.delta_m is not None
     again = api.evaluate(pipeline["merged"])
-    for task, values in merged.report["metrics"].items():
+    for task, values in merged.report.metrics.items():
         for metric, value in values.items():
-            assert again["metrics"][task][metric] == pytest.approx(value, abs=1e-6)
+            assert again.metrics[task][metric] == pytest.approx(value, abs=1e-6)
     weights = load_file(str(pipeline["merged"] / "model.safetensors"))
-    experts = api.expert_runs(pipeline["baselines"])
+    experts = Baselines.load(pipeline["baselines"]).expert_runs()
     for task in ("count", "segmentation"):
         expert = load_file(str(experts[task] / "model.safetensors"))
         head = [k for k in expert if k.startswith(f"heads.{task}.") and "running" not in k and "num_batches" not in k]
@@ -78,12 +81,12 @@ def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str,
     run = api.train("scenes", {**TINY, "model.init": str(pipeline["merged"]),
                                "distill.experts": str(pipeline["baselines"].parent)}, out=out, name="joint")
     assert Path(run.config.model.init).is_absolute()
-    assert api.describe_run(run) == "joint from merged (ties), distilled from experts, hps + ew"
-    assert api.describe_run(Run.load(pipeline["merged"])) == "merged (ties), before training"
+    assert describe_run(run) == "joint from merged (ties), distilled from experts, hps + ew"
+    assert describe_run(Run.load(pipeline["merged"])) == "merged (ties), before training"
     comparison = api.compare([pipeline["merged"], run.path], repeats=1, batch_size=2)
     assert [e.label for e in comparison.entries] == ["2 experts", "merged", "joint"]
     assert comparison.delta(comparison.experts).overall == 0.0
-    merged_delta = Run.load(pipeline["merged"]).report["delta_m"]["overall"]
+    merged_delta = Run.load(pipeline["merged"]).report.delta_m["overall"]
     assert comparison.delta(comparison.runs[0]).overall == pytest.approx(merged_delta)
     assert comparison.experts.parameters > comparison.runs[0].parameters > comparison.experts.parameters / 2
     header, rows = comparison.task_rows("segmentation")
@@ -104,13 +107,13 @@ def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str,
 
 @pytest.mark.slow
 def test_experts_of_other_backbones_or_an_existing_output_are_refused(pipeline: dict[str, Path], tmp_path) -> None:
-    experts = [Run.load(p) for p in api.expert_runs(pipeline["baselines"]).values()]
+    experts = [Run.load(p) for p in Baselines.load(pipeline["baselines"]).expert_runs().values()]
     other = Run(path=Path("other"), config=load_config("scenes", {**TINY, "model.backbone": "resnet34",
                                                                   "tasks": ["depth"]}))
     with pytest.raises(MtlvisionError, match="model.backbone differs"):
-        api._check_mergeable([experts[0], other])
+        check_mergeable([experts[0], other])
     with pytest.raises(MtlvisionError, match="several experts predict task\\(s\\) count"):
-        api._check_mergeable([experts[0], experts[0]])
+        check_mergeable([experts[0], experts[0]])
     assert cli.main(["merge", str(pipeline["baselines"].parent), "--out", str(pipeline["merged"])]) == 2
 
 
@@ -119,7 +122,7 @@ def test_task_arithmetic_with_scale_zero_gives_back_the_common_initialisation(pi
     run = api.merge([pipeline["baselines"].parent], pipeline["out"] / "ta0", rule="task_arithmetic",
                     hparams=["scale=0"])
     weights = load_file(str(run.path / "model.safetensors"))
-    init = load_file(str(next(iter(api.expert_runs(pipeline["baselines"]).values())) / api.INIT_WEIGHTS_NAME))
+    init = load_file(str(next(iter(Baselines.load(pipeline["baselines"]).expert_runs().values())) / INIT_WEIGHTS_NAME))
     names = dict(run_model_parameters(run.path))
     backbone = [k for k in names if k.startswith("architecture.backbone.")]
     assert backbone and all(torch.equal(weights[k], init[k]) for k in backbone)
@@ -185,21 +188,21 @@ def test_describe_run_reads_what_a_run_is(tmp_path: Path) -> None:
         path = tmp_path / name
         path.mkdir()
         (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
-        (path / "metrics.json").write_text(json.dumps(report))
+        (path / "metrics.json").write_text(json.dumps({"split": "test", "metrics": {}, **report}))
         return Run.load(path)
 
     merged = make("merged", {"merge": {"rule": "average"}})
-    assert api.describe_run(merged) == "merged (average), before training"
-    assert api.describe_run(make("scratch", {})) == "joint from scratch, hps + ew"
-    assert api.describe_run(make("mtan", {}, **{"model.architecture": "mtan", "balancer.name": "pcgrad"})) == (
+    assert describe_run(merged) == "merged (average), before training"
+    assert describe_run(make("scratch", {})) == "joint from scratch, hps + ew"
+    assert describe_run(make("mtan", {}, **{"model.architecture": "mtan", "balancer.name": "pcgrad"})) == (
         "joint from scratch, mtan + pcgrad")
-    assert api.describe_run(make("distilled", {}, **{"distill.experts": "b"})) == (
+    assert describe_run(make("distilled", {}, **{"distill.experts": "b"})) == (
         "joint from scratch, distilled from experts, hps + ew")
-    assert api.describe_run(make("from", {}, **{"model.init": str(merged.path)})) == (
+    assert describe_run(make("from", {}, **{"model.init": str(merged.path)})) == (
         "joint from merged (average), hps + ew")
     expert = make("expert", {}, tasks=["count"])
-    assert api.describe_run(expert, [expert.path]) == "single-task expert"
-    assert api.describe_run(expert) == "single-task from scratch"
+    assert describe_run(expert, [expert.path]) == "single-task expert"
+    assert describe_run(expert) == "single-task from scratch"
 
 
 def test_task_vectors_need_one_recorded_initialisation(tmp_path: Path) -> None:
@@ -209,10 +212,10 @@ def test_task_vectors_need_one_recorded_initialisation(tmp_path: Path) -> None:
     for run in runs:
         run.path.mkdir()
     with pytest.raises(MtlvisionError, match="holds no init.safetensors.*--rule average"):
-        api._common_init(runs)
-    save_file({"w": torch.zeros(3), "heads.a.w": torch.ones(1)}, str(runs[0].path / api.INIT_WEIGHTS_NAME))
-    save_file({"w": torch.zeros(3), "heads.b.w": torch.ones(2)}, str(runs[1].path / api.INIT_WEIGHTS_NAME))
-    assert set(api._common_init(runs)) == {"w"}
-    save_file({"w": torch.ones(3)}, str(runs[1].path / api.INIT_WEIGHTS_NAME))
+        common_init(runs)
+    save_file({"w": torch.zeros(3), "heads.a.w": torch.ones(1)}, str(runs[0].path / INIT_WEIGHTS_NAME))
+    save_file({"w": torch.zeros(3), "heads.b.w": torch.ones(2)}, str(runs[1].path / INIT_WEIGHTS_NAME))
+    assert set(common_init(runs)) == {"w"}
+    save_file({"w": torch.ones(3)}, str(runs[1].path / INIT_WEIGHTS_NAME))
     with pytest.raises(MtlvisionError, match="did not start from one initialisation \\(tensor 'w'"):
-        api._common_init(runs)
+        common_init(runs)

@@ -5,52 +5,78 @@
 >>> model = mv.MultiTaskModel("resnet18", [mv.tasks.Segmentation("seg", num_classes=13), mv.tasks.Depth("depth")],
 ...                           architecture=mv.architectures.MTAN())
 >>> mv.balancers.aggregate("upgrad", G)   # any gradient method on a [T, P] matrix
+
+Names are imported on first use (PEP 562), so ``import mtlvision`` and the command line's ``--help`` do not
+pay for torch until something needs it.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from mtlvision import balancers, tasks  # noqa: E402
-from mtlvision.api import (  # noqa: E402
-    baseline,
-    check_data,
-    compare,
-    evaluate,
-    export,
-    load_model,
-    merge,
-    predict,
-    registry,
-    train,
-)
-from mtlvision.config import RunConfig, load_config  # noqa: E402
-from mtlvision.engine.runs import Run  # noqa: E402
-from mtlvision.engine.trainer import Trainer  # noqa: E402
-from mtlvision.errors import ConfigError, DataError, MtlvisionError  # noqa: E402
-from mtlvision.models import MultiTaskModel, architectures, create_backbone  # noqa: E402
+from mtlvision._version import __version__
 
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "MtlvisionError",
-    "MultiTaskModel",
-    "Run",
-    "RunConfig",
-    "Trainer",
-    "architectures",
-    "balancers",
-    "baseline",
-    "check_data",
-    "compare",
-    "create_backbone",
-    "evaluate",
-    "export",
-    "load_config",
-    "load_model",
-    "merge",
-    "predict",
-    "registry",
-    "tasks",
-    "train",
-]
+#: public name -> the module that defines it (a module itself where the value is None)
+_EXPORTS: dict[str, str] = {
+    "balancers": "mtlvision.balancers",
+    "tasks": "mtlvision.tasks",
+    "architectures": "mtlvision.models.architectures",
+    "baseline": "mtlvision.api",
+    "check_data": "mtlvision.api",
+    "compare": "mtlvision.api",
+    "evaluate": "mtlvision.api",
+    "export": "mtlvision.api",
+    "load_model": "mtlvision.api",
+    "merge": "mtlvision.api",
+    "predict": "mtlvision.api",
+    "registry": "mtlvision.api",
+    "train": "mtlvision.api",
+    "RunConfig": "mtlvision.config",
+    "load_config": "mtlvision.config",
+    "Run": "mtlvision.engine.runs",
+    "RunReport": "mtlvision.engine.runs",
+    "Trainer": "mtlvision.engine.trainer",
+    "ConfigError": "mtlvision.errors",
+    "DataError": "mtlvision.errors",
+    "MtlvisionError": "mtlvision.errors",
+    "MultiTaskModel": "mtlvision.models",
+    "create_backbone": "mtlvision.models",
+}
+_MODULES = {"balancers", "tasks", "architectures"}
+
+if TYPE_CHECKING:
+    from mtlvision import balancers, tasks
+    from mtlvision.api import (
+        baseline,
+        check_data,
+        compare,
+        evaluate,
+        export,
+        load_model,
+        merge,
+        predict,
+        registry,
+        train,
+    )
+    from mtlvision.config import RunConfig, load_config
+    from mtlvision.engine.runs import Run, RunReport
+    from mtlvision.engine.trainer import Trainer
+    from mtlvision.errors import ConfigError, DataError, MtlvisionError
+    from mtlvision.models import MultiTaskModel, architectures, create_backbone
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mtlvision' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if name in _MODULES else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = ["__version__", *_EXPORTS]

@@ -4,18 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from mtlvision import __version__
+from mtlvision._version import __version__
 from mtlvision.errors import MtlvisionError
+from mtlvision.registry import REGISTRY_KINDS
+
+if TYPE_CHECKING:
+    from mtlvision.engine.runs import RunReport
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Library messages (``logging`` under ``mtlvision``) on the terminal: plain lines, warnings in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno >= logging.WARNING else None
+        err_console.print(self.format(record), style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _show_library_messages() -> None:
+    logger = logging.getLogger("mtlvision")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
 
 
 def _metrics_table(title: str, metrics: dict[str, dict[str, float]], delta: dict | None = None) -> Table:
@@ -35,34 +56,41 @@ def _metrics_table(title: str, metrics: dict[str, dict[str, float]], delta: dict
     return table
 
 
-def _print_report(report: dict) -> None:
-    delta = report.get("delta_m")
-    console.print(_metrics_table(f"metrics on the {report['split']} split", report["metrics"], delta))
+def _print_report(report: RunReport) -> None:
+    delta = report.delta_m
+    console.print(_metrics_table(f"metrics on the {report.split} split", report.metrics, delta))
     if delta is not None:
         per_task = ", ".join(f"{t} {v:+.2f}%" for t, v in delta["per_task"].items())
         console.print(f"Δm = [bold]{delta['overall']:+.2f}%[/] (lower is better; per task: {per_task})")
         console.print(f"  against single-task experts in {delta['baselines']}")
-    elif report.get("delta_m_note"):
-        console.print(f"Δm not reported: {report['delta_m_note']}")
+    elif report.delta_m_note:
+        console.print(f"Δm not reported: {report.delta_m_note}")
+    if report.skipped_samples is not None:
+        total = sum(report.skipped_samples.values())
+        counts = ", ".join(f"{split} {count}" for split, count in report.skipped_samples.items())
+        console.print(
+            f"[{'yellow' if total else 'green'}]data.skip_bad: {total} unreadable or invalid sample(s) skipped[/] "
+            f"({counts}); `mtlvision data check` lists them."
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mtlvision import api
 
     run = api.train(args.config, args.set or [], name=args.name, out=args.out, resume=args.resume)
-    _print_report(run.report)
+    _print_report(run.evaluated)
     console.print(f"Run saved in [bold]{run.path}[/]")
     return 0
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from mtlvision import api
+    from mtlvision.engine.runs import Baselines
 
     path = api.baseline(args.config, args.set or [], out=args.out, name=args.name)
-    stored = json.loads(path.read_text())
-    for task, expert in stored["experts"].items():
-        split = next(k for k in expert["metrics"] if k != "val") if len(expert["metrics"]) > 1 else "val"
-        console.print(_metrics_table(f"expert {task} ({split})", {task: expert["metrics"][split]}))
+    for task, expert in Baselines.load(path).experts.items():
+        split = next(k for k in expert.metrics if k != "val") if len(expert.metrics) > 1 else "val"
+        console.print(_metrics_table(f"expert {task} ({split})", {task: expert.metrics[split]}))
     console.print(f"Baselines saved in [bold]{path}[/]")
     return 0
 
@@ -73,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = api.evaluate(args.run, split=args.split, baselines=args.baselines)
     _print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -104,12 +132,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mtlvision import api
 
     run = api.merge(args.experts, args.out, rule=args.rule, hparams=args.set or [])
-    merge = run.report["merge"]
+    merge = run.evaluated.merge or {}
     console.print(
         f"Merged {len(merge['experts'])} expert(s) with [bold]{merge['rule']}[/] {merge['hparams'] or ''}: "
         f"{merge['merged_tensors']} shared tensors combined, heads carried over; BatchNorm {merge['batch_norm']}"
     )
-    _print_report(run.report)
+    _print_report(run.evaluated)
     console.print(f"Merged run saved in [bold]{run.path}[/]")
     return 0
 
@@ -131,36 +159,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_rows(kind: str) -> list[tuple[str, str, str]]:
-    from mtlvision import api
-
-    return [(e.name, e.description, e.citation) for e in api.registry(kind)]
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from mtlvision import api
 
     table = Table(title=args.kind)
-    sizes = api.architecture_sizes(args.config, args.set or []) if args.kind == "architectures" else {}
+    sizes, setting = api.architecture_sizes(args.config, args.set or []) if args.kind == "architectures" else ({}, "")
     columns = ["name", "description", "reference"]
     if sizes:
         columns += ["parameters (shared)", "MACs (shared)"]
     for column in columns:
         table.add_column(column)
-    for name, description, citation in _registry_rows(args.kind):
-        row = [name, description, citation]
+    for entry in api.registry(args.kind):
+        row = [entry.name, entry.description, entry.citation]
         if sizes:
-            size = sizes[name]
+            size = sizes[entry.name]
             row += [f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M)",
                     f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G)"]
         table.add_row(*row)
     console.print(table)
-    if args.kind == "backbones":
-        from mtlvision.models.backbones import ANY_TIMM_NOTE
-
-        console.print(f"Beyond these, {ANY_TIMM_NOTE}; torchvision models as tv/<name>.")
+    note = api.registry_note(args.kind)
+    if note:
+        console.print(note)
     if sizes:
-        console.print(f"Sizes for {api.architecture_sizes_setting(args.config, args.set or [])}.")
+        console.print(f"Sizes for {setting}.")
     return 0
 
 
@@ -184,8 +205,6 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtlvision.api import REGISTRY_KINDS
-
     parser = argparse.ArgumentParser(prog="mtlvision", description="Multi-task learning for computer vision.")
     parser.add_argument("--version", action="version", version=f"mtlvision {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -224,12 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="input size (default: the run's; needed for data of varying size)")
     ex.set_defaults(handler=cmd_export)
 
-    from mtlvision.engine.merge import MERGE_RULES
-
     mg = verbs.add_parser("merge", help="one multi-task model from single-task experts (heads kept, backbone merged)")
     mg.add_argument("experts", nargs="+", help="expert run folders, or a baseline folder standing for its experts")
     mg.add_argument("--out", required=True, help="the merged run folder to create")
-    mg.add_argument("--rule", default="average", choices=MERGE_RULES.names(), help="merging rule (default: average)")
+    mg.add_argument("--rule", default="average", help="merging rule (default: average; `mtlvision list merges`)")
     mg.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                     help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties)")
     mg.set_defaults(handler=cmd_merge)
@@ -274,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    _show_library_messages()
     try:
         return handler(args)
     except MtlvisionError as exc:

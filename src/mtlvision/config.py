@@ -9,12 +9,16 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mtlvision.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mtlvision.balancers.base import Balancer
 
 PRESET_PACKAGE = "mtlvision.presets"
 DEFAULT_PRESET = "scenes"
@@ -206,6 +210,47 @@ class RunConfig(_Strict):
         return self.model_dump(mode="json")
 
 
+# ------------------------------------------------------------------------------- rules across sections
+def resolve_balancing(train: TrainConfig, balancing: BalancerConfig, method: Balancer) -> Literal[
+    "params", "representation"
+]:
+    """``balancer.mode`` resolved for ``method`` (``auto`` runs the "-UB" variants on the shared representation
+    and every other method on the shared parameters), after checking every rule that ties ``train.*`` and
+    ``balancer.*`` to what the method needs. The one place these rules live."""
+    from mtlvision.balancers.base import Needs
+
+    name = type(method).__name__
+    needs_gradients = method.needs is not Needs.LOSSES
+    mode: Literal["params", "representation"] = (
+        ("representation" if method.prefers_representation else "params") if balancing.mode == "auto"
+        else balancing.mode
+    )
+    if mode == "representation" and not method.supports_representation:
+        raise ConfigError(f"balancer {name} is not defined on representation gradients; use balancer.mode=params")
+    if train.accumulate > 1 and needs_gradients:
+        raise ConfigError(
+            f"train.accumulate={train.accumulate} works with loss-weighting balancers only: "
+            f"{name} needs the per-task gradients of the whole batch at once"
+        )
+    if train.precision == "fp16" and (needs_gradients or any(True for _ in method.parameters())):
+        raise ConfigError(
+            "train.precision=fp16 (with loss scaling) works with loss-weighting balancers without learnable "
+            f"parameters; {name} needs unscaled gradients: use precision=bf16"
+        )
+    if needs_gradients and balancing.jacobian == "layers" and (train.compile or mode != "params"):
+        why = (
+            "a compiled forward (train.compile) runs no forward hooks" if train.compile
+            else "it is a parameter-mode path (balancer.mode=params)"
+        )
+        raise ConfigError(f"balancer.jacobian=layers cannot run {name}: {why}; use balancer.jacobian=batched")
+    if needs_gradients and train.compile and balancing.jacobian in ("auto", "batched"):
+        raise ConfigError(
+            f"train.compile=true with {name} needs balancer.jacobian=loop: the per-task gradients come from a "
+            "vmapped backward, which torch.func cannot run through a compiled graph"
+        )
+    return mode
+
+
 # --------------------------------------------------------------------------------------------- loading
 def preset_names() -> list[str]:
     """Names of the presets shipped with the package."""
@@ -280,21 +325,34 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
+def config_error(exc: ValidationError, section: str = "") -> ConfigError:
+    """A pydantic validation error as one :class:`ConfigError` naming every bad dotted key (under ``section``)."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join([section] * bool(section) + [str(p) for p in err["loc"]]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "literal_error":
+            message = f"must be one of {err['ctx']['expected']}"
+        lines.append(f"{key}: {message} (got {err.get('input')!r})")
+    return ConfigError("Invalid configuration:\n  " + "\n  ".join(lines))
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def validate_section(section: str, model: type[Section], data: Mapping[str, Any]) -> Section:
+    """One section of the configuration (``train``, ``balancer``, ...) from a mapping, errors naming ``section.key``."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise config_error(exc, section) from None
+
+
 def validate(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw mapping; every problem is reported with its dotted key."""
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            message = err["msg"]
-            if err["type"] == "extra_forbidden":
-                message = "unknown key"
-            elif err["type"] == "literal_error":
-                message = f"must be one of {err['ctx']['expected']}"
-            lines.append(f"{key}: {message} (got {err.get('input')!r})")
-        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
+    return validate_section("", RunConfig, raw)
 
 
 def load_config(

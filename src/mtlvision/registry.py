@@ -11,6 +11,9 @@ from mtlvision.errors import UnknownNameError
 
 T = TypeVar("T")
 
+#: what ``mtlvision list`` can list, one registry each
+REGISTRY_KINDS = ("tasks", "balancers", "architectures", "backbones", "datasets", "merges")
+
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ from mtlvision.config import RunConfig, TaskEntry
 from mtlvision.data.check import CheckedSamples, SkipBadSamples
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
-from mtlvision.engine.logging import console
-from mtlvision.engine.trainer import WEIGHTS_NAME, AuxiliaryLoss, Trainer
+from mtlvision.engine.checkpoint import load_weights
+from mtlvision.engine.runs import WEIGHTS_NAME, Run
 from mtlvision.errors import CheckpointError, ConfigError
 from mtlvision.models import MultiTaskModel
 from mtlvision.models.architectures import ARCHITECTURES
 from mtlvision.models.init import INIT_SCHEMES, PRETRAINED
 from mtlvision.tasks import TASKS, Task
+
+logger = logging.getLogger(__name__)
 
 
 def dataset_source(config: RunConfig) -> tuple[type[DatasetSource], DatasetParams]:
@@ -132,10 +135,10 @@ def _report_init(path: Path, result: dict[str, list[str]]) -> None:
             groups[prefix] = groups.get(prefix, 0) + 1
         return ", ".join(f"{g} ({n})" for g, n in groups.items())
 
-    console.print(f"model.init: loaded {len(result['loaded'])} tensors from {path}: {parts(result['loaded'])}")
+    logger.info("model.init: loaded %d tensors from %s: %s", len(result["loaded"]), path, parts(result["loaded"]))
     for reason, label in (("shape_differs", "shapes differ"), ("not_in_file", "not in the file")):
         if result[reason]:
-            console.print(f"  kept initialised ({label}): {parts(result[reason])}")
+            logger.info("  kept initialised (%s): %s", label, parts(result[reason]))
 
 
 def build_model(config: RunConfig, tasks: Sequence[Task], load_init: bool = True) -> MultiTaskModel:
@@ -243,41 +246,33 @@ def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: boo
     return PreparedDataset(checked, [t.name for t in tasks], transform, seed=config.seed, batches_from=base)
 
 
-def build_trainer(
-    config: RunConfig, model: MultiTaskModel, run_dir: Path | None, auxiliary: AuxiliaryLoss | None = None
-) -> Trainer:
-    """A trainer with every ``train.*`` and ``balancer.*`` setting of ``config`` (and an auxiliary loss)."""
-    train = config.train
-    return Trainer(
-        model,
-        build_balancer(config),
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        lr=train.lr,
-        optimizer=train.optimizer,
-        weight_decay=train.weight_decay,
-        momentum=train.momentum,
-        scheduler=train.scheduler,
-        step_size=train.step_size,
-        gamma=train.gamma,
-        warmup_epochs=train.warmup_epochs,
-        grad_clip=train.grad_clip,
-        device=train.device,
-        early_stopping=train.early_stopping,
-        select=train.select,
-        balancer_mode=config.balancer.mode,
-        jacobian=config.balancer.jacobian,
-        backbone_lr_scale=config.model.backbone_lr_scale,
-        num_workers=config.data.num_workers,
-        seed=config.seed,
-        deterministic=train.deterministic,
-        precision=train.precision,
-        accumulate=train.accumulate,
-        ema=train.ema,
-        compile=train.compile,
-        checkpoint_every=train.checkpoint_every,
-        max_nonfinite=train.max_nonfinite,
-        run_dir=run_dir,
-        progress=train.progress,
-        auxiliary=auxiliary,
-    )
+def with_absolute_init(config: RunConfig) -> RunConfig:
+    """``model.init`` as an absolute path when it names a run folder, so config.yaml says which one."""
+    path = Path(config.model.init).expanduser()
+    if not path.is_dir():
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update={"init": str(path.resolve())})})
+
+
+def with_task_list(config: RunConfig, tasks: Sequence[Task]) -> RunConfig:
+    """The config with the task list written out (so config.yaml says exactly what ran)."""
+    if config.tasks is not None:
+        return config
+    return config.model_copy(update={"tasks": [TaskEntry(name=t.name) for t in tasks]})
+
+
+def image_size(config: RunConfig) -> tuple[int, int] | None:
+    """The model's input size: ``data.augment.resize``, else ``data.image_size``, or None for datasets of
+    varying size."""
+    size = config.data.augment.get("resize") or getattr(dataset_source(config)[1], "image_size", None)
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
+    """The trained model of a run folder (best weights, in eval mode) and its config."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    model = build_model(run.config, build_tasks(run.config), load_init=False)
+    load_weights(model, run.path / WEIGHTS_NAME)
+    return model.eval(), run.config

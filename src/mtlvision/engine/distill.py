@@ -24,7 +24,8 @@ Learning", ECCV Workshops 2020.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,11 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlvision.config import RunConfig
 from mtlvision.engine.trainer import AuxiliaryLoss
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.models.architectures.base import RepresentationUnavailable
 from mtlvision.registry import Registry
 from mtlvision.tasks.base import Task
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -244,3 +248,34 @@ class Distillation(AuxiliaryLoss):
                 term = term + self.feature_weight * feature_distance(aligned, expert_representation[-1])
             terms.append(term)
         return torch.stack(terms)
+
+
+def build_distillation(config: RunConfig, tasks: Sequence[Task], model: nn.Module) -> Distillation:
+    """The distillation loss of ``distill.*`` with the frozen experts of ``distill.experts``."""
+    from mtlvision.engine.build import build_split, load_model
+    from mtlvision.engine.runs import Baselines
+
+    settings = config.distill
+    assert settings.experts is not None
+    runs = Baselines.load(settings.experts).expert_runs()
+    weights = dict(settings.weights)
+    wanted = [t.name for t in tasks if weights.get(t.name, 1.0) > 0]
+    missing = [name for name in wanted if name not in runs]
+    if missing:
+        raise MtlvisionError(
+            f"distill.experts={settings.experts} has no expert for task(s) {', '.join(missing)}; train them with "
+            f"`mtlvision baseline` or set distill.weights.<task>=0"
+        )
+    experts = {name: load_model(runs[name])[0] for name in wanted}
+    probe = build_split(config, tasks, "train", train=False)[0]["image"][None]
+    logger.info("Distilling from experts: %s", ", ".join(f"{n} ({runs[n]})" for n in wanted))
+    return Distillation(
+        {t.name: t for t in tasks},
+        experts,
+        weights=weights,
+        temperature=settings.temperature,
+        feature_weight=settings.feature_weight,
+        regression=settings.regression,
+        student=model,
+        probe=probe,
+    )

@@ -1,9 +1,8 @@
-"""The run's data as the checks see it: ``mtlvision data check`` and the ``data.skip_bad`` summary."""
+"""The run's data as the checks see it (``mtlvision data check``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -34,18 +33,3 @@ def check_config_data(config: RunConfig, splits: Sequence[str] = SPLITS, progres
             bar.update(bars[split], completed=done)
 
         return check_dataset(datasets, tasks, progress=advance)
-
-
-def skipped_summary(config: RunConfig, counts: Mapping[str, int | None]) -> dict[str, Any]:
-    """``{"skipped_samples": {split: count}}`` for metrics.json under ``data.skip_bad`` (else nothing), and
-    the same printed."""
-    if not config.data.skip_bad:
-        return {}
-    known = {split: int(count) for split, count in counts.items() if count is not None}
-    total = sum(known.values())
-    style = "yellow" if total else "green"
-    console.print(
-        f"[{style}]data.skip_bad: {total} unreadable or invalid sample(s) skipped[/] "
-        f"({', '.join(f'{split} {count}' for split, count in known.items())}); `mtlvision data check` lists them."
-    )
-    return {"skipped_samples": known}

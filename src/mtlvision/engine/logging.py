@@ -31,14 +31,14 @@ def flatten_metrics(prefix: str, metrics: Mapping[str, Mapping[str, float]]) -> 
 
 
 class TensorBoardLog:
-    """Scalars to TensorBoard under ``run_dir/tb`` (no-op without a run folder)."""
+    """Scalars to TensorBoard in ``log_dir`` (no-op without one)."""
 
-    def __init__(self, run_dir: Path | None) -> None:
+    def __init__(self, log_dir: Path | None) -> None:
         self._writer = None
-        if run_dir is not None:
+        if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(run_dir / "tb"))
+            self._writer = SummaryWriter(str(log_dir))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self._writer is not None:

@@ -1,8 +1,16 @@
-"""Run folders: creation, the files they hold, and reading them back."""
+"""The run folder: every file name it holds, its typed report, the experts' baselines, and reading it back.
+
+A run folder (``runs/<name>``) holds ``config.yaml`` (fully resolved), ``metrics.json`` (a
+:class:`RunReport`), ``history.csv``, ``model.safetensors`` (best weights), ``checkpoint.pt`` (resumable),
+``tb/`` and ``plots/``; an expert also keeps ``init.safetensors`` (its initial weights, the base of task
+vectors), and a folder of experts holds ``baselines.json`` (:class:`Baselines`). Changing the format of
+a run folder means changing this module.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,9 +20,20 @@ import yaml
 from mtlvision.config import RunConfig, validate
 from mtlvision.engine.checkpoint import atomic_write
 from mtlvision.errors import MtlvisionError
+from mtlvision.evaluation.delta_m import delta_m
+from mtlvision.tasks import Task
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
+HISTORY_NAME = "history.csv"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_NAME = "checkpoint.pt"
+INIT_WEIGHTS_NAME = "init.safetensors"
+BASELINES_NAME = "baselines.json"
+PLOTS_DIR = "plots"
+TENSORBOARD_DIR = "tb"
+
+Metrics = dict[str, dict[str, float]]
 
 
 def new_run_dir(out: str | Path, name: str) -> Path:
@@ -43,29 +62,203 @@ def read_config(run_dir: Path) -> RunConfig:
     return validate(yaml.safe_load(path.read_text()) or {})
 
 
+def directions(tasks: Iterable[Task]) -> dict[str, dict[str, bool]]:
+    """Each task's metrics with their direction (True where higher is better)."""
+    return {t.name: dict(t.metric_directions) for t in tasks}
+
+
+# ------------------------------------------------------------------------------------------------ report
+@dataclass
+class RunReport:
+    """What ``metrics.json`` holds: the evaluation split's metrics per task and what they were measured on.
+
+    ``delta_m`` is Δm against the single-task experts (``overall``, ``per_task``, ``per_metric``, the
+    ``baselines`` file and each expert's run) or None, with ``delta_m_note`` saying why; ``merge`` describes
+    a merged model; ``skipped_samples`` counts samples skipped per split under ``data.skip_bad``.
+    """
+
+    split: str
+    metrics: Metrics
+    val_metrics: Metrics | None = None
+    best_epoch: int | None = None
+    model: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
+    skipped_samples: dict[str, int] | None = None
+    delta_m: dict[str, Any] | None = None
+    delta_m_note: str | None = None
+
+    _ORDER = ("split", "metrics", "val_metrics", "best_epoch", "model", "merge", "skipped_samples")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: optional sections only when present, ``delta_m`` always (None when not computed)."""
+        data: dict[str, Any] = {k: getattr(self, k) for k in self._ORDER if getattr(self, k) is not None}
+        data["delta_m"] = self.delta_m
+        if self.delta_m_note is not None:
+            data["delta_m_note"] = self.delta_m_note
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunReport:
+        known = {*cls._ORDER, "delta_m", "delta_m_note"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, run_dir: Path) -> None:
+        write_json(Path(run_dir) / METRICS_NAME, self.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- baselines
+@dataclass
+class Expert:
+    """One single-task expert: its run folder and its metrics per split."""
+
+    run: str
+    metrics: dict[str, dict[str, float]]
+
+
+@dataclass
+class Baselines:
+    """``baselines.json``: the single-task experts of one dataset, for Δm, merging and distillation."""
+
+    path: Path
+    data: dict[str, Any]
+    experts: dict[str, Expert] = field(default_factory=dict)
+
+    @staticmethod
+    def default_path(out: str | Path, config: RunConfig) -> Path:
+        """Where ``baseline`` stores the experts of this dataset: ``OUT/baseline-<data>/baselines.json``."""
+        return Path(out) / f"baseline-{config.data.name}" / BASELINES_NAME
+
+    @staticmethod
+    def for_run(run_dir: Path, config: RunConfig) -> Path:
+        """The baselines a run is measured against: ``baselines`` from its config, else the default beside it."""
+        return Path(config.baselines) if config.baselines else Baselines.default_path(Path(run_dir).parent, config)
+
+    @staticmethod
+    def locate(source: str | Path) -> Path:
+        """A ``baselines.json`` given as the file or the folder holding it."""
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = path / BASELINES_NAME
+        if not path.is_file():
+            raise MtlvisionError(
+                f"{source} is neither a {BASELINES_NAME} nor a folder holding one (from `mtlvision baseline`)"
+            )
+        return path
+
+    @classmethod
+    def load(cls, source: str | Path) -> Baselines:
+        path = cls.locate(source)
+        stored = json.loads(path.read_text())
+        experts = {task: Expert(run=e["run"], metrics=e["metrics"]) for task, e in stored.get("experts", {}).items()}
+        return cls(path=path, data=stored.get("data", {}), experts=experts)
+
+    @classmethod
+    def open(cls, path: Path, data: dict[str, Any]) -> Baselines:
+        """The baselines at ``path`` to be completed, or new ones; refused when they hold another dataset."""
+        baselines = cls.load(path) if path.is_file() else cls(path=path, data=data)
+        if baselines.data != data:
+            raise MtlvisionError(f"{path} holds experts trained on other data; choose another --name")
+        return baselines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "experts": {t: {"run": e.run, "metrics": e.metrics} for t, e in self.experts.items()}}
+
+    def save(self) -> None:
+        write_json(self.path, self.to_dict())
+
+    def record(self, task: str, run: Run) -> None:
+        """Store the finished expert ``run`` of ``task`` (its evaluation split's and validation metrics)."""
+        report = run.report
+        metrics = {report.split: report.metrics[task]}
+        if report.val_metrics is not None:
+            metrics["val"] = report.val_metrics[task]
+        self.experts[task] = Expert(run=str(run.path), metrics=metrics)
+
+    def expert_runs(self) -> dict[str, Path]:
+        """The experts' run folders by task; a run stored relative to another working directory is looked
+        for beside the file as well."""
+        found: dict[str, Path] = {}
+        for task, expert in self.experts.items():
+            candidates = [Path(expert.run), self.path.parent / Path(expert.run).name]
+            run = next((c for c in candidates if (c / WEIGHTS_NAME).is_file()), None)
+            if run is None:
+                raise MtlvisionError(
+                    f"{self.path}: the expert run of task {task!r} ({expert.run}) holds no {WEIGHTS_NAME}"
+                )
+            found[task] = run
+        return found
+
+    def metrics(self, tasks: Iterable[str], split: str) -> Metrics:
+        """The experts' metrics on ``split`` for ``tasks`` (all must be there)."""
+        names = list(tasks)
+        missing = [t for t in names if t not in self.experts or split not in self.experts[t].metrics]
+        if missing:
+            raise MtlvisionError(f"{self.path} has no expert for task(s) {', '.join(missing)} on the {split} split")
+        return {t: self.experts[t].metrics[split] for t in names}
+
+
+def delta_m_against(
+    path: Path, config: RunConfig, tasks: Iterable[Task], metrics: Metrics, split: str
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Δm of ``metrics`` against the experts stored at ``path``: ``(delta_m, None)``, or ``(None, why not)``."""
+    tasks = list(tasks)
+    if not path.is_file():
+        return None, f"no baselines at {path}; run `mtlvision baseline` for Δm"
+    baselines = Baselines.load(path)
+    if baselines.data != config.data.dataset_params:
+        return None, (
+            f"baselines at {path} were trained on other data ({baselines.data}); Δm needs experts on the same data"
+        )
+    missing = [t.name for t in tasks if t.name not in baselines.experts or split not in baselines.experts[t.name].metrics]
+    if missing:
+        return None, f"baselines at {path} lack task(s) {', '.join(missing)}"
+    result = delta_m(metrics, baselines.metrics((t.name for t in tasks), split), directions(tasks))
+    return {
+        **result.to_dict(),
+        "baselines": str(path),
+        "experts": {t.name: baselines.experts[t.name].run for t in tasks},
+    }, None
+
+
+# ---------------------------------------------------------------------------------------------------- run
 @dataclass
 class Run:
     """A run folder and what it holds.
 
     ``metrics`` maps each task to its metrics on the evaluation split, plus ``delta_m`` (overall Δm in %,
-    lower is better) when single-task baselines were available; ``report`` is the whole metrics.json.
+    lower is better) when single-task baselines were available; ``report`` is the whole metrics.json
+    (None for a run that has not been evaluated yet).
     """
 
     path: Path
     config: RunConfig
-    report: dict[str, Any] = field(default_factory=dict)
+    report: RunReport | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
-        result: dict[str, Any] = dict(self.report.get("metrics", {}))
-        delta = self.report.get("delta_m")
-        if delta is not None:
-            result["delta_m"] = delta["overall"]
+        if self.report is None:
+            return {}
+        result: dict[str, Any] = dict(self.report.metrics)
+        if self.report.delta_m is not None:
+            result["delta_m"] = self.report.delta_m["overall"]
         return result
+
+    @property
+    def evaluated(self) -> RunReport:
+        """The report, or an error saying the run has none."""
+        if self.report is None:
+            raise MtlvisionError(f"{self.path} holds no {METRICS_NAME}; evaluate it first (`mtlvision eval`)")
+        return self.report
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
         path = Path(path)
+        config = read_config(path)
         report_path = path / METRICS_NAME
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-        return cls(path=path, config=read_config(path), report=report)
+        if not report_path.is_file():
+            return cls(path=path, config=config)
+        try:
+            report = RunReport.from_dict(json.loads(report_path.read_text()))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise MtlvisionError(f"{report_path} is not a metrics file mtlvision wrote ({exc})") from None
+        return cls(path=path, config=config, report=report)

@@ -13,10 +13,11 @@ for how updates are made equal to a single process on the combined batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
-from abc import ABC, abstractmethod
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -29,13 +30,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlvision.balancers import Balancer, GradientEngine, LayerTaps, Needs, get as get_balancer, resolve_jacobian_path
+from mtlvision.config import BalancerConfig, RunConfig, TrainConfig, resolve_balancing, validate_section
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
-from mtlvision.engine.logging import EpochProgress, TensorBoardLog, console, flatten_metrics, write_history
+from mtlvision.engine.logging import EpochProgress, TensorBoardLog, flatten_metrics, write_history
 from mtlvision.engine.optim import build_optimizer, build_scheduler
+from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.precision import Precision
 from mtlvision.engine.sampler import EpochSampler
 from mtlvision.errors import ConfigError, MtlvisionError
@@ -44,8 +47,10 @@ from mtlvision.models.architectures.base import RepresentationUnavailable
 from mtlvision.models.multitask import CutRepresentation
 from mtlvision.tasks.base import Task
 
-CHECKPOINT_NAME = "checkpoint.pt"
-WEIGHTS_NAME = "model.safetensors"
+logger = logging.getLogger(__name__)
+
+#: keyword options of :class:`Trainer` that set ``balancer.*`` keys
+_BALANCING_OPTIONS = {"balancer_mode": "mode", "jacobian": "jacobian"}
 
 
 class AuxiliaryLoss(nn.Module, ABC):
@@ -102,102 +107,69 @@ class _State:
 class Trainer:
     """Trains a multi-task model (dict in, dict out) with a balancer.
 
-    Arguments mirror the ``train.*`` config keys; ``balancer_mode`` is ``balancer.mode`` (``auto`` runs the
-    "-UB" variants on the shared representation and every other method on the shared parameters). ``select`` is ``"loss"`` (the sum of the tasks' mean
-    validation losses, lower is better) or ``"TASK.METRIC"`` (that validation metric in its own direction).
-    ``precision`` is ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast with a gradient scaler,
-    CUDA only). ``accumulate`` sums gradients over that many batches per step (loss-weighting balancers).
-    ``ema`` keeps an exponential moving average of the weights with that decay; it is what gets
-    evaluated and saved. ``max_nonfinite`` non-finite steps are skipped and counted before the run stops.
+    ``train`` is the validated ``train.*`` section (:class:`~mtlvision.config.TrainConfig`); keyword
+    ``options`` override its keys (``epochs=5, lr=3e-4``) and are validated the same way. ``balancer`` is a
+    method (an instance or a registered name) or the whole ``balancer.*`` section
+    (:class:`~mtlvision.config.BalancerConfig`, with ``mode`` and ``jacobian``); ``balancer_mode`` and
+    ``jacobian`` options override those two keys. ``seed`` seeds data order, augmentation and the global RNGs
+    at construction; ``num_workers`` is ``data.num_workers``; ``backbone_lr_scale`` is
+    ``model.backbone_lr_scale``. Every rule tying these together is checked once, by
+    :func:`~mtlvision.config.resolve_balancing`.
+
+    ``select`` (``train.select``) is ``"loss"`` (the sum of the tasks' mean validation losses, lower is
+    better) or ``"TASK.METRIC"`` (that validation metric in its own direction). ``ema`` keeps an exponential
+    moving average of the weights, which is what gets evaluated and saved.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        balancer: Balancer | str = "ew",
+        balancer: Balancer | str | BalancerConfig = "ew",
+        train: TrainConfig | None = None,
         *,
-        epochs: int = 10,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        optimizer: str = "adamw",
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        scheduler: str = "cosine",
-        step_size: int = 10,
-        gamma: float = 0.1,
-        warmup_epochs: int = 0,
-        grad_clip: float | None = None,
-        device: str = "auto",
-        early_stopping: int | None = None,
-        select: str = "loss",
-        balancer_mode: str = "auto",
-        jacobian: str = "auto",
-        backbone_lr_scale: float = 1.0,
-        num_workers: int = 0,
         seed: int = 0,
-        deterministic: bool = False,
-        precision: str = "fp32",
-        accumulate: int = 1,
-        ema: float | None = None,
-        compile: bool = False,
-        checkpoint_every: int = 0,
-        max_nonfinite: int = 10,
+        num_workers: int = 0,
+        backbone_lr_scale: float = 1.0,
         run_dir: str | Path | None = None,
-        progress: bool = True,
         on_step: Callable[[Trainer], None] | None = None,
         auxiliary: AuxiliaryLoss | None = None,
+        **options: Any,
     ) -> None:
+        balancing_options = {key: options.pop(old) for old, key in _BALANCING_OPTIONS.items() if old in options}
+        config = validate_section("train", TrainConfig, {**(train.model_dump() if train else {}), **options})
+        if isinstance(balancer, BalancerConfig):
+            balancing = validate_section("balancer", BalancerConfig, {**balancer.model_dump(), **balancing_options})
+            method = get_balancer(balancing.name, **balancing.hparams)
+        else:
+            name = balancer if isinstance(balancer, str) else type(balancer).__name__
+            balancing = validate_section("balancer", BalancerConfig, {"name": name, **balancing_options})
+            method = get_balancer(balancer) if isinstance(balancer, str) else balancer
+        self.config, self.balancing, self.balancer = config, balancing, method
+        self.balancer_mode = resolve_balancing(config, balancing, method)
         self.model = model
         self.tasks: dict[str, Task] = dict(model.tasks)
-        self.balancer = get_balancer(balancer) if isinstance(balancer, str) else balancer
-        if balancer_mode not in {"auto", "params", "representation"}:
-            raise ConfigError(f"balancer.mode must be 'auto', 'params' or 'representation', got {balancer_mode!r}")
-        if balancer_mode == "auto":
-            balancer_mode = "representation" if self.balancer.prefers_representation else "params"
-        if balancer_mode == "representation" and not self.balancer.supports_representation:
-            raise ConfigError(
-                f"balancer {type(self.balancer).__name__} is not defined on representation gradients; "
-                "use balancer.mode=params"
-            )
-        if accumulate < 1:
-            raise ConfigError(f"train.accumulate must be at least 1, got {accumulate}")
-        if accumulate > 1 and self.balancer.needs is not Needs.LOSSES:
-            raise ConfigError(
-                f"train.accumulate={accumulate} works with loss-weighting balancers only: "
-                f"{type(self.balancer).__name__} needs the per-task gradients of the whole batch at once"
-            )
-        self.balancer_mode = balancer_mode
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.grad_clip = grad_clip
-        self.early_stopping = early_stopping
-        self.select = self._parse_select(select)
+        self.epochs = config.epochs
+        self.batch_size = config.batch_size
+        self.select = self._parse_select(config.select)
         self.num_workers = num_workers
         self.seed = seed
-        self.accumulate = accumulate
-        self.checkpoint_every = checkpoint_every
-        self.max_nonfinite = max_nonfinite
+        self.accumulate = config.accumulate
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.progress = progress and dist.is_main()
+        self.progress = config.progress and dist.is_main()
         self.on_step = on_step
         self.auxiliary = auxiliary
-        self.device = dist.setup(resolve_device(device))
-        seed_everything(seed, deterministic)
-        self.precision = Precision(precision, self.device)
-        if self.precision.scaler is not None and (
-            self.balancer.needs is not Needs.LOSSES or any(True for _ in self.balancer.parameters())
-        ):
-            raise ConfigError(
-                "train.precision=fp16 (with loss scaling) works with loss-weighting balancers without learnable "
-                f"parameters; {type(self.balancer).__name__} needs unscaled gradients: use precision=bf16"
-            )
+        self.device = dist.setup(resolve_device(config.device))
+        seed_everything(seed, config.deterministic)
+        self.precision = Precision(config.precision, self.device)
         self.model.to(self.device)
         self.balancer.setup(len(self.tasks))
         self.balancer.to(self.device)
-        self.forward: Any = CompiledModel(model) if compile else model
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema is not None else None
+        self.forward: Any = CompiledModel(model) if config.compile else model
+        self.ema = (
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema is not None else None
+        )
         # after the EMA copy, which would otherwise copy the taps' hooks
-        self.jacobian, self.taps = self._jacobian_path(jacobian, compile)
+        self.jacobian, self.taps = self._jacobian_path(balancing.jacobian, config.compile)
         groups = list(model.parameter_groups(backbone_lr_scale))
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
@@ -207,44 +179,49 @@ class Trainer:
             auxiliary_params = [p for p in auxiliary.parameters() if p.requires_grad]
             if auxiliary_params:
                 groups.append({"name": "auxiliary", "params": auxiliary_params})
-        self.optimizer = build_optimizer(optimizer, groups, lr, weight_decay, momentum)
-        self.scheduler = build_scheduler(scheduler, self.optimizer, epochs, warmup_epochs, step_size, gamma)
+        self.optimizer = build_optimizer(config.optimizer, groups, config.lr, config.weight_decay, config.momentum)
+        self.scheduler = build_scheduler(
+            config.scheduler, self.optimizer, config.epochs, config.warmup_epochs, config.step_size, config.gamma
+        )
         self.collate = Collate(self.tasks)
         self.state = _State()
         # Gradient methods get the shared representation too: the engine then reaches each head once and
         # batches the trunk. Architectures without one raise RepresentationUnavailable (see _forward_losses).
         self._uses_representation = (
-            balancer_mode == "representation"
+            self.balancer_mode == "representation"
             or self.balancer.needs is not Needs.LOSSES
             or (auxiliary is not None and auxiliary.needs_representation)
         )
         self._stop_signal: int | None = None
 
+    @classmethod
+    def from_config(
+        cls, config: RunConfig, model: nn.Module, run_dir: Path | None = None, auxiliary: AuxiliaryLoss | None = None
+    ) -> Trainer:
+        """A trainer with every ``train.*`` and ``balancer.*`` setting of a whole run configuration."""
+        return cls(
+            model, config.balancer, config.train, seed=config.seed, num_workers=config.data.num_workers,
+            backbone_lr_scale=config.model.backbone_lr_scale, run_dir=run_dir, auxiliary=auxiliary,
+        )
+
     # ------------------------------------------------------------------------------------------ helpers
     def _jacobian_path(self, requested: str, compile: bool) -> tuple[str, LayerTaps | None]:
         """``balancer.jacobian`` resolved (see :func:`~mtlvision.balancers.resolve_jacobian_path`), with the
-        forward hooks path ``"layers"`` needs."""
-        name = type(self.balancer).__name__
+        forward hooks path ``"layers"`` needs; the configuration's rules were checked by ``resolve_balancing``,
+        what is left depends on the model."""
         needs_gradients = self.balancer.needs is not Needs.LOSSES
         taps = None
         if requested in ("auto", "layers") and needs_gradients and not compile and self.balancer_mode == "params":
             taps = LayerTaps(self.model, self.model.shared_parameters())
         path = resolve_jacobian_path(requested, self.balancer, self.balancer_mode, bool(taps))
         if path == "layers" and needs_gradients and not taps:
-            why = (
-                "a compiled forward (train.compile) runs no forward hooks" if compile
-                else "it is a parameter-mode path (balancer.mode=params)" if self.balancer_mode != "params"
-                else "the shared parameters hold no Conv2d or Linear layer it can tap"
+            raise ConfigError(
+                f"balancer.jacobian=layers cannot run {type(self.balancer).__name__}: the shared parameters hold "
+                "no Conv2d or Linear layer it can tap; use balancer.jacobian=batched"
             )
-            raise ConfigError(f"balancer.jacobian=layers cannot run {name}: {why}; use balancer.jacobian=batched")
         if taps is not None and path != "layers":
             taps.remove()
             taps = None
-        if compile and path == "batched" and needs_gradients:
-            raise ConfigError(
-                f"train.compile=true with {name} needs balancer.jacobian=loop: the per-task gradients come from a "
-                "vmapped backward, which torch.func cannot run through a compiled graph"
-            )
         return path, taps
 
     def _parse_select(self, select: str) -> tuple[str, str, bool] | None:
@@ -407,8 +384,8 @@ class Trainer:
             scaler.unscale_(self.optimizer)
         elif not self._grads_finite():
             return self._skip(loss_total)
-        if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if scaler is not None:
             scale_before = scaler.get_scale()
             scaler.step(self.optimizer)
@@ -429,15 +406,15 @@ class Trainer:
     def _skip(self, losses: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_steps += 1
-        console.print(
-            f"[yellow]step {self.state.step}: non-finite loss or gradient "
-            f"({', '.join(f'{n}={v:.3g}' for n, v in zip(self.tasks, losses.tolist()))}); step skipped "
-            f"({self.state.skipped_steps}/{self.max_nonfinite})[/]"
+        logger.warning(
+            "step %d: non-finite loss or gradient (%s); step skipped (%d/%d)", self.state.step,
+            ", ".join(f"{n}={v:.3g}" for n, v in zip(self.tasks, losses.tolist())), self.state.skipped_steps,
+            self.config.max_nonfinite,
         )
-        if self.state.skipped_steps >= self.max_nonfinite:
+        if self.state.skipped_steps >= self.config.max_nonfinite:
             raise NonFiniteLossError(
                 f"{self.state.skipped_steps} steps had a non-finite loss or gradient (train.max_nonfinite="
-                f"{self.max_nonfinite}); lower train.lr, set train.grad_clip, or check the data"
+                f"{self.config.max_nonfinite}); lower train.lr, set train.grad_clip, or check the data"
             )
 
     def fit(
@@ -446,7 +423,7 @@ class Trainer:
         """Train for ``epochs`` epochs (continuing from ``run_dir/checkpoint.pt`` when ``resume``)."""
         if resume:
             self.resume()
-        tb = TensorBoardLog(self.run_dir if dist.is_main() else None)
+        tb = TensorBoardLog(self.run_dir / TENSORBOARD_DIR if self.run_dir is not None and dist.is_main() else None)
         stopped_early = False
         best_val: EvalResult | None = None
         try:
@@ -472,9 +449,10 @@ class Trainer:
                         self.state.bad_epochs += 1
                     tb.scalars({k: v for k, v in row.items() if k != "epoch"}, self.state.epoch)
                     self._save()
-                    if self.early_stopping is not None and self.state.bad_epochs >= self.early_stopping:
-                        console.print(
-                            f"Early stopping: the validation score did not improve for {self.early_stopping} epochs."
+                    if self.config.early_stopping is not None and self.state.bad_epochs >= self.config.early_stopping:
+                        logger.info(
+                            "Early stopping: the validation score did not improve for %d epochs.",
+                            self.config.early_stopping,
                         )
                         stopped_early = True
                         break
@@ -529,7 +507,7 @@ class Trainer:
                         tb.scalars({f"step/weight/{n}": float(w) for n, w in zip(names, weights)}, state.step)
                     if self.on_step is not None:
                         self.on_step(self)
-                    if self.checkpoint_every and state.step % self.checkpoint_every == 0:
+                    if self.config.checkpoint_every and state.step % self.config.checkpoint_every == 0:
                         self._save()
                     if self._stop_signal is not None:
                         self._save()
@@ -568,7 +546,7 @@ class Trainer:
         """History and checkpoint, from rank 0 only; every rank waits until they are on disk."""
         if self.run_dir is not None and dist.is_main():
             if self.state.history:
-                write_history(self.run_dir / "history.csv", self.state.history)
+                write_history(self.run_dir / HISTORY_NAME, self.state.history)
             save_checkpoint(self.checkpoint_state(), self.run_dir / CHECKPOINT_NAME)
         dist.barrier()
 
@@ -621,7 +599,7 @@ class Trainer:
             self.precision.scaler.load_state_dict(saved["scaler"])
         self.state = _State(**saved["loop"], history=list(saved["history"]))
         set_rng_state(saved["rng"])
-        console.print(
-            f"Resumed from {self.run_dir / CHECKPOINT_NAME}: epoch {self.state.epoch + 1}, "
-            f"batch {self.state.epoch_batches}, step {self.state.step}."
+        logger.info(
+            "Resumed from %s: epoch %d, batch %d, step %d.", self.run_dir / CHECKPOINT_NAME, self.state.epoch + 1,
+            self.state.epoch_batches, self.state.step,
         )

@@ -1,0 +1,140 @@
+"""Experts into one run folder (``mtlvision merge``): sources checked, shared part merged, heads carried over,
+BatchNorm statistics recomputed, the result evaluated like a trained run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtlvision.config import parse_override
+from mtlvision.engine.build import build_model, build_tasks, image_size
+from mtlvision.engine.checkpoint import save_weights
+from mtlvision.engine.device import resolve_device
+from mtlvision.engine.job import evaluate_splits, evaluation_loader
+from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
+from mtlvision.engine.runs import (
+    BASELINES_NAME,
+    INIT_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    Baselines,
+    Run,
+    RunReport,
+    delta_m_against,
+    write_config,
+)
+from mtlvision.errors import MtlvisionError
+from mtlvision.models.complexity import model_complexity
+
+
+def merge_sources(sources: Sequence[str | Path]) -> list[Run]:
+    """Run folders from the arguments: expert run folders, or a baselines folder/file standing for its experts."""
+    runs: list[Run] = []
+    for source in map(Path, sources):
+        if (source / BASELINES_NAME).is_file() or source.name == BASELINES_NAME:
+            runs.extend(Run.load(p) for p in Baselines.load(source).expert_runs().values())
+        else:
+            runs.append(Run.load(source))
+    if not runs:
+        raise MtlvisionError("merge needs at least one expert run")
+    return runs
+
+
+def check_mergeable(runs: Sequence[Run]) -> None:
+    """Experts can be merged when they share backbone, architecture and data, and predict distinct tasks."""
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("backbone", "architecture"):
+            mine, theirs = getattr(first.config.model, key), getattr(run.config.model, key)
+            if mine != theirs:
+                raise MtlvisionError(
+                    f"cannot merge: model.{key} differs ({mine!r} in {first.path}, {theirs!r} in {run.path}); "
+                    "merging needs experts that share one backbone architecture"
+                )
+        if run.config.data.dataset_params != first.config.data.dataset_params:
+            raise MtlvisionError(
+                f"cannot merge: {run.path} was trained on other data than {first.path} "
+                f"({run.config.data.dataset_params} vs {first.config.data.dataset_params})"
+            )
+    names = [e.name for run in runs for e in run.config.tasks or []]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MtlvisionError(f"cannot merge: several experts predict task(s) {', '.join(repeated)}")
+
+
+def common_init(runs: Sequence[Run]) -> dict[str, torch.Tensor]:
+    """The experts' common initialisation (their ``init.safetensors``), checked to be one and the same."""
+    from safetensors.torch import load_file
+
+    states = []
+    for run in runs:
+        path = run.path / INIT_WEIGHTS_NAME
+        if not path.is_file():
+            raise MtlvisionError(
+                f"{run.path} holds no {INIT_WEIGHTS_NAME}: task arithmetic and TIES need the experts' common "
+                "initialisation, which `mtlvision baseline` records; retrain the experts with it or use --rule average"
+            )
+        states.append(load_file(str(path)))
+    common = set.intersection(*(set(s) for s in states))
+    for key in sorted(common):
+        if any(not torch.equal(states[0][key], s[key]) for s in states[1:]):
+            raise MtlvisionError(
+                f"the experts did not start from one initialisation (tensor {key!r} differs between their "
+                f"{INIT_WEIGHTS_NAME}): task vectors need a common base; use --rule average"
+            )
+    return {k: states[0][k] for k in common}
+
+
+def merge_experts(
+    experts: Sequence[str | Path], out: str | Path, rule: str = "average",
+    hparams: Mapping[str, Any] | Sequence[str] | None = None,
+) -> Run:
+    """One multi-task run folder from experts (see :func:`mtlvision.api.merge`)."""
+    from safetensors.torch import load_file
+
+    settings = dict(hparams) if isinstance(hparams, Mapping) else dict(parse_override(h) for h in hparams or [])
+    merging = make_rule(rule, settings)
+    runs = merge_sources(experts)
+    check_mergeable(runs)
+    run_dir = Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise MtlvisionError(f"--out {run_dir} already exists and is not empty; choose another folder")
+    first = runs[0].config
+    config = first.model_copy(update={
+        "tasks": [entry for run in runs for entry in run.config.tasks or []],
+        "model": first.model.model_copy(update={"init": "kaiming"}),
+        "distill": first.distill.model_copy(update={"experts": None}),
+    })
+    tasks = build_tasks(config)
+    model = build_model(config, tasks, load_init=False)
+    states = {"+".join(e.name for e in run.config.tasks or []): load_file(str(run.path / WEIGHTS_NAME)) for run in runs}
+    base = common_init(runs) if merging.needs_base else None
+    state, merge_report = merge_states(model, states, merging, base)
+    model.load_state_dict(state)
+    if has_batch_norm(model):
+        device = resolve_device(config.train.device)
+        model.to(device)
+        loader, _ = evaluation_loader(config, model, "train")
+        recompute_batch_norm(model, (batch["image"] for batch in loader), device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
+    save_weights(model, run_dir / WEIGHTS_NAME)
+    split = config.train.eval_split
+    metrics = evaluate_splits(config, model, ["val", split])
+    delta, note = delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split)
+    report = RunReport(
+        split=split, metrics=metrics[split], val_metrics=metrics["val"],
+        model=model_complexity(model.cpu(), image_size=image_size(config)),
+        merge={
+            "rule": rule,
+            "hparams": merging.describe(),
+            "experts": {name: str(run.path) for name, run in zip(states, runs)},
+            "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
+            **merge_report.summary(),
+        },
+        delta_m=delta, delta_m_note=note,
+    )
+    report.save(run_dir)
+    return Run(path=run_dir, config=config, report=report)

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from mtlvision import balancers, tasks  # noqa: E402
-from mtlvision.api import (  # noqa: E402
+from mtlvision import balancers, tasks
+from mtlvision._version import __version__
+from mtlvision.api import (
     baseline,
     check_data,
     compare,
@@ -24,11 +23,11 @@ from mtlvision.api import (  # noqa: E402
     registry,
     train,
 )
-from mtlvision.config import RunConfig, load_config  # noqa: E402
-from mtlvision.engine.runs import Run  # noqa: E402
-from mtlvision.engine.trainer import Trainer  # noqa: E402
-from mtlvision.errors import ConfigError, DataError, MtlvisionError  # noqa: E402
-from mtlvision.models import MultiTaskModel, architectures, create_backbone  # noqa: E402
+from mtlvision.config import RunConfig, load_config
+from mtlvision.engine.runs import Run
+from mtlvision.engine.trainer import Trainer
+from mtlvision.errors import ConfigError, DataError, MtlvisionError
+from mtlvision.models import MultiTaskModel, architectures, create_backbone
 
 __all__ = [
     "ConfigError",
@@ -38,6 +37,7 @@ __all__ = [
     "Run",
     "RunConfig",
     "Trainer",
+    "__version__",
     "architectures",
     "balancers",
     "baseline",

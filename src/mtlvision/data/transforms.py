@@ -48,8 +48,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from mtlvision.errors import ConfigError
 from mtlvision.tasks.base import Task, TargetKind
+from mtlvision.validation import config_error_from
 
 Sample = dict[str, Any]
 Size = tuple[int, int]
@@ -346,11 +346,8 @@ def build_transforms(
     try:
         params = augment if isinstance(augment, AugmentParams) else AugmentParams(**(augment or {}))
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"data.augment.{key}: {first['msg']} (got {first.get('input')!r}). Allowed keys: "
-            f"{', '.join(AugmentParams.model_fields)}."
+        raise config_error_from(
+            err, "data.augment", "Invalid augmentation settings", allowed=AugmentParams.model_fields
         ) from None
     common = dict(targets=targets, resize=params.resize, depth_interpolation=params.depth_interpolation,
                   generator=generator)

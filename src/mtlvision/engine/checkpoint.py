@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtlvision import __version__
+from mtlvision._version import __version__
 from mtlvision.errors import CheckpointError
 
 

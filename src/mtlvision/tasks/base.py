@@ -65,7 +65,10 @@ class Task(ABC):
     default_head: ClassVar[str]
     #: metric name -> True when higher is better. Every metric listed here is reported and enters Δm.
     metric_directions: ClassVar[dict[str, bool]]
-    #: the metric used for best-model selection and early stopping (must be a key of metric_directions).
+    #: the task's headline metric: the one number that stands for the task when a single one is wanted (a key
+    #: of metric_directions, e.g. ``miou`` for segmentation), for callers that report one metric per task.
+    #: The trainer does not read it: best-model selection and early stopping follow ``train.select``
+    #: (``loss``, or an explicit ``TASK.METRIC``).
     primary_metric: ClassVar[str]
 
     def __init__(self, name: str) -> None:

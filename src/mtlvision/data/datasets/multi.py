@@ -28,6 +28,7 @@ from mtlvision.data.datasets._files import build_tasks, require_split
 from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.sampling import MultiSourceDataset, SamplingParams, TaskView
 from mtlvision.errors import ConfigError
+from mtlvision.validation import config_error_from
 
 
 class SourceEntry(BaseModel):
@@ -58,12 +59,12 @@ def _source(key: str, entry: SourceEntry) -> tuple[type[DatasetSource], DatasetP
     try:
         return source, source.Params.model_validate(entry.dataset_params)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"data.sources.{key}.{'.'.join(str(p) for p in e['loc'])}: "
-            + ("unknown key for this dataset" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise ConfigError(f"Invalid parameters for source {key!r} ({entry.name}): {problems}") from None
+        raise config_error_from(
+            exc,
+            f"data.sources.{key}",
+            f"Invalid parameters for source {key!r} (dataset {entry.name!r})",
+            allowed=[*source.Params.model_fields, "tasks"],
+        ) from None
 
 
 def _sources(params: MultiParams) -> dict[str, tuple[type[DatasetSource], DatasetParams, SourceEntry]]:

@@ -14,7 +14,10 @@ input at any size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +27,11 @@ from mtlvision.models.architectures._stages import (
     backbone_stages,
     feature_layout,
     image_channels,
+    require_at_least,
     run_stages,
     stage_copies,
 )
-from mtlvision.models.architectures.base import Architecture, RepresentationUnavailable
+from mtlvision.models.architectures.base import Architecture, ArchitectureSpec, RepresentationUnavailable
 
 GateFactory = Callable[[int, int], nn.Module]
 """``(in_features, num_experts) -> gate``; a gate maps ``[B, in_features]`` to weights ``[B, num_experts]``."""
@@ -235,3 +239,68 @@ class GatedExperts(Architecture):
             if feeds_shared_task_experts:
                 for gates in level.task_gates:
                     yield from gates[-1].parameters()
+
+
+class ExpertLayout(NamedTuple):
+    """How a gated-experts spec arranges its experts: levels, experts per task and shared experts per level."""
+
+    num_levels: int
+    task_experts: int
+    shared_experts: int
+
+
+@dataclass(frozen=True)
+class GatedExpertsSpec(ArchitectureSpec):
+    """The spec of a :class:`GatedExperts` architecture: what MMoE, CGC, PLE and DSelect-k have in common.
+
+    ``shared_stages`` backbone stages form a trunk under the experts (0: experts are full backbone copies, as
+    in LibMTL); gates read their input pooled to ``gate_pool_size``². Both are keyword-only, so that a
+    subclass's own hyper-parameters keep their positions. A subclass declares its own fields, their minimums
+    in :attr:`minimums` (checked before the shared fields, in that order), any further checks in
+    :meth:`check`, and its experts in :meth:`layout`; :meth:`gate_factory` gives softmax gates unless
+    overridden. Subclasses are declared ``@dataclass(frozen=True, repr=False)`` to keep this class's repr.
+    """
+
+    shared_stages: int = field(default=0, kw_only=True)
+    gate_pool_size: int = field(default=8, kw_only=True)
+
+    minimums: ClassVar[Mapping[str, int]] = {}
+    """``{field: smallest value}`` for the subclass's integer hyper-parameters."""
+
+    def __post_init__(self) -> None:
+        for name, minimum in {**self.minimums, "shared_stages": 0, "gate_pool_size": 1}.items():
+            require_at_least(self.name, name, getattr(self, name), minimum)
+        self.check()
+
+    def check(self) -> None:
+        """Checks beyond the minimums (raise :class:`ConfigError`); none by default."""
+
+    @abstractmethod
+    def layout(self) -> ExpertLayout:
+        """The number of levels, and of task-specific and shared experts per level."""
+
+    def gate_factory(self) -> GateFactory:
+        return SoftmaxGate
+
+    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture:
+        return GatedExperts(
+            self.name,
+            backbone_factory,
+            task_names,
+            shared_stages=self.shared_stages,
+            gate_factory=self.gate_factory(),
+            gate_pool_size=self.gate_pool_size,
+            **self.layout()._asdict(),
+        )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyper-parameters in the order the constructor takes them: the subclass's, then the shared ones."""
+        return {f.name: getattr(self, f.name) for f in sorted(fields(self), key=lambda f: f.kw_only)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.hyperparameters()}
+
+    def __repr__(self) -> str:
+        # Subclasses pass repr=False, so that the shared fields come last here too.
+        args = ", ".join(f"{key}={value!r}" for key, value in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"

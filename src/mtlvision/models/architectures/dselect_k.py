@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
-from mtlvision.models.architectures._gates import GatedExperts
-from mtlvision.models.architectures._stages import require_at_least
-from mtlvision.models.architectures.base import Architecture, ArchitectureSpec
+from mtlvision.models.architectures._gates import ExpertLayout, GatedExpertsSpec, GateFactory
 from mtlvision.models.architectures.registry import ARCHITECTURES
 
 
@@ -73,8 +70,8 @@ class DSelectKGate(nn.Module):
     "MMoE with DSelect-k gates: differentiable selection of at most k experts per task",
     "Hazimeh et al., DSelect-k: Differentiable Selection in the Mixture of Experts, NeurIPS 2021",
 )
-@dataclass(frozen=True)
-class DSelectK(ArchitectureSpec):
+@dataclass(frozen=True, repr=False)
+class DSelectK(GatedExpertsSpec):
     """MMoE with DSelect-k gates: each task's gate converges to a mixture of at most ``k`` experts.
 
     Experts are copies of the backbone's stages after the first ``shared_stages``, gated per task and
@@ -84,17 +81,12 @@ class DSelectK(ArchitectureSpec):
     """
 
     name: ClassVar[str] = "dselect_k"
+    minimums: ClassVar[dict[str, int]] = {"num_experts": 2, "k": 1}
     num_experts: int = 4
     k: int = 2
     gamma: float = 1.0
-    shared_stages: int = 0
-    gate_pool_size: int = 8
 
-    def __post_init__(self) -> None:
-        require_at_least(self.name, "num_experts", self.num_experts, 2)
-        require_at_least(self.name, "k", self.k, 1)
-        require_at_least(self.name, "shared_stages", self.shared_stages, 0)
-        require_at_least(self.name, "gate_pool_size", self.gate_pool_size, 1)
+    def check(self) -> None:
         if self.k > self.num_experts:
             raise ConfigError(
                 f"architecture 'dselect_k': k={self.k} must not exceed num_experts={self.num_experts}."
@@ -102,18 +94,8 @@ class DSelectK(ArchitectureSpec):
         if not self.gamma > 0:
             raise ConfigError(f"architecture 'dselect_k': gamma={self.gamma!r} must be positive.")
 
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture:
-        return GatedExperts(
-            self.name,
-            backbone_factory,
-            task_names,
-            shared_stages=self.shared_stages,
-            num_levels=1,
-            task_experts=0,
-            shared_experts=self.num_experts,
-            gate_factory=partial(DSelectKGate, k=self.k, gamma=self.gamma),
-            gate_pool_size=self.gate_pool_size,
-        )
+    def layout(self) -> ExpertLayout:
+        return ExpertLayout(num_levels=1, task_experts=0, shared_experts=self.num_experts)
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
+    def gate_factory(self) -> GateFactory:
+        return partial(DSelectKGate, k=self.k, gamma=self.gamma)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mtlvision.errors import ConfigError
+from mtlvision.validation import config_error_from
 
 if TYPE_CHECKING:
     from mtlvision.balancers.base import Balancer
@@ -325,20 +326,6 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
-def config_error(exc: ValidationError, section: str = "") -> ConfigError:
-    """A pydantic validation error as one :class:`ConfigError` naming every bad dotted key (under ``section``)."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join([section] * bool(section) + [str(p) for p in err["loc"]]) or "(top level)"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "literal_error":
-            message = f"must be one of {err['ctx']['expected']}"
-        lines.append(f"{key}: {message} (got {err.get('input')!r})")
-    return ConfigError("Invalid configuration:\n  " + "\n  ".join(lines))
-
-
 Section = TypeVar("Section", bound=BaseModel)
 
 
@@ -347,7 +334,7 @@ def validate_section(section: str, model: type[Section], data: Mapping[str, Any]
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise config_error(exc, section) from None
+        raise config_error_from(exc, section, "Invalid configuration") from None
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:

@@ -23,6 +23,7 @@ from mtlvision.models import MultiTaskModel
 from mtlvision.models.architectures import ARCHITECTURES
 from mtlvision.models.init import INIT_SCHEMES, PRETRAINED
 from mtlvision.tasks import TASKS, Task
+from mtlvision.validation import config_error_from
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,9 @@ def dataset_source(config: RunConfig) -> tuple[type[DatasetSource], DatasetParam
     try:
         params = source.Params.model_validate(config.data.dataset_params)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"data.{'.'.join(str(p) for p in e['loc'])}: "
-            + ("unknown key for this dataset" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise ConfigError(f"Invalid dataset parameters for {config.data.name!r}: {problems}") from None
+        raise config_error_from(
+            exc, "data", f"Invalid dataset parameters for {config.data.name!r}", allowed=source.Params.model_fields
+        ) from None
     return source, params
 
 

@@ -1,4 +1,4 @@
-"""A resumable, shardable epoch sampler.
+"""A resumable, shardable epoch sampler, and the DataLoader of one epoch built on it.
 
 The permutation of an epoch depends only on ``(seed, epoch)``; each rank takes every ``world_size``-th
 index (padded by repetition so that every rank takes the same number of steps, as DistributedSampler
@@ -7,10 +7,13 @@ does), and ``start`` skips the batches already consumed before a mid-epoch check
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mtlvision.engine import distributed as dist
 
 
 class EpochSampler(Sampler[int]):
@@ -52,3 +55,46 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(len(self._rank_indices()) - self.start, 0)
+
+
+def epoch_loader(
+    data: Dataset | DataLoader,
+    batch_size: int,
+    shuffle: bool,
+    *,
+    seed: int,
+    epoch: int = 0,
+    start: int = 0,
+    num_workers: int = 0,
+    collate: Callable[[list[Any]], Any] | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over this rank's shard of ``data`` (returned as is if it already is one).
+
+    The order depends only on (seed, epoch); ``start`` skips the first samples (mid-epoch resume).
+    Datasets with ``set_epoch`` (per-sample seeded augmentation) are told the epoch. For training
+    (``shuffle``), a dataset with a ``batch_sampler(batch_size, *, seed, epoch, rank, world_size, start)``
+    method that returns a sampler of index lists (per-task datasets mixed per step, see
+    :mod:`mtlvision.data.sampling`) decides the batches itself; ``start`` is then in batches.
+    """
+    if isinstance(data, DataLoader):
+        return data
+    if hasattr(data, "set_epoch"):
+        data.set_epoch(epoch)
+    make_batches = getattr(data, "batch_sampler", None) if shuffle else None
+    batches = make_batches(
+        batch_size, seed=seed, epoch=epoch, rank=dist.rank(), world_size=dist.world_size(), start=start // batch_size,
+    ) if make_batches is not None else None
+    if batches is not None:
+        return DataLoader(
+            data, batch_sampler=batches, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory
+        )
+    sampler = EpochSampler(
+        len(data),  # type: ignore[arg-type]  # map-style datasets define __len__
+        shuffle=shuffle, seed=seed, epoch=epoch, rank=dist.rank(), world_size=dist.world_size(), start=start,
+        pad=shuffle,
+    )
+    return DataLoader(
+        data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory, drop_last=shuffle and len(sampler) > batch_size,
+    )

@@ -9,18 +9,19 @@ schedule, balancer state, EMA, sampler position, RNG states), so that a killed r
 
 Under torchrun every rank runs this loop on its shard of each batch; see :mod:`mtlvision.engine.distributed`
 for how updates are made equal to a single process on the combined batch.
+
+The module is longer than most (about 500 lines) because the step, the epoch loop and its checkpoints are
+one object; the pieces that stand alone live beside it (:mod:`~mtlvision.engine.loop_state`,
+:func:`~mtlvision.engine.sampler.epoch_loader`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,16 @@ from mtlvision.engine.device import resolve_device, rng_state, seed_everything, 
 from mtlvision.engine.logging import EpochProgress, TensorBoardLog, flatten_metrics, write_history
 from mtlvision.engine.optim import build_optimizer, build_scheduler
 from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
+from mtlvision.engine.loop_state import (
+    FitResult,
+    LoopState,
+    NonFiniteLossError,
+    Selection,
+    StopRequest,
+    TrainingInterrupted,
+)
 from mtlvision.engine.precision import Precision
-from mtlvision.engine.sampler import EpochSampler
+from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
 from mtlvision.models.architectures.base import RepresentationUnavailable
@@ -66,42 +75,6 @@ class AuxiliaryLoss(nn.Module, ABC):
     def forward(
         self, batch: dict[str, Any], predictions: dict[str, Any], representation: list[Tensor] | None
     ) -> Tensor: ...
-
-
-class TrainingInterrupted(MtlvisionError):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run can be resumed."""
-
-
-class NonFiniteLossError(MtlvisionError):
-    """Too many steps produced a NaN or infinite loss or gradient."""
-
-
-@dataclass
-class FitResult:
-    """What :meth:`Trainer.fit` returns: the per-epoch history and the best validation epoch."""
-
-    history: list[dict[str, float]]
-    best_epoch: int
-    best_score: float
-    best_val: EvalResult | None = None
-    stopped_early: bool = False
-    skipped_steps: int = 0
-
-
-@dataclass
-class _State:
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimiser steps taken
-    epoch_batches: int = 0  # batches consumed in the current (unfinished) epoch
-    best_score: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    skipped_steps: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    # running sums of the unfinished epoch (restored on a mid-epoch resume)
-    loss_sum: list[float] = field(default_factory=list)
-    weight_sum: list[float] = field(default_factory=list)
-    epoch_steps: int = 0
 
 
 class Trainer:
@@ -150,7 +123,7 @@ class Trainer:
         self.tasks: dict[str, Task] = dict(model.tasks)
         self.epochs = config.epochs
         self.batch_size = config.batch_size
-        self.select = self._parse_select(config.select)
+        self.selection = Selection(config.select, self.tasks)
         self.num_workers = num_workers
         self.seed = seed
         self.accumulate = config.accumulate
@@ -184,7 +157,7 @@ class Trainer:
             config.scheduler, self.optimizer, config.epochs, config.warmup_epochs, config.step_size, config.gamma
         )
         self.collate = Collate(self.tasks)
-        self.state = _State()
+        self.state = LoopState()
         # Gradient methods get the shared representation too: the engine then reaches each head once and
         # batches the trunk. Architectures without one raise RepresentationUnavailable (see _forward_losses).
         self._uses_representation = (
@@ -192,7 +165,7 @@ class Trainer:
             or self.balancer.needs is not Needs.LOSSES
             or (auxiliary is not None and auxiliary.needs_representation)
         )
-        self._stop_signal: int | None = None
+        self.stop = StopRequest()
 
     @classmethod
     def from_config(
@@ -224,67 +197,11 @@ class Trainer:
             taps = None
         return path, taps
 
-    def _parse_select(self, select: str) -> tuple[str, str, bool] | None:
-        if select == "loss":
-            return None
-        task, _, metric = select.partition(".")
-        if task not in self.tasks or metric not in self.tasks[task].metric_directions:
-            options = ["loss"] + [f"{t}.{m}" for t, task_ in self.tasks.items() for m in task_.metric_directions]
-            raise ConfigError(f"train.select={select!r} is not known; choose one of: {', '.join(options)}")
-        return task, metric, self.tasks[task].metric_directions[metric]
-
-    def _score(self, result: EvalResult) -> float:
-        """Selection score on validation, lower is better."""
-        if self.select is None:
-            return result.total_loss
-        task, metric, higher = self.select
-        value = result.metrics[task][metric]
-        return -value if higher else value
-
     def loader(self, data: Dataset | DataLoader, shuffle: bool, epoch: int = 0, start: int = 0) -> DataLoader:
-        """A DataLoader over this rank's shard of ``data`` (returned as is if it already is one).
-
-        The order depends only on (seed, epoch); ``start`` skips the first samples (mid-epoch resume).
-        Datasets with ``set_epoch`` (per-sample seeded augmentation) are told the epoch. For training
-        (``shuffle``), a dataset with a ``batch_sampler(batch_size, *, seed, epoch, rank, world_size, start)``
-        method that returns a sampler of index lists (per-task datasets mixed per step, see
-        :mod:`mtlvision.data.sampling`) decides the batches itself; ``start`` is then in batches.
-        """
-        if isinstance(data, DataLoader):
-            return data
-        if hasattr(data, "set_epoch"):
-            data.set_epoch(epoch)
-        make_batches = getattr(data, "batch_sampler", None) if shuffle else None
-        batches = make_batches(
-            self.batch_size, seed=self.seed, epoch=epoch, rank=dist.rank(), world_size=dist.world_size(),
-            start=start // self.batch_size,
-        ) if make_batches is not None else None
-        if batches is not None:
-            return DataLoader(
-                data,
-                batch_sampler=batches,
-                num_workers=self.num_workers,
-                collate_fn=self.collate,
-                pin_memory=self.device.type == "cuda",
-            )
-        sampler = EpochSampler(
-            len(data),  # type: ignore[arg-type]
-            shuffle=shuffle,
-            seed=self.seed,
-            epoch=epoch,
-            rank=dist.rank(),
-            world_size=dist.world_size(),
-            start=start,
-            pad=shuffle,
-        )
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=shuffle and len(sampler) > self.batch_size,
+        """A DataLoader over this rank's shard of ``data`` (see :func:`~mtlvision.engine.sampler.epoch_loader`)."""
+        return epoch_loader(
+            data, self.batch_size, shuffle, seed=self.seed, epoch=epoch, start=start, num_workers=self.num_workers,
+            collate=self.collate, pin_memory=self.device.type == "cuda",
         )
 
     def task_losses(self, predictions: dict[str, Any], batch: dict[str, Any]) -> Tensor:
@@ -295,24 +212,6 @@ class Trainer:
                 for name, task in self.tasks.items()
             ]
         )
-
-    @contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGTERM and SIGINT ask for a checkpoint at the next step boundary, then a clean exit."""
-
-        def request_stop(signum: int, frame: Any) -> None:
-            self._stop_signal = signum
-
-        try:
-            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        except ValueError:  # not the main thread: leave signal handling to the caller
-            yield
-            return
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     # ------------------------------------------------------------------------------------------ training
     def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, CutRepresentation | None]:
@@ -427,7 +326,7 @@ class Trainer:
         stopped_early = False
         best_val: EvalResult | None = None
         try:
-            with self._signals():
+            with self.stop.catching():
                 for epoch in range(self.state.epoch, self.epochs):
                     row = self._train_epoch(train_data, epoch, tb)
                     val, score = None, float(row["train_loss"])
@@ -435,7 +334,7 @@ class Trainer:
                         val = self.evaluate(val_data)
                         row.update({f"val_loss/{t}": v for t, v in val.losses.items()})
                         row.update(flatten_metrics("val", val.metrics))
-                        score = self._score(val)
+                        score = self.selection.score(val)
                     row["score"] = score
                     self._step_scheduler(score)
                     self.state.epoch, self.state.epoch_batches = epoch + 1, 0
@@ -509,10 +408,10 @@ class Trainer:
                         self.on_step(self)
                     if self.config.checkpoint_every and state.step % self.config.checkpoint_every == 0:
                         self._save()
-                    if self._stop_signal is not None:
+                    if self.stop.signal is not None:
                         self._save()
                         raise TrainingInterrupted(
-                            f"stopped by signal {signal.Signals(self._stop_signal).name} at step {state.step}; "
+                            f"stopped by signal {self.stop.name} at step {state.step}; "
                             f"checkpoint saved — resume with `mtlvision train --resume {self.run_dir}`"
                         )
                 else:
@@ -552,7 +451,6 @@ class Trainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimiser, schedule, balancer, EMA, loop, RNG."""
-        state = self.state
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -561,19 +459,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "auxiliary": self.auxiliary.state_dict() if self.auxiliary is not None else None,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
-            "loop": {
-                "epoch": state.epoch,
-                "step": state.step,
-                "epoch_batches": state.epoch_batches,
-                "best_score": state.best_score,
-                "best_epoch": state.best_epoch,
-                "bad_epochs": state.bad_epochs,
-                "skipped_steps": state.skipped_steps,
-                "loss_sum": state.loss_sum,
-                "weight_sum": state.weight_sum,
-                "epoch_steps": state.epoch_steps,
-            },
-            "history": state.history,
+            **self.state.to_checkpoint(),
             "rng": rng_state(),
         }
 
@@ -597,7 +483,7 @@ class Trainer:
             self.auxiliary.load_state_dict(saved["auxiliary"])
         if self.precision.scaler is not None and saved["scaler"] is not None:
             self.precision.scaler.load_state_dict(saved["scaler"])
-        self.state = _State(**saved["loop"], history=list(saved["history"]))
+        self.state = LoopState.from_checkpoint(saved)
         set_rng_state(saved["rng"])
         logger.info(
             "Resumed from %s: epoch %d, batch %d, step %d.", self.run_dir / CHECKPOINT_NAME, self.state.epoch + 1,

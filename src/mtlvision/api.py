@@ -19,6 +19,7 @@ from mtlvision.errors import ConfigError, MtlvisionError
 
 if TYPE_CHECKING:
     from mtlvision.data.check import DataReport
+    from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.evaluation.compare import Comparison
     from mtlvision.export import ExportReport
@@ -80,11 +81,15 @@ def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
     return load(run)
 
 
-def predict(run: str | Path | Run, inputs: Iterable[str | Path], out: str | Path = "preds") -> list[dict[str, Any]]:
-    """Predict every task on images (files or folders): one JSON and one picture per image in ``out``."""
+def predict(
+    run: str | Path | Run, inputs: Iterable[str | Path], out: str | Path = "preds", *, skip_bad: bool = False
+) -> Predictions:
+    """Predict every task on images (files or folders): one JSON and one picture per image in ``out``, the
+    outputs at each image's own size. With ``skip_bad`` unreadable files are skipped and listed in the
+    result's ``skipped`` (file and reason); without it the first one stops the job, named."""
     from mtlvision.engine.predict import predict_images
 
-    return predict_images(run, inputs, out)
+    return predict_images(run, inputs, out, skip_bad=skip_bad)
 
 
 def check_data(

@@ -108,8 +108,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtlvision import api
 
-    results = api.predict(args.run, args.inputs, out=args.out)
+    results = api.predict(args.run, args.inputs, out=args.out, skip_bad=args.skip_bad)
     console.print(f"Predicted {len(results)} image(s); JSON and pictures in [bold]{args.out}[/]")
+    if results.skipped:
+        console.print(f"[yellow]Skipped {len(results.skipped)} unreadable image(s)[/], each named above with its reason.")
     return 0
 
 
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="a run folder")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--out", default="preds")
+    pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end)")
     pr.set_defaults(handler=cmd_predict)
 
     ex = verbs.add_parser("export", help="export a run's model to ONNX, checked with onnxruntime")

@@ -19,6 +19,7 @@ from mtlvision.errors import ConfigError, MtlvisionError
 
 if TYPE_CHECKING:
     from mtlvision.data.check import DataReport
+    from mtlvision.engine.catalog import CatalogEntry
     from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.evaluation.compare import Comparison
@@ -158,9 +159,17 @@ def compare(
 
 
 def registry(kind: str) -> list[Any]:
-    """The entries (name, description, citation) of one registry (``mtlvision list KIND``; kinds in
-    :data:`mtlvision.registry.REGISTRY_KINDS`)."""
+    """The live entries (name, object, description, citation) of one registry (kinds in
+    :data:`mtlvision.registry.REGISTRY_KINDS`); imports every module that registers something."""
     from mtlvision.engine.catalog import registry as entries
+
+    return entries(kind)
+
+
+def catalog(kind: str) -> list[CatalogEntry]:
+    """The entries (name, description, citation) of one registry as ``mtlvision list KIND`` shows them, from
+    the catalog shipped with the package: fast, without importing torch."""
+    from mtlvision.engine.catalog import catalog as entries
 
     return entries(kind)
 

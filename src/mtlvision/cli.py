@@ -171,7 +171,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         columns += ["parameters (shared)", "MACs (shared)"]
     for column in columns:
         table.add_column(column)
-    for entry in api.registry(args.kind):
+    for entry in api.catalog(args.kind):
         row = [entry.name, entry.description, entry.citation]
         if sizes:
             size = sizes[entry.name]

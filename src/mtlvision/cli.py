@@ -111,7 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results = api.predict(args.run, args.inputs, out=args.out, skip_bad=args.skip_bad)
     console.print(f"Predicted {len(results)} image(s); JSON and pictures in [bold]{args.out}[/]")
     if results.skipped:
-        console.print(f"[yellow]Skipped {len(results.skipped)} unreadable image(s)[/], each named above with its reason.")
+        console.print(f"[yellow]Skipped {len(results.skipped)} unreadable image(s)[/], each named above with why.")
     return 0
 
 
@@ -120,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     report = api.export(args.run, args.out, opset=args.opset, image_size=tuple(args.image_size or ()) or None)
     console.print(
-        f"Exported [bold]{report.onnx}[/] (opset {report.opset}, input 'image' [batch, C, "
+        f"Exported [bold]{report.onnx}[/] (opset {report.opset}, input 'image' \\[batch, C, "
         f"{report.image_size[0]}, {report.image_size[1]}]); outputs: {', '.join(report.outputs)}"
     )
     console.print(

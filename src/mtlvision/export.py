@@ -2,12 +2,13 @@
 
 The graph takes ``image`` (float32 ``[batch, C, H, W]`` (NCHW), RGB in [0, 1], the run's input size; the
 batch is dynamic) and includes the model's normalisation; an image of another size is resized bilinearly
-(``align_corners=False``, no antialiasing) as ``predict`` does, which the JSON's ``preprocess`` spells out. Every task gives its prediction as ``predict`` sees it
-before decoding: logits for classification, multi-label and segmentation, the depth map, unit normals; a
-detection task gives its per-location outputs as ``<task>.cls_logits``, ``<task>.box_distances``,
-``<task>.centerness``, ``<task>.points`` and ``<task>.strides`` (decode: score ``sqrt(sigmoid(cls) *
-sigmoid(centerness))``, box ``points -/+ distances``, then class-wise NMS). A JSON file beside the graph
-describes every input and output, the tasks' class names and the detection decoding settings.
+(``align_corners=False``, no antialiasing) as ``predict`` does, which the JSON's ``preprocess`` spells out.
+Every task gives its prediction as ``predict`` sees it before decoding: logits for classification,
+multi-label and segmentation, the depth map, unit normals; a detection task gives its per-location outputs
+as ``<task>.cls_logits``, ``<task>.box_distances``, ``<task>.centerness``, ``<task>.points`` and
+``<task>.strides`` (decode: score ``sqrt(sigmoid(cls) * sigmoid(centerness))``, box ``points -/+
+distances``, then class-wise NMS). A JSON file beside the graph describes every input and output, how to
+prepare an image, the tasks' class names and the detection decoding settings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -69,8 +70,8 @@ def preprocessing(model: MultiTaskModel, image_size: tuple[int, int]) -> dict[st
     """How an image file becomes the graph's input, step by step, exactly as ``mtlvision predict`` does it,
     and how outputs go back to the image's own size (written into the export's JSON description)."""
     height, width = image_size
-    mean = [round(float(v), 6) for v in model.mean.flatten()]
-    std = [round(float(v), 6) for v in model.std.flatten()]
+    mean = [round(float(v), 6) for v in cast(Tensor, model.mean).flatten()]
+    std = [round(float(v), 6) for v in cast(Tensor, model.std).flatten()]
     return {
         "steps": [
             "decode the file and convert it to RGB (grey and palette images become RGB, alpha is dropped)",

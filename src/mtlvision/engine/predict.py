@@ -81,7 +81,10 @@ def _network_input(image: torch.Tensor, size: tuple[int, int] | None) -> torch.T
     return torch.nn.functional.interpolate(batch, size=size, mode="bilinear", align_corners=False)
 
 
-def _predict_one(model: Any, file: Path, image: torch.Tensor, size: tuple[int, int] | None, out: Path) -> dict[str, Any]:
+def _predict_one(
+    model: Any, file: Path, image: torch.Tensor, size: tuple[int, int] | None, out: Path
+) -> dict[str, Any]:
+    """Predict one image, write its JSON, output files and picture into ``out``; its record."""
     own = (int(image.shape[1]), int(image.shape[2]))
     network = _network_input(image, size)
     net_size = (int(network.shape[2]), int(network.shape[3]))

@@ -50,7 +50,7 @@ def resize_bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """A float ``H x W`` map resized to ``height x width`` bilinearly (PIL's 32-bit float mode)."""
     if array.shape == (height, width):
         return array.astype(np.float32)
-    resized = Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
+    resized = Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
 
 
@@ -85,7 +85,10 @@ def colourise(values: np.ndarray, cmap: str = "viridis", valid: np.ndarray | Non
 MIN_FONT = 10
 
 
-def fit_font(lines: Sequence[str], width: int, size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, list[str]]:
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def fit_font(lines: Sequence[str], width: int, size: int) -> tuple[Font, list[str]]:
     """The largest font of at most ``size`` pixels (not below :data:`MIN_FONT`) at which every line fits in
     ``width`` pixels, and the lines, wrapped where even that font is too wide: text is never cut off."""
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -147,7 +150,7 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
         return rgb
     if height >= rgb.shape[0] and width >= rgb.shape[1]:
         return resize_nearest(rgb, height, width)
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def compose_panels(tiles: Sequence[tuple[str, np.ndarray]]) -> Image.Image:

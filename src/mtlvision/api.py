@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtlvision.config import RunConfig, load_config
+from mtlvision.config import RunConfig, apply_overrides, load_config, parse_override, validate
 from mtlvision.errors import ConfigError, MtlvisionError
 
 if TYPE_CHECKING:
@@ -24,20 +24,27 @@ if TYPE_CHECKING:
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.evaluation.compare import Comparison
     from mtlvision.export import ExportReport
-    from mtlvision.models import MultiTaskModel
+    from torch.utils.data import Dataset
 
-ConfigSource = str | Path | RunConfig | None
+    from mtlvision.models import MultiTaskModel
+    from mtlvision.tasks import Task
+
+ConfigSource = str | Path | RunConfig | Mapping[str, Any] | None
 Overrides = Mapping[str, Any] | Sequence[str] | None
 
 
 def config(source: ConfigSource = None, overrides: Overrides = None) -> RunConfig:
-    """A validated configuration from a preset name or YAML file (default: the ``scenes`` preset) and
-    overrides (a mapping of dotted keys, or ``KEY=VALUE`` strings), or a :class:`RunConfig` as it is."""
+    """A validated configuration from a preset name or YAML file (default: the ``scenes`` preset), or a
+    mapping with a YAML file's content, and overrides (a mapping of dotted keys, or ``KEY=VALUE`` strings);
+    or a :class:`RunConfig` as it is. Every problem raises ConfigError naming the dotted key."""
     if isinstance(source, RunConfig):
         if overrides:
             raise MtlvisionError("overrides apply to a preset or YAML file, not to a RunConfig object")
         return source
-    return load_config(source, dict(overrides) if isinstance(overrides, Mapping) else list(overrides or []))
+    changes = dict(overrides) if isinstance(overrides, Mapping) else dict(map(parse_override, overrides or []))
+    if isinstance(source, Mapping):
+        return validate(apply_overrides(dict(source), changes))
+    return load_config(source, changes)
 
 
 def train(
@@ -91,6 +98,40 @@ def predict(
     from mtlvision.engine.predict import predict_images
 
     return predict_images(run, inputs, out, skip_bad=skip_bad)
+
+
+def build_tasks(source: ConfigSource = None, overrides: Overrides = None) -> list[Task]:
+    """The configured tasks as objects (those named in ``tasks``, else every task of the dataset), in order:
+    what :class:`~mtlvision.models.MultiTaskModel` takes. A bad ``data.*`` key raises ConfigError naming it."""
+    from mtlvision.engine.build import build_tasks as build
+
+    return build(config(source, overrides))
+
+
+def split(
+    source: ConfigSource = None,
+    name: str = "train",
+    overrides: Overrides = None,
+    *,
+    tasks: Sequence[Task] | None = None,
+    augment: bool | None = None,
+) -> Dataset:
+    """One split (``train``, ``val`` or ``test``) of the configured data, ready for :meth:`Trainer.fit
+    <mtlvision.engine.trainer.Trainer.fit>`: samples restricted to the run's tasks (``tasks``, default
+    :func:`build_tasks`), every label checked by its task as it is read, ``data.augment`` applied (random
+    augmentation only where ``augment``, default: for ``train``). A bad ``data.*`` key raises ConfigError
+    naming it, never a pydantic traceback.
+
+    >>> train_data = mv.split("scenes", "train", {"data.train_size": 64})
+    """
+    from mtlvision.data.datasets.base import SPLITS
+    from mtlvision.engine.build import build_split, build_tasks as build
+
+    if name not in SPLITS:
+        raise ConfigError(f"split {name!r}: choose one of {', '.join(SPLITS)}")
+    cfg = config(source, overrides)
+    chosen = list(tasks) if tasks is not None else build(cfg)
+    return build_split(cfg, chosen, name, train=(name == "train") if augment is None else augment)
 
 
 def check_data(

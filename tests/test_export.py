@@ -77,3 +77,31 @@ def test_missing_onnx_packages_are_named(run: Path, monkeypatch, tmp_path: Path)
     monkeypatch.setattr(builtins, "__import__", without_onnxscript)
     with pytest.raises(ConfigError, match=r"mtlvision\[export\]"):
         api.export(run, tmp_path / "x.onnx")
+
+
+def test_following_the_description_reproduces_predict(run: Path, exported: Path, tmp_path: Path) -> None:
+    """The JSON says how to turn an image file into the graph's input (#16.12); following it step by step
+    with onnxruntime gives what ``predict`` gives, on an image of another size than the network's."""
+    from PIL import Image
+
+    prep = json.loads(exported.with_suffix(".json").read_text())["preprocess"]
+    assert (prep["color"], prep["dtype"], prep["layout"], prep["value_range"]) == ("RGB", "float32", "NCHW", [0, 1])
+    assert prep["resize"] == {"size": [32, 32], "mode": "bilinear", "align_corners": False, "antialias": False,
+                              "keep_aspect_ratio": False}
+    assert prep["normalization"]["inside_graph"] and len(prep["normalization"]["mean"]) == 3
+    file = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(3).random((40, 50)) * 255).astype(np.uint8)).save(file)  # grey
+    record = api.predict(run, [file], out=tmp_path / "preds")[0]
+
+    pixels = np.asarray(Image.open(file).convert(prep["color"]), dtype=np.float32) / 255.0
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    resize = prep["resize"]
+    image = torch.nn.functional.interpolate(image, size=tuple(resize["size"]), mode=resize["mode"],
+                                            align_corners=resize["align_corners"], antialias=resize["antialias"])
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    count, segmentation = session.run(["count", "segmentation"], {"image": image.numpy()})
+    assert int(count[0].argmax()) == record["tasks"]["count"]["label"]
+    classes = segmentation[0].argmax(axis=0)
+    rows, cols = np.arange(40) * classes.shape[0] // 40, np.arange(50) * classes.shape[1] // 50
+    mask = np.array(Image.open(tmp_path / "preds" / record["tasks"]["segmentation"]["mask"]))
+    assert mask.shape == (40, 50) and (classes[rows][:, cols] == mask).mean() > 0.99

@@ -19,10 +19,13 @@ from mtlvision._version import __version__
 
 #: public name -> the module that defines it (a module itself where the value is None)
 _EXPORTS: dict[str, str] = {
+    "api": "mtlvision.api",
     "balancers": "mtlvision.balancers",
     "tasks": "mtlvision.tasks",
     "architectures": "mtlvision.models.architectures",
     "baseline": "mtlvision.api",
+    "build_tasks": "mtlvision.api",
+    "catalog": "mtlvision.api",
     "check_data": "mtlvision.api",
     "compare": "mtlvision.api",
     "evaluate": "mtlvision.api",
@@ -31,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "merge": "mtlvision.api",
     "predict": "mtlvision.api",
     "registry": "mtlvision.api",
+    "split": "mtlvision.api",
     "train": "mtlvision.api",
     "RunConfig": "mtlvision.config",
     "load_config": "mtlvision.config",
@@ -43,12 +47,14 @@ _EXPORTS: dict[str, str] = {
     "MultiTaskModel": "mtlvision.models",
     "create_backbone": "mtlvision.models",
 }
-_MODULES = {"balancers", "tasks", "architectures"}
+_MODULES = {"api", "balancers", "tasks", "architectures"}
 
 if TYPE_CHECKING:
-    from mtlvision import balancers, tasks
+    from mtlvision import api, balancers, tasks
     from mtlvision.api import (
         baseline,
+        build_tasks,
+        catalog,
         check_data,
         compare,
         evaluate,
@@ -57,6 +63,7 @@ if TYPE_CHECKING:
         merge,
         predict,
         registry,
+        split,
         train,
     )
     from mtlvision.config import RunConfig, load_config

@@ -14,28 +14,37 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtlvision.config import RunConfig, load_config
+from mtlvision.config import RunConfig, apply_overrides, load_config, parse_override, validate
 from mtlvision.errors import ConfigError, MtlvisionError
 
 if TYPE_CHECKING:
     from mtlvision.data.check import DataReport
+    from mtlvision.engine.catalog import CatalogEntry
+    from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.evaluation.compare import Comparison
     from mtlvision.export import ExportReport
-    from mtlvision.models import MultiTaskModel
+    from torch.utils.data import Dataset
 
-ConfigSource = str | Path | RunConfig | None
+    from mtlvision.models import MultiTaskModel
+    from mtlvision.tasks import Task
+
+ConfigSource = str | Path | RunConfig | Mapping[str, Any] | None
 Overrides = Mapping[str, Any] | Sequence[str] | None
 
 
 def config(source: ConfigSource = None, overrides: Overrides = None) -> RunConfig:
-    """A validated configuration from a preset name or YAML file (default: the ``scenes`` preset) and
-    overrides (a mapping of dotted keys, or ``KEY=VALUE`` strings), or a :class:`RunConfig` as it is."""
+    """A validated configuration from a preset name or YAML file (default: the ``scenes`` preset), or a
+    mapping with a YAML file's content, and overrides (a mapping of dotted keys, or ``KEY=VALUE`` strings);
+    or a :class:`RunConfig` as it is. Every problem raises ConfigError naming the dotted key."""
     if isinstance(source, RunConfig):
         if overrides:
             raise MtlvisionError("overrides apply to a preset or YAML file, not to a RunConfig object")
         return source
-    return load_config(source, dict(overrides) if isinstance(overrides, Mapping) else list(overrides or []))
+    changes = dict(overrides) if isinstance(overrides, Mapping) else dict(map(parse_override, overrides or []))
+    if isinstance(source, Mapping):
+        return validate(apply_overrides(dict(source), changes))
+    return load_config(source, changes)
 
 
 def train(
@@ -80,11 +89,49 @@ def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
     return load(run)
 
 
-def predict(run: str | Path | Run, inputs: Iterable[str | Path], out: str | Path = "preds") -> list[dict[str, Any]]:
-    """Predict every task on images (files or folders): one JSON and one picture per image in ``out``."""
+def predict(
+    run: str | Path | Run, inputs: Iterable[str | Path], out: str | Path = "preds", *, skip_bad: bool = False
+) -> Predictions:
+    """Predict every task on images (files or folders): one JSON and one picture per image in ``out``, the
+    outputs at each image's own size. With ``skip_bad`` unreadable files are skipped and listed in the
+    result's ``skipped`` (file and reason); without it the first one stops the job, named."""
     from mtlvision.engine.predict import predict_images
 
-    return predict_images(run, inputs, out)
+    return predict_images(run, inputs, out, skip_bad=skip_bad)
+
+
+def build_tasks(source: ConfigSource = None, overrides: Overrides = None) -> list[Task]:
+    """The configured tasks as objects (those named in ``tasks``, else every task of the dataset), in order:
+    what :class:`~mtlvision.models.MultiTaskModel` takes. A bad ``data.*`` key raises ConfigError naming it."""
+    from mtlvision.engine.build import build_tasks as build
+
+    return build(config(source, overrides))
+
+
+def split(
+    source: ConfigSource = None,
+    name: str = "train",
+    overrides: Overrides = None,
+    *,
+    tasks: Sequence[Task] | None = None,
+    augment: bool | None = None,
+) -> Dataset:
+    """One split (``train``, ``val`` or ``test``) of the configured data, ready for :meth:`Trainer.fit
+    <mtlvision.engine.trainer.Trainer.fit>`: samples restricted to the run's tasks (``tasks``, default
+    :func:`build_tasks`), every label checked by its task as it is read, ``data.augment`` applied (random
+    augmentation only where ``augment``, default: for ``train``). A bad ``data.*`` key raises ConfigError
+    naming it, never a pydantic traceback.
+
+    >>> train_data = mv.split("scenes", "train", {"data.train_size": 64})
+    """
+    from mtlvision.data.datasets.base import SPLITS
+    from mtlvision.engine.build import build_split, build_tasks as build
+
+    if name not in SPLITS:
+        raise ConfigError(f"split {name!r}: choose one of {', '.join(SPLITS)}")
+    cfg = config(source, overrides)
+    chosen = list(tasks) if tasks is not None else build(cfg)
+    return build_split(cfg, chosen, name, train=(name == "train") if augment is None else augment)
 
 
 def check_data(
@@ -153,9 +200,17 @@ def compare(
 
 
 def registry(kind: str) -> list[Any]:
-    """The entries (name, description, citation) of one registry (``mtlvision list KIND``; kinds in
-    :data:`mtlvision.registry.REGISTRY_KINDS`)."""
+    """The live entries (name, object, description, citation) of one registry (kinds in
+    :data:`mtlvision.registry.REGISTRY_KINDS`); imports every module that registers something."""
     from mtlvision.engine.catalog import registry as entries
+
+    return entries(kind)
+
+
+def catalog(kind: str) -> list[CatalogEntry]:
+    """The entries (name, description, citation) of one registry as ``mtlvision list KIND`` shows them, from
+    the catalog shipped with the package: fast, without importing torch."""
+    from mtlvision.engine.catalog import catalog as entries
 
     return entries(kind)
 

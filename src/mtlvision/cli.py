@@ -108,8 +108,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtlvision import api
 
-    results = api.predict(args.run, args.inputs, out=args.out)
+    results = api.predict(args.run, args.inputs, out=args.out, skip_bad=args.skip_bad)
     console.print(f"Predicted {len(results)} image(s); JSON and pictures in [bold]{args.out}[/]")
+    if results.skipped:
+        console.print(f"[yellow]Skipped {len(results.skipped)} unreadable image(s)[/], each named above with why.")
     return 0
 
 
@@ -118,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     report = api.export(args.run, args.out, opset=args.opset, image_size=tuple(args.image_size or ()) or None)
     console.print(
-        f"Exported [bold]{report.onnx}[/] (opset {report.opset}, input 'image' [batch, C, "
+        f"Exported [bold]{report.onnx}[/] (opset {report.opset}, input 'image' \\[batch, C, "
         f"{report.image_size[0]}, {report.image_size[1]}]); outputs: {', '.join(report.outputs)}"
     )
     console.print(
@@ -169,7 +171,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         columns += ["parameters (shared)", "MACs (shared)"]
     for column in columns:
         table.add_column(column)
-    for entry in api.registry(args.kind):
+    for entry in api.catalog(args.kind):
         row = [entry.name, entry.description, entry.citation]
         if sizes:
             size = sizes[entry.name]
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="a run folder")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--out", default="preds")
+    pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end)")
     pr.set_defaults(handler=cmd_predict)
 
     ex = verbs.add_parser("export", help="export a run's model to ONNX, checked with onnxruntime")

@@ -1,12 +1,14 @@
 """``mtlvision export``: a run's model as one ONNX graph, checked against PyTorch with onnxruntime.
 
-The graph takes ``image`` (float32 ``[batch, C, H, W]`` in [0, 1], the run's input size; the batch is
-dynamic) and includes the model's normalisation. Every task gives its prediction as ``predict`` sees it
-before decoding: logits for classification, multi-label and segmentation, the depth map, unit normals; a
-detection task gives its per-location outputs as ``<task>.cls_logits``, ``<task>.box_distances``,
-``<task>.centerness``, ``<task>.points`` and ``<task>.strides`` (decode: score ``sqrt(sigmoid(cls) *
-sigmoid(centerness))``, box ``points -/+ distances``, then class-wise NMS). A JSON file beside the graph
-describes every input and output, the tasks' class names and the detection decoding settings.
+The graph takes ``image`` (float32 ``[batch, C, H, W]`` (NCHW), RGB in [0, 1], the run's input size; the
+batch is dynamic) and includes the model's normalisation; an image of another size is resized bilinearly
+(``align_corners=False``, no antialiasing) as ``predict`` does, which the JSON's ``preprocess`` spells out.
+Every task gives its prediction as ``predict`` sees it before decoding: logits for classification,
+multi-label and segmentation, the depth map, unit normals; a detection task gives its per-location outputs
+as ``<task>.cls_logits``, ``<task>.box_distances``, ``<task>.centerness``, ``<task>.points`` and
+``<task>.strides`` (decode: score ``sqrt(sigmoid(cls) * sigmoid(centerness))``, box ``points -/+
+distances``, then class-wise NMS). A JSON file beside the graph describes every input and output, how to
+prepare an image, the tasks' class names and the detection decoding settings.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,6 +64,37 @@ def output_names(predictions: dict[str, Any]) -> list[tuple[str, str | None]]:
         else:
             raise ConfigError(f"task {task!r} predicts a {type(prediction).__name__}, which ONNX cannot return")
     return names
+
+
+def preprocessing(model: MultiTaskModel, image_size: tuple[int, int]) -> dict[str, Any]:
+    """How an image file becomes the graph's input, step by step, exactly as ``mtlvision predict`` does it,
+    and how outputs go back to the image's own size (written into the export's JSON description)."""
+    height, width = image_size
+    mean = [round(float(v), 6) for v in cast(Tensor, model.mean).flatten()]
+    std = [round(float(v), 6) for v in cast(Tensor, model.std).flatten()]
+    return {
+        "steps": [
+            "decode the file and convert it to RGB (grey and palette images become RGB, alpha is dropped)",
+            "to float32 and divide by 255: values in [0, 1]",
+            "to layout CHW (channels first), add the batch axis: [1, 3, H, W] (NCHW)",
+            f"resize to {height} x {width} bilinearly, without antialiasing: "
+            f"torch.nn.functional.interpolate(x, size=({height}, {width}), mode='bilinear', align_corners=False)",
+            "do not normalise: the graph subtracts the mean and divides by the std itself",
+        ],
+        "color": "RGB",
+        "dtype": "float32",
+        "layout": "NCHW",
+        "value_range": [0.0, 1.0],
+        "resize": {"size": [height, width], "mode": "bilinear", "align_corners": False, "antialias": False,
+                   "keep_aspect_ratio": False},
+        "normalization": {"inside_graph": True, "mean": mean, "std": std,
+                          "formula": "(image - mean) / std, per channel, done by the graph"},
+        "outputs_to_image_size": (
+            "mtlvision predict gives outputs at the image's own size: class maps (argmax of segmentation logits) "
+            "resized by nearest neighbour (source pixel floor(i * h / H)), depth and normal maps bilinearly "
+            "(normals renormalised), boxes scaled by the ratio of the sizes"
+        ),
+    }
 
 
 def export_onnx(
@@ -127,7 +160,8 @@ def export_onnx(
     description.write_text(json.dumps({
         "opset": opset,
         "input": {"name": "image", "shape": ["batch", channels, *image_size], "dtype": "float32",
-                  "range": [0.0, 1.0], "note": "the model's normalisation is inside the graph"},
+                  "layout": "NCHW", "range": [0.0, 1.0], "note": "the model's normalisation is inside the graph"},
+        "preprocess": preprocessing(model, image_size),
         "outputs": outputs,
         "tasks": {name: task.describe() for name, task in model.tasks.items()},
     }, indent=2) + "\n")

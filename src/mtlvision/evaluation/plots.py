@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _columns(history: Sequence[dict[str, float]], prefix: str) -> dict[str, list[tuple[float, float]]]:
@@ -20,10 +21,27 @@ def _columns(history: Sequence[dict[str, float]], prefix: str) -> dict[str, list
     return series
 
 
+#: up to this many epochs every epoch gets a tick; beyond, matplotlib picks whole-number ticks
+_TICK_EVERY_EPOCH = 20
+
+
+def _epoch_axis(ax: plt.Axes, epochs: set[float]) -> None:
+    """Whole-number epoch ticks (never 1.25): each epoch's own while there are few, half an epoch of margin."""
+    if not epochs:
+        return
+    if len(epochs) <= _TICK_EVERY_EPOCH:
+        ax.set_xticks(sorted(epochs))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+
+
 def _plot(ax: plt.Axes, series: dict[str, list[tuple[float, float]]], title: str, style: str = "-") -> None:
+    """One line per series with a marker on each epoch's point (a value per epoch, not a continuous curve)."""
     for label, points in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, style, marker="o", markersize=3, label=label)
+        ax.plot(xs, ys, style, marker="o", markersize=5, label=label)
+    _epoch_axis(ax, {float(x) for points in series.values() for x, _ in points})
     ax.set_title(title)
     ax.set_xlabel("epoch")
     if series:

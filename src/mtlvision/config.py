@@ -334,7 +334,7 @@ def validate_section(section: str, model: type[Section], data: Mapping[str, Any]
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise config_error_from(exc, section, "Invalid configuration") from None
+        raise config_error_from(exc, section, "Invalid configuration", model=model) from None
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:

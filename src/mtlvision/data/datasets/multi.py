@@ -64,6 +64,7 @@ def _source(key: str, entry: SourceEntry) -> tuple[type[DatasetSource], DatasetP
             f"data.sources.{key}",
             f"Invalid parameters for source {key!r} (dataset {entry.name!r})",
             allowed=[*source.Params.model_fields, "tasks"],
+            model=source.Params,
         ) from None
 
 

@@ -57,6 +57,9 @@ class DataConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     augment: dict[str, Any] = Field(default_factory=dict)
     skip_bad: bool = False
+    check: bool | Literal["warn"] = Field(
+        True, description="cheap data checks before training: true stops on errors, warn logs them, false skips"
+    )
 
     @property
     def dataset_params(self) -> dict[str, Any]:

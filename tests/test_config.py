@@ -60,6 +60,36 @@ def test_invalid_values_name_the_key(override, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("train.epochz=3", "train.epochz: unknown key (got 3); did you mean train.epochs?"),
+        ("model.backbon=resnet34", "model.backbon: unknown key (got 'resnet34'); did you mean model.backbone?"),
+        ("trian.epochs=3", "trian: unknown key (got {'epochs': 3}); did you mean train?"),
+        ("train.zzz=1", "train.zzz: unknown key (got 1)"),
+    ],
+)
+def test_an_unknown_key_close_to_a_known_one_gets_a_suggestion(override, line):
+    with pytest.raises(ConfigError) as info:
+        load_config("scenes", [override])
+    assert f"  {line}" in str(info.value).splitlines()
+
+
+def test_a_dataset_key_typo_is_matched_against_every_data_key():
+    from mtlvision.engine.build import dataset_source
+
+    for override, suggestion in (("data.skip_bda=true", "data.skip_bad"), ("data.image_sise=32", "data.image_size")):
+        with pytest.raises(ConfigError, match=f"did you mean {suggestion}\\?"):
+            dataset_source(load_config("scenes", [override]))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("warn", "warn")])
+def test_data_check_is_true_false_or_warn(value, expected):
+    assert load_config("scenes", [f"data.check={value}"]).data.check == expected
+    with pytest.raises(ConfigError, match="data.check"):
+        load_config("scenes", ["data.check=sometimes"])
+
+
 def test_malformed_yaml_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [epochs: 3\n")

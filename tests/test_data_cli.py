@@ -18,9 +18,10 @@ FAST = ["train.epochs=1", "train.progress=false", "model.backbone=resnet18"]
 SIZE = 32
 
 
-def write_folder(root: Path, corrupt: bool, bad_label: bool) -> Path:
+def write_folder(root: Path, corrupt: bool, bad_label: bool, wrong_size: bool = False) -> Path:
     """A `folder` dataset: 8 train / 2 val / 2 test PNGs, a weather CSV and segmentation masks; optionally
-    one train image that is not a PNG and one train label outside the 3 classes."""
+    one train image that is not a PNG, one train label outside the 3 classes and one train mask (t2) taller
+    than its image."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -37,6 +38,8 @@ def write_folder(root: Path, corrupt: bool, bad_label: bool) -> Path:
         (root / "images" / "t3.png").write_bytes(b"this is not a png")
     if bad_label:
         rows[1 + 5] = "t5.png,7"
+    if wrong_size:
+        Image.fromarray(np.zeros((SIZE + 8, SIZE), dtype=np.uint8)).save(root / "masks" / "t2.png")
     (root / "weather.csv").write_text("\n".join(rows) + "\n")
     config = {
         "data": {
@@ -196,3 +199,76 @@ def test_office_preset_mixes_domains_per_step_and_resumes_mid_epoch(tmp_path):
     resumed = list(trainer.loader(data, shuffle=True, epoch=1, start=1 * 4))
     assert [b["ids"] for b in resumed] == [b["ids"] for b in batches[1:]]
     assert [b["ids"] for b in trainer.loader(data, shuffle=True, epoch=2)] != [b["ids"] for b in batches]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long lines
+
+
+@pytest.mark.parametrize("augment", [[], ["data.augment.resize=[24,24]"]])
+def test_a_mask_of_the_wrong_size_stops_training_with_file_and_task_named(tmp_path, capsys, augment):
+    """It used to crash collate ("stack expects each tensor to be equal size"), or with a resize be stretched."""
+    config = write_folder(tmp_path / "data", corrupt=False, bad_label=False, wrong_size=True)
+    args = ["train", str(config), "--set", *FAST, *augment, "--out", str(tmp_path / "runs")]
+    assert main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "masks/t2.png: task 'segmentation': the target is (40, 32) but the image is (32, 32)" in err
+    assert "mtlvision data check" in err and "data.skip_bad=true" in err
+    assert "stack expects" not in err and "Traceback" not in err
+
+
+def test_skip_bad_skips_as_many_samples_as_data_check_reports(tmp_path, capsys):
+    from mtlvision import api
+
+    config = write_folder(tmp_path / "data", corrupt=True, bad_label=True, wrong_size=True)
+    assert main(["data", "check", str(config)]) == 1
+    assert "bad samples (train 3, val 0, test 0)" in one_line(capsys.readouterr().out)
+    report = api.check_data(str(config), progress=False)
+    runs = tmp_path / "runs"
+    assert main(["train", str(config), "--set", *FAST, "data.skip_bad=true", "--out", str(runs), "--name", "r"]) == 0
+    skipped = json.loads((runs / "r" / "metrics.json").read_text())["skipped_samples"]
+    assert skipped == report.bad_samples == {"train": 3, "val": 0, "test": 0}
+
+
+def test_train_stops_before_training_on_a_leak_or_a_path_outside_the_data(tmp_path, capsys):
+    from mtlvision import api
+    from mtlvision.errors import DataError
+
+    config = write_folder(tmp_path / "data", corrupt=False, bad_label=False)
+    splits = tmp_path / "data" / "splits"
+    (splits / "val.txt").write_text("v0.png\nt4.png\n")  # a training image in val
+    runs = tmp_path / "runs"
+    assert main(["train", str(config), "--set", *FAST, "--out", str(runs)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "data check before training: 1 error(s)" in err and "val/t4.png: the same image file as train/t4.png" in err
+    assert "data.check=warn" in err and "mtlvision data check" in err and not runs.exists()
+    with pytest.raises(DataError, match="leak into evaluation"):
+        api.train(str(config), ["train.epochs=1"], out=runs)
+    (splits / "val.txt").write_text("v0.png\nv1.png\n")
+    (tmp_path / "secret.png").write_bytes((tmp_path / "data" / "images" / "t0.png").read_bytes())
+    (splits / "train.txt").write_text((splits / "train.txt").read_text() + "../../secret.png\n")
+    assert main(["data", "check", str(config), "--splits", "train"]) == 1
+    out = one_line(capsys.readouterr().out)
+    assert "outside_root" in out and "train.txt, line 9" in out
+    assert main(["train", str(config), "--set", *FAST, "--out", str(runs)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "leads outside" in err and "data.skip_bad=true" in err and not runs.exists()
+
+
+def test_data_check_warn_trains_anyway(tmp_path, capsys):
+    config = write_folder(tmp_path / "data", corrupt=False, bad_label=False)
+    (tmp_path / "data" / "splits" / "test.txt").write_text("s0.png\nt1.png\n")
+    runs = tmp_path / "runs"
+    args = ["train", str(config), "--set", *FAST, "data.check=warn", "--out", str(runs), "--name", "w"]
+    assert main(args) == 0 and (runs / "w" / "metrics.json").is_file()
+    assert "test/t1.png: the same image file as train/t1.png" in one_line(capsys.readouterr().err)
+
+
+def test_images_above_max_pixels_are_refused_naming_the_file(tmp_path, capsys):
+    config = write_folder(tmp_path / "data", corrupt=False, bad_label=False)
+    assert main(["data", "check", str(config), "--splits", "val", "--set", "data.max_pixels=1000"]) == 1
+    assert "too_large" in capsys.readouterr().out
+    args = ["train", str(config), "--set", *FAST, "data.max_pixels=1000", "--out", str(tmp_path / "runs")]
+    assert main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "the image is 32 x 32 = 1,024 pixels, above data.max_pixels = 1,000" in err and ".png" in err

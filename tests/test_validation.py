@@ -68,3 +68,33 @@ def test_a_whole_mapping_at_the_top_level_is_named_and_cut_short():
     assert str(config_error_from(info.value, "", "Invalid settings")).splitlines()[1].startswith("  (top level): ")
     line = str(config_error_from(info.value, "data", "Invalid settings")).splitlines()[1]
     assert line.startswith("  data: ") and line.endswith("...)") and len(line) < 200
+
+
+def test_an_unknown_key_gets_the_closest_known_key_of_its_own_level():
+    message = str(error_for({"size": 1, "sise": 2, "inner": {"dept": 2}, "colour": 1}, model=Settings))
+    assert "  section.sise: unknown key (got 2); did you mean section.size?" in message.splitlines()
+    assert "  section.inner.dept: unknown key (got 2); did you mean section.inner.depth?" in message.splitlines()
+    assert "  section.colour: unknown key (got 1)" in message.splitlines()  # nothing close
+    flat = str(error_for({"size": 1, "rato": 2}, allowed=["size", "ratio"]))
+    assert "section.rato: unknown key (got 2); did you mean section.ratio?" in flat
+
+
+class Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = "a"
+
+
+class Holder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entries: dict[str, Entry] = Field(default_factory=dict)
+    items: list[Entry] | None = None
+
+
+def test_suggestions_step_through_mappings_and_lists():
+    with pytest.raises(ValidationError) as info:
+        Holder.model_validate({"entries": {"x": {"kinds": 1}}, "items": [{"knd": 2}]})
+    message = str(config_error_from(info.value, "data", "Invalid", model=Holder))
+    assert "data.entries.x.kinds: unknown key (got 1); did you mean data.entries.x.kind?" in message
+    assert "data.items.0.knd: unknown key (got 2); did you mean data.items.0.kind?" in message

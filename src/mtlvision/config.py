@@ -57,6 +57,9 @@ class DataConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     augment: dict[str, Any] = Field(default_factory=dict)
     skip_bad: bool = False
+    check: bool | Literal["warn"] = Field(
+        True, description="cheap data checks before training: true stops on errors, warn logs them, false skips"
+    )
 
     @property
     def dataset_params(self) -> dict[str, Any]:
@@ -334,7 +337,7 @@ def validate_section(section: str, model: type[Section], data: Mapping[str, Any]
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise config_error_from(exc, section, "Invalid configuration") from None
+        raise config_error_from(exc, section, "Invalid configuration", model=model) from None
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:

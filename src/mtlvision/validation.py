@@ -7,10 +7,12 @@ reads the same way. This module imports only :mod:`mtlvision.errors` and pydanti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import difflib
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mtlvision.errors import ConfigError
 
@@ -19,7 +21,12 @@ _MAX_INPUT = 80
 
 
 def config_error_from(
-    exc: ValidationError, prefix: str, title: str, *, allowed: Iterable[str] | None = None
+    exc: ValidationError,
+    prefix: str,
+    title: str,
+    *,
+    allowed: Iterable[str] | None = None,
+    model: type[BaseModel] | None = None,
 ) -> ConfigError:
     """A :class:`ConfigError` with ``title`` on its first line, then one line per problem in ``exc``.
 
@@ -28,11 +35,15 @@ def config_error_from(
     dotted after it (the prefix alone, or ``(top level)`` without a prefix, for a problem with the mapping
     as a whole). Unknown keys read ``unknown key``, a value outside a fixed set ``must be one of ...``, a
     validator's ``ValueError`` its own message; a missing key shows no value. ``allowed`` (the keys the
-    mapping accepts) is listed after the problems when one of them is an unknown key. Raise the result
-    ``from None``: the pydantic traceback adds nothing for the user.
+    mapping accepts) is listed after the problems when one of them is an unknown key. An unknown key close to
+    a known one (difflib) adds ``; did you mean <prefix>.<key>?``: the known keys are those of the nested
+    pydantic ``model`` that was validated, at that key's level, or ``allowed`` for a key at the top. Raise the
+    result ``from None``: the pydantic traceback adds nothing for the user.
     """
+    allowed = list(allowed) if allowed is not None else None
     errors = exc.errors()
-    lines = [f"{_key(prefix, error['loc'])}: {_message(error)}" for error in errors]
+    lines = [f"{_key(prefix, error['loc'])}: {_message(error)}{_suggestion(prefix, error, allowed, model)}"
+             for error in errors]
     message = f"{title}:\n  " + "\n  ".join(lines)
     if allowed is not None and any(error["type"] == "extra_forbidden" for error in errors):
         message += f"\nAllowed keys: {', '.join(allowed)}."
@@ -59,3 +70,50 @@ def _message(error: Any) -> str:
     if len(shown) > _MAX_INPUT:
         shown = shown[: _MAX_INPUT - 3] + "..."
     return f"{text} (got {shown})"
+
+
+def _suggestion(prefix: str, error: Any, allowed: list[str] | None, model: type[BaseModel] | None) -> str:
+    """``; did you mean <key>?`` for an unknown key close to a known one, else ``""``."""
+    if error["type"] != "extra_forbidden" or not error["loc"]:
+        return ""
+    *parents, unknown = error["loc"]
+    if allowed is not None and not parents:
+        known = allowed
+    else:
+        known = _fields_at(model, parents) if model is not None else []
+    close = difflib.get_close_matches(str(unknown), known, n=1, cutoff=0.6)
+    return f"; did you mean {_key(prefix, (*parents, close[0]))}?" if close else ""
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union (``X | None``), or the annotation alone."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _fields_at(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
+    """The field names of the model reached from ``model`` along ``path`` (mapping keys and list indices
+    step into their value type); empty when the path leads to no model."""
+    annotation: Any = model
+    for part in [*path, None]:
+        step = None
+        for member in _members(annotation):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                if part is None:
+                    return list(member.model_fields)
+                field = member.model_fields.get(str(part))
+                step = field.annotation if field is not None else None
+                break
+            origin, args = get_origin(member), get_args(member)
+            if part is not None and isinstance(origin, type) and args:
+                if issubclass(origin, Mapping):
+                    step = args[-1]
+                    break
+                if issubclass(origin, Sequence) and not issubclass(origin, str):
+                    step = args[0]
+                    break
+        if step is None:
+            return []
+        annotation = step
+    return []

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from mtlvision.data.check import SkipBadSamples, check_dataset, render_report
+from mtlvision.data.check import CheckedSamples, SkipBadSamples, check_dataset, render_report
+from mtlvision.data.guard import guard_split
 from mtlvision.data.datasets import DATASETS
 from mtlvision.errors import DataError
 from mtlvision.tasks import TASKS
@@ -64,7 +65,7 @@ def test_planted_errors_are_found(tmp_path: Path) -> None:
     splits, tasks = load(tmp_path)
     report = check_dataset(splits, tasks)
     kinds = {(f.kind, f.sample, f.task) for f in report.errors}
-    assert ("unreadable", "train[1]", None) in kinds
+    assert ("unreadable", "b.png", None) in kinds  # the file, not "train[1]"
     assert any("b.png" in f.message for f in report.errors if f.kind == "unreadable")
     assert ("invalid_label", "c.png", "seg") in kinds
     assert ("invalid_depth", "d.png", "depth") in kinds
@@ -132,3 +133,66 @@ def test_skip_bad_count_is_shared_across_workers() -> None:
     loader = torch.utils.data.DataLoader(wrapped, batch_size=2, num_workers=2)
     values = torch.cat(list(loader)).tolist()
     assert values == [0, 2, 2, 3, 4, 5, 7, 7, 8, 9] and wrapped.skipped == 2
+
+
+def test_training_refuses_and_skips_exactly_the_samples_the_report_calls_bad(tmp_path: Path) -> None:
+    """Same planted faults (corrupt image, label out of range, NaN depth, mask of another size, box outside):
+    the report's bad-sample count is the count that data.skip_bad skips, and without skip_bad every one of
+    them stops with its file, its task and the way out named."""
+    write(tmp_path)
+    splits, tasks = load(tmp_path)
+    report = check_dataset(splits, tasks)
+    assert report.bad_samples == {"train": 4, "val": 0, "test": 0}  # b, c, d, e (e twice: size and box)
+    skipping = guard_split(splits["train"], tasks, "train", skip_bad=True)
+    for index in range(len(skipping)):
+        skipping[index]
+    assert skipping.skipped == report.bad_samples["train"]
+    stopping = guard_split(splits["train"], tasks, "train", skip_bad=False)
+    messages = {}
+    for index in range(len(stopping)):
+        try:
+            stopping[index]
+        except DataError as error:
+            messages[index] = str(error)
+    assert sorted(messages) == [1, 2, 3, 4]
+    assert "b.png" in messages[1] and "cannot decode" in messages[1]
+    assert "masks/c.png: task 'seg'" in messages[2] and "[invalid_label]" in messages[2]
+    assert "depth/d.npy: task 'depth'" in messages[3] and "[invalid_depth]" in messages[3]
+    assert "masks/e.png: task 'seg': the target is (10, 8) but the image is (8, 8)" in messages[4]
+    assert "1 more problem" in messages[4]  # the box outside the image
+    for message in messages.values():
+        assert "(train sample" in message and "mtlvision data check" in message and "data.skip_bad=true" in message
+
+
+def test_a_mask_of_another_size_is_refused_as_read_not_resized(tmp_path: Path) -> None:
+    """With a resize in the augmentation, the mask of the wrong size used to be stretched to fit."""
+    from mtlvision.data.transforms import build_transforms, target_specs
+
+    write(tmp_path)
+    splits, tasks = load(tmp_path)
+    checked = CheckedSamples(splits["train"], {"seg": tasks["seg"]}, "train")
+    transform = build_transforms({"resize": [16, 16]}, target_specs(tasks), train=False)
+    assert transform(checked[0])["targets"]["seg"].shape == (16, 16)
+    with pytest.raises(DataError, match=r"e\.png: task 'seg': the target is \(10, 8\)"):
+        transform(checked[4])
+
+
+def test_the_report_names_classes_and_unreadable_files(tmp_path: Path) -> None:
+    write(tmp_path)
+    source = DATASETS.get("folder")
+    (tmp_path / "weather.csv").write_text("file,label\na.png,rain\nc.png,sun\nd.png,rain\n")
+    params = source.Params(name="folder", root=str(tmp_path), tasks={
+        "weather": {"kind": "classification", "path": "weather.csv", "class_names": ["sun", "rain"]},
+        "seg": {"kind": "segmentation", "path": "masks", "num_classes": 4,
+                "class_names": ["road", "car", "tree", "sky"]}})
+    tasks = {n: TASKS.get(s.kind)(n, **s.params) for n, s in source.tasks(params).items()}
+    report = check_dataset({"train": source.build(params, "train")}, tasks)
+    weather = report.splits["train"].tasks["weather"].distribution()
+    assert weather == "sun:1, rain:2"
+    assert report.splits["train"].tasks["seg"].distribution().startswith("road:")
+    unreadable = next(f for f in report.errors if f.kind == "unreadable")
+    assert unreadable.sample == "b.png"
+    console = Console(width=250, record=True)
+    console.print(report.table())
+    text = console.export_text()
+    assert "sun:1, rain:2" in text and "data.skip_bad=true skips exactly these" in text

@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -116,6 +117,21 @@ class MultiSourceDataset(Dataset):
                 valid[task] = False
         return {**item, "targets": targets, "valid": valid, "id": f"{self.names[source]}:{item['id']}"}
 
+    def sample_source(self, index: int) -> Any:
+        """Where sample ``index`` comes from (see :mod:`mtlvision.data.datasets.base`), None when its source
+        cannot tell; its id carries the source's name like the loaded sample's."""
+        from mtlvision.data.datasets.base import sample_source_of
+
+        source, local = self.locate(index)
+        found = sample_source_of(self.datasets[source], local)
+        return None if found is None else replace(found, id=f"{self.names[source]}:{found.id}")
+
+    def known_targets(self, index: int) -> dict[str, Any]:
+        from mtlvision.data.datasets.base import known_targets_of
+
+        source, local = self.locate(index)
+        return known_targets_of(self.datasets[source], local)
+
 
 class TaskView(Dataset):
     """A dataset restricted to some of its tasks, renamed: ``tasks`` maps our task name to the source's.
@@ -143,6 +159,21 @@ class TaskView(Dataset):
             "targets": {ours: item["targets"][theirs] for ours, theirs in self.tasks.items()},
             "valid": {ours: bool(item["valid"].get(theirs, False)) for ours, theirs in self.tasks.items()},
         }
+
+    def sample_source(self, index: int) -> Any:
+        from mtlvision.data.datasets.base import sample_source_of
+
+        found = sample_source_of(self.dataset, index)
+        if found is None:
+            return None
+        files = {ours: found.label_files[theirs] for ours, theirs in self.tasks.items() if theirs in found.label_files}
+        return replace(found, label_files=files)
+
+    def known_targets(self, index: int) -> dict[str, Any]:
+        from mtlvision.data.datasets.base import known_targets_of
+
+        known = known_targets_of(self.dataset, index)
+        return {ours: known[theirs] for ours, theirs in self.tasks.items() if theirs in known}
 
 
 def source_weights(sizes: Sequence[int], strategy: Strategy, temperature: float = 1.0) -> np.ndarray:

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from torch.utils.data import Dataset, Sampler
 
 from mtlvision.balancers import Balancer, get as get_balancer
-from mtlvision.config import RunConfig, TaskEntry
-from mtlvision.data.check import CheckedSamples, SkipBadSamples
+from mtlvision.config import DataConfig, RunConfig, TaskEntry
+from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.checkpoint import load_weights
@@ -34,8 +34,9 @@ def dataset_source(config: RunConfig) -> tuple[type[DatasetSource], DatasetParam
     try:
         params = source.Params.model_validate(config.data.dataset_params)
     except ValidationError as exc:
+        allowed = dict.fromkeys([*DataConfig.model_fields, *source.Params.model_fields])
         raise config_error_from(
-            exc, "data", f"Invalid dataset parameters for {config.data.name!r}", allowed=source.Params.model_fields
+            exc, "data", f"Invalid dataset parameters for {config.data.name!r}", allowed=allowed, model=source.Params
         ) from None
     return source, params
 
@@ -237,9 +238,7 @@ def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: boo
     """
     source, params = dataset_source(config)
     base = source.build(params, split)
-    checked: Dataset = CheckedSamples(base, {t.name: t for t in tasks}, split)
-    if config.data.skip_bad:
-        checked = SkipBadSamples(checked)
+    checked = guard_split(base, {t.name: t for t in tasks}, split, config.data.skip_bad)
     transform = build_transforms(config.data.augment, target_specs(tasks), train=train)
     return PreparedDataset(checked, [t.name for t in tasks], transform, seed=config.seed, batches_from=base)
 

@@ -31,6 +31,7 @@ from mtlvision.engine.build import (
 )
 from mtlvision.engine.checkpoint import load_weights, save_weights
 from mtlvision.engine.device import resolve_device, seed_everything
+from mtlvision.engine.inputs import check_before_training
 from mtlvision.engine.runs import (
     BASELINES_NAME,
     CHECKPOINT_NAME,
@@ -96,6 +97,7 @@ class TrainingRun:
     def execute(self) -> Run:
         """Build, train, evaluate and report; the run folder holds everything when this returns."""
         config, tasks = self.config, self.tasks
+        check_before_training(config)  # data.check: leaks between splits, paths, CSV labels; no image decoded
         train_data = build_split(config, tasks, "train", train=True)
         val_data = build_split(config, tasks, "val", train=False)
         seed_everything(config.seed)  # the initial weights depend on the seed alone (experts share their init)

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from mtlvision.data.datasets.base import SPLITS, DatasetParams, TaskSpec
+from mtlvision.data.io import DEFAULT_MAX_PIXELS, read_array
 from mtlvision.errors import ConfigError, DataError
 from mtlvision.tasks import TASKS, Task
 
@@ -43,17 +43,10 @@ def load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the .npy array ({exc}).") from None
 
 
-def read_png_array(path: Path) -> np.ndarray:
-    """The raw values of a PNG (8- or 16-bit, grey or RGB) without any colour conversion."""
-    try:
-        with Image.open(path) as image:
-            if image.mode == "P":  # palette masks store class indices, not colours
-                return np.asarray(image)
-            return np.array(image)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found.") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode the image ({exc}). Replace or remove the file.") from None
+def read_png_array(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The raw values of a PNG (8- or 16-bit, grey or RGB) without any colour conversion (see
+    :func:`mtlvision.data.io.read_array`)."""
+    return read_array(path, max_pixels)
 
 
 def hwc_image(array: np.ndarray, where: Path) -> Tensor:

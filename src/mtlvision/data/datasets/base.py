@@ -13,17 +13,27 @@ A dataset split is a ``torch.utils.data.Dataset`` whose items are samples::
 
 Each dataset is registered in :data:`DATASETS` as a :class:`DatasetSource`: a pydantic ``Params`` model
 (its config keys beside ``data.name``), the tasks it provides and a ``build`` that makes a split.
+
+A split of a dataset read from files may also tell, without reading anything, where a sample comes from:
+``sample_source(index) -> SampleSource`` (its id, image file and label files; it raises the DataError that
+reading would raise for a path that leaves the dataset's folder), and ``known_targets(index)``, the labels it
+holds in memory (CSV cells). The checks use them to name the file of a sample that cannot be read and, before
+training, to find the same image in two splits and labels out of range without decoding any image
+(:mod:`mtlvision.data.preflight`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from mtlvision.data.io import DEFAULT_MAX_PIXELS
 from mtlvision.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -44,6 +54,20 @@ class DatasetParams(BaseModel):
 
     name: str
     root: str | None = None
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=0,
+        description="images (and label maps) with more pixels are refused before decoding, naming the file; 0: no limit",
+    )
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    """Where a sample comes from, known without reading it: the ``id`` its loaded sample carries, its image
+    file and the label files of the tasks that have one (task name -> path)."""
+
+    id: str
+    image: Path | None = None
+    label_files: Mapping[str, Path] = field(default_factory=dict)
 
 
 class DatasetSource(ABC):
@@ -63,3 +87,30 @@ class DatasetSource(ABC):
 
 
 DATASETS: Registry[type[DatasetSource]] = Registry("dataset")
+
+
+def sample_source_of(dataset: Dataset, index: int) -> SampleSource | None:
+    """``dataset.sample_source(index)`` (through ``torch.utils.data.Subset`` and other wrappers holding
+    ``.dataset``), or None when the dataset cannot tell (built-in synthetic data)."""
+    while not hasattr(dataset, "sample_source"):
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            return None
+        indices = getattr(dataset, "indices", None)
+        if indices is not None:
+            index = int(indices[index])
+        dataset = inner
+    return dataset.sample_source(index)  # type: ignore[attr-defined]
+
+
+def known_targets_of(dataset: Dataset, index: int) -> dict[str, Any]:
+    """The labels ``dataset`` holds in memory for sample ``index`` (see the module docstring); empty when none."""
+    while not hasattr(dataset, "known_targets"):
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            return {}
+        indices = getattr(dataset, "indices", None)
+        if indices is not None:
+            index = int(indices[index])
+        dataset = inner
+    return dataset.known_targets(index)  # type: ignore[attr-defined, no-any-return]

@@ -25,8 +25,9 @@ from pydantic import Field
 from torch.utils.data import Dataset
 
 from mtlvision.data.datasets._files import require_root, require_split, sample
-from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
 from mtlvision.data.io import read_image
+from mtlvision.data.paths import confined
 from mtlvision.errors import ConfigError, DataError
 
 ATTRIBUTES = (
@@ -134,13 +135,19 @@ class CelebADataset(Dataset):
         self.files = [files[i] for i in keep]
         self.labels = torch.from_numpy((matrix[keep][:, self.columns] > 0).astype(np.int64))
         self.image_dir = root / "img_align_celeba"
+        self.listed_in = root / "list_attr_celeba.txt"
         self.as_multilabel = params.as_multilabel
+        self.max_pixels = params.max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def sample_source(self, index: int) -> SampleSource:
+        """The image file of sample ``index``, confined to ``img_align_celeba/`` (UnsafePath otherwise)."""
+        return SampleSource(self.files[index], confined(self.image_dir, self.files[index], str(self.listed_in)))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = read_image(self.image_dir / self.files[index])
+        image = read_image(self.sample_source(index).image, self.max_pixels)  # type: ignore[arg-type]
         row = self.labels[index]
         if self.as_multilabel:
             targets: dict[str, Any] = {"attributes": row.float()}

@@ -18,6 +18,9 @@ Tasks, both read from the same file:
   largest first so that smaller ones, often in front, stay visible. An image with a non-crowd annotation
   that has no ``segmentation`` has no mask label (``valid`` False).
 
+A ``file_name`` that leads outside ``image_dir`` (absolute, or climbing out with ``..``) is refused when the
+sample is read (UnsafePath naming the annotation file), and the file is never opened.
+
 Every image is resized to ``image_size`` (fixed, like the built-in scenes; the aspect ratio is not kept):
 bilinear for the image, nearest for the class map, boxes scaled by the same factors.
 
@@ -36,13 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 from pydantic import Field
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mtlvision.data.datasets.base import DATASETS, SPLITS, DatasetParams, DatasetSource, TaskSpec
+from mtlvision.data.datasets.base import DATASETS, SPLITS, DatasetParams, DatasetSource, SampleSource, TaskSpec
+from mtlvision.data.io import read_image_resized
+from mtlvision.data.paths import UnsafePath, confined
 from mtlvision.errors import ConfigError, DataError
 
 IGNORE = 255
@@ -134,6 +138,8 @@ class CocoDataset(Dataset):
         content = load_annotations(path)
         self.categories = categories_of(params)
         self.size = _pair(params.image_size)
+        self.max_pixels = params.max_pixels
+        self.path = path
         self.ignore = ignore_value(len(self.categories.ids))
         self.image_dir = _root(params) / params.image_dir.format(split=split)
         label_of = self.categories.label_of()
@@ -151,25 +157,34 @@ class CocoDataset(Dataset):
             by_image.setdefault(annotation["image_id"], []).append(annotation)
         self.images = sorted(content["images"], key=lambda record: record["id"])
         self.annotations = [by_image.get(record["id"], []) for record in self.images]
-        missing = [r["file_name"] for r in self.images if not (self.image_dir / r["file_name"]).is_file()]
+        missing = [r["file_name"] for r in self.images if self._safe(r) and not self._file(r).is_file()]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise DataError(f"{len(missing)} image file(s) named in {path} are missing from {self.image_dir}: {shown}")
 
+    def _file(self, record: dict[str, Any]) -> Path:
+        """The image file of ``record``, confined to the image folder (UnsafePath naming the json otherwise)."""
+        return confined(self.image_dir, str(record["file_name"]), f"{self.path}, image id {record.get('id')}")
+
+    def _safe(self, record: dict[str, Any]) -> bool:
+        try:
+            self._file(record)
+        except UnsafePath:
+            return False
+        return True
+
     def __len__(self) -> int:
         return len(self.images)
 
+    def sample_source(self, index: int) -> SampleSource:
+        record = self.images[index]
+        return SampleSource(str(record["file_name"]), self._file(record))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.images[index]
-        file = self.image_dir / record["file_name"]
-        try:
-            with Image.open(file) as opened:
-                picture = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot decode image {file}: {error}") from error
-        original_width, original_height = picture.size
+        file = self._file(record)
+        image, (original_height, original_width) = read_image_resized(file, self.size, self.max_pixels)
         height, width = self.size
-        image = np.asarray(picture.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
         annotations = self.annotations[index]
         mask = self._class_map(annotations, original_height, original_width, str(file))
         targets = {
@@ -177,7 +192,7 @@ class CocoDataset(Dataset):
             "segmentation": mask if mask is not None else torch.full((height, width), self.ignore, dtype=torch.int64),
         }
         return {
-            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            "image": image,
             "targets": targets,
             "valid": {"detection": True, "segmentation": mask is not None},
             "id": str(record["file_name"]),

@@ -23,6 +23,11 @@ detection       a COCO instances JSON whose ``file_name`` entries are image keys
                 crowd annotations skipped); read with the COCO loader's reader
 =============== =================================================================================
 
+Every path comes from a file (a split list line, a CSV row) and must stay inside its folder: a key such as
+``../../secret.png`` or an absolute path is refused with a DataError naming the list and line, before
+anything is read (:mod:`mtlvision.data.paths`). Images and PNG label maps above ``data.max_pixels`` are refused
+before decoding; 16-bit depth PNGs keep their integer values (depth = value / depth_scale).
+
 A label that is absent (an image missing from a CSV, an empty cell, no mask file, an image not in the JSON)
 is a missing label: the sample keeps the task's placeholder with ``valid`` False, so its loss is masked and
 metrics count only labelled images. Example::
@@ -59,10 +64,11 @@ from mtlvision.data.datasets._files import (
     require_split,
     sample,
 )
-from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
 from mtlvision.data.datasets.coco import load_annotations
 from mtlvision.data.datasets.pascal_context import decode_normals_png
-from mtlvision.data.io import read_image
+from mtlvision.data.io import DEFAULT_MAX_PIXELS, read_image
+from mtlvision.data.paths import confined
 from mtlvision.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -94,12 +100,18 @@ class FolderParams(DatasetParams):
 
 # ----------------------------------------------------------------------------------- label sources by kind
 class LabelSource(ABC):
-    """Where one task's labels live; ``target(key)`` is the label of an image key or None when absent."""
+    """Where one task's labels live; ``target(key)`` is the label of an image key or None when absent.
 
-    def __init__(self, root: Path, name: str, task: FolderTask) -> None:
+    ``in_memory`` sources (CSV, JSON) hold every label once built, so the checks read them without any file.
+    """
+
+    in_memory: ClassVar[bool] = True
+
+    def __init__(self, root: Path, name: str, task: FolderTask, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path = root / task.path
         self.name = name
         self.task = task
+        self.max_pixels = max_pixels
 
     @abstractmethod
     def spec(self) -> TaskSpec:
@@ -138,8 +150,8 @@ def _read_csv(path: Path) -> tuple[list[str], dict[str, list[str]]]:
 class CsvLabels(LabelSource):
     """``file,label`` with class indices or names."""
 
-    def __init__(self, root: Path, name: str, task: FolderTask) -> None:
-        super().__init__(root, name, task)
+    def __init__(self, root: Path, name: str, task: FolderTask, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, name, task, max_pixels)
         self.num_classes = self._require_classes()
         _, self.table = _read_csv(self.path)
         self.lookup = {n: i for i, n in enumerate(task.class_names or [])}
@@ -166,8 +178,8 @@ class CsvLabels(LabelSource):
 class CsvMultiLabels(LabelSource):
     """``file,<label 1>,...`` with 0/1 cells; a row with an empty cell is a missing label."""
 
-    def __init__(self, root: Path, name: str, task: FolderTask) -> None:
-        super().__init__(root, name, task)
+    def __init__(self, root: Path, name: str, task: FolderTask, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, name, task, max_pixels)
         self.names, self.table = _read_csv(self.path)
 
     def spec(self) -> TaskSpec:
@@ -187,17 +199,19 @@ class FileFolder(LabelSource):
     """One file per image in a folder, found by the image key with one of ``suffixes``."""
 
     suffixes: ClassVar[tuple[str, ...]] = (".png",)
+    in_memory = False
 
-    def _file(self, key: str) -> Path | None:
+    def file(self, key: str) -> Path | None:
+        """The label file of image ``key`` (None when it has none); a key leading outside the folder is refused."""
         stem = Path(key).with_suffix("")
         for suffix in self.suffixes:
-            path = self.path / f"{stem}{suffix}"
+            path = confined(self.path, f"{stem}{suffix}", f"the {self.name} label of image {key!r}")
             if path.is_file():
                 return path
         return None
 
     def target(self, key: str) -> Any | None:
-        path = self._file(key)
+        path = self.file(key)
         return None if path is None else self.decode(path)
 
     @abstractmethod
@@ -213,7 +227,7 @@ class MaskFolder(FileFolder):
         return TaskSpec("segmentation", params)
 
     def decode(self, path: Path) -> Any:
-        return mask_from_labels(read_png_array(path), path, ignore_values=())
+        return mask_from_labels(read_png_array(path, self.max_pixels), path, ignore_values=())
 
 
 class DepthFolder(FileFolder):
@@ -225,7 +239,7 @@ class DepthFolder(FileFolder):
     def decode(self, path: Path) -> Any:
         if path.suffix == ".npy":
             return dense_map(load_npy(path), 1, path)
-        array = read_png_array(path)
+        array = read_png_array(path, self.max_pixels)
         if array.ndim != 2:
             raise DataError(f"{path}: a depth PNG must have one channel (16-bit grey), got shape {array.shape}.")
         return torch.from_numpy(array.astype(np.float32) / self.task.depth_scale)[None]
@@ -240,14 +254,14 @@ class NormalFolder(FileFolder):
     def decode(self, path: Path) -> Any:
         if path.suffix == ".npy":
             return dense_map(load_npy(path), 3, path)
-        return decode_normals_png(read_png_array(path), path)
+        return decode_normals_png(read_png_array(path, self.max_pixels), path)
 
 
 class CocoBoxes(LabelSource):
     """Boxes of a COCO instances JSON, labels numbered by increasing category id."""
 
-    def __init__(self, root: Path, name: str, task: FolderTask) -> None:
-        super().__init__(root, name, task)
+    def __init__(self, root: Path, name: str, task: FolderTask, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, name, task, max_pixels)
         content = load_annotations(self.path)
         categories = sorted(content["categories"], key=lambda c: c["id"])
         self.class_names = [str(c["name"]) for c in categories]
@@ -290,11 +304,16 @@ def label_sources(params: FolderParams) -> dict[str, LabelSource]:
     if not params.tasks:
         raise ConfigError("data.tasks is empty: declare each task of the folder dataset with its kind and path.")
     root = require_root(params, f"{params.image_dir}/ and the label files of data.tasks")
-    return {name: LABEL_SOURCES[task.kind](root, name, task) for name, task in params.tasks.items()}
+    return {name: LABEL_SOURCES[task.kind](root, name, task, params.max_pixels) for name, task in params.tasks.items()}
 
 
 def image_keys(params: FolderParams, split: str) -> list[str]:
     """The image keys of ``split``: from ``splits/{split}.txt`` or a seeded random split of ``images/``."""
+    return [key for key, _ in listed_keys(params, split)]
+
+
+def listed_keys(params: FolderParams, split: str) -> list[tuple[str, str]]:
+    """The image keys of ``split``, each with where it comes from (the split list and line, or the folder)."""
     root = require_root(params, f"{params.image_dir}/")
     image_dir = root / params.image_dir
     if not image_dir.is_dir():
@@ -302,9 +321,10 @@ def image_keys(params: FolderParams, split: str) -> list[str]:
     listed = root / params.split_dir / f"{split}.txt"
     if (root / params.split_dir).is_dir():
         try:
-            return [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+            lines = listed.read_text().splitlines()
         except OSError as exc:
             raise DataError(f"{listed}: cannot read the split list ({exc}).") from None
+        return [(line.strip(), f"{listed}, line {number}") for number, line in enumerate(lines, 1) if line.strip()]
     keys = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not keys:
@@ -314,25 +334,43 @@ def image_keys(params: FolderParams, split: str) -> list[str]:
     if n_val + n_test >= len(keys):
         raise ConfigError(f"data.val_fraction + data.test_fraction leave no training image out of {len(keys)}.")
     parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-    return [keys[i] for i in sorted(parts[split].tolist())]
+    return [(keys[i], str(image_dir)) for i in sorted(parts[split].tolist())]
 
 
 class FolderDataset(Dataset):
-    """One split of a ``folder`` dataset (see the module docstring)."""
+    """One split of a ``folder`` dataset (see the module docstring); ``origins`` says where each key was read."""
 
-    def __init__(self, image_dir: Path, keys: list[str], sources: dict[str, LabelSource]) -> None:
+    def __init__(self, image_dir: Path, keys: list[str], sources: dict[str, LabelSource],
+                 origins: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.image_dir = image_dir
         self.keys = keys
+        self.origins = origins or [str(image_dir)] * len(keys)
         self.sources = sources
+        self.max_pixels = max_pixels
         tasks = build_tasks({name: source.spec() for name, source in sources.items()})
         self.placeholders = {name: task.placeholder_target for name, task in tasks.items()}
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample ``index``, confined to the image folder (UnsafePath naming the line)."""
+        return confined(self.image_dir, self.keys[index], self.origins[index])
+
+    def sample_source(self, index: int) -> SampleSource:
+        key, image = self.keys[index], self.image_path(index)
+        files = {name: source.file(key) for name, source in self.sources.items() if isinstance(source, FileFolder)}
+        return SampleSource(key, image, {name: path for name, path in files.items() if path is not None})
+
+    def known_targets(self, index: int) -> dict[str, Any]:
+        """The CSV and JSON labels of sample ``index`` (no file is read)."""
+        key = self.keys[index]
+        found = {name: source.target(key) for name, source in self.sources.items() if source.in_memory}
+        return {name: target for name, target in found.items() if target is not None}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = self.keys[index]
-        image = read_image(self.image_dir / key)
+        image = read_image(self.image_path(index), self.max_pixels)
         height, width = image.shape[-2:]
         targets, valid = {}, {}
         for name, source in self.sources.items():
@@ -359,5 +397,7 @@ class Folder(DatasetSource):
         require_split(split)
         sources = label_sources(params)
         root = require_root(params, f"{params.image_dir}/")
-        return FolderDataset(root / params.image_dir, image_keys(params, split), sources)
+        entries = listed_keys(params, split)
+        return FolderDataset(root / params.image_dir, [key for key, _ in entries], sources,
+                             [where for _, where in entries], params.max_pixels)
 

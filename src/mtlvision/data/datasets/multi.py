@@ -52,18 +52,19 @@ class MultiParams(DatasetParams):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
 
 
-def _source(key: str, entry: SourceEntry) -> tuple[type[DatasetSource], DatasetParams]:
+def _source(key: str, entry: SourceEntry, inherited: dict[str, Any]) -> tuple[type[DatasetSource], DatasetParams]:
     if entry.name == "multi":
         raise ConfigError(f"data.sources.{key}.name: a multi dataset cannot hold another multi dataset.")
     source = DATASETS.get(entry.name)
     try:
-        return source, source.Params.model_validate(entry.dataset_params)
+        return source, source.Params.model_validate({**inherited, **entry.dataset_params})
     except ValidationError as exc:
         raise config_error_from(
             exc,
             f"data.sources.{key}",
             f"Invalid parameters for source {key!r} (dataset {entry.name!r})",
             allowed=[*source.Params.model_fields, "tasks"],
+            model=source.Params,
         ) from None
 
 
@@ -71,10 +72,12 @@ def _sources(params: MultiParams) -> dict[str, tuple[type[DatasetSource], Datase
     if not params.sources:
         raise ConfigError("data.sources is empty: list each source dataset with its name and tasks.")
     out = {}
+    # data.max_pixels set beside data.sources applies to every source that does not set its own
+    inherited = {"max_pixels": params.max_pixels} if "max_pixels" in params.model_fields_set else {}
     for key, entry in params.sources.items():
         if not entry.tasks:
             raise ConfigError(f"data.sources.{key}.tasks is empty: map a run task to a task of {entry.name}.")
-        source, source_params = _source(key, entry)
+        source, source_params = _source(key, entry, inherited)
         out[key] = (source, source_params, entry)
     return out
 

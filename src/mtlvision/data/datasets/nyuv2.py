@@ -41,7 +41,7 @@ from mtlvision.data.datasets._files import (
     require_split,
     sample,
 )
-from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
 from mtlvision.errors import DataError
 
 NYU_CLASSES = 13
@@ -65,6 +65,11 @@ class NpyBenchmark(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def sample_source(self, index: int) -> SampleSource:
+        i = self.indices[index]
+        files = {task: self.folder / sub / f"{i}.npy" for task, (sub, _) in self.readers.items()}
+        return SampleSource(f"{self.folder.name}/{i}", self.folder / "image" / f"{i}.npy", files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = self.indices[index]

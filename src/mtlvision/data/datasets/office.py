@@ -26,8 +26,9 @@ from pydantic import Field
 from torch.utils.data import Dataset
 
 from mtlvision.data.datasets._files import build_tasks, require_root, require_split, sample
-from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
-from mtlvision.data.io import read_image
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
+from mtlvision.data.io import DEFAULT_MAX_PIXELS, read_image
+from mtlvision.data.paths import confined
 from mtlvision.data.sampling import MultiSourceDataset, SamplingParams
 from mtlvision.errors import DataError
 
@@ -63,19 +64,30 @@ def read_list(path: Path, num_classes: int) -> list[tuple[str, int]]:
 
 
 class DomainDataset(Dataset):
-    """The images of one domain; each sample carries only that domain's task."""
+    """The images of one domain; each sample carries only that domain's task. ``listed_in`` is the list file
+    that named the images (for messages); every image path must stay inside ``root``."""
 
-    def __init__(self, root: Path, entries: list[tuple[str, int]], task: str) -> None:
+    def __init__(self, root: Path, entries: list[tuple[str, int]], task: str, listed_in: Path | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = root
         self.entries = entries
         self.task = task
+        self.listed_in = str(listed_in or root)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def sample_source(self, index: int) -> SampleSource:
+        path = self.entries[index][0]
+        return SampleSource(path, confined(self.root, path, self.listed_in))
+
+    def known_targets(self, index: int) -> dict[str, Any]:
+        return {self.task: torch.tensor(self.entries[index][1], dtype=torch.int64)}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.entries[index]
-        image = read_image(self.root / path)
+        image = read_image(confined(self.root, path, self.listed_in), self.max_pixels)
         return sample(image, {self.task: torch.tensor(label, dtype=torch.int64)}, {self.task: True}, path)
 
 
@@ -97,9 +109,10 @@ class OfficeBase(DatasetSource):
         require_split(split)
         root = require_root(params, f"the domain image folders and data_txt/{cls.FOLDER}/{{domain}}_{{split}}.txt")
         lists = root / (params.list_dir or f"data_txt/{cls.FOLDER}")
+        files = {d: lists / f"{d}_{split}.txt" for d in cls.DOMAINS}
         sources = {
-            d.lower(): DomainDataset(root, read_list(lists / f"{d}_{split}.txt", cls.NUM_CLASSES), d.lower())
-            for d in cls.DOMAINS
+            d.lower(): DomainDataset(root, read_list(file, cls.NUM_CLASSES), d.lower(), file, params.max_pixels)
+            for d, file in files.items()
         }
         tasks = build_tasks(cls.tasks(params))
         placeholders = {name: task.placeholder_target for name, task in tasks.items()}

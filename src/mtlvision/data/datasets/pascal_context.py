@@ -43,8 +43,9 @@ from mtlvision.data.datasets._files import (
     require_split,
     sample,
 )
-from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
-from mtlvision.data.io import read_image
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
+from mtlvision.data.io import DEFAULT_MAX_PIXELS, read_image
+from mtlvision.data.paths import confined
 from mtlvision.errors import DataError
 
 VOC_CLASSES = (
@@ -90,7 +91,8 @@ def _in_folder(folder: str) -> Callable[[Path, str], Path | None]:
 
 def _decode_saliency(array: np.ndarray, where: Path) -> Tensor:
     grey = array if array.ndim == 2 else array[..., 0]
-    return torch.from_numpy((grey.astype(np.float32) / 255.0 > 0.5).astype(np.int64))
+    peak = 65535.0 if grey.dtype == np.uint16 else 255.0
+    return torch.from_numpy((grey.astype(np.float32) / peak > 0.5).astype(np.int64))
 
 
 def _decode_semseg(array: np.ndarray, where: Path) -> Tensor:
@@ -108,25 +110,38 @@ TASK_FILES: dict[str, tuple[Callable[[Path, str], Path | None], Callable[[np.nda
 class PascalContextDataset(Dataset):
     """One split of ``PASCAL_MT`` (see the module docstring)."""
 
-    def __init__(self, root: Path, ids: list[str], placeholders: dict[str, Any]) -> None:
+    def __init__(self, root: Path, ids: list[str], placeholders: dict[str, Any], listed_in: Path | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = root
         self.ids = ids
         self.placeholders = placeholders
+        self.listed_in = str(listed_in or root)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def sample_source(self, index: int) -> SampleSource:
+        """The files of sample ``index``; an id leading outside ``JPEGImages/`` is refused (UnsafePath), which
+        also keeps its label files (one or two folders deeper under the root) inside the root."""
+        image_id = self.ids[index]
+        image = confined(self.root / "JPEGImages", f"{image_id}.jpg", self.listed_in)
+        labels = {task: locate(self.root, image_id) for task, (locate, _) in TASK_FILES.items()}
+        return SampleSource(image_id, image, {task: path for task, path in labels.items() if path is not None})
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        image = read_image(self.root / "JPEGImages" / f"{image_id}.jpg")
+        source = self.sample_source(index)
+        image = read_image(source.image, self.max_pixels)  # type: ignore[arg-type]
         height, width = image.shape[-2:]
         targets: dict[str, Any] = {}
         valid: dict[str, bool] = {}
-        for task, (locate, decode) in TASK_FILES.items():
-            path = locate(self.root, image_id)
+        for task, (_, decode) in TASK_FILES.items():
+            path = source.label_files.get(task)
             valid[task] = path is not None
             targets[task] = (
-                decode(read_png_array(path), path) if path is not None else self.placeholders[task](height, width)
+                decode(read_png_array(path, self.max_pixels), path) if path is not None
+                else self.placeholders[task](height, width)
             )
         return sample(image, targets, valid, image_id)
 
@@ -162,4 +177,5 @@ class PascalContext(DatasetSource):
             train, val = carve_validation(len(ids), params.val_fraction, params.split_seed)
             ids = [ids[i] for i in (train if split == "train" else val)]
         tasks = build_tasks(cls.tasks(params))
-        return PascalContextDataset(root, ids, {n: t.placeholder_target for n, t in tasks.items()})
+        placeholders = {n: t.placeholder_target for n, t in tasks.items()}
+        return PascalContextDataset(root, ids, placeholders, list_path, params.max_pixels)

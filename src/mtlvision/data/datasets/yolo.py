@@ -8,7 +8,8 @@ Layout under ``data.root`` (paths configurable, ``{split}`` is replaced by train
 
 When ``data.yaml`` names a folder for a split (``val: images/valid``), that folder, relative to
 ``data.root``, holds the split's images and its labels are found by replacing the last ``images`` part of
-the path by ``labels``, as ultralytics does. Blank lines are skipped; any other line that is not five
+the path by ``labels``, as ultralytics does; a folder outside ``data.root`` (absolute, or climbing out with
+``..``) is refused. Blank lines are skipped; any other line that is not five
 numbers, has a class outside ``names`` or coordinates outside [0, 1] is an error naming the file and line.
 An image without a label file has no objects (zero boxes), as in ultralytics' convention for background
 images. Images are resized to ``image_size`` and boxes follow (the coordinates are normalised); boxes are
@@ -24,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
+from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
+from mtlvision.data.io import read_image_resized
+from mtlvision.data.paths import confined
 from mtlvision.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -86,8 +88,8 @@ def split_folders(params: YoloParams, split: str) -> tuple[Path, Path]:
     named = read_data_yaml(params).get(split)
     if named is None:
         images = root / params.image_dir.format(split=split)
-    elif isinstance(named, str) and (root / named).is_dir():
-        images = root / named
+    elif isinstance(named, str) and confined(root, named, f"{root / params.data_yaml}, '{split}'").is_dir():
+        images = confined(root, named, str(root / params.data_yaml))
     else:
         raise DataError(
             f"{root / params.data_yaml}: '{split}: {named}' must name an image folder under {root} "
@@ -138,6 +140,7 @@ class YoloDataset(Dataset):
     def __init__(self, params: YoloParams, split: str) -> None:
         self.names = class_names(params)
         self.size = _pair(params.image_size)
+        self.max_pixels = params.max_pixels
         self.image_dir, label_dir = split_folders(params, split)
         if not self.image_dir.is_dir():
             raise DataError(f"YOLO image folder {self.image_dir} not found (split {split!r})")
@@ -145,25 +148,22 @@ class YoloDataset(Dataset):
         if not self.files:
             raise DataError(f"YOLO image folder {self.image_dir} holds no {'/'.join(IMAGE_SUFFIXES)} images")
         empty = (np.zeros((0, 4)), np.zeros((0,), dtype=np.int64))
-        self.labels = [
-            parse_label_file(label, len(self.names)) if label.is_file() else empty
-            for label in (label_dir / f"{file.stem}.txt" for file in self.files)
-        ]
+        label_files = [label_dir / f"{file.stem}.txt" for file in self.files]
+        self.label_files = [label if label.is_file() else None for label in label_files]
+        self.labels = [parse_label_file(label, len(self.names)) if label else empty for label in self.label_files]
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def sample_source(self, index: int) -> SampleSource:
+        label = self.label_files[index]
+        return SampleSource(self.files[index].name, self.files[index], {"detection": label} if label else {})
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         file = self.files[index]
-        try:
-            with Image.open(file) as opened:
-                picture = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot decode image {file}: {error}") from error
-        height, width = self.size
-        image = np.asarray(picture.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+        image, _ = read_image_resized(file, self.size, self.max_pixels)
         return {
-            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            "image": image,
             "targets": {"detection": self._boxes(index)},
             "valid": {"detection": True},
             "id": file.name,

@@ -230,8 +230,10 @@ def test_skip_bad_skips_as_many_samples_as_data_check_reports(tmp_path, capsys):
     assert skipped == report.bad_samples == {"train": 3, "val": 0, "test": 0}
 
 
-def test_train_stops_before_training_on_a_leak_or_a_path_outside_the_data(tmp_path, capsys):
-    from mtlvision import api
+def test_train_stops_before_training_on_a_leak_or_a_path_outside_the_data(tmp_path, capsys, monkeypatch):
+    from mtlvision import api, cli
+
+    monkeypatch.setattr(cli.console, "width", 400)  # the report table wraps words at the terminal's width
     from mtlvision.errors import DataError
 
     config = write_folder(tmp_path / "data", corrupt=False, bad_label=False)

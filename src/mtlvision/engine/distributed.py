@@ -8,7 +8,9 @@ as one process on the combined batch (equal per-rank batch sizes, mean-reduced l
 Faults: ranks stop together at a step boundary (:func:`agree_on_stop`, so that a signal on one rank never
 leaves another waiting in a different collective); every collective gives up after ``train.dist_timeout``
 seconds; and inside :func:`peer_guard` a backend failure (a rank died or hung) becomes one :class:`PeerLost`
-paragraph instead of a gloo/NCCL traceback.
+paragraph instead of a gloo/NCCL traceback. Normalisation running statistics are averaged over ranks after
+every step (:func:`average_running_stats`), so every rank validates, and the checkpoint saves, the same
+buffers, and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from mtlvision.errors import MtlvisionError
 
@@ -140,6 +143,34 @@ def agree_on_stop(signum: int | None, device: torch.device) -> tuple[int, int] |
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     found, by = (int(v) for v in flag.tolist())
     return (found, by) if found else None
+
+
+def average_running_stats(module: nn.Module) -> None:
+    """Set every normalisation layer's running mean and variance to their mean over ranks (one all-reduce).
+
+    Each rank tracks statistics of its own shard; called after every step, every rank holds the same buffers
+    (the running mean is then the one a single process on the combined batch tracks), so sharded validation
+    and the checkpoint (saved from rank 0, loaded by every rank) agree.
+    """
+    if not is_distributed():
+        return
+    stats = [
+        buffer
+        for layer in module.modules()
+        if isinstance(layer, _NormBase) and layer.track_running_stats
+        for buffer in (layer.running_mean, layer.running_var)
+        if buffer is not None
+    ]
+    if not stats:
+        return
+    flat = torch.cat([b.detach().float().reshape(-1) for b in stats])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for buffer in stats:
+        n = buffer.numel()
+        buffer.copy_(flat[offset : offset + n].view_as(buffer))
+        offset += n
 
 
 def _backend_failure(exc: BaseException) -> bool:

@@ -395,6 +395,7 @@ class Trainer:
                 state.epoch_batches += 1
                 if len(pending) == self.accumulate or state.epoch_batches == start_batch + len(loader):
                     result = self.train_step(pending)
+                    dist.average_running_stats(self.model)
                     images = sum(int(b["image"].shape[0]) for b in pending)
                     pending = []
                     if result is not None:

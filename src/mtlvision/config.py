@@ -148,6 +148,7 @@ class TrainConfig(_Strict):
     compile: bool = False
     checkpoint_every: int = Field(0, ge=0)
     max_nonfinite: int = Field(10, ge=1)
+    dist_timeout: float = Field(300.0, gt=0)  # seconds a torchrun collective waits for the other ranks
 
     @field_validator("device")
     @classmethod

@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from mtlvision.engine import distributed as dist
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult
 from mtlvision.tasks.base import Task
@@ -85,14 +88,29 @@ class Selection:
 
 
 class StopRequest:
-    """SIGTERM and SIGINT, while :meth:`catching`, ask for a checkpoint at the next step boundary."""
+    """SIGTERM and SIGINT, while :meth:`catching`, ask for a checkpoint at the next step boundary.
+
+    Under torchrun a signal may reach one rank only: every rank calls :meth:`agreed` at each step boundary,
+    so that all of them stop at the same step (and none waits in a collective the others never enter).
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.rank: int | None = None  # the rank that received it, once agreed under torchrun
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal is not None else ""
+        if self.signal is None:
+            return ""
+        name = signal.Signals(self.signal).name
+        return f"{name} (received by rank {self.rank})" if dist.world_size() > 1 else name
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop; every rank must call this at the same step boundary."""
+        found = dist.agree_on_stop(self.signal, device)
+        if found is not None:
+            self.signal, self.rank = found
+        return found is not None
 
     @contextmanager
     def catching(self) -> Iterator[None]:

@@ -131,7 +131,7 @@ class Trainer:
         self.progress = config.progress and dist.is_main()
         self.on_step = on_step
         self.auxiliary = auxiliary
-        self.device = dist.setup(resolve_device(config.device))
+        self.device = dist.setup(resolve_device(config.device), config.dist_timeout)
         seed_everything(seed, config.deterministic)
         self.precision = Precision(config.precision, self.device)
         self.model.to(self.device)
@@ -326,7 +326,7 @@ class Trainer:
         stopped_early = False
         best_val: EvalResult | None = None
         try:
-            with self.stop.catching():
+            with self.stop.catching(), dist.peer_guard(self.run_dir):
                 for epoch in range(self.state.epoch, self.epochs):
                     row = self._train_epoch(train_data, epoch, tb)
                     val, score = None, float(row["train_loss"])
@@ -395,6 +395,7 @@ class Trainer:
                 state.epoch_batches += 1
                 if len(pending) == self.accumulate or state.epoch_batches == start_batch + len(loader):
                     result = self.train_step(pending)
+                    dist.average_running_stats(self.model)
                     images = sum(int(b["image"].shape[0]) for b in pending)
                     pending = []
                     if result is not None:
@@ -408,7 +409,7 @@ class Trainer:
                         self.on_step(self)
                     if self.config.checkpoint_every and state.step % self.config.checkpoint_every == 0:
                         self._save()
-                    if self.stop.signal is not None:
+                    if self.stop.agreed(self.device):  # every rank, at the same step
                         self._save()
                         raise TrainingInterrupted(
                             f"stopped by signal {self.stop.name} at step {state.step}; "

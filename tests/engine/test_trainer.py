@@ -193,6 +193,20 @@ def test_ema_weights_are_what_gets_evaluated():
     assert not torch.equal(flat_weights(trainer.evaluated_model), flat_weights(trainer.model))
 
 
+def test_ema_carries_batch_norm_statistics():
+    from mtlvision.models import MultiTaskModel
+
+    from .tinyrun import tiny_backbone, tiny_tasks
+
+    torch.manual_seed(0)
+    model = MultiTaskModel(tiny_backbone, tiny_tasks())  # the heads keep their BatchNorm layers
+    trainer = Trainer(model, "ew", ema=0.5, **{**COMMON, "epochs": 1})
+    trainer.fit(TinyScenes())
+    norms = [m for m in trainer.evaluated_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) > 0 for m in norms)
+    assert all(float(m.running_mean.abs().sum()) > 0 for m in norms)
+
+
 @pytest.mark.parametrize("balancer", ["ew", "upgrad", "mgda"])
 def test_representation_and_gradient_balancers_train(balancer):
     result = Trainer(tiny_model(), balancer, **{**COMMON, "epochs": 1}).fit(TinyScenes())

@@ -138,11 +138,9 @@ class Trainer:
         self.balancer.setup(len(self.tasks))
         self.balancer.to(self.device)
         self.forward: Any = CompiledModel(model) if config.compile else model
-        # use_buffers: BatchNorm statistics are averaged with the weights (without it the evaluated EMA copy
-        # kept the statistics of initialisation)
+        # the EMA copy averages the weights; update_parameters copies the model's buffers (BatchNorm statistics)
         self.ema = (
-            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-            if config.ema is not None else None
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema is not None else None
         )
         # after the EMA copy, which would otherwise copy the taps' hooks
         self.jacobian, self.taps = self._jacobian_path(balancing.jacobian, config.compile)

@@ -7,13 +7,25 @@ wrong and, where the allowed values are a fixed set, list them.
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+import typing
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PydanticUserError,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mtlvision.errors import ConfigError
 from mtlvision.validation import config_error_from
@@ -26,7 +38,25 @@ DEFAULT_PRESET = "scenes"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite or NaN float (train.lr=.inf) is refused where it is given
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _non_finite(value: Any, key: str) -> list[str]:
+    """The dotted keys under ``key`` holding an infinite or NaN float."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [key]
+    if isinstance(value, Mapping):
+        return [k for name, v in value.items() for k in _non_finite(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in _non_finite(v, f"{key}[{i}]")]
+    return []
+
+
+def _refuse_non_finite(values: Mapping[str, Any]) -> None:
+    bad = _non_finite(dict(values), "")
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be a finite number, not infinite or NaN")
 
 
 class TaskEntry(BaseModel):
@@ -50,7 +80,7 @@ class TaskEntry(BaseModel):
 class DataConfig(BaseModel):
     """``data.*``: the dataset (its own keys are validated by the dataset), loading and augmentation."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = "scenes"
     root: str | None = None
@@ -65,6 +95,11 @@ class DataConfig(BaseModel):
         params["name"] = self.name
         params["root"] = self.root
         return params
+
+    @model_validator(mode="after")
+    def _finite_extras(self) -> DataConfig:
+        _refuse_non_finite({**(self.model_extra or {}), "augment": self.augment})
+        return self
 
 
 class ModelConfig(_Strict):
@@ -108,7 +143,7 @@ class ModelConfig(_Strict):
 class BalancerConfig(BaseModel):
     """``balancer.*``: the method's name, its mode, and its hyper-parameters beside them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = "ew"
     mode: Literal["auto", "params", "representation"] = "auto"
@@ -118,9 +153,20 @@ class BalancerConfig(BaseModel):
     def hparams(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    @model_validator(mode="after")
+    def _finite_hparams(self) -> BalancerConfig:
+        _refuse_non_finite(self.hparams)
+        return self
+
 
 class TrainConfig(_Strict):
-    """``train.*``: the optimisation loop."""
+    """``train.*``: the optimisation loop.
+
+    ``select`` chooses the kept epoch: ``loss`` (validation loss), ``TASK.METRIC`` (that validation metric) or
+    ``last`` (the last epoch; the only choice that needs no validation split). ``keep_checkpoint`` keeps
+    ``checkpoint.pt`` after a run finishes (needed to extend it later with ``--resume --set train.epochs=N``);
+    by default a finished run keeps only what inference needs.
+    """
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -145,6 +191,7 @@ class TrainConfig(_Strict):
     compile: bool = False
     checkpoint_every: int = Field(0, ge=0)
     max_nonfinite: int = Field(10, ge=1)
+    keep_checkpoint: bool = False
 
     @field_validator("device")
     @classmethod
@@ -212,6 +259,28 @@ class RunConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------- rules across sections
+def check_balancer_hparams(cls: type, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``balancer.*`` hyper-parameters checked against the annotations of the method's constructor, each error
+    naming the key (``balancer.weights=abc``); returns them converted to those types."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+    except (NameError, TypeError):  # annotations that cannot be resolved here are left to the method
+        hints = {}
+    accepted = inspect.signature(cls).parameters
+    checked = dict(hparams)
+    for key, value in hparams.items():
+        if key not in hints or key not in accepted:
+            continue
+        try:
+            adapter = TypeAdapter(hints[key], config=ConfigDict(allow_inf_nan=False, arbitrary_types_allowed=True))
+            checked[key] = adapter.validate_python(value)
+        except PydanticUserError:  # a type pydantic cannot check: left to the method
+            pass
+        except ValidationError as exc:
+            raise config_error_from(exc, f"balancer.{key}", "Invalid configuration") from None
+    return checked
+
+
 def resolve_balancing(train: TrainConfig, balancing: BalancerConfig, method: Balancer) -> Literal[
     "params", "representation"
 ]:
@@ -259,7 +328,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, where: str) -> dict[str, Any]:
+def read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -278,14 +347,14 @@ def load_raw(source: str | Path | None) -> dict[str, Any]:
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return _read_yaml(path.read_text(), f"config file {path}")
+        return read_yaml(path.read_text(), f"config file {path}")
     name = str(source)
     if name not in preset_names():
         raise ConfigError(
             f"{name!r} is neither a config file nor a preset. Presets: {', '.join(preset_names())}."
         )
     text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
-    return _read_yaml(text, f"preset {name}")
+    return read_yaml(text, f"preset {name}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -11,12 +11,13 @@ import torch
 from pydantic import ValidationError
 from torch.utils.data import Dataset, Sampler
 
-from mtlvision.balancers import Balancer, get as get_balancer
+from mtlvision.balancers import Balancer
+from mtlvision.balancers import get as get_balancer
 from mtlvision.config import RunConfig, TaskEntry
 from mtlvision.data.check import CheckedSamples, SkipBadSamples
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
-from mtlvision.engine.checkpoint import load_weights
+from mtlvision.engine.checkpoint import load_weights, read_weights
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
 from mtlvision.errors import CheckpointError, ConfigError
 from mtlvision.models import MultiTaskModel
@@ -91,14 +92,8 @@ def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]
     Returns the names loaded, and those skipped because the file lacks them or their shape differs; a file
     that matches nothing is an error (it was saved from another backbone or architecture).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     own = model.state_dict()
+    saved = read_weights(path, like=own)
     source = {k: k for k in own if k in saved}
     # Architectures place the backbone stages differently (HPS: architecture.backbone.stages.i, MTAN:
     # architecture.stages.i, cross-stitch: one copy per task); a stage tensor found exactly once in the

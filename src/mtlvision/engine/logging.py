@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,18 +12,25 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mtlvision.engine.checkpoint import atomic_write
+
 console = Console(stderr=True)
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    """Write the per-epoch history as CSV with the union of all columns, in first-seen order."""
+    """Write the per-epoch history as CSV with the union of all columns, in first-seen order (atomically)."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(buffer.getvalue(), newline="")
+
+    atomic_write(path, write)
 
 
 def flatten_metrics(prefix: str, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

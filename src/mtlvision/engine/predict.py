@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def _jsonable(value: Any, stem: Path, key: str) -> Any:
-    """Replace arrays by files beside the JSON: integer maps as PNG, float maps as .npy."""
+    """Replace arrays by files beside the JSON: integer maps as PNG, float maps as .npy; a number that is not
+    finite becomes null (JSON has no NaN)."""
     if isinstance(value, dict):
         return {k: _jsonable(v, stem, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -51,7 +53,9 @@ def _jsonable(value: Any, stem: Path, key: str) -> Any:
             np.save(path, value)
         return path.name
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
@@ -90,7 +94,7 @@ def predict_images(run: str | Path | Run, inputs: Iterable[str | Path], out: str
             decoded = task.decode(predictions[name])[0]
             record["tasks"][name] = _jsonable(decoded, stem, name)
             drawings[name] = task.draw(picture, decoded)
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
         _panel(picture, drawings).save(stem.with_suffix(".png"))
         results.append(record)
     return results

@@ -1,4 +1,4 @@
-"""Run logging: per-epoch CSV history, TensorBoard scalars and a rich progress bar."""
+"""Run logging: per-epoch CSV history, TensorBoard scalars, a rich progress bar, and the epoch-end summary."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import io
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -31,6 +32,48 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
         tmp.write_text(buffer.getvalue(), newline="")
 
     atomic_write(path, write)
+
+
+@dataclass
+class EpochSummary:
+    """What one finished epoch says (the ``on_epoch_end`` event of the trainer, logged by a training run).
+
+    ``metrics`` are this epoch's validation metrics per task (empty without validation), ``best_metrics``
+    those of the best epoch so far (``best_epoch``, the kept weights); ``delta_m`` and ``best_delta_m`` are
+    Δm % on the validation split against the single-task experts, when they exist.
+    """
+
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float | None
+    metrics: dict[str, dict[str, float]]
+    best_epoch: int
+    best_metrics: dict[str, dict[str, float]]
+    is_best: bool
+    delta_m: float | None = None
+    best_delta_m: float | None = None
+
+    def line(self) -> str:
+        """One plain line (what a log file shows)."""
+        parts = [f"epoch {self.epoch}/{self.epochs}", f"train loss {self.train_loss:.4f}"]
+        if self.val_loss is not None:
+            parts.append(f"val loss {self.val_loss:.4f}")
+        parts += [f"{t}.{m} {v:.4f}" for t, values in self.metrics.items() for m, v in values.items()]
+        if self.delta_m is not None:
+            parts.append(f"Δm {self.delta_m:+.2f}%")
+        parts.append("best so far" if self.is_best else f"best: epoch {self.best_epoch}")
+        return " — ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if parts[2:] else "")
+
+
+def metrics_of_row(row: Mapping[str, float], prefix: str = "val") -> dict[str, dict[str, float]]:
+    """The inverse of :func:`flatten_metrics` on one history row."""
+    metrics: dict[str, dict[str, float]] = {}
+    for key, value in row.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == prefix:
+            metrics.setdefault(parts[1], {})[parts[2]] = float(value)
+    return metrics
 
 
 def flatten_metrics(prefix: str, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

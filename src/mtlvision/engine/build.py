@@ -19,7 +19,7 @@ from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, Task
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.checkpoint import load_weights, read_weights
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
-from mtlvision.errors import CheckpointError, ConfigError
+from mtlvision.errors import CheckpointError, ConfigError, DataError
 from mtlvision.models import MultiTaskModel
 from mtlvision.models.architectures import ARCHITECTURES
 from mtlvision.models.init import INIT_SCHEMES, PRETRAINED
@@ -231,12 +231,24 @@ def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: boo
     ``data.skip_bad`` unreadable or refused samples are skipped and counted instead.
     """
     source, params = dataset_source(config)
-    base = source.build(params, split)
+    try:
+        base = source.build(params, split)
+    except MemoryError:
+        raise DataError(_too_large(config, split)) from None
     checked: Dataset = CheckedSamples(base, {t.name: t for t in tasks}, split)
     if config.data.skip_bad:
         checked = SkipBadSamples(checked)
     transform = build_transforms(config.data.augment, target_specs(tasks), train=train)
     return PreparedDataset(checked, [t.name for t in tasks], transform, seed=config.seed, batches_from=base)
+
+
+def _too_large(config: RunConfig, split: str) -> str:
+    sizes = sorted(
+        ((value, key) for key, value in config.data.dataset_params.items()
+         if isinstance(value, int) and not isinstance(value, bool)), reverse=True,
+    )
+    hint = f"; the largest number among the data settings is data.{sizes[0][1]}={sizes[0][0]}" if sizes else ""
+    return f"not enough memory to build the {split} split of dataset {config.data.name!r}{hint}: lower it"
 
 
 def with_absolute_init(config: RunConfig) -> RunConfig:

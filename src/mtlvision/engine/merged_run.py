@@ -123,7 +123,6 @@ def merge_experts(
     save_weights(model, run_dir / WEIGHTS_NAME)
     split = config.train.eval_split
     metrics = evaluate_splits(config, model, ["val", split])
-    delta, note = delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split)
     report = RunReport(
         split=split, metrics=metrics[split], val_metrics=metrics["val"],
         model=model_complexity(model.cpu(), image_size=image_size(config)),
@@ -134,7 +133,7 @@ def merge_experts(
             "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
             **merge_report.summary(),
         },
-        delta_m=delta, delta_m_note=note,
+        **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
     )
     report.save(run_dir)
     return Run(path=run_dir, config=config, report=report)

@@ -109,13 +109,13 @@ def test_non_finite_numbers_are_refused_at_config_time(override, fragment):
 
 def test_balancer_hyperparameters_are_checked_against_the_method():
     from mtlvision.balancers import BALANCERS
-    from mtlvision.config import check_balancer_hparams
+    from mtlvision.validation import check_annotated
 
     with pytest.raises(ConfigError, match="balancer.weights: 'str' instances are not allowed"):
-        check_balancer_hparams(BALANCERS.get("fixed"), {"weights": "abc"})
+        check_annotated(BALANCERS.get("fixed"), {"weights": "abc"}, "balancer")
     with pytest.raises(ConfigError, match="balancer.c: Input should be a finite number"):
-        check_balancer_hparams(BALANCERS.get("cagrad"), {"c": float("inf")})
-    assert check_balancer_hparams(BALANCERS.get("fixed"), {"weights": [1, 2]}) == {"weights": [1.0, 2.0]}
+        check_annotated(BALANCERS.get("cagrad"), {"c": float("inf")}, "balancer")
+    assert check_annotated(BALANCERS.get("fixed"), {"weights": [1, 2]}, "balancer") == {"weights": [1.0, 2.0]}
 
 
 def test_resume_accepts_only_the_keys_that_may_change():

@@ -7,28 +7,16 @@ wrong and, where the allowed values are a fixed set, list them.
 from __future__ import annotations
 
 import copy
-import inspect
-import math
-import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PydanticUserError,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtlvision.errors import ConfigError
-from mtlvision.validation import config_error_from
+from mtlvision.validation import check_annotated, config_error_from, refuse_non_finite
 
 if TYPE_CHECKING:
     from mtlvision.balancers.base import Balancer
@@ -40,23 +28,6 @@ DEFAULT_PRESET = "scenes"
 class _Strict(BaseModel):
     # allow_inf_nan=False: an infinite or NaN float (train.lr=.inf) is refused where it is given
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def _non_finite(value: Any, key: str) -> list[str]:
-    """The dotted keys under ``key`` holding an infinite or NaN float."""
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [key]
-    if isinstance(value, Mapping):
-        return [k for name, v in value.items() for k in _non_finite(v, f"{key}.{name}" if key else str(name))]
-    if isinstance(value, (list, tuple)):
-        return [k for i, v in enumerate(value) for k in _non_finite(v, f"{key}[{i}]")]
-    return []
-
-
-def _refuse_non_finite(values: Mapping[str, Any]) -> None:
-    bad = _non_finite(dict(values), "")
-    if bad:
-        raise ValueError(f"{', '.join(bad)} must be a finite number, not infinite or NaN")
 
 
 class TaskEntry(BaseModel):
@@ -98,7 +69,7 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _finite_extras(self) -> DataConfig:
-        _refuse_non_finite({**(self.model_extra or {}), "augment": self.augment})
+        refuse_non_finite({**(self.model_extra or {}), "augment": self.augment})
         return self
 
 
@@ -153,9 +124,16 @@ class BalancerConfig(BaseModel):
     def hparams(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    def checked_hparams(self) -> dict[str, Any]:
+        """The hyper-parameters checked against the annotations of the method's constructor, each error naming
+        its key (``balancer.weights=abc``), converted to those types."""
+        from mtlvision.balancers import BALANCERS
+
+        return check_annotated(BALANCERS.get(self.name), self.hparams, "balancer")
+
     @model_validator(mode="after")
     def _finite_hparams(self) -> BalancerConfig:
-        _refuse_non_finite(self.hparams)
+        refuse_non_finite(self.hparams)
         return self
 
 
@@ -259,28 +237,6 @@ class RunConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------- rules across sections
-def check_balancer_hparams(cls: type, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """``balancer.*`` hyper-parameters checked against the annotations of the method's constructor, each error
-    naming the key (``balancer.weights=abc``); returns them converted to those types."""
-    try:
-        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
-    except (NameError, TypeError):  # annotations that cannot be resolved here are left to the method
-        hints = {}
-    accepted = inspect.signature(cls).parameters
-    checked = dict(hparams)
-    for key, value in hparams.items():
-        if key not in hints or key not in accepted:
-            continue
-        try:
-            adapter = TypeAdapter(hints[key], config=ConfigDict(allow_inf_nan=False, arbitrary_types_allowed=True))
-            checked[key] = adapter.validate_python(value)
-        except PydanticUserError:  # a type pydantic cannot check: left to the method
-            pass
-        except ValidationError as exc:
-            raise config_error_from(exc, f"balancer.{key}", "Invalid configuration") from None
-    return checked
-
-
 def resolve_balancing(train: TrainConfig, balancing: BalancerConfig, method: Balancer) -> Literal[
     "params", "representation"
 ]:

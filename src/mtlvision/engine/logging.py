@@ -65,15 +65,15 @@ class EpochSummary:
         parts.append("best so far" if self.is_best else f"best: epoch {self.best_epoch}")
         return " — ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if parts[2:] else "")
 
-
-def metrics_of_row(row: Mapping[str, float], prefix: str = "val") -> dict[str, dict[str, float]]:
-    """The inverse of :func:`flatten_metrics` on one history row."""
-    metrics: dict[str, dict[str, float]] = {}
-    for key, value in row.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == prefix:
-            metrics.setdefault(parts[1], {})[parts[2]] = float(value)
-    return metrics
+    @staticmethod
+    def metrics_of(row: Mapping[str, float], prefix: str = "val") -> dict[str, dict[str, float]]:
+        """A history row's ``prefix/task/metric`` columns as ``{task: {metric: value}}``."""
+        metrics: dict[str, dict[str, float]] = {}
+        for key, value in row.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == prefix:
+                metrics.setdefault(parts[1], {})[parts[2]] = float(value)
+        return metrics
 
 
 def flatten_metrics(prefix: str, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

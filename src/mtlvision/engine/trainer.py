@@ -30,38 +30,16 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from mtlvision.balancers import (
-    BALANCERS,
-    Balancer,
-    GradientEngine,
-    LayerTaps,
-    Needs,
-    resolve_jacobian_path,
-)
-from mtlvision.balancers import (
-    get as get_balancer,
-)
-from mtlvision.config import (
-    BalancerConfig,
-    RunConfig,
-    TrainConfig,
-    check_balancer_hparams,
-    resolve_balancing,
-    validate_section,
-)
+from mtlvision.balancers import Balancer, GradientEngine, LayerTaps, Needs, get as get_balancer, resolve_jacobian_path
+from mtlvision.config import BalancerConfig, RunConfig, TrainConfig, resolve_balancing, validate_section
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
-from mtlvision.engine.logging import (
-    EpochProgress,
-    EpochSummary,
-    TensorBoardLog,
-    flatten_metrics,
-    metrics_of_row,
-    write_history,
-)
+from mtlvision.engine.logging import EpochProgress, EpochSummary, TensorBoardLog, flatten_metrics, write_history
+from mtlvision.engine.optim import build_optimizer, build_scheduler
+from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.loop_state import (
     FitResult,
     LoopState,
@@ -70,9 +48,7 @@ from mtlvision.engine.loop_state import (
     StopRequest,
     TrainingInterrupted,
 )
-from mtlvision.engine.optim import build_optimizer, build_scheduler
 from mtlvision.engine.precision import Precision
-from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
@@ -138,8 +114,7 @@ class Trainer:
         config = validate_section("train", TrainConfig, {**(train.model_dump() if train else {}), **options})
         if isinstance(balancer, BalancerConfig):
             balancing = validate_section("balancer", BalancerConfig, {**balancer.model_dump(), **balancing_options})
-            hparams = check_balancer_hparams(BALANCERS.get(balancing.name), balancing.hparams)
-            method = get_balancer(balancing.name, **hparams)
+            method = get_balancer(balancing.name, **balancing.checked_hparams())
         else:
             name = balancer if isinstance(balancer, str) else type(balancer).__name__
             balancing = validate_section("balancer", BalancerConfig, {"name": name, **balancing_options})
@@ -403,8 +378,9 @@ class Trainer:
         best = next((r for r in state.history if int(r["epoch"]) == state.best_epoch), row)
         self.on_epoch_end(EpochSummary(
             epoch=state.epoch, epochs=self.epochs, train_loss=float(row["train_loss"]),
-            val_loss=val.total_loss if val is not None else None, metrics=metrics_of_row(row),
-            best_epoch=state.best_epoch, best_metrics=metrics_of_row(best), is_best=state.best_epoch == state.epoch,
+            val_loss=val.total_loss if val is not None else None, metrics=EpochSummary.metrics_of(row),
+            best_epoch=state.best_epoch, best_metrics=EpochSummary.metrics_of(best),
+            is_best=state.best_epoch == state.epoch,
         ))
 
     @property

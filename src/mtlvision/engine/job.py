@@ -135,7 +135,7 @@ class TrainingRun:
             with self._lock(run_dir):
                 return self._train(run_dir, prepared)
         except BaseException:
-            if dist.is_main() and not (run_dir / CHECKPOINT_NAME).exists():
+            if dist.is_main() and not any((run_dir / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME)):
                 shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no folder behind
             raise
 

@@ -47,9 +47,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (read without changing it where the
+    system says it, as setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -23,8 +23,9 @@ def trained(tmp_path_factory):
 
 def test_train_writes_the_run_folder(trained):
     run = trained / "joint"
-    for name in ("config.yaml", "metrics.json", "history.csv", "model.safetensors", "checkpoint.pt"):
+    for name in ("config.yaml", "metrics.json", "history.csv", "model.safetensors"):
         assert (run / name).is_file(), name
+    assert not (run / "checkpoint.pt").exists()  # a finished run keeps what inference needs (train.keep_checkpoint)
     assert (run / "plots" / "losses.png").is_file() and (run / "plots" / "metrics_segmentation.png").is_file()
     report = json.loads((run / "metrics.json").read_text())
     assert set(report["metrics"]) == {"count", "segmentation"}

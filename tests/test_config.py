@@ -117,3 +117,45 @@ def test_override_without_equals_is_refused():
 def test_override_into_a_scalar_is_refused():
     with pytest.raises(ConfigError, match="not a section"):
         load_config("scenes", ["seed.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("train.lr=1e999", "train.lr: Input should be a finite number"),
+        ("train.grad_clip=.nan", "train.grad_clip: Input should be a finite number"),
+        ("distill.weights={count: .inf}", "distill.weights.count"),
+        ("model.backbone_lr_scale=.inf", "model.backbone_lr_scale"),
+        ("balancer.weights=[1, .inf]", "weights[1] must be a finite number"),
+        ("data.augment={scale: [.nan, 1.0]}", "augment.scale[0] must be a finite number"),
+    ],
+)
+def test_non_finite_numbers_are_refused_at_config_time(override, fragment):
+    with pytest.raises(ConfigError, match="Invalid configuration") as info:
+        load_config("scenes", [override])
+    assert fragment in str(info.value)
+
+
+def test_balancer_hyperparameters_are_checked_against_the_method():
+    from mtlvision.balancers import BALANCERS
+    from mtlvision.validation import check_annotated
+
+    with pytest.raises(ConfigError, match="balancer.weights: 'str' instances are not allowed"):
+        check_annotated(BALANCERS.get("fixed"), {"weights": "abc"}, "balancer")
+    with pytest.raises(ConfigError, match="balancer.c: Input should be a finite number"):
+        check_annotated(BALANCERS.get("cagrad"), {"c": float("inf")}, "balancer")
+    assert check_annotated(BALANCERS.get("fixed"), {"weights": [1, 2]}, "balancer") == {"weights": [1.0, 2.0]}
+
+
+def test_resume_accepts_only_the_keys_that_may_change():
+    from mtlvision.run_settings import RESUME_KEYS, with_resume_overrides
+
+    stored = load_config("scenes", ["train.epochs=2"])
+    assert with_resume_overrides(stored, ["train.epochs=5", "train.progress=false"]).train.epochs == 5
+    assert with_resume_overrides(stored, {"train.lr": stored.train.lr}) == stored  # restating a value is no change
+    with pytest.raises(ConfigError) as info:
+        with_resume_overrides(stored, ["train.lr=0.5", "model.backbone=resnet34", "train.epochs=4"])
+    message = str(info.value)
+    assert "train.lr (run 0.002, asked 0.5)" in message and "model.backbone" in message
+    assert "train.epochs (" not in message and all(key in message for key in RESUME_KEYS)

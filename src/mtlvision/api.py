@@ -55,11 +55,20 @@ def train(
     out: str | Path = "runs",
     resume: str | Path | None = None,
 ) -> Run:
-    """Train a multi-task model (``mtlvision train``); with ``resume`` continue that run folder's checkpoint."""
+    """Train a multi-task model (``mtlvision train``).
+
+    With ``resume`` (a run folder), continue it from its checkpoint with its own config; ``overrides`` may then
+    change only what :data:`mtlvision.run_settings.RESUME_KEYS` lists (``train.epochs`` to extend a run, ...),
+    and a finished run is returned unchanged unless its epochs are extended.
+    """
     from mtlvision.engine.job import TrainingRun
 
     if resume is not None:
-        return TrainingRun(resume=resume).execute()
+        if source is not None:
+            raise MtlvisionError("resume continues a run folder with its own config; give overrides, not a source")
+        if overrides is not None and not isinstance(overrides, Mapping):
+            overrides = list(overrides)
+        return TrainingRun(resume=resume, overrides=overrides).execute()
     return TrainingRun(config(source, overrides), out=out, name=name).execute()
 
 

@@ -18,6 +18,7 @@ from mtlvision.errors import MtlvisionError
 from mtlvision.registry import REGISTRY_KINDS
 
 if TYPE_CHECKING:
+    from mtlvision.engine.logging import EpochSummary
     from mtlvision.engine.runs import RunReport
 
 console = Console()
@@ -28,8 +29,31 @@ class _ConsoleHandler(logging.Handler):
     """Library messages (``logging`` under ``mtlvision``) on the terminal: plain lines, warnings in yellow."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        summary = getattr(record, "epoch_summary", None)
+        if summary is not None:  # a training run's epoch end: drawn as a table
+            console.print(_epoch_table(summary))
+            return
         style = "yellow" if record.levelno >= logging.WARNING else None
         err_console.print(self.format(record), style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _epoch_table(summary: EpochSummary) -> Table:
+    """The epoch-end table: this epoch's validation metrics per task beside the best epoch's, Δm when known."""
+    title = f"epoch {summary.epoch}/{summary.epochs}: train loss {summary.train_loss:.4f}"
+    if summary.val_loss is not None:
+        title += f", val loss {summary.val_loss:.4f}"
+    title += " — best so far" if summary.is_best else f" — best: epoch {summary.best_epoch}"
+    table = Table(title=title, title_justify="left")
+    for column in ("task", "metric", f"epoch {summary.epoch}", f"best (epoch {summary.best_epoch})"):
+        table.add_column(column, justify="right" if column[0] in "eb" else "left")
+    for task, values in summary.metrics.items():
+        for metric, value in values.items():
+            best = summary.best_metrics.get(task, {}).get(metric)
+            table.add_row(task, metric, f"{value:.4f}", "" if best is None else f"{best:.4f}")
+    if summary.delta_m is not None:
+        best_delta = "" if summary.best_delta_m is None else f"{summary.best_delta_m:+.2f}%"
+        table.add_row("Δm (val)", "lower is better", f"{summary.delta_m:+.2f}%", best_delta)
+    return table
 
 
 def _show_library_messages() -> None:
@@ -63,6 +87,8 @@ def _print_report(report: RunReport) -> None:
         per_task = ", ".join(f"{t} {v:+.2f}%" for t, v in delta["per_task"].items())
         console.print(f"Δm = [bold]{delta['overall']:+.2f}%[/] (lower is better; per task: {per_task})")
         console.print(f"  against single-task experts in {delta['baselines']}")
+        if report.delta_m_warning:
+            console.print(f"[yellow]warning:[/] {report.delta_m_warning}", highlight=False)
     elif report.delta_m_note:
         console.print(f"Δm not reported: {report.delta_m_note}")
     if report.skipped_samples is not None:
@@ -77,6 +103,11 @@ def _print_report(report: RunReport) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from mtlvision import api
 
+    if args.resume and args.config is not None:
+        raise MtlvisionError(
+            f"--resume continues {args.resume} with its own config.yaml; give no config ({args.config}), only --set "
+            "for what may change on resume"
+        )
     run = api.train(args.config, args.set or [], name=args.name, out=args.out, resume=args.resume)
     _print_report(run.evaluated)
     console.print(f"Run saved in [bold]{run.path}[/]")
@@ -215,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--name", help="run folder name (default: the dataset's name)")
     train.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
-    train.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
+    train.add_argument(
+        "--resume", metavar="RUN",
+        help="continue a run folder from its last checkpoint; --set may change train.epochs (to extend it) and "
+        "how it runs (train.early_stopping, checkpoint_every, keep_checkpoint, progress, device, max_nonfinite, "
+        "data.num_workers)",
+    )
     train.set_defaults(handler=cmd_train)
 
     base = verbs.add_parser("baseline", help="train one single-task expert per task, for Δm")

@@ -7,16 +7,16 @@ wrong and, where the allowed values are a fixed set, list them.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtlvision.errors import ConfigError
-from mtlvision.validation import config_error_from
+from mtlvision.validation import check_annotated, config_error_from, refuse_non_finite
 
 if TYPE_CHECKING:
     from mtlvision.balancers.base import Balancer
@@ -26,7 +26,8 @@ DEFAULT_PRESET = "scenes"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite or NaN float (train.lr=.inf) is refused where it is given
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TaskEntry(BaseModel):
@@ -50,7 +51,7 @@ class TaskEntry(BaseModel):
 class DataConfig(BaseModel):
     """``data.*``: the dataset (its own keys are validated by the dataset), loading and augmentation."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = "scenes"
     root: str | None = None
@@ -68,6 +69,11 @@ class DataConfig(BaseModel):
         params["name"] = self.name
         params["root"] = self.root
         return params
+
+    @model_validator(mode="after")
+    def _finite_extras(self) -> DataConfig:
+        refuse_non_finite({**(self.model_extra or {}), "augment": self.augment})
+        return self
 
 
 class ModelConfig(_Strict):
@@ -111,7 +117,7 @@ class ModelConfig(_Strict):
 class BalancerConfig(BaseModel):
     """``balancer.*``: the method's name, its mode, and its hyper-parameters beside them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = "ew"
     mode: Literal["auto", "params", "representation"] = "auto"
@@ -121,9 +127,27 @@ class BalancerConfig(BaseModel):
     def hparams(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    def checked_hparams(self) -> dict[str, Any]:
+        """The hyper-parameters checked against the annotations of the method's constructor, each error naming
+        its key (``balancer.weights=abc``), converted to those types."""
+        from mtlvision.balancers import BALANCERS
+
+        return check_annotated(BALANCERS.get(self.name), self.hparams, "balancer")
+
+    @model_validator(mode="after")
+    def _finite_hparams(self) -> BalancerConfig:
+        refuse_non_finite(self.hparams)
+        return self
+
 
 class TrainConfig(_Strict):
-    """``train.*``: the optimisation loop."""
+    """``train.*``: the optimisation loop.
+
+    ``select`` chooses the kept epoch: ``loss`` (validation loss), ``TASK.METRIC`` (that validation metric) or
+    ``last`` (the last epoch; the only choice that needs no validation split). ``keep_checkpoint`` keeps
+    ``checkpoint.pt`` after a run finishes (needed to extend it later with ``--resume --set train.epochs=N``);
+    by default a finished run keeps only what inference needs.
+    """
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -149,6 +173,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0)
     max_nonfinite: int = Field(10, ge=1)
     dist_timeout: float = Field(300.0, gt=0)  # seconds a torchrun collective waits for the other ranks
+    keep_checkpoint: bool = False
 
     @field_validator("device")
     @classmethod
@@ -263,7 +288,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, where: str) -> dict[str, Any]:
+def read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -282,14 +307,14 @@ def load_raw(source: str | Path | None) -> dict[str, Any]:
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return _read_yaml(path.read_text(), f"config file {path}")
+        return read_yaml(path.read_text(), f"config file {path}")
     name = str(source)
     if name not in preset_names():
         raise ConfigError(
             f"{name!r} is neither a config file nor a preset. Presets: {', '.join(preset_names())}."
         )
     text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
-    return _read_yaml(text, f"preset {name}")
+    return read_yaml(text, f"preset {name}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

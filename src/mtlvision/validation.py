@@ -1,4 +1,5 @@
-"""Pydantic validation errors as one :class:`ConfigError` that names every bad key.
+"""Pydantic validation errors as one :class:`ConfigError` that names every bad key, and the checks of values
+no pydantic model describes (a section's extra keys, a method's keyword arguments).
 
 Anything that validates user settings with pydantic (the run config, a dataset's keys, ``data.augment``)
 turns the :class:`pydantic.ValidationError` into a :class:`ConfigError` here, so that every such message
@@ -8,11 +9,14 @@ reads the same way. This module imports only :mod:`mtlvision.errors` and pydanti
 from __future__ import annotations
 
 import difflib
+import inspect
+import math
 import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 
 from mtlvision.errors import ConfigError
 
@@ -117,3 +121,45 @@ def _fields_at(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
             return []
         annotation = step
     return []
+
+
+def _non_finite(value: Any, key: str) -> list[str]:
+    """The dotted keys under ``key`` holding an infinite or NaN float."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [key]
+    if isinstance(value, Mapping):
+        return [k for name, v in value.items() for k in _non_finite(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in _non_finite(v, f"{key}[{i}]")]
+    return []
+
+
+def refuse_non_finite(values: Mapping[str, Any]) -> None:
+    """A ValueError naming the dotted keys of ``values`` that hold an infinite or NaN float (for a model
+    validator: the ``extra`` keys of a section)."""
+    bad = _non_finite(dict(values), "")
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be a finite number, not infinite or NaN")
+
+
+def check_annotated(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Keyword arguments for ``cls`` checked against the annotations of its constructor (infinite and NaN
+    numbers refused), each error naming ``prefix.key``; returns them converted to those types. Arguments
+    without an annotation pydantic can check are left to ``cls``."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+    except (NameError, TypeError):  # annotations that cannot be resolved here are left to the method
+        hints = {}
+    accepted = inspect.signature(cls).parameters
+    checked = dict(values)
+    for key, value in values.items():
+        if key not in hints or key not in accepted:
+            continue
+        try:
+            adapter = TypeAdapter(hints[key], config=ConfigDict(allow_inf_nan=False, arbitrary_types_allowed=True))
+            checked[key] = adapter.validate_python(value)
+        except PydanticUserError:  # a type pydantic cannot check: left to the method
+            pass
+        except ValidationError as exc:
+            raise config_error_from(exc, f"{prefix}.{key}", "Invalid configuration") from None
+    return checked

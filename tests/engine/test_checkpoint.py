@@ -92,3 +92,49 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_the_pickle_refusal_gives_the_reason_without_torchs_advice(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"mtlvision_version": "0.1.0", "x": _Payload()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "refers to Python code" in message and "system" in message
+    assert "weights_only" not in message and "likely succeed" not in message
+
+
+@pytest.mark.parametrize("corruption", ["int8", "nan", "inf", "truncated"])
+def test_weights_of_the_wrong_dtype_or_not_finite_are_refused(tmp_path, corruption):
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if corruption == "int8":
+        state = {k: v.to(torch.int8) if v.is_floating_point() else v for k, v in state.items()}
+    elif corruption in ("nan", "inf"):
+        state["0.weight"].fill_(float(corruption))
+    if corruption == "truncated":
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        save_file(state, str(path))
+    fragment = {"int8": "wrong kind of dtype: 0.bias (torch.int8, model torch.float32)",
+                "nan": "infinite or NaN values in 1 tensor", "inf": "infinite or NaN values in 1 tensor",
+                "truncated": "not a readable safetensors file"}[corruption]
+    with pytest.raises(CheckpointError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_weights(model, path)
+
+
+def test_written_files_get_the_ordinary_mode_of_a_new_file(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        save_weights(nn.Linear(2, 2), tmp_path / "w.safetensors")
+        save_checkpoint({"x": 1}, tmp_path / "checkpoint.pt")
+    finally:
+        os.umask(previous)
+    for name in ("a.json", "w.safetensors", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

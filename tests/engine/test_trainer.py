@@ -245,3 +245,29 @@ def test_training_on_the_layer_path_gives_the_parameter_path_weights():
         Trainer(model, "upgrad", jacobian=jacobian, **{**COMMON, "epochs": 1, "optimizer": "sgd"}).fit(TinyScenes())
         weights.append(flat_weights(model))
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+
+
+def test_epoch_end_reports_validation_metrics_and_the_best_epoch_so_far():
+    summaries = []
+    trainer = Trainer(tiny_model(), "ew", epochs=2, batch_size=8, lr=5e-3, progress=False, on_epoch_end=summaries.append)
+    trainer.fit(TinyScenes(16), TinyScenes(8, seed=1))
+    assert [s.epoch for s in summaries] == [1, 2] and summaries[0].is_best and summaries[0].best_epoch == 1
+    assert set(summaries[0].metrics) == {"cls", "seg", "depth"} and summaries[0].val_loss is not None
+    last = summaries[-1]
+    assert last.best_epoch == trainer.state.best_epoch
+    assert last.best_metrics == summaries[last.best_epoch - 1].metrics
+    assert "epoch 2/2" in last.line()
+
+
+def test_select_last_keeps_the_last_epoch():
+    trainer = Trainer(tiny_model(), "ew", epochs=3, batch_size=8, lr=5e-3, progress=False, select="last")
+    assert trainer.fit(TinyScenes(16), TinyScenes(8, seed=1)).best_epoch == 3
+    trainer = Trainer(tiny_model(), "ew", epochs=2, batch_size=8, lr=5e-3, progress=False, select="last")
+    assert trainer.fit(TinyScenes(16)).best_epoch == 2
+
+
+def test_resuming_with_fewer_epochs_than_completed_is_refused(tmp_path):
+    options = dict(batch_size=8, lr=5e-3, progress=False, run_dir=tmp_path)
+    Trainer(tiny_model(), "ew", epochs=2, **options).fit(TinyScenes(16))
+    with pytest.raises(ConfigError, match="train.epochs=1 is fewer than the 2 epochs"):
+        Trainer(tiny_model(), "ew", epochs=1, **options).fit(TinyScenes(16), resume=True)

@@ -16,9 +16,9 @@ from mtlvision.config import DataConfig, RunConfig, TaskEntry
 from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
-from mtlvision.engine.checkpoint import load_weights
+from mtlvision.engine.checkpoint import load_weights, read_weights
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
-from mtlvision.errors import CheckpointError, ConfigError
+from mtlvision.errors import CheckpointError, ConfigError, DataError
 from mtlvision.models import MultiTaskModel
 from mtlvision.models.architectures import ARCHITECTURES
 from mtlvision.models.init import INIT_SCHEMES, PRETRAINED
@@ -92,14 +92,8 @@ def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]
     Returns the names loaded, and those skipped because the file lacks them or their shape differs; a file
     that matches nothing is an error (it was saved from another backbone or architecture).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     own = model.state_dict()
+    saved = read_weights(path, like=own)
     source = {k: k for k in own if k in saved}
     # Architectures place the backbone stages differently (HPS: architecture.backbone.stages.i, MTAN:
     # architecture.stages.i, cross-stitch: one copy per task); a stage tensor found exactly once in the
@@ -237,10 +231,22 @@ def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: boo
     ``data.skip_bad`` unreadable or refused samples are skipped and counted instead.
     """
     source, params = dataset_source(config)
-    base = source.build(params, split)
+    try:
+        base = source.build(params, split)
+    except MemoryError:
+        raise DataError(_too_large(config, split)) from None
     checked = guard_split(base, {t.name: t for t in tasks}, split, config.data.skip_bad)
     transform = build_transforms(config.data.augment, target_specs(tasks), train=train)
     return PreparedDataset(checked, [t.name for t in tasks], transform, seed=config.seed, batches_from=base)
+
+
+def _too_large(config: RunConfig, split: str) -> str:
+    sizes = sorted(
+        ((value, key) for key, value in config.data.dataset_params.items()
+         if isinstance(value, int) and not isinstance(value, bool)), reverse=True,
+    )
+    hint = f"; the largest number among the data settings is data.{sizes[0][1]}={sizes[0][0]}" if sizes else ""
+    return f"not enough memory to build the {split} split of dataset {config.data.name!r}{hint}: lower it"
 
 
 def with_absolute_init(config: RunConfig) -> RunConfig:

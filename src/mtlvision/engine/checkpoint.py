@@ -5,14 +5,18 @@
 - Resumable checkpoints (``checkpoint.pt``): a dict of tensors and plain Python values saved with
   ``torch.save`` and read back with ``torch.load(weights_only=True)``, which refuses pickled code.
 Every write goes to a temporary file in the same folder and is moved into place with ``os.replace``, so a
-crash or kill during a write leaves the previous file intact.
+crash or kill during a write leaves the previous file intact; the file gets the ordinary mode of a new file
+(0666 less the umask, 0644 usually). Weights read back are checked: floating tensors must be finite, and a
+tensor must have the kind of dtype (floating or integer) the model has there.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +39,55 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; a run's files are read by others like any file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (read without changing it where the
+    system says it, as setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def read_weights(path: Path, like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, refused (CheckpointError) when the file is unreadable, a floating
+    tensor holds an infinite or NaN value, or a tensor is integer where ``like`` (the model's state) is
+    floating, or the other way round."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it is truncated or was not written by mtlvision"
+        ) from None
+    like = like or {}
+    wrong = [
+        f"{k} ({v.dtype}, model {like[k].dtype})" for k, v in state.items()
+        if k in like and v.is_floating_point() != like[k].is_floating_point()
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path} holds tensors of the wrong kind of dtype: {', '.join(wrong[:3])}"
+            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "") + "; it was not saved from this model"
+        )
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointError(
+            f"{path} holds infinite or NaN values in {len(non_finite)} tensor(s) (e.g. {', '.join(non_finite[:3])}); "
+            "the weights are corrupt or training diverged: retrain, or lower train.lr"
+        )
+    return state
 
 
 def model_signature(model: nn.Module) -> str:
@@ -57,13 +106,8 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
     """Load safetensors weights into ``model``, naming missing, unexpected or mis-shaped tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     own = model.state_dict()
+    state = read_weights(path, like=own)
     mis_shaped = [
         f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
         for k, v in state.items()
@@ -98,12 +142,30 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols concern it, not the user
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or others for foreign files
         raise CheckpointError(
-            f"{path} is not a safe mtlvision checkpoint and was not loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+            f"{path} is not a safe mtlvision checkpoint and was not loaded: {_refusal_reason(exc)}. "
+            "mtlvision never unpickles code; a checkpoint it wrote holds only tensors and plain values."
         ) from None
     if not isinstance(state, dict) or "mtlvision_version" not in state:
         raise CheckpointError(f"{path} is not an mtlvision checkpoint")
     return state
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it refers to Python code ({found.group(1)}), which a checkpoint never holds"
+    if "Unsupported operand" in text or "WeightsUnpickler" in text:
+        return "it is not a file written by torch.save (its pickle stream holds operations a checkpoint never has)"
+    lines = [
+        line.strip() for line in text.splitlines()
+        if line.strip() and "weights_only" not in line and "Weights only load failed" not in line
+        and "file an issue" not in line and "documentation of torch.load" not in line
+    ]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"

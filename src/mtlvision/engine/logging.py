@@ -1,28 +1,79 @@
-"""Run logging: per-epoch CSV history, TensorBoard scalars and a rich progress bar."""
+"""Run logging: per-epoch CSV history, TensorBoard scalars, a rich progress bar, and the epoch-end summary."""
 
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mtlvision.engine.checkpoint import atomic_write
+
 console = Console(stderr=True)
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    """Write the per-epoch history as CSV with the union of all columns, in first-seen order."""
+    """Write the per-epoch history as CSV with the union of all columns, in first-seen order (atomically)."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(buffer.getvalue(), newline="")
+
+    atomic_write(path, write)
+
+
+@dataclass
+class EpochSummary:
+    """What one finished epoch says (the ``on_epoch_end`` event of the trainer, logged by a training run).
+
+    ``metrics`` are this epoch's validation metrics per task (empty without validation), ``best_metrics``
+    those of the best epoch so far (``best_epoch``, the kept weights); ``delta_m`` and ``best_delta_m`` are
+    Δm % on the validation split against the single-task experts, when they exist.
+    """
+
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float | None
+    metrics: dict[str, dict[str, float]]
+    best_epoch: int
+    best_metrics: dict[str, dict[str, float]]
+    is_best: bool
+    delta_m: float | None = None
+    best_delta_m: float | None = None
+
+    def line(self) -> str:
+        """One plain line (what a log file shows)."""
+        parts = [f"epoch {self.epoch}/{self.epochs}", f"train loss {self.train_loss:.4f}"]
+        if self.val_loss is not None:
+            parts.append(f"val loss {self.val_loss:.4f}")
+        parts += [f"{t}.{m} {v:.4f}" for t, values in self.metrics.items() for m, v in values.items()]
+        if self.delta_m is not None:
+            parts.append(f"Δm {self.delta_m:+.2f}%")
+        parts.append("best so far" if self.is_best else f"best: epoch {self.best_epoch}")
+        return " — ".join(parts[:2]) + (", " + ", ".join(parts[2:]) if parts[2:] else "")
+
+    @staticmethod
+    def metrics_of(row: Mapping[str, float], prefix: str = "val") -> dict[str, dict[str, float]]:
+        """A history row's ``prefix/task/metric`` columns as ``{task: {metric: value}}``."""
+        metrics: dict[str, dict[str, float]] = {}
+        for key, value in row.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == prefix:
+                metrics.setdefault(parts[1], {})[parts[2]] = float(value)
+        return metrics
 
 
 def flatten_metrics(prefix: str, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -66,20 +66,27 @@ class LoopState:
 
 
 class Selection:
-    """``train.select``: ``"loss"`` (the sum of the tasks' mean validation losses) or ``"TASK.METRIC"`` (that
-    validation metric in its own direction); :meth:`score` is lower-is-better either way."""
+    """``train.select``: ``"loss"`` (the sum of the tasks' mean validation losses), ``"TASK.METRIC"`` (that
+    validation metric in its own direction) or ``"last"`` (the last epoch, with or without validation);
+    :meth:`score` is lower-is-better either way."""
 
     def __init__(self, select: str, tasks: Mapping[str, Task]) -> None:
         self.metric: tuple[str, str, bool] | None = None
-        if select == "loss":
+        self.last = select == "last"
+        if select in ("loss", "last"):
             return
         task, _, metric = select.partition(".")
         if task not in tasks or metric not in tasks[task].metric_directions:
-            options = ["loss"] + [f"{t}.{m}" for t, task_ in tasks.items() for m in task_.metric_directions]
+            options = ["loss", "last"] + [f"{t}.{m}" for t, task_ in tasks.items() for m in task_.metric_directions]
             raise ConfigError(f"train.select={select!r} is not known; choose one of: {', '.join(options)}")
         self.metric = (task, metric, tasks[task].metric_directions[metric])
 
-    def score(self, result: EvalResult) -> float:
+    def score(self, result: EvalResult | None, epoch: int, fallback: float = math.inf) -> float:
+        """The score of ``epoch`` (counted from 1); ``fallback`` (the training loss) without validation."""
+        if self.last:
+            return -float(epoch)
+        if result is None:
+            return fallback
         if self.metric is None:
             return result.total_loss
         task, metric, higher = self.metric

@@ -11,7 +11,7 @@ import torch
 
 from mtlvision.config import parse_override
 from mtlvision.engine.build import build_model, build_tasks, image_size
-from mtlvision.engine.checkpoint import save_weights
+from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
 from mtlvision.engine.job import evaluate_splits, evaluation_loader
 from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
@@ -66,8 +66,6 @@ def check_mergeable(runs: Sequence[Run]) -> None:
 
 def common_init(runs: Sequence[Run]) -> dict[str, torch.Tensor]:
     """The experts' common initialisation (their ``init.safetensors``), checked to be one and the same."""
-    from safetensors.torch import load_file
-
     states = []
     for run in runs:
         path = run.path / INIT_WEIGHTS_NAME
@@ -76,7 +74,7 @@ def common_init(runs: Sequence[Run]) -> dict[str, torch.Tensor]:
                 f"{run.path} holds no {INIT_WEIGHTS_NAME}: task arithmetic and TIES need the experts' common "
                 "initialisation, which `mtlvision baseline` records; retrain the experts with it or use --rule average"
             )
-        states.append(load_file(str(path)))
+        states.append(read_weights(path))
     common = set.intersection(*(set(s) for s in states))
     for key in sorted(common):
         if any(not torch.equal(states[0][key], s[key]) for s in states[1:]):
@@ -92,8 +90,6 @@ def merge_experts(
     hparams: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> Run:
     """One multi-task run folder from experts (see :func:`mtlvision.api.merge`)."""
-    from safetensors.torch import load_file
-
     settings = dict(hparams) if isinstance(hparams, Mapping) else dict(parse_override(h) for h in hparams or [])
     merging = make_rule(rule, settings)
     runs = merge_sources(experts)
@@ -109,7 +105,11 @@ def merge_experts(
     })
     tasks = build_tasks(config)
     model = build_model(config, tasks, load_init=False)
-    states = {"+".join(e.name for e in run.config.tasks or []): load_file(str(run.path / WEIGHTS_NAME)) for run in runs}
+    own = model.state_dict()
+    states = {
+        "+".join(e.name for e in run.config.tasks or []): read_weights(run.path / WEIGHTS_NAME, like=own)
+        for run in runs
+    }
     base = common_init(runs) if merging.needs_base else None
     state, merge_report = merge_states(model, states, merging, base)
     model.load_state_dict(state)
@@ -123,7 +123,6 @@ def merge_experts(
     save_weights(model, run_dir / WEIGHTS_NAME)
     split = config.train.eval_split
     metrics = evaluate_splits(config, model, ["val", split])
-    delta, note = delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split)
     report = RunReport(
         split=split, metrics=metrics[split], val_metrics=metrics["val"],
         model=model_complexity(model.cpu(), image_size=image_size(config)),
@@ -134,7 +133,7 @@ def merge_experts(
             "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
             **merge_report.summary(),
         },
-        delta_m=delta, delta_m_note=note,
+        **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
     )
     report.save(run_dir)
     return Run(path=run_dir, config=config, report=report)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def _jsonable(value: Any, stem: Path, key: str) -> Any:
-    """Replace arrays by files beside the JSON: integer maps as PNG, float maps as .npy."""
+    """Replace arrays by files beside the JSON: integer maps as PNG, float maps as .npy; a number that is not
+    finite becomes null (JSON has no NaN)."""
     if isinstance(value, dict):
         return {k: _jsonable(v, stem, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -59,7 +61,9 @@ def _jsonable(value: Any, stem: Path, key: str) -> Any:
             np.save(path, value)
         return path.name
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
@@ -98,7 +102,7 @@ def _predict_one(
         decoded = task.decode(predictions[name])[0]
         record["tasks"][name] = _jsonable(rescale_decoded(task, decoded, net_size, own), stem, name)
         tiles.append((name, task.draw(picture, rescale_decoded(task, decoded, net_size, shown))))
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     compose_panels(tiles).save(stem.with_suffix(".png"))
     return record
 

@@ -3,8 +3,9 @@
 A run folder (``runs/<name>``) holds ``config.yaml`` (fully resolved), ``metrics.json`` (a
 :class:`RunReport`), ``history.csv``, ``model.safetensors`` (best weights), ``checkpoint.pt`` (resumable),
 ``tb/`` and ``plots/``; an expert also keeps ``init.safetensors`` (its initial weights, the base of task
-vectors), and a folder of experts holds ``baselines.json`` (:class:`Baselines`). Changing the format of
-a run folder means changing this module.
+vectors), and a folder of experts holds ``baselines.json`` (:class:`Baselines`) beside the experts' run
+folders. While a process trains in a run folder it holds ``.lock`` there
+(:mod:`~mtlvision.engine.run_lock`). Changing the format of a run folder means changing this module.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import yaml
 
-from mtlvision.config import RunConfig, validate
+from mtlvision.config import RunConfig, read_yaml, validate
 from mtlvision.engine.checkpoint import atomic_write
-from mtlvision.errors import MtlvisionError
+from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.delta_m import delta_m
+from mtlvision.run_settings import comparable_settings, differences, flatten
 from mtlvision.tasks import Task
 
 CONFIG_NAME = "config.yaml"
@@ -32,18 +34,25 @@ INIT_WEIGHTS_NAME = "init.safetensors"
 BASELINES_NAME = "baselines.json"
 PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tb"
+LOCK_NAME = ".lock"
 
 Metrics = dict[str, dict[str, float]]
 
 
 def new_run_dir(out: str | Path, name: str) -> Path:
-    """``out/name``, or ``out/name-2``, ``-3``... when taken (ultralytics-style increments)."""
+    """``out/name``, or ``out/name-2``, ``-3``... when taken (ultralytics-style increments).
+
+    Each candidate is claimed with one ``mkdir`` (no check-then-create), so two processes starting at once
+    get two folders."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     candidate, index = out / name, 2
-    while candidate.exists():
-        candidate, index = out / f"{name}-{index}", index + 1
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, index = out / f"{name}-{index}", index + 1
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -56,10 +65,19 @@ def write_config(run_dir: Path, config: RunConfig) -> None:
 
 
 def read_config(run_dir: Path) -> RunConfig:
+    """A run folder's ``config.yaml``; anything but a valid configuration is a ConfigError naming the file."""
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise MtlvisionError(f"{run_dir} is not an mtlvision run folder (no {CONFIG_NAME})")
-    return validate(yaml.safe_load(path.read_text()) or {})
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc})") from None
+    raw = read_yaml(text, str(path))  # safe_load: a !!python tag is refused as invalid YAML, never run
+    try:
+        return validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} is not a configuration mtlvision wrote. {exc}") from None
 
 
 def directions(tasks: Iterable[Task]) -> dict[str, dict[str, bool]]:
@@ -73,8 +91,10 @@ class RunReport:
     """What ``metrics.json`` holds: the evaluation split's metrics per task and what they were measured on.
 
     ``delta_m`` is Δm against the single-task experts (``overall``, ``per_task``, ``per_metric``, the
-    ``baselines`` file and each expert's run) or None, with ``delta_m_note`` saying why; ``merge`` describes
-    a merged model; ``skipped_samples`` counts samples skipped per split under ``data.skip_bad``.
+    ``baselines`` file and each expert's run) or None, with ``delta_m_note`` saying why;
+    ``delta_m_warning`` names the settings in which the run and its experts differ (beyond tasks, balancing
+    and names); ``merge`` describes a merged model; ``skipped_samples`` counts samples skipped per split under
+    ``data.skip_bad``; ``selection`` says how the kept epoch was chosen (``train.select``).
     """
 
     split: str
@@ -84,22 +104,24 @@ class RunReport:
     model: dict[str, Any] | None = None
     merge: dict[str, Any] | None = None
     skipped_samples: dict[str, int] | None = None
+    selection: str | None = None
     delta_m: dict[str, Any] | None = None
     delta_m_note: str | None = None
+    delta_m_warning: str | None = None
 
-    _ORDER = ("split", "metrics", "val_metrics", "best_epoch", "model", "merge", "skipped_samples")
+    _ORDER = ("split", "metrics", "val_metrics", "best_epoch", "selection", "model", "merge", "skipped_samples")
+    _DELTA = ("delta_m_note", "delta_m_warning")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: optional sections only when present, ``delta_m`` always (None when not computed)."""
         data: dict[str, Any] = {k: getattr(self, k) for k in self._ORDER if getattr(self, k) is not None}
         data["delta_m"] = self.delta_m
-        if self.delta_m_note is not None:
-            data["delta_m_note"] = self.delta_m_note
+        data.update({k: getattr(self, k) for k in self._DELTA if getattr(self, k) is not None})
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunReport:
-        known = {*cls._ORDER, "delta_m", "delta_m_note"}
+        known = {*cls._ORDER, "delta_m", *cls._DELTA}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, run_dir: Path) -> None:
@@ -109,10 +131,18 @@ class RunReport:
 # --------------------------------------------------------------------------------------------- baselines
 @dataclass
 class Expert:
-    """One single-task expert: its run folder and its metrics per split."""
+    """One single-task expert: its run folder, its metrics per split, and the settings it was trained with
+    (:func:`~mtlvision.run_settings.comparable_settings`; None in files from older versions)."""
 
     run: str
     metrics: dict[str, dict[str, float]]
+    settings: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"run": self.run, "metrics": self.metrics}
+        if self.settings is not None:
+            data["settings"] = self.settings
+        return data
 
 
 @dataclass
@@ -130,8 +160,14 @@ class Baselines:
 
     @staticmethod
     def for_run(run_dir: Path, config: RunConfig) -> Path:
-        """The baselines a run is measured against: ``baselines`` from its config, else the default beside it."""
-        return Path(config.baselines) if config.baselines else Baselines.default_path(Path(run_dir).parent, config)
+        """The baselines a run is measured against: ``baselines`` from its config; for an expert (a run folder
+        inside a folder of experts) that folder's own file; else the default beside the run."""
+        if config.baselines:
+            return Path(config.baselines)
+        parent = Path(run_dir).parent
+        if (parent / BASELINES_NAME).is_file():
+            return parent / BASELINES_NAME
+        return Baselines.default_path(parent, config)
 
     @staticmethod
     def locate(source: str | Path) -> Path:
@@ -148,31 +184,71 @@ class Baselines:
     @classmethod
     def load(cls, source: str | Path) -> Baselines:
         path = cls.locate(source)
-        stored = json.loads(path.read_text())
-        experts = {task: Expert(run=e["run"], metrics=e["metrics"]) for task, e in stored.get("experts", {}).items()}
+        try:
+            stored = json.loads(path.read_text())
+            experts = {
+                task: Expert(run=e["run"], metrics=e["metrics"], settings=e.get("settings"))
+                for task, e in stored.get("experts", {}).items()
+            }
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise MtlvisionError(
+                f"{path} is not a baselines file mtlvision wrote ({type(exc).__name__}: {exc})"
+            ) from None
         return cls(path=path, data=stored.get("data", {}), experts=experts)
 
     @classmethod
     def open(cls, path: Path, data: dict[str, Any]) -> Baselines:
         """The baselines at ``path`` to be completed, or new ones; refused when they hold another dataset."""
         baselines = cls.load(path) if path.is_file() else cls(path=path, data=data)
-        if baselines.data != data:
-            raise MtlvisionError(f"{path} holds experts trained on other data; choose another --name")
+        changed = baselines.data_differences(data)
+        if changed:
+            raise MtlvisionError(
+                f"{path} holds experts trained on other data ({'; '.join(changed)}); choose another --name"
+            )
         return baselines
 
+    def data_differences(self, data: Mapping[str, Any]) -> list[str]:
+        """The ``data.*`` keys in which ``data`` (a run's dataset parameters) differs from the experts'."""
+        return differences(flatten(data, "data"), flatten(self.data, "data"), ("run", "experts"))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "experts": {t: {"run": e.run, "metrics": e.metrics} for t, e in self.experts.items()}}
+        return {"data": self.data, "experts": {t: e.to_dict() for t, e in self.experts.items()}}
 
     def save(self) -> None:
         write_json(self.path, self.to_dict())
 
     def record(self, task: str, run: Run) -> None:
         """Store the finished expert ``run`` of ``task`` (its evaluation split's and validation metrics)."""
-        report = run.report
+        report = run.evaluated
         metrics = {report.split: report.metrics[task]}
         if report.val_metrics is not None:
             metrics["val"] = report.val_metrics[task]
-        self.experts[task] = Expert(run=str(run.path), metrics=metrics)
+        self.experts[task] = Expert(run=str(run.path), metrics=metrics, settings=comparable_settings(run.config))
+
+    def settings_warning(self, config: RunConfig, tasks: Iterable[str]) -> str | None:
+        """A sentence naming the settings in which a run differs from the experts of ``tasks`` (beyond tasks,
+        balancing and names: :data:`~mtlvision.run_settings.DELTA_M_EXEMPT`), or None when they agree."""
+        mine = comparable_settings(config)
+        differing: dict[str, list[str]] = {}
+        for task in tasks:
+            theirs = self.experts[task].settings
+            if theirs is None:  # an older file: the expert's own config.yaml, when it is still there
+                folder = Path(self.experts[task].run)
+                if not (folder / CONFIG_NAME).is_file():
+                    folder = self.path.parent / folder.name
+                try:
+                    theirs = comparable_settings(read_config(folder))
+                except MtlvisionError:
+                    continue
+            for line in differences(mine, theirs, ("run", "expert")):
+                differing.setdefault(line, []).append(task)
+        if not differing:
+            return None
+        return (
+            "the run and its single-task experts differ in " + "; ".join(
+                f"{line} [{', '.join(tasks_)}]" for line, tasks_ in differing.items()
+            ) + "; Δm compares more than multi-task learning"
+        )
 
     def expert_runs(self) -> dict[str, Path]:
         """The experts' run folders by task; a run stored relative to another working directory is looked
@@ -199,25 +275,30 @@ class Baselines:
 
 def delta_m_against(
     path: Path, config: RunConfig, tasks: Iterable[Task], metrics: Metrics, split: str
-) -> tuple[dict[str, Any] | None, str | None]:
-    """Δm of ``metrics`` against the experts stored at ``path``: ``(delta_m, None)``, or ``(None, why not)``."""
+) -> dict[str, Any]:
+    """Δm of ``metrics`` against the experts stored at ``path``, as the :class:`RunReport` fields ``delta_m``
+    (None when it cannot be computed), ``delta_m_note`` (why not) and ``delta_m_warning`` (settings that differ)."""
     tasks = list(tasks)
     if not path.is_file():
-        return None, f"no baselines at {path}; run `mtlvision baseline` for Δm"
+        return {"delta_m": None, "delta_m_note": f"no baselines at {path}; run `mtlvision baseline` for Δm"}
     baselines = Baselines.load(path)
-    if baselines.data != config.data.dataset_params:
-        return None, (
-            f"baselines at {path} were trained on other data ({baselines.data}); Δm needs experts on the same data"
-        )
-    missing = [t.name for t in tasks if t.name not in baselines.experts or split not in baselines.experts[t.name].metrics]
+    changed = baselines.data_differences(config.data.dataset_params)
+    if changed:
+        note = f"baselines at {path} were trained on other data ({'; '.join(changed)}); Δm needs experts on that data"
+        return {"delta_m": None, "delta_m_note": note}
+    experts = baselines.experts
+    missing = [t.name for t in tasks if t.name not in experts or split not in experts[t.name].metrics]
     if missing:
-        return None, f"baselines at {path} lack task(s) {', '.join(missing)}"
+        return {"delta_m": None, "delta_m_note": f"baselines at {path} lack task(s) {', '.join(missing)}"}
     result = delta_m(metrics, baselines.metrics((t.name for t in tasks), split), directions(tasks))
     return {
-        **result.to_dict(),
-        "baselines": str(path),
-        "experts": {t.name: baselines.experts[t.name].run for t in tasks},
-    }, None
+        "delta_m": {
+            **result.to_dict(),
+            "baselines": str(path),
+            "experts": {t.name: baselines.experts[t.name].run for t in tasks},
+        },
+        "delta_m_warning": baselines.settings_warning(config, (t.name for t in tasks)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- run

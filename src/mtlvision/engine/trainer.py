@@ -37,7 +37,7 @@ from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
-from mtlvision.engine.logging import EpochProgress, TensorBoardLog, flatten_metrics, write_history
+from mtlvision.engine.logging import EpochProgress, EpochSummary, TensorBoardLog, flatten_metrics, write_history
 from mtlvision.engine.optim import build_optimizer, build_scheduler
 from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.loop_state import (
@@ -90,8 +90,9 @@ class Trainer:
     :func:`~mtlvision.config.resolve_balancing`.
 
     ``select`` (``train.select``) is ``"loss"`` (the sum of the tasks' mean validation losses, lower is
-    better) or ``"TASK.METRIC"`` (that validation metric in its own direction). ``ema`` keeps an exponential
-    moving average of the weights, which is what gets evaluated and saved.
+    better), ``"TASK.METRIC"`` (that validation metric in its own direction) or ``"last"`` (the last epoch).
+    ``ema`` keeps an exponential moving average of the weights, which is what gets evaluated and saved.
+    ``on_epoch_end`` is called with an :class:`~mtlvision.engine.logging.EpochSummary` after every epoch.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class Trainer:
         backbone_lr_scale: float = 1.0,
         run_dir: str | Path | None = None,
         on_step: Callable[[Trainer], None] | None = None,
+        on_epoch_end: Callable[[EpochSummary], None] | None = None,
         auxiliary: AuxiliaryLoss | None = None,
         **options: Any,
     ) -> None:
@@ -112,7 +114,7 @@ class Trainer:
         config = validate_section("train", TrainConfig, {**(train.model_dump() if train else {}), **options})
         if isinstance(balancer, BalancerConfig):
             balancing = validate_section("balancer", BalancerConfig, {**balancer.model_dump(), **balancing_options})
-            method = get_balancer(balancing.name, **balancing.hparams)
+            method = get_balancer(balancing.name, **balancing.checked_hparams())
         else:
             name = balancer if isinstance(balancer, str) else type(balancer).__name__
             balancing = validate_section("balancer", BalancerConfig, {"name": name, **balancing_options})
@@ -130,6 +132,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = config.progress and dist.is_main()
         self.on_step = on_step
+        self.on_epoch_end = on_epoch_end
         self.auxiliary = auxiliary
         self.device = dist.setup(resolve_device(config.device), config.dist_timeout)
         seed_everything(seed, config.deterministic)
@@ -330,14 +333,15 @@ class Trainer:
             with self.stop.catching(), dist.peer_guard(self.run_dir):
                 for epoch in range(self.state.epoch, self.epochs):
                     row = self._train_epoch(train_data, epoch, tb)
-                    val, score = None, float(row["train_loss"])
+                    val, monitor = None, float(row["train_loss"])
                     if val_data is not None:
                         val = self.evaluate(val_data)
                         row.update({f"val_loss/{t}": v for t, v in val.losses.items()})
                         row.update(flatten_metrics("val", val.metrics))
-                        score = self.selection.score(val)
+                        monitor = val.total_loss
+                    score = self.selection.score(val, epoch + 1, fallback=monitor)
                     row["score"] = score
-                    self._step_scheduler(score)
+                    self._step_scheduler(monitor if self.selection.last else score)
                     self.state.epoch, self.state.epoch_batches = epoch + 1, 0
                     self.state.history.append(row)
                     if score < self.state.best_score:
@@ -349,6 +353,7 @@ class Trainer:
                         self.state.bad_epochs += 1
                     tb.scalars({k: v for k, v in row.items() if k != "epoch"}, self.state.epoch)
                     self._save()
+                    self._epoch_end(row, val)
                     if self.config.early_stopping is not None and self.state.bad_epochs >= self.config.early_stopping:
                         logger.info(
                             "Early stopping: the validation score did not improve for %d epochs.",
@@ -366,6 +371,18 @@ class Trainer:
             stopped_early=stopped_early,
             skipped_steps=self.state.skipped_steps,
         )
+
+    def _epoch_end(self, row: dict[str, float], val: EvalResult | None) -> None:
+        if self.on_epoch_end is None or not dist.is_main():
+            return
+        state = self.state
+        best = next((r for r in state.history if int(r["epoch"]) == state.best_epoch), row)
+        self.on_epoch_end(EpochSummary(
+            epoch=state.epoch, epochs=self.epochs, train_loss=float(row["train_loss"]),
+            val_loss=val.total_loss if val is not None else None, metrics=EpochSummary.metrics_of(row),
+            best_epoch=state.best_epoch, best_metrics=EpochSummary.metrics_of(best),
+            is_best=state.best_epoch == state.epoch,
+        ))
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -486,6 +503,10 @@ class Trainer:
         if self.precision.scaler is not None and saved["scaler"] is not None:
             self.precision.scaler.load_state_dict(saved["scaler"])
         self.state = LoopState.from_checkpoint(saved)
+        if self.state.epoch > self.epochs:
+            raise ConfigError(
+                f"train.epochs={self.epochs} is fewer than the {self.state.epoch} epochs {self.run_dir} has completed"
+            )
         set_rng_state(saved["rng"])
         logger.info(
             "Resumed from %s: epoch %d, batch %d, step %d.", self.run_dir / CHECKPOINT_NAME, self.state.epoch + 1,

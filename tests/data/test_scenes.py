@@ -246,3 +246,13 @@ def test_invariants_hold_for_any_seed_and_size(seed: int, image_size: int, max_o
         boxes = t["detection"]["boxes"]
         assert torch.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= image_size) & (boxes[:, 2:] > boxes[:, :2]))
         assert int(t["segmentation"].max()) <= len(sc.SHAPES)
+
+
+def test_a_split_too_large_to_render_is_refused_at_config_time():
+    from mtlvision.config import load_config
+    from mtlvision.engine.build import dataset_source
+    from mtlvision.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.*train_size=10000000000 .* GiB"):
+        dataset_source(load_config("scenes", {"data.train_size": 10_000_000_000}))
+    dataset_source(load_config("scenes", {"data.train_size": 100_000}))  # 8 GiB at 64 px: allowed

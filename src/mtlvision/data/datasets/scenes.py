@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -475,6 +475,12 @@ class SceneDataset(Dataset):
         }
 
 
+#: bytes a rendered scene holds per pixel: image (3 x uint8), instance and semantic maps (uint8 each), depth
+#: (float32) and normals (3 x float32)
+RENDERED_BYTES_PER_PIXEL = 3 + 1 + 1 + 4 + 12
+MAX_SPLIT_BYTES = 16 * 2**30
+
+
 class ScenesParams(DatasetParams):
     """Config keys of the ``scenes`` dataset (``data.*``)."""
 
@@ -484,6 +490,19 @@ class ScenesParams(DatasetParams):
     image_size: int = Field(64, ge=16, le=512, description="height and width in pixels")
     max_objects: int = Field(4, ge=1, le=6, description="scenes hold 1..max_objects objects")
     seed: int = Field(0, ge=0, description="seed of the scene generator")
+
+    @model_validator(mode="after")
+    def _split_fits_in_memory(self) -> ScenesParams:
+        # a split is rendered into memory at once: refuse at config time what could never be held (a typo such
+        # as train_size=10000000000 would otherwise loop in the layout generator for hours)
+        for key in ("train_size", "val_size", "test_size"):
+            needed = getattr(self, key) * RENDERED_BYTES_PER_PIXEL * self.image_size**2
+            if needed > MAX_SPLIT_BYTES:
+                raise ValueError(
+                    f"{key}={getattr(self, key)} at image_size={self.image_size} needs {needed / 2**30:.0f} GiB to "
+                    f"render in memory; at most {MAX_SPLIT_BYTES // 2**30} GiB per split"
+                )
+        return self
 
 
 @DATASETS.register("scenes", description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes")

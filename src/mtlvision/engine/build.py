@@ -230,14 +230,20 @@ def build_split(config: RunConfig, tasks: Sequence[Task], split: str, train: boo
     Every label is checked by its task as it is read (a bad one raises DataError naming the sample); with
     ``data.skip_bad`` unreadable or refused samples are skipped and counted instead.
     """
-    source, params = dataset_source(config)
-    try:
-        base = source.build(params, split)
-    except MemoryError:
-        raise DataError(_too_large(config, split)) from None
+    base = open_split(config, split)
     checked = guard_split(base, {t.name: t for t in tasks}, split, config.data.skip_bad)
     transform = build_transforms(config.data.augment, target_specs(tasks), train=train)
     return PreparedDataset(checked, [t.name for t in tasks], transform, seed=config.seed, batches_from=base)
+
+
+def open_split(config: RunConfig, split: str) -> Dataset:
+    """The configured dataset's ``split`` as stored (no checks, no transform); running out of memory while
+    building it is a DataError naming the largest data setting."""
+    source, params = dataset_source(config)
+    try:
+        return source.build(params, split)
+    except MemoryError:
+        raise DataError(_too_large(config, split)) from None
 
 
 def _too_large(config: RunConfig, split: str) -> str:

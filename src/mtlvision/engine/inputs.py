@@ -13,7 +13,7 @@ from mtlvision.data.check import DataReport, check_dataset
 from mtlvision.data.datasets.base import SPLITS
 from mtlvision.data.preflight import preflight
 from mtlvision.data.report import DATASET_KINDS, Finding
-from mtlvision.engine.build import build_tasks, dataset_source
+from mtlvision.engine.build import build_tasks, open_split
 from mtlvision.engine.logging import console
 from mtlvision.errors import ConfigError, DataError
 
@@ -30,8 +30,7 @@ def check_config_data(config: RunConfig, splits: Sequence[str] = SPLITS, progres
     if unknown:
         raise ConfigError(f"data check: unknown split(s) {', '.join(unknown)}; allowed: {', '.join(SPLITS)}.")
     tasks = {task.name: task for task in build_tasks(config)}
-    source, params = dataset_source(config)
-    datasets = {split: source.build(params, split) for split in splits}
+    datasets = {split: open_split(config, split) for split in splits}
     if not progress:
         return check_dataset(datasets, tasks)
     columns = (TextColumn("checking {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -60,9 +59,8 @@ def check_before_training(config: RunConfig) -> DataReport | None:
     if config.data.check is False:
         return None
     tasks = {task.name: task for task in build_tasks(config)}
-    source, params = dataset_source(config)
     splits = dict.fromkeys(["train", "val", config.train.eval_split])
-    report = preflight({split: source.build(params, split) for split in splits}, tasks)
+    report = preflight({split: open_split(config, split) for split in splits}, tasks)
     blocking = [f for f in report.errors if f.kind in DATASET_KINDS or not config.data.skip_bad]
     skipped = [f for f in report.errors if f.kind not in DATASET_KINDS and config.data.skip_bad]
     if skipped:

@@ -19,6 +19,7 @@ class SampleCount(Metric):
     """The number of samples seen (summed across processes); the collection's ``(preds, target)`` signature."""
 
     full_state_update = False
+    count: Tensor  # metric state (add_state)
 
     def __init__(self) -> None:
         super().__init__()

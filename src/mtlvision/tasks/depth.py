@@ -61,6 +61,10 @@ class DepthMetric(Metric):
     """
 
     full_state_update = False
+    abs_sum: Tensor  # metric states (add_state)
+    rel_sum: Tensor
+    within: Tensor
+    pixels: Tensor
 
     def __init__(self, task: str) -> None:
         super().__init__()

@@ -39,6 +39,8 @@ class LabelAveragePrecision(Metric):
     """
 
     full_state_update = False
+    scores: list[Tensor]  # metric states (add_state): lists until synced, then torchmetrics' concatenation
+    targets: list[Tensor]
 
     def __init__(self, num_labels: int) -> None:
         super().__init__()

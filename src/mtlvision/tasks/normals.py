@@ -69,6 +69,9 @@ class NormalsMetric(Metric):
 
     BIN_WIDTH = 0.001
     full_state_update = False
+    histogram: Tensor  # metric states (add_state)
+    angle_sum: Tensor
+    within: Tensor
 
     def __init__(self, task: str) -> None:
         super().__init__()

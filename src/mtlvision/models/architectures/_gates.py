@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from mtlvision.models.architectures._stages import (
     stage_copies,
 )
 from mtlvision.models.architectures.base import Architecture, ArchitectureSpec, RepresentationUnavailable
+from mtlvision.models.backbones import Backbone
 
 GateFactory = Callable[[int, int], nn.Module]
 """``(in_features, num_experts) -> gate``; a gate maps ``[B, in_features]`` to weights ``[B, num_experts]``."""
@@ -68,7 +69,7 @@ class ExpertLevel(nn.Module):
 
     def __init__(
         self,
-        backbone_factory: Callable[[], nn.Module],
+        backbone_factory: Callable[[], Backbone],
         stages: tuple[int, int],
         num_tasks: int,
         task_experts: int,
@@ -103,6 +104,7 @@ class ExpertLevel(nn.Module):
         """Mixture weights: per task and stage [B, own + shared experts], and the shared gate's [B, all experts]."""
         per_task = []
         for gates, x in zip(self.task_gates, task_inputs):
+            assert isinstance(gates, nn.ModuleList)  # one ModuleList of gates per task, built in __init__
             features = gate_input(x, self.pool_size)
             per_task.append([gate(features) for gate in gates])
         shared = None if self.shared_gate is None else self.shared_gate(gate_input(shared_input, self.pool_size))
@@ -114,9 +116,13 @@ class ExpertLevel(nn.Module):
         """Per-task features at every stage of the group, and the next level's shared input (or None)."""
         task_weights, shared_weights = self.gate_weights(task_inputs, shared_input)
         # Stacked once per stage and reused by every task's gate, so that autograd keeps one copy.
-        shared = stacked_stages([run_stages(expert, shared_input) for expert in self.shared_experts])
+        # Experts are ModuleLists of stages (stage_copies), and task_experts holds one ModuleList of them per task.
+        shared = stacked_stages(
+            [run_stages(cast(nn.ModuleList, expert), shared_input) for expert in self.shared_experts]
+        )
+        assert shared is not None  # indexed below unconditionally: every spec's layout has a shared expert
         own = [
-            stacked_stages([run_stages(expert, x) for expert in experts])
+            stacked_stages([run_stages(cast(nn.ModuleList, expert), x) for expert in cast(nn.ModuleList, experts)])
             for experts, x in zip(self.task_experts, task_inputs)
         ]
         features = [
@@ -161,7 +167,7 @@ class GatedExperts(Architecture):
     def __init__(
         self,
         architecture: str,
-        backbone_factory: Callable[[], nn.Module],
+        backbone_factory: Callable[[], Backbone],
         task_names: Sequence[str],
         *,
         shared_stages: int,
@@ -228,16 +234,20 @@ class GatedExperts(Architecture):
         task experts and all other task gates serve one task only.
         """
         yield from self.trunk.parameters()
-        last = len(self.levels) - 1
-        for index, level in enumerate(self.levels):
+        levels = cast(list[ExpertLevel], list(self.levels))  # __init__ fills self.levels with ExpertLevels
+        last = len(levels) - 1
+        for index, level in enumerate(levels):
             yield from level.shared_experts.parameters()
             if level.shared_gate is not None:
                 yield from level.shared_gate.parameters()
             if index < last:
                 yield from level.task_experts.parameters()
-            feeds_shared_task_experts = index + 1 < last and len(self.levels[index + 1].task_experts[0]) > 0
+            feeds_shared_task_experts = (
+                index + 1 < last and len(cast(nn.ModuleList, levels[index + 1].task_experts[0])) > 0
+            )
             if feeds_shared_task_experts:
                 for gates in level.task_gates:
+                    assert isinstance(gates, nn.ModuleList)  # one ModuleList of gates per task
                     yield from gates[-1].parameters()
 
 
@@ -282,7 +292,7 @@ class GatedExpertsSpec(ArchitectureSpec):
     def gate_factory(self) -> GateFactory:
         return SoftmaxGate
 
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture:
+    def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture:
         return GatedExperts(
             self.name,
             backbone_factory,
@@ -295,7 +305,8 @@ class GatedExpertsSpec(ArchitectureSpec):
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyper-parameters in the order the constructor takes them: the subclass's, then the shared ones."""
-        return {f.name: getattr(self, f.name) for f in sorted(fields(self), key=lambda f: f.kw_only)}
+        # fields() gives kw_only resolved to a bool (never MISSING)
+        return {f.name: getattr(self, f.name) for f in sorted(fields(self), key=lambda f: f.kw_only is True)}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self.hyperparameters()}

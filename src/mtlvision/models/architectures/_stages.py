@@ -7,11 +7,12 @@ one after the other. That makes the architectures independent of the backbone fa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
+from mtlvision.models.backbones import Backbone
 
 
 def backbone_stages(backbone: nn.Module, architecture: str, minimum: int, why: str) -> nn.ModuleList:
@@ -32,12 +33,12 @@ def backbone_stages(backbone: nn.Module, architecture: str, minimum: int, why: s
     return stages
 
 
-def feature_layout(backbone: nn.Module) -> tuple[list[int], list[int]]:
+def feature_layout(backbone: Backbone) -> tuple[list[int], list[int]]:
     """The backbone's per-stage channels and strides, which every architecture here hands to the heads."""
     return list(backbone.feature_channels), list(backbone.feature_strides)
 
 
-def run_stages(stages: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
+def run_stages(stages: Iterable[nn.Module], x: Tensor) -> list[Tensor]:
     """Apply ``stages`` one after the other and return every stage's output."""
     outputs = []
     for stage in stages:
@@ -47,7 +48,7 @@ def run_stages(stages: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
 
 
 def stage_copies(
-    backbone_factory: Callable[[], nn.Module], count: int, start: int, stop: int | None
+    backbone_factory: Callable[[], Backbone], count: int, start: int, stop: int | None
 ) -> nn.ModuleList:
     """``count`` independent copies of stages ``start:stop``, each from a fresh backbone of the factory.
 

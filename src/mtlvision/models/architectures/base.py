@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
+from mtlvision.models.backbones import Backbone
 
 
 class RepresentationUnavailable(ConfigError):
@@ -57,7 +58,7 @@ class ArchitectureSpec(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture: ...
+    def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture: ...
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}

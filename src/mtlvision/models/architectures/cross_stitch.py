@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from mtlvision.errors import ConfigError
 from mtlvision.models.architectures._stages import backbone_stages, feature_layout, stage_copies
 from mtlvision.models.architectures.base import Architecture, ArchitectureSpec, RepresentationUnavailable
 from mtlvision.models.architectures.registry import ARCHITECTURES
+from mtlvision.models.backbones import Backbone
 
 
 class CrossStitchNetwork(Architecture):
@@ -24,7 +25,7 @@ class CrossStitchNetwork(Architecture):
 
     def __init__(
         self,
-        backbone_factory: Callable[[], nn.Module],
+        backbone_factory: Callable[[], Backbone],
         task_names: Sequence[str],
         alpha: float,
         beta: float,
@@ -48,7 +49,8 @@ class CrossStitchNetwork(Architecture):
         inputs = [images] * len(self.task_names)
         per_task: list[list[Tensor]] = [[] for _ in self.task_names]
         for stage, unit in enumerate(self.units):
-            outputs = torch.stack([column[stage](x) for column, x in zip(self.columns, inputs)])
+            # every column is a ModuleList of stages (the backbone's, or a copy from stage_copies)
+            outputs = torch.stack([cast(nn.ModuleList, column)[stage](x) for column, x in zip(self.columns, inputs)])
             stitched = torch.einsum("tuc,ubchw->tbchw", unit, outputs)
             inputs = list(stitched.unbind(0))
             for collected, feature in zip(per_task, inputs):
@@ -90,7 +92,7 @@ class CrossStitch(ArchitectureSpec):
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"architecture 'cross_stitch': alpha={self.alpha!r} must lie in [0, 1].")
 
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture:
+    def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture:
         beta = self.beta
         if beta is None:
             beta = (1.0 - self.alpha) / (len(task_names) - 1) if len(task_names) > 1 else 0.0

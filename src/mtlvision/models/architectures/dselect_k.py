@@ -40,6 +40,9 @@ class DSelectKGate(nn.Module):
     every expert starts with nearly equal weight.
     """
 
+    codes: Tensor  # buffers
+    fold: Tensor
+
     def __init__(self, in_features: int, num_experts: int, k: int, gamma: float) -> None:
         super().__init__()
         self.k, self.gamma = k, gamma

@@ -9,12 +9,13 @@ from torch import Tensor, nn
 
 from mtlvision.models.architectures.base import Architecture, ArchitectureSpec
 from mtlvision.models.architectures.registry import ARCHITECTURES
+from mtlvision.models.backbones import Backbone
 
 
 class HardSharing(Architecture):
     """Every task receives the same multi-scale features of one shared backbone."""
 
-    def __init__(self, backbone: nn.Module, task_names: Sequence[str]) -> None:
+    def __init__(self, backbone: Backbone, task_names: Sequence[str]) -> None:
         super().__init__()
         self.backbone = backbone
         self.task_names = list(task_names)
@@ -45,5 +46,5 @@ class HPS(ArchitectureSpec):
 
     name = "hps"
 
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> HardSharing:
+    def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> HardSharing:
         return HardSharing(backbone_factory(), task_names)

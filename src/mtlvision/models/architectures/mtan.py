@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from mtlvision.models.architectures._stages import backbone_stages, feature_layout, require_at_least, run_stages
 from mtlvision.models.architectures.base import Architecture, ArchitectureSpec
 from mtlvision.models.architectures.registry import ARCHITECTURES
+from mtlvision.models.backbones import Backbone
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -64,7 +65,7 @@ class MultiTaskAttentionNetwork(Architecture):
     modules turn them into per-task features (:meth:`decode`).
     """
 
-    def __init__(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str], reduction: int) -> None:
+    def __init__(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str], reduction: int) -> None:
         super().__init__()
         backbone = backbone_factory()
         self.stages = backbone_stages(backbone, MTAN.name, 2, "attention is chained from stage to stage")
@@ -84,8 +85,10 @@ class MultiTaskAttentionNetwork(Architecture):
 
     def attend(self, representation: Sequence[Tensor]) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
         """Per-task attended features and the masks that made them, from the shared features."""
-        features, masks = {}, {}
+        features: dict[str, list[Tensor]] = {}
+        masks: dict[str, list[Tensor]] = {}
         for name, modules in zip(self.task_names, self.attention):
+            assert isinstance(modules, nn.ModuleList)  # one ModuleList of attention modules per task
             attended: Tensor | None = None
             features[name], masks[name] = [], []
             for module, shared in zip(modules, representation):
@@ -123,7 +126,7 @@ class MTAN(ArchitectureSpec):
     def __post_init__(self) -> None:
         require_at_least(self.name, "reduction", self.reduction, 1)
 
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture:
+    def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture:
         return MultiTaskAttentionNetwork(backbone_factory, task_names, self.reduction)
 
     def describe(self) -> dict[str, Any]:

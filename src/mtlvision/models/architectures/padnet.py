@@ -12,6 +12,7 @@ from mtlvision.errors import ConfigError
 from mtlvision.models.architectures._stages import backbone_stages, feature_layout, require_at_least, run_stages
 from mtlvision.models.architectures.base import Architecture, ArchitectureSpec
 from mtlvision.models.architectures.registry import ARCHITECTURES
+from mtlvision.models.backbones import Backbone
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -48,7 +49,9 @@ class DistillationScale(nn.Module):
             others = intermediate[:task] + intermediate[task + 1 :]
             gate = self.attention[task](own)
             distilled = own
-            for message, other in zip(self.messages[task], others):
+            messages = self.messages[task]
+            assert isinstance(messages, nn.ModuleList)  # one ModuleList of message convs per task, built in __init__
+            for message, other in zip(messages, others):
                 distilled = distilled + gate * message(other)
             outputs.append(shared + self.projections[task](distilled))
         return outputs
@@ -65,7 +68,7 @@ class MultiModalDistillation(Architecture):
     """
 
     def __init__(
-        self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str], distilled: Sequence[str], width: int
+        self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str], distilled: Sequence[str], width: int
     ) -> None:
         super().__init__()
         backbone = backbone_factory()
@@ -94,6 +97,7 @@ class MultiModalDistillation(Architecture):
         """The backbone, and every task's intermediate branch: it feeds every other task's distillation."""
         yield from self.stages.parameters()
         for scale in self.scales:
+            assert isinstance(scale, DistillationScale)  # __init__ fills self.scales with DistillationScales
             yield from scale.branches.parameters()
 
 
@@ -117,7 +121,7 @@ class PADNet(ArchitectureSpec):
     def __post_init__(self) -> None:
         require_at_least(self.name, "width", self.width, 1)
 
-    def build(self, backbone_factory: Callable[[], nn.Module], task_names: Sequence[str]) -> Architecture:
+    def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture:
         distilled = list(task_names) if self.dense_tasks is None else list(self.dense_tasks)
         unknown = [name for name in distilled if name not in task_names]
         if unknown:

@@ -123,6 +123,7 @@ class Backbone(nn.Module):
                 f"{len(self.stages)} stages (0 freezes nothing, {len(self.stages)} freezes all)."
             )
         for stage in self.stages:
+            assert isinstance(stage, BackboneStage)  # __init__ accepts BackboneStage stages only
             stage.freeze(stage.index < n)
 
     # ----------------------------------------------------------------------------------- pretrained

@@ -59,6 +59,9 @@ class MultiTaskModel(nn.Module):
         mean, std: per-channel normalisation applied inside the model.
     """
 
+    mean: Tensor  # buffers, [1, C, 1, 1]
+    std: Tensor
+
     def __init__(
         self,
         backbone: str | Callable[[], Backbone],

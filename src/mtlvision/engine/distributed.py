@@ -111,16 +111,18 @@ def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
     if not is_distributed():
         return
     params = [p for p in parameters if p.requires_grad]
+    grads: list[Tensor] = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     offset = 0
-    for p in params:
+    for p, g in zip(params, grads):
         n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
+        g.copy_(flat[offset : offset + n].view_as(p))
         offset += n
 
 

@@ -37,6 +37,7 @@ from mtlvision.config import RunConfig
 from mtlvision.engine.trainer import AuxiliaryLoss
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.models.architectures.base import RepresentationUnavailable
+from mtlvision.models.multitask import MultiTaskModel
 from mtlvision.registry import Registry
 from mtlvision.tasks.base import Task
 
@@ -136,13 +137,13 @@ class Distillation(AuxiliaryLoss):
     def __init__(
         self,
         tasks: Mapping[str, Task],
-        experts: Mapping[str, nn.Module],
+        experts: Mapping[str, MultiTaskModel],
         *,
         weights: Mapping[str, float] | None = None,
         temperature: float = 2.0,
         feature_weight: float = 1.0,
         regression: Literal["l1", "l2"] = "l1",
-        student: nn.Module | None = None,
+        student: MultiTaskModel | None = None,
         probe: Tensor | None = None,
     ) -> None:
         super().__init__()
@@ -185,11 +186,11 @@ class Distillation(AuxiliaryLoss):
         if self.needs_representation:
             self._build_adapters(student, probe)
 
-    def _unique_experts(self) -> list[nn.Module]:
+    def _unique_experts(self) -> list[MultiTaskModel]:
         return list({id(m): m for m in self._experts.values()}.values())
 
     @torch.no_grad()
-    def _build_adapters(self, student: nn.Module | None, probe: Tensor | None) -> None:
+    def _build_adapters(self, student: MultiTaskModel | None, probe: Tensor | None) -> None:
         if student is None or probe is None:
             raise ConfigError("feature alignment (distill.feature_weight > 0) needs the student and a probe batch")
         student_width = self._representation(student, probe, "the student")[-1].shape[1]
@@ -200,7 +201,7 @@ class Distillation(AuxiliaryLoss):
             self.adapters[name] = adapter
 
     @staticmethod
-    def _representation(model: nn.Module, images: Tensor, who: str) -> list[Tensor]:
+    def _representation(model: MultiTaskModel, images: Tensor, who: str) -> list[Tensor]:
         was_training = model.training
         model.eval()
         try:
@@ -213,10 +214,10 @@ class Distillation(AuxiliaryLoss):
         finally:
             model.train(was_training)
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Distillation:  # type: ignore[override]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Distillation:
         for expert in self._unique_experts():
             expert._apply(fn)
-        return super()._apply(fn, recurse)  # type: ignore[return-value]
+        return super()._apply(fn, recurse)
 
     def forward(
         self, batch: dict[str, Any], predictions: dict[str, Any], representation: list[Tensor] | None
@@ -250,7 +251,7 @@ class Distillation(AuxiliaryLoss):
         return torch.stack(terms)
 
 
-def build_distillation(config: RunConfig, tasks: Sequence[Task], model: nn.Module) -> Distillation:
+def build_distillation(config: RunConfig, tasks: Sequence[Task], model: MultiTaskModel) -> Distillation:
     """The distillation loss of ``distill.*`` with the frozen experts of ``distill.experts``."""
     from mtlvision.engine.build import build_split, load_model
     from mtlvision.engine.runs import Baselines

@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlvision.balancers import Balancer, GradientEngine, LayerTaps, Needs, get as get_balancer, resolve_jacobian_path
+from mtlvision.balancers.engine import JacobianPath
 from mtlvision.config import BalancerConfig, RunConfig, TrainConfig, resolve_balancing, validate_section
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
@@ -53,7 +54,7 @@ from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
 from mtlvision.models.architectures.base import RepresentationUnavailable
-from mtlvision.models.multitask import CutRepresentation
+from mtlvision.models.multitask import CutRepresentation, MultiTaskModel
 from mtlvision.tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: MultiTaskModel,
         balancer: Balancer | str | BalancerConfig = "ew",
         train: TrainConfig | None = None,
         *,
@@ -173,7 +174,11 @@ class Trainer:
 
     @classmethod
     def from_config(
-        cls, config: RunConfig, model: nn.Module, run_dir: Path | None = None, auxiliary: AuxiliaryLoss | None = None
+        cls,
+        config: RunConfig,
+        model: MultiTaskModel,
+        run_dir: Path | None = None,
+        auxiliary: AuxiliaryLoss | None = None,
     ) -> Trainer:
         """A trainer with every ``train.*`` and ``balancer.*`` setting of a whole run configuration."""
         return cls(
@@ -182,7 +187,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _jacobian_path(self, requested: str, compile: bool) -> tuple[str, LayerTaps | None]:
+    def _jacobian_path(self, requested: str, compile: bool) -> tuple[JacobianPath, LayerTaps | None]:
         """``balancer.jacobian`` resolved (see :func:`~mtlvision.balancers.resolve_jacobian_path`), with the
         forward hooks path ``"layers"`` needs; the configuration's rules were checked by ``resolve_balancing``,
         what is left depends on the model."""
@@ -241,12 +246,12 @@ class Trainer:
         # an auxiliary loss's parameters (distillation adapters) act on one task's term each: task-specific
         auxiliary = [p for p in self.auxiliary.parameters() if p.requires_grad] if self.auxiliary is not None else []
         engine = GradientEngine(
-            self.model.shared_parameters(),
+            list(self.model.shared_parameters()),
             [*self.model.task_specific_parameters(), *auxiliary],
             cut.inputs if cut is not None else None,
             trunk=cut.trunk if cut is not None else None,
             mode=self.balancer_mode,
-            jacobian=self.jacobian,  # type: ignore[arg-type]
+            jacobian=self.jacobian,
             taps=self.taps,
             reduce=dist.all_reduce_mean if dist.is_distributed() else None,
         )
@@ -277,7 +282,8 @@ class Trainer:
         for batch in batches:
             losses, cut = self._forward_losses(batch)
             if not bool(torch.isfinite(dist.all_reduce_sum(losses.detach())).all()):
-                return self._skip(losses)
+                self._skip(losses)
+                return None
             weights = self._backward(losses, cut, 1.0 / len(batches))
             loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
         assert loss_total is not None and weights is not None
@@ -286,7 +292,8 @@ class Trainer:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         elif not self._grads_finite():
-            return self._skip(loss_total)
+            self._skip(loss_total)
+            return None
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if scaler is not None:

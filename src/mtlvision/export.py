@@ -130,6 +130,7 @@ def export_onnx(
         wrapper, (examples[0],), dynamo=True, input_names=["image"], output_names=flat_names, opset_version=opset,
         dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, external_data=False, verbose=False,
     )
+    assert program is not None  # torch.onnx.export returns an ONNXProgram when dynamo=True
     program.save(str(path))
 
     # two batch sizes: the outputs must match PyTorch's, and the batch must really be dynamic

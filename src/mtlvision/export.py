@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,8 +70,8 @@ def preprocessing(model: MultiTaskModel, image_size: tuple[int, int]) -> dict[st
     """How an image file becomes the graph's input, step by step, exactly as ``mtlvision predict`` does it,
     and how outputs go back to the image's own size (written into the export's JSON description)."""
     height, width = image_size
-    mean = [round(float(v), 6) for v in cast(Tensor, model.mean).flatten()]
-    std = [round(float(v), 6) for v in cast(Tensor, model.std).flatten()]
+    mean = [round(float(v), 6) for v in model.mean.flatten()]
+    std = [round(float(v), 6) for v in model.std.flatten()]
     return {
         "steps": [
             "decode the file and convert it to RGB (grey and palette images become RGB, alpha is dropped)",

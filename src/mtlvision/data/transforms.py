@@ -287,7 +287,8 @@ class JointTransform:
         targets = {n: t for n, t in sample["targets"].items() if n in self._contexts}
         valid = {n: v for n, v in sample.get("valid", {}).items() if n in self._contexts}
         if self.resize is not None and tuple(image.shape[-2:]) != tuple(self.resize):
-            image, targets = self._resize(image, targets, tuple(self.resize), zoom=1.0)
+            height, width = self.resize
+            image, targets = self._resize(image, targets, (height, width), zoom=1.0)
         if tuple(self.scale) != (1.0, 1.0) or self.crop is not None:
             image, targets = self._scale_crop(image, targets)
         if self.hflip > 0 and torch.rand((), generator=self.generator).item() < self.hflip:
@@ -349,8 +350,8 @@ def build_transforms(
         raise config_error_from(
             err, "data.augment", "Invalid augmentation settings", allowed=AugmentParams.model_fields
         ) from None
-    common = dict(targets=targets, resize=params.resize, depth_interpolation=params.depth_interpolation,
-                  generator=generator)
+    common: dict[str, Any] = dict(targets=targets, resize=params.resize, depth_interpolation=params.depth_interpolation,
+                                  generator=generator)
     if not (train and params.enabled):
         return JointTransform(**common)
     return JointTransform(

@@ -105,7 +105,13 @@ def sample_layout(rng: np.random.Generator, max_objects: int) -> SceneLayout:
     z_far = wall - 2.0
     count = int(rng.integers(1, max_objects + 1))
     while True:
-        shapes, colors, xs, zs, sizes, heights, yaws = [], [], [], [], [], [], []
+        shapes: list[int] = []
+        colors: list[int] = []
+        xs: list[float] = []
+        zs: list[float] = []
+        sizes: list[float] = []
+        heights: list[float] = []
+        yaws: list[float] = []
         for _ in range(count):
             shape = int(rng.integers(len(SHAPES)))
             name = SHAPES[shape]

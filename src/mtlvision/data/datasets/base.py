@@ -100,7 +100,7 @@ def sample_source_of(dataset: Dataset, index: int) -> SampleSource | None:
         if indices is not None:
             index = int(indices[index])
         dataset = inner
-    return dataset.sample_source(index)  # type: ignore[attr-defined]
+    return dataset.sample_source(index)
 
 
 def known_targets_of(dataset: Dataset, index: int) -> dict[str, Any]:
@@ -113,4 +113,4 @@ def known_targets_of(dataset: Dataset, index: int) -> dict[str, Any]:
         if indices is not None:
             index = int(indices[index])
         dataset = inner
-    return dataset.known_targets(index)  # type: ignore[attr-defined, no-any-return]
+    return dataset.known_targets(index)

@@ -40,9 +40,10 @@ Member = tuple[str, str, Path]
 
 def _describes(dataset: Dataset) -> bool:
     """Whether ``dataset`` (or one it wraps) can describe its samples without reading them."""
-    while not hasattr(dataset, "sample_source"):
-        dataset = getattr(dataset, "dataset", None)  # type: ignore[assignment]
-        if dataset is None:
+    current: object = dataset
+    while not hasattr(current, "sample_source"):
+        current = getattr(current, "dataset", None)
+        if current is None:
             return False
     return True
 

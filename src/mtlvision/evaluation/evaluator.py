@@ -35,7 +35,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
             return [move(v) for v in value]
         return value
 
-    return move(batch)  # type: ignore[return-value]
+    return {k: move(v) for k, v in batch.items()}
 
 
 @torch.no_grad()

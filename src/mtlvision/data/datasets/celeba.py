@@ -147,7 +147,9 @@ class CelebADataset(Dataset):
         return SampleSource(self.files[index], confined(self.image_dir, self.files[index], str(self.listed_in)))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = read_image(self.sample_source(index).image, self.max_pixels)  # type: ignore[arg-type]
+        image_file = self.sample_source(index).image
+        assert image_file is not None  # sample_source always names the image file
+        image = read_image(image_file, self.max_pixels)
         row = self.labels[index]
         if self.as_multilabel:
             targets: dict[str, Any] = {"attributes": row.float()}

@@ -132,7 +132,8 @@ class PascalContextDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         source = self.sample_source(index)
-        image = read_image(source.image, self.max_pixels)  # type: ignore[arg-type]
+        assert source.image is not None  # sample_source always names the image file
+        image = read_image(source.image, self.max_pixels)
         height, width = image.shape[-2:]
         targets: dict[str, Any] = {}
         valid: dict[str, bool] = {}

@@ -147,7 +147,7 @@ def check_annotated(cls: type, values: Mapping[str, Any], prefix: str) -> dict[s
     numbers refused), each error naming ``prefix.key``; returns them converted to those types. Arguments
     without an annotation pydantic can check are left to ``cls``."""
     try:
-        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]  # read, never called on the class
     except (NameError, TypeError):  # annotations that cannot be resolved here are left to the method
         hints = {}
     accepted = inspect.signature(cls).parameters

@@ -150,7 +150,7 @@ def check_dataset(
     seen: dict[str, tuple[str, str]] = {}
     for split, dataset in splits.items():
         split_stats = stats[split] = SplitStats(tasks={n: TaskStats(names=class_names(t)) for n, t in tasks.items()})
-        total = len(dataset)  # type: ignore[arg-type]
+        total = len(dataset)  # type: ignore[arg-type]  # map-style datasets define __len__
         absent: set[str] = set()
         for index in range(total):
             try:

@@ -49,7 +49,7 @@ class CheckedSamples(Dataset):
         self.hint = hint
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type]  # map-style datasets define __len__
 
     def _tail(self, sample: str) -> str:
         return f" ({self.split} sample {sample})" + (f" {HINT}" if self.hint else "")
@@ -86,7 +86,7 @@ class SkipBadSamples(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()  # type: ignore[arg-type]
+        self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()  # type: ignore[arg-type]  # map-style datasets define __len__
         self.messages: dict[int, str] = {}
 
     def __len__(self) -> int:

@@ -88,7 +88,7 @@ def preflight(splits: Mapping[str, Dataset], tasks: Mapping[str, Task]) -> DataR
     members: dict[tuple[int, int], list[Member]] = defaultdict(list)
     sizes: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for split, dataset in splits.items():
-        total = len(dataset)  # type: ignore[arg-type]
+        total = len(dataset)  # type: ignore[arg-type]  # map-style datasets define __len__
         split_stats = stats[split] = SplitStats(samples=total)
         if not _describes(dataset):
             continue

@@ -77,7 +77,7 @@ class MultiSourceDataset(Dataset):
             raise ConfigError("A multi-source dataset needs at least one source dataset.")
         self.names = list(sources)
         self.datasets = [sources[name] for name in self.names]
-        self.sizes = [len(d) for d in self.datasets]  # type: ignore[arg-type]
+        self.sizes = [len(d) for d in self.datasets]  # type: ignore[arg-type]  # map-style datasets define __len__
         empty = [n for n, s in zip(self.names, self.sizes) if s == 0]
         if empty:
             raise ConfigError(f"Source dataset(s) {empty} of the multi-source dataset are empty.")
@@ -146,7 +146,7 @@ class TaskView(Dataset):
         self.tasks = dict(tasks)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type]  # map-style datasets define __len__
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.dataset[index]

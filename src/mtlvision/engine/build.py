@@ -207,7 +207,7 @@ class PreparedDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type]  # map-style datasets define __len__
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.base[index]

@@ -56,13 +56,13 @@ def rng_state() -> dict[str, object]:
 def set_rng_state(state: dict[str, object]) -> None:
     """Restore the states saved by :func:`rng_state`."""
     py_state = state["python"]
-    random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))  # type: ignore[index]
-    numpy_state = dict(state["numpy"])  # type: ignore[call-overload]
+    random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))  # type: ignore[index]  # random.getstate()'s tuple
+    numpy_state = dict(state["numpy"])  # type: ignore[call-overload]  # the dict of _numpy_state()
     numpy_state["state"] = {
         "key": numpy_state["state"]["key"].numpy().astype(np.uint32),
         "pos": int(numpy_state["state"]["pos"]),
     }
     np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
+    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]  # the tensor of torch.get_rng_state()
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]  # torch.cuda.get_rng_state_all()'s list

@@ -35,7 +35,7 @@ def check_config_data(config: RunConfig, splits: Sequence[str] = SPLITS, progres
         return check_dataset(datasets, tasks)
     columns = (TextColumn("checking {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        bars = {split: bar.add_task(split, total=len(data)) for split, data in datasets.items()}  # type: ignore
+        bars = {split: bar.add_task(split, total=len(data)) for split, data in datasets.items()}  # type: ignore[arg-type]  # map-style datasets define __len__
 
         def advance(split: str, done: int, total: int) -> None:
             bar.update(bars[split], completed=done)

@@ -110,7 +110,7 @@ def make_rule(name: str, hparams: Mapping[str, float] | None = None) -> MergeRul
     try:
         return cls(**dict(hparams or {}))
     except TypeError as exc:
-        allowed = ", ".join(cls.__dataclass_fields__) or "none"  # type: ignore[attr-defined]
+        allowed = ", ".join(cls.__dataclass_fields__) or "none"  # type: ignore[attr-defined]  # rules are dataclasses
         raise ConfigError(f"merging rule {name!r}: {exc}; its hyper-parameters: {allowed}") from None
 
 

@@ -77,4 +77,4 @@ RESCALE: dict[TargetKind, Callable[[Task, Any, Size, Size], Any]] = {
 def rescale_decoded(task: Task, decoded: Any, source: Size, size: Size) -> Any:
     """``decoded`` (one sample of ``task.decode``, for a network input of ``source`` = (H, W)) at ``size``."""
     kind = getattr(task, "target_kind", None)
-    return RESCALE.get(kind, _unchanged)(task, decoded, source, size)  # type: ignore[arg-type]
+    return RESCALE.get(kind, _unchanged)(task, decoded, source, size)  # type: ignore[arg-type]  # None: _unchanged

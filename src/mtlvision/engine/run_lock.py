@@ -21,7 +21,7 @@ from mtlvision.errors import MtlvisionError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows: no lock there
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # None marks the missing module (no locking)
 
 logger = logging.getLogger(__name__)
 

@@ -274,3 +274,13 @@ def test_images_above_max_pixels_are_refused_naming_the_file(tmp_path, capsys):
     assert main(args) == 2
     err = one_line(capsys.readouterr().err)
     assert "the image is 32 x 32 = 1,024 pixels, above data.max_pixels = 1,000" in err and ".png" in err
+
+
+def test_experts_on_images_of_the_data_own_size_merge_and_report_their_size(tmp_path):
+    """A dataset without a configured image size (the folder format): merge measures the model on a sample."""
+    config = write_folder(tmp_path / "data", corrupt=False, bad_label=False)
+    runs = tmp_path / "runs"
+    assert main(["baseline", str(config), "--set", *FAST, "--out", str(runs), "--name", "experts"]) == 0
+    assert main(["merge", str(runs / "experts"), "--out", str(runs / "merged")]) == 0
+    report = json.loads((runs / "merged" / "metrics.json").read_text())
+    assert report["model"]["parameters"]["total"] > 0 and report["model"]["macs"]["total"] > 0

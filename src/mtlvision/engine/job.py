@@ -67,6 +67,15 @@ from mtlvision.run_settings import RESUME_KEYS, differences, flatten, with_resum
 logger = logging.getLogger(__name__)
 
 
+def input_size(config: RunConfig, data: PreparedDataset) -> tuple[int, int]:
+    """The model's input size for reports (parameters, FLOPs): the configured one, else the first sample's."""
+    size = image_size(config)
+    if size is not None:
+        return size
+    height, width = data[0]["image"].shape[-2:]
+    return int(height), int(width)
+
+
 def skipped_counts(config: RunConfig, counts: Mapping[str, int | None]) -> dict[str, int] | None:
     """Samples skipped per split under ``data.skip_bad`` (None when skipping is off)."""
     if not config.data.skip_bad:
@@ -270,7 +279,7 @@ class TrainingRun:
             ).metrics
             skipped[split] = data.skipped
         split = config.train.eval_split
-        size = image_size(config) or tuple(data[0]["image"].shape[-2:])
+        size = input_size(config, data)
         report = RunReport(
             split=split, metrics=metrics[split], val_metrics=metrics.get("val"), best_epoch=fit.best_epoch,
             selection=selection_text(config.train.select, validated),

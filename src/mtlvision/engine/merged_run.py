@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from mtlvision.config import parse_override
-from mtlvision.engine.build import build_model, build_tasks, image_size
+from mtlvision.engine.build import build_model, build_tasks
 from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
-from mtlvision.engine.job import evaluate_splits, evaluation_loader
+from mtlvision.engine.job import evaluate_splits, evaluation_loader, input_size
 from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
 from mtlvision.engine.runs import (
     BASELINES_NAME,
@@ -125,7 +125,9 @@ def merge_experts(
     metrics = evaluate_splits(config, model, ["val", split])
     report = RunReport(
         split=split, metrics=metrics[split], val_metrics=metrics["val"],
-        model=model_complexity(model.cpu(), image_size=image_size(config)),
+        model=model_complexity(
+            model.cpu(), image_size=input_size(config, evaluation_loader(config, model, split)[1])
+        ),
         merge={
             "rule": rule,
             "hparams": merging.describe(),

@@ -20,8 +20,10 @@ The engine (:mod:`mtlvision.balancers.engine`) builds, per step that needs per-t
 
 Adding a path touches two files here: a new module with a subclass of
 :class:`~.base.ParameterGradients` (``_compute_blocks``; optionally the ``_fresh_*`` views, ``for_step`` and
-``uses_taps``), and this file (:data:`PATHS` and :data:`JacobianPath`). The config schema's
-``balancer.jacobian`` lists the names a YAML config may select.
+``uses_taps``), and this file (:data:`PATHS` and :data:`JacobianPath`); :class:`~mtlvision.balancers.GradientEngine`
+and :func:`~mtlvision.balancers.resolve_jacobian_path` take every name in :data:`PATHS`. Outside the package,
+the config schema's ``balancer.jacobian`` lists the names a YAML config may select, and the trainer creates
+:class:`~mtlvision.balancers.layers.LayerTaps` for ``"layers"`` only.
 """
 
 from __future__ import annotations

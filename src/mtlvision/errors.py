@@ -2,7 +2,8 @@
 
 Every error a user can cause (a bad config value, a missing file, a corrupt image, an unknown name) is a
 :class:`MtlvisionError`. The CLI prints its message as one paragraph, without a traceback; the Python API
-lets it propagate like any other exception.
+lets it propagate like any other exception. A broken internal contract (a bug, not the user's doing) is an
+:class:`InternalError` instead, which the CLI lets through with its traceback.
 """
 
 from __future__ import annotations
@@ -26,3 +27,9 @@ class UnknownNameError(ConfigError):
 
 class CheckpointError(MtlvisionError):
     """A checkpoint or weights file is missing, unsafe, or does not match the model."""
+
+
+class InternalError(RuntimeError):
+    """A broken internal contract: a bug in mtlvision or in code plugged into it (e.g. a balancer that returns
+    weights of the wrong shape), not a user mistake. Deliberately not a :class:`MtlvisionError`, so that it
+    is reported with its traceback."""

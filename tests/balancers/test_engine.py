@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.engine import GradientEngine
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, InternalError
 
 T = 3
 
@@ -244,7 +244,7 @@ def test_clear_errors() -> None:
         GradientEngine(shared(net), heads(net), rep).backward(losses, NoRep(Needs.GRAMIAN, torch.ones(T)))
     with pytest.raises(ConfigError, match="no shared parameters"):
         GradientEngine([], heads(net)).backward(losses, Probe(Needs.GRAMIAN, torch.ones(T)))
-    with pytest.raises(ConfigError, match="direction"):
+    with pytest.raises(InternalError, match="direction"):
         GradientEngine(shared(net), heads(net)).backward(
             losses, Probe(Needs.JACOBIAN, torch.ones(T), direction=torch.ones(3))
         )
@@ -292,7 +292,7 @@ def test_jacobian_blocks_cover_the_jacobian_in_order(with_rep: bool, release: bo
             assert grads is not None and grads.num_columns == expected.shape[1]
             seen.extend((columns, block.clone()) for columns, block in grads.jacobian_blocks(release=release))
             if release:
-                with pytest.raises(ConfigError, match="released"):
+                with pytest.raises(InternalError, match="released"):
                     grads.gramian()
             return Update(weights=torch.ones(T), direction=torch.zeros(expected.shape[1]))
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mtlvision.balancers import BALANCERS, GradientEngine, get
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.weighting import WeightingError
-from mtlvision.errors import ConfigError, MtlvisionError
+from mtlvision.errors import ConfigError, InternalError, MtlvisionError
 
 OURS = ["ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "imtl_l", "famo", "db_mtl", "stch", "excess_mtl"]
 
@@ -345,5 +345,5 @@ def test_famo_in_the_engine_gives_heads_the_weighted_gradient() -> None:
 
 def test_errors_are_mtlvision_errors() -> None:
     assert issubclass(WeightingError, MtlvisionError)
-    with pytest.raises(ConfigError, match="gradients"):
+    with pytest.raises(InternalError, match="gradients"):
         get("db_mtl").balance(torch.ones(2), None)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlvision.errors import CheckpointError
+from mtlvision.errors import CheckpointError, InternalError
 
 
 class Needs(str, Enum):
@@ -71,6 +71,17 @@ def jacobian_shaped_state(current: Tensor | None, shape: tuple[int, int], like: 
     if current is None:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
     return current.to(like.device)
+
+
+def require_grads(balancer: Balancer, grads: TaskGradients | None) -> TaskGradients:
+    """``grads``, refusing None: a balancer that needs per-task gradients was called without them."""
+    if grads is None:
+        raise InternalError(
+            f"balancer {type(balancer).__name__} needs per-task gradients ({balancer.needs.value}) but was called "
+            "with the losses only; run it through mtlvision.balancers.GradientEngine (a gradient method also "
+            "through mtlvision.balancers.aggregate)"
+        )
+    return grads
 
 
 @dataclass

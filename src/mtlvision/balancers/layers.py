@@ -16,7 +16,7 @@ for O = 512 outputs). Each layer takes the cheaper way. The weighted update need
 layer, ``(Σ_t w_t B_t)ᵀ A``, whatever T is.
 
 The engine gets ``B`` from one vmapped backward that stops at each tapped layer's output, so autograd never
-forms the T per-task weight gradients itself (see :mod:`mtlvision.balancers.engine`, ``jacobian="layers"``).
+forms the T per-task weight gradients itself (see :mod:`mtlvision.balancers.jacobian.layers`).
 :class:`LayerTaps` records, during the forward, each tapped layer's input and the autograd edge of its output.
 """
 

@@ -8,18 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
+from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update, require_grads
 from mtlvision.balancers.gradient._solvers import to_numpy_gramian, to_tensor
-from mtlvision.errors import ConfigError
-
-
-def require_grads(balancer: Balancer, grads: TaskGradients | None) -> TaskGradients:
-    if grads is None:
-        raise ConfigError(
-            f"balancer {type(balancer).__name__} needs per-task gradients but was called without them; "
-            "run it through mtlvision.balancers.GradientEngine or mtlvision.balancers.aggregate"
-        )
-    return grads
 
 
 class GradientBalancer(Balancer):

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update
-from mtlvision.balancers.gradient._base import GradientBalancer, require_grads
+from mtlvision.balancers.base import Needs, TaskGradients, Update, require_grads
+from mtlvision.balancers.gradient._base import GradientBalancer
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update
-from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer, require_grads
+from mtlvision.balancers.base import Needs, TaskGradients, Update, require_grads
+from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer
 from mtlvision.balancers.gradient._solvers import gradient_norms, pinv_psd, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError

@@ -7,9 +7,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state
+from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state, require_grads
 from mtlvision.balancers.base import ExtraStateMixin
-from mtlvision.balancers.gradient._base import GradientBalancer, require_grads
+from mtlvision.balancers.gradient._base import GradientBalancer
 from mtlvision.balancers.gradient._solvers import project_to_simplex, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlvision.balancers.base import Balancer, ExtraStateMixin, TaskGradients
+from mtlvision.balancers.base import Balancer, ExtraStateMixin
 from mtlvision.errors import ConfigError, MtlvisionError
 
 
@@ -80,12 +80,3 @@ def checked_losses(
             f"loss to be finite and {bound}; got {shown}"
         )
     return values
-
-
-def require_grads(balancer: Balancer, grads: TaskGradients | None) -> TaskGradients:
-    if grads is None:
-        raise ConfigError(
-            f"balancer {type(balancer).__name__} needs per-task gradients ({balancer.needs.value}) but was run "
-            "with the losses only; run it through mtlvision.balancers.GradientEngine"
-        )
-    return grads

@@ -7,9 +7,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state
+from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state, require_grads
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LossWeighting, WeightingError, require_grads
+from mtlvision.balancers.weighting._common import LossWeighting, WeightingError
 from mtlvision.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlvision.balancers.base import TaskGradients, Update
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.balancers.weighting._common import LossWeighting, checked_losses
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, InternalError
 
 
 @BALANCERS.register(
@@ -70,7 +70,7 @@ class FAMO(LossWeighting):
 
     def after_step(self, new_losses: Tensor) -> None:
         if self.previous is None or self.logits is None:
-            raise ConfigError("FAMO.after_step was called before any balance() step")
+            raise InternalError("FAMO.after_step was called before any balance() step")
         decrease = self.previous.log() - self._distance(new_losses).cpu().log()
         z = torch.softmax(self.logits, dim=0)
         optimizer = self._adam()

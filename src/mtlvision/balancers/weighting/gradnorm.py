@@ -7,9 +7,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update
+from mtlvision.balancers.base import Needs, TaskGradients, Update, require_grads
 from mtlvision.balancers.registry import BALANCERS
-from mtlvision.balancers.weighting._common import LearnableTaskParameter, checked_losses, require_grads
+from mtlvision.balancers.weighting._common import LearnableTaskParameter, checked_losses
 from mtlvision.errors import ConfigError
 
 

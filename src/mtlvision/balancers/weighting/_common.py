@@ -18,8 +18,10 @@ class WeightingError(MtlvisionError):
 
 
 class LossWeighting(ExtraStateMixin, Balancer):
-    """Base of the loss-weighting methods: the weights depend on the losses only, so they are defined in
-    representation mode too. Running state named in ``_state_names`` (tensors, numbers or None) travels in
+    """Base of the loss-weighting methods: the result is a weight per task, applied to the losses by one
+    ordinary backward. Most read the losses only; some also read gradients they ask for through ``needs``
+    (GradNorm the per-task gradient norms from the Gramian, DB-MTL and ExcessMTL the per-task gradients), and
+    those declare so. Every one is defined in representation mode too. Running state named in ``_state_names`` (tensors, numbers or None) travels in
     the state dict through ``get_extra_state``, so checkpoints load with ``weights_only=True``."""
 
     supports_representation: ClassVar[bool] = True

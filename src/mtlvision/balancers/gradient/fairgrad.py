@@ -6,7 +6,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import SolverError, nonzero_tasks
+from mtlvision.balancers.gradient._solvers import SolverError, nonzero_tasks, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -39,9 +39,9 @@ class FairGrad(GramianBalancer):
         active = nonzero_tasks(gramian)
         if not active.any():
             return weights
-        sub = gramian[np.ix_(active, active)]
-        scale = float(np.trace(sub))
-        k = sub / scale
+        sub, power = scaled(gramian[np.ix_(active, active)])  # K = power · sub, power a power of two
+        trace = float(np.trace(sub))
+        k = sub / trace
         n = int(active.sum())
 
         def residual(w: np.ndarray) -> np.ndarray:
@@ -59,5 +59,6 @@ class FairGrad(GramianBalancer):
                 f"FairGrad: no weights solve (Kw)ᵢ = wᵢ^(-1/α) (largest relative residual {relative.max():.2e}, "
                 f"{result.message}); the gradients may conflict so that some task cannot improve"
             )
-        weights[active] = result.x * scale ** (-self.alpha / (1.0 + self.alpha))
+        exponent = -self.alpha / (1.0 + self.alpha)  # w ∝ s^exponent for K → sK; s = power · trace
+        weights[active] = result.x * trace**exponent * power**exponent
         return weights

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlvision.balancers.base import Needs, TaskGradients, Update
 from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer, require_grads
-from mtlvision.balancers.gradient._solvers import gradient_norms, pinv_psd, to_numpy_gramian
+from mtlvision.balancers.gradient._solvers import gradient_norms, pinv_psd, scaled, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -23,8 +23,15 @@ def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
 
     Equal projections mean ``Kα = s·n`` (``n_t = ‖g_t‖``), so ``α = K⁺n / 1ᵀK⁺n``. With ``K`` invertible
     this is exactly the paper's closed form ``α_{2:T} = g_1 Uᵀ(DUᵀ)⁻¹``; the pseudo-inverse extends it to
-    linearly dependent gradients (as torchjd does). Zero weights when ``1ᵀK⁺n`` vanishes (all gradients 0).
+    linearly dependent gradients (as torchjd does). Its eigenvalue cut-off is relative to the Gramian's
+    own precision and scale (:func:`~._solvers.pinv_psd`), so a float64 Gramian keeps directions down to
+    float64 round-off: with one gradient 10⁻⁴ of another the projections stay equal. Equal projections
+    hold exactly when ``n`` lies in the range of ``K`` (always for linearly independent gradients); for
+    dependent gradients without such a solution ``α`` is the least-squares one. The weights do not depend
+    on the scale of ``K``, which is rescaled by a power of two first. Zero weights when ``1ᵀK⁺n`` vanishes
+    (all gradients 0).
     """
+    gramian, _ = scaled(gramian)
     norms = gradient_norms(gramian)
     v = pinv_psd(gramian) @ norms
     total = v.sum()

@@ -20,7 +20,9 @@ def roundoff_bound(magnitude: Tensor | float, terms: int, dtype: torch.dtype) ->
     return (terms + 4) * eps * torch.as_tensor(magnitude, dtype=torch.float64).abs()
 
 
-def assert_within_roundoff(got: Tensor, want: Tensor, magnitude: Tensor | float, terms: int, dtype: torch.dtype) -> None:
+def assert_within_roundoff(
+    got: Tensor, want: Tensor, magnitude: Tensor | float, terms: int, dtype: torch.dtype
+) -> None:
     """``|got − want| ≤ roundoff_bound(magnitude, terms, dtype)`` everywhere, with a message on the worst entry."""
     error = (got.double() - want.double()).abs()
     bound = roundoff_bound(magnitude, terms, dtype).expand_as(error) + torch.finfo(torch.float64).tiny

@@ -59,7 +59,8 @@ def fair_weights(gramian: np.ndarray, alpha: float, max_iter: int = 200) -> tupl
                 if candidate <= value - 1e-4 * step * decrease:
                     break
                 trial_target = trial**power
-                if candidate <= value + roundoff and np.max(np.abs(k @ trial - trial_target) / trial_target) <= 0.5 * residual:
+                trial_residual = float(np.max(np.abs(k @ trial - trial_target) / trial_target))
+                if candidate <= value + roundoff and trial_residual <= 0.5 * residual:
                     break
             step *= 0.5
         if step < 1e-12:

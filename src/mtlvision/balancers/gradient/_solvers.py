@@ -81,7 +81,11 @@ def check_finite_gramian(gramian: np.ndarray, dtype_name: str = "float64") -> No
         f"norm or inner product exceeds {largest:.3g}, i.e. gradient norms above about {np.sqrt(largest):.3g} "
         "(or infinite gradients). No balancing direction can be computed from it; the losses have diverged or "
         "are badly scaled (lower the learning rate or scale the losses down"
-        + (", or compute the Gramian in float64" if dtype_name != "float64" else "")
+        + (
+            ", or use a float64 Gramian: gramian_dtype=torch.float64 in the engine, a float64 G in aggregate"
+            if dtype_name != "float64"
+            else ""
+        )
         + ")"
     )
 

@@ -17,6 +17,8 @@ from hypothesis import settings
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-settings.register_profile("dev", print_blob=True)
+# both from hypothesis' own defaults (under CI it has already loaded its built-in "ci" profile)
+_base = settings.get_profile("default")
+settings.register_profile("ci", parent=_base, derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", parent=_base, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

@@ -41,8 +41,10 @@ def nash_weights(
     ill-conditioned ``K`` is) and the decrement ``λ² = rᵀM⁻¹r``; the step ``Δ/(1+λ)`` (full once
     ``λ ≤ ¼``) keeps ``β > 0`` and converges globally, quadratically at the end. It stops when ``λ`` is
     negligible or the residual stops shrinking (round-off), and the result is accepted when every
-    ``|rᵢ| ≤ tol``. (Round-off bounds the residual by about ``eps·βᵢ Σⱼ|K̃ᵢⱼ|βⱼ``: ``10⁻¹⁰`` for
-    ``cond(K) = 10⁸``, more only for gradients within ``~10⁻⁸`` of cancelling, where the message says so.)
+    ``|rᵢ| ≤ tol``. Round-off bounds the computed residual by about ``eps·βᵢ Σⱼ|K̃ᵢⱼ|βⱼ``: ``10⁻¹⁰`` for
+    ``cond(K) = 10⁸``, more only for gradients that nearly cancel (weights ``≳ 10⁴``); once a solution is
+    known to exist (below), a residual within that bound is accepted too: ``β`` is then the solution to
+    working precision (backward error at round-off), all that the Gramian's numbers determine.
 
     **Existence.** ``f`` is bounded below, and the solution exists, exactly when no convex combination of
     the gradients is zero (if ``Gᵀu = 0`` for some ``u ≥ 0``, ``u ≠ 0``, then ``Σ uᵢ(Kα)ᵢ = 0`` and not every
@@ -96,18 +98,17 @@ def nash_weights(
             "αᵢ(Kα)ᵢ = 1. The tasks conflict exactly (e.g. two opposite gradients); a Pareto-stationary point "
             "has been reached"
         )
-    largest = float(np.abs(residual).max())
-    roundoff = float(16.0 * t * eps * np.max(beta * (np.abs(corr) @ beta)))
-    reason = (
-        f"round-off in float64 limits it to about {roundoff:.1e} here, because the gradients nearly cancel "
-        "(the solution's weights are huge); raise balancer.tol if that precision is enough"
-        if np.isfinite(roundoff) and largest <= roundoff
-        else "raise balancer.max_iter"
-    )
+    # A solution exists. Where the gradients nearly cancel, the weights are huge and computing βᵢ(K̃β)ᵢ
+    # cancels: its round-off, not the solver, bounds the residual. Within it, β is the solution to working
+    # precision (its backward error is at round-off), the best a float64 Gramian determines.
+    roundoff = 16.0 * t * eps * beta * (np.abs(corr) @ beta)
+    finite = bool(np.all(np.isfinite(beta)) and np.all(beta > 0))
+    if finite and np.all(np.abs(residual) <= np.maximum(tol, roundoff)):
+        return beta / norms, beta
     raise SolverError(
-        f"Nash-MTL: Newton's method stopped after {iterations} iterations with residual {largest:.2e} > "
-        f"tol = {tol:g}, although a solution exists (the smallest convex combination of the unit gradients has "
-        f"norm {min_norm:.1e} > 0): {reason}"
+        f"Nash-MTL: Newton's method stopped after {iterations} iterations with residual "
+        f"{float(np.abs(residual).max()):.2e} > tol = {tol:g}, although a solution exists (the smallest convex "
+        f"combination of the unit gradients has norm {min_norm:.1e} > 0); raise balancer.max_iter"
     )
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mtlvision.balancers import aggregate, get
 from mtlvision.balancers.aggregate import MatrixGradients, gradient_methods
-from mtlvision.balancers.gradient import SolverError
+from mtlvision.balancers.gradient import NonFiniteGramianError, SolverError
 from mtlvision.balancers.gradient.aligned_mtl import balance_transformation
 from mtlvision.errors import ConfigError
 
@@ -279,11 +279,24 @@ def test_gradients_whose_gramian_overflows_are_refused_with_a_message(name: str)
     # issue 15: gradients around 1e160 gave non-finite directions or numpy's LinAlgError
     g = 1e160 * (gaussian(3, 6, 1) + 0.5)
     message = r"overflows float64 \(tasks \[0, 1, 2\]\).*gradient norms above about 1.34e\+154"
-    with pytest.raises(SolverError, match=message):
+    with pytest.raises(NonFiniteGramianError, match=message):
         aggregate(name, g)
 
 
 def test_a_float32_gramian_that_overflows_names_float32() -> None:
     g = torch.full((2, 4), 1e20, dtype=torch.float32)
-    with pytest.raises(SolverError, match="overflows float32.*or use a float64 Gramian"):
+    with pytest.raises(NonFiniteGramianError, match="overflows float32.*or use a float64 Gramian"):
         aggregate("upgrad", g)
+
+
+class NanGramian(MatrixGradients):
+    """Finite losses, NaN gradients (e.g. a sqrt at 0 inside a loss): what a training step can hand over."""
+
+    def gramian(self) -> Tensor:
+        return torch.full((2, 2), float("nan"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["mgda", "imtl_g", "nash_mtl", "upgrad"])
+def test_a_nan_gramian_is_a_typed_error_a_training_loop_can_skip(name: str) -> None:
+    with pytest.raises(NonFiniteGramianError, match="holds NaN"):
+        get(name).balance(torch.ones(2), NanGramian(torch.ones(2, 3)))

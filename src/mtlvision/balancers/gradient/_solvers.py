@@ -20,6 +20,13 @@ class SolverError(MtlvisionError):
     """A balancer's optimisation problem has no solution or its solver failed (never silently replaced)."""
 
 
+class NonFiniteGramianError(SolverError):
+    """The Gramian of the task gradients holds NaN or infinite values (overflow or non-finite gradients).
+
+    A training loop that skips steps with non-finite gradients can catch this one and skip the step, as it
+    would for a non-finite loss; called directly (``aggregate``), it is the error to show."""
+
+
 class GramianArray(np.ndarray):
     """``K`` as a float64 numpy array that remembers ``eps``, the relative precision of the tensor it was
     computed in (float32 for the engine's default Gramian). Slices and arithmetic keep it, so that every
@@ -44,7 +51,7 @@ def precision(gramian: np.ndarray) -> float:
 def to_numpy_gramian(gramian: Tensor) -> GramianArray:
     """``K`` as a symmetric float64 numpy array carrying the precision of ``gramian``'s dtype.
 
-    A Gramian with non-finite entries is refused with :class:`SolverError`: the squared norms of the task
+    A Gramian with non-finite entries is refused with :class:`NonFiniteGramianError`: the squared norms of the task
     gradients overflowed ``gramian``'s dtype (or the gradients themselves were not finite), and no method
     can recover a direction from it.
     """
@@ -67,7 +74,7 @@ def check_finite_gramian(gramian: np.ndarray, dtype_name: str = "float64") -> No
     if finite.all():
         return
     if np.isnan(gramian).any() and not np.isinf(gramian).any():
-        raise SolverError(
+        raise NonFiniteGramianError(
             "the Gramian K = G Gᵀ of the task gradients holds NaN: some task's loss or gradient is NaN "
             "(check the losses and the inputs of this step)"
         )
@@ -76,7 +83,7 @@ def check_finite_gramian(gramian: np.ndarray, dtype_name: str = "float64") -> No
         {int(t) for t in np.argwhere(~finite).ravel()}
     )
     largest = float(np.finfo(np.dtype(dtype_name)).max) if dtype_name in ("float16", "float32", "float64") else np.inf
-    raise SolverError(
+    raise NonFiniteGramianError(
         f"the Gramian K = G Gᵀ of the task gradients overflows {dtype_name} (tasks {bad}): a squared gradient "
         f"norm or inner product exceeds {largest:.3g}, i.e. gradient norms above about {np.sqrt(largest):.3g} "
         "(or infinite gradients). No balancing direction can be computed from it; the losses have diverged or "

@@ -1,8 +1,24 @@
-"""Shared test settings: one torch thread per test process (the suite runs with pytest-xdist on 2 cores)."""
+"""Shared test settings.
+
+- One torch thread per test process (the suite runs with pytest-xdist on 2 cores).
+- Hypothesis profiles: ``ci`` is derandomised (the examples are a fixed function of each test, so a CI run
+  cannot fail on a draw that the previous run did not make; no example database) and prints the blob that
+  reproduces a failure; it is loaded when the environment variable ``CI`` is set, as CI services do.
+  ``dev`` (the default elsewhere) keeps exploring new examples on every run, with the local example
+  database replaying past failures first. ``HYPOTHESIS_PROFILE=ci|dev`` chooses explicitly. Tests keep
+  their own ``max_examples``; the profile sets only how the examples are drawn and reported.
+"""
 
 import os
 
 import torch
+from hypothesis import settings
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+# both from hypothesis' own defaults (under CI it has already loaded its built-in "ci" profile)
+_base = settings.get_profile("default")
+settings.register_profile("ci", parent=_base, derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", parent=_base, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

@@ -36,3 +36,22 @@ def test_missing_baseline_is_an_error_not_a_skip():
 def test_zero_baseline_is_reported():
     with pytest.raises(MtlvisionError, match="exactly 0"):
         delta_m({"depth": {"abs_err": 1.0}}, {"depth": {"abs_err": 0.0}}, {"depth": {"abs_err": False}})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("side", ["metrics", "baselines"])
+def test_non_finite_metric_is_refused_naming_task_and_metric(bad: float, side: str) -> None:
+    # issue 15: a NaN metric (a diverged run, a metric over an empty split) silently made Δm NaN
+    good = {"seg": {"miou": 0.5, "pixel_accuracy": 0.8}, "depth": {"abs_err": 0.2}}
+    broken = {"seg": dict(good["seg"]), "depth": {"abs_err": bad}}
+    metrics, baselines = (broken, good) if side == "metrics" else (good, broken)
+    with pytest.raises(MtlvisionError, match=r"task 'depth' metric 'abs_err'.* is (nan|inf|-inf)"):
+        delta_m(metrics, baselines, DIRECTIONS)
+
+
+def test_missing_or_non_numeric_metric_is_refused() -> None:
+    baselines = {"seg": {"miou": 0.5, "pixel_accuracy": 0.8}, "depth": {"abs_err": 0.2}}
+    with pytest.raises(MtlvisionError, match="task 'seg' reports no metric 'pixel_accuracy'"):
+        delta_m({"seg": {"miou": 0.5}, "depth": {"abs_err": 0.2}}, baselines, DIRECTIONS)
+    with pytest.raises(MtlvisionError, match="task 'depth' metric 'abs_err' is None, not a number"):
+        delta_m({"seg": baselines["seg"], "depth": {"abs_err": None}}, baselines, DIRECTIONS)

@@ -14,7 +14,13 @@ from mtlvision.errors import ConfigError
 
 
 class MatrixGradients(TaskGradients):
-    """:class:`TaskGradients` over a given matrix ``G`` [T, P]; the Gramian is computed in float64."""
+    """:class:`TaskGradients` over a given matrix ``G`` [T, P].
+
+    The Gramian is accumulated in float64 and handed over in ``G``'s precision (float64 for float64 ``G``,
+    float32 for narrower floats): its dtype tells the methods the precision of the numbers, so that their
+    rank decisions (eigenvalue cut-offs) follow the input, as torchjd's do. Rounding a float64 product to
+    float32 is more accurate than accumulating it in float32, as the engine's default Gramian does.
+    """
 
     def __init__(self, matrix: Tensor) -> None:
         self._matrix = matrix
@@ -30,7 +36,7 @@ class MatrixGradients(TaskGradients):
     def gramian(self) -> Tensor:
         if self._gramian is None:
             g = self._matrix.double()
-            self._gramian = g @ g.T
+            self._gramian = (g @ g.T).to(torch.promote_types(self._matrix.dtype, torch.float32))
         return self._gramian
 
 

@@ -10,7 +10,7 @@ IMTL the loss scales ``e^{s_t}``.
 from __future__ import annotations
 
 from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer
-from mtlvision.balancers.gradient._solvers import SolverError
+from mtlvision.balancers.gradient._solvers import NonFiniteGramianError, SolverError
 from mtlvision.balancers.gradient.aligned_mtl import AlignedMTL, AlignedMTLUB
 from mtlvision.balancers.gradient.cagrad import CAGrad
 from mtlvision.balancers.gradient.conflict_free import ConFIG
@@ -44,6 +44,7 @@ __all__ = [
     "MoCo",
     "MoDo",
     "NashMTL",
+    "NonFiniteGramianError",
     "PCGrad",
     "SDMGrad",
     "SolverError",

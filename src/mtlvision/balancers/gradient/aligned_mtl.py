@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import RELATIVE_PRECISION
+from mtlvision.balancers.gradient._solvers import eigenvalue_cutoff, precision, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -20,16 +20,19 @@ _SCALES = {"min": lambda lam: lam[-1], "median": np.median, "rmse": np.mean}
 def balance_transformation(gramian: np.ndarray, scale_mode: str = "min") -> np.ndarray:
     """``B`` [T, T] with ``Ĝ = B G`` the aligned gradients: ``B = √λ_min · V Λ^{-1/2} Vᵀ`` on the range of ``K``.
 
-    ``K = VΛVᵀ``; eigenvalues below ``λ_max · T · eps`` (float32 eps) are treated as zero (the rank cut
-    of the authors' code), so ``Ĝ Ĝᵀ = λ_min · V_r V_rᵀ``, i.e. ``λ_min · I`` when ``G`` has full row rank.
+    ``K = VΛVᵀ``; eigenvalues at or below ``T · eps · λ_max`` are treated as zero (the rank cut of the
+    authors' code), with ``eps`` the precision of the Gramian's own dtype (:func:`~._solvers.precision`:
+    float32's for the engine's default Gramian, float64's for a float64 one), so
+    ``Ĝ Ĝᵀ = λ_min · V_r V_rᵀ``, i.e. ``λ_min · I`` when ``G`` has full row rank. ``B`` does not change when
+    ``K`` is scaled, so it is computed on the power-of-two rescaled ``K`` (no overflow for huge gradients).
     """
-    eigenvalues, vectors = np.linalg.eigh(gramian)
+    k, _ = scaled(np.asarray(gramian))
+    eigenvalues, vectors = np.linalg.eigh(k)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-    tol = eigenvalues[0] * gramian.shape[0] * RELATIVE_PRECISION
-    rank = int((eigenvalues > max(tol, 0.0)).sum())
+    rank = int((eigenvalues > eigenvalue_cutoff(eigenvalues, k.shape[0], precision(gramian))).sum())
     if rank == 0:
-        return np.zeros_like(gramian)
+        return np.zeros_like(k)
     eigenvalues, vectors = eigenvalues[:rank], vectors[:, :rank]
     scale = float(_SCALES[scale_mode](eigenvalues))
     return np.sqrt(scale) * (vectors / np.sqrt(eigenvalues)) @ vectors.T

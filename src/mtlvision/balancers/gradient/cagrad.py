@@ -6,7 +6,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import SolverError
+from mtlvision.balancers.gradient._solvers import SolverError, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -35,6 +35,7 @@ class CAGrad(GramianBalancer):
     def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
         t = gramian.shape[0]
         mean = np.full(t, 1.0 / t)
+        gramian, _ = scaled(gramian)  # a power of two: exact, and no overflow in the trace below
         scale = float(np.trace(gramian)) / t
         if self.c == 0.0 or scale <= 0.0:
             return mean

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import gradient_norms, nonzero_tasks, pinv_psd
+from mtlvision.balancers.gradient._solvers import gradient_norms, nonzero_tasks, pinv_psd, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -23,7 +23,9 @@ class ConFIG(GramianBalancer):
 
     With ``U`` the matrix of unit gradients (rows), ``U⁺w = Uᵀ (UUᵀ)⁺ w`` and ``UUᵀ = N⁻¹KN⁻¹``, so ``ĝ``
     and ``d`` are combinations of the task gradients computable from ``K``. Zero gradients have no unit
-    vector and are left out of ``U`` (torchjd maps them to 0 likewise).
+    vector and are left out of ``U`` (torchjd maps them to 0 likewise). The pseudo-inverse cuts eigenvalues
+    relative to the Gramian's own precision (:func:`~._solvers.pinv_psd`). The weights do not depend on
+    the scale of ``K``, which is rescaled by a power of two first.
     """
 
     def __init__(self, pref_vector: Sequence[float] | None = None) -> None:
@@ -35,6 +37,7 @@ class ConFIG(GramianBalancer):
         if self.pref_vector is not None and len(self.pref_vector) != t:
             raise ConfigError(f"balancer.pref_vector has {len(self.pref_vector)} values but there are {t} tasks")
         prefs = np.ones(t) if self.pref_vector is None else np.asarray(self.pref_vector)
+        gramian, _ = scaled(gramian)
         active = nonzero_tasks(gramian)
         weights = np.zeros(t)
         if not active.any():

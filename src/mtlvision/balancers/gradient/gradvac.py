@@ -9,7 +9,7 @@ import torch
 
 from mtlvision.balancers.base import ExtraStateMixin
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import random_orders
+from mtlvision.balancers.gradient._solvers import random_orders, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -48,6 +48,7 @@ class GradVac(ExtraStateMixin, GramianBalancer):
         if self.targets.shape != (t, t):
             raise ConfigError(f"GradVac state is for {self.targets.shape[0]} tasks but there are {t}")
         targets = self.targets.numpy()
+        gramian, _ = scaled(gramian)  # the weights do not depend on K's scale; this keeps products finite
         norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
         coeffs = np.eye(t)  # row i: g_i' in the basis of the task gradients
         rows = np.arange(t)

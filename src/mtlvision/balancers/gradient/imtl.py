@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlvision.balancers.base import Needs, TaskGradients, Update, require_grads
 from mtlvision.balancers.gradient._base import GradientBalancer, GramianBalancer
-from mtlvision.balancers.gradient._solvers import gradient_norms, pinv_psd, to_numpy_gramian
+from mtlvision.balancers.gradient._solvers import gradient_norms, nonzero_tasks, pinv_psd, scaled, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -21,16 +21,31 @@ def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
     """IMTL-G weights: ``α`` summing to one with equal projections ``dᵀu_t`` of ``d = Σ α_t g_t`` on every
     unit gradient ``u_t``.
 
-    Equal projections mean ``Kα = s·n`` (``n_t = ‖g_t‖``), so ``α = K⁺n / 1ᵀK⁺n``. With ``K`` invertible
-    this is exactly the paper's closed form ``α_{2:T} = g_1 Uᵀ(DUᵀ)⁻¹``; the pseudo-inverse extends it to
-    linearly dependent gradients (as torchjd does). Zero weights when ``1ᵀK⁺n`` vanishes (all gradients 0).
+    Equal projections mean ``Kα = s·n`` (``n_t = ‖g_t‖``). With ``N = diag(n)``, ``K = N K̃ N`` for the
+    Gramian ``K̃`` of the unit gradients, so ``β = Nα`` solves ``K̃β = s·1``: ``α = N⁻¹K̃⁺1 / 1ᵀN⁻¹K̃⁺1``.
+    With ``K`` invertible this is exactly ``K⁻¹n / 1ᵀK⁻¹n``, the paper's closed form
+    ``α_{2:T} = g_1 Uᵀ(DUᵀ)⁻¹``; solving with ``K̃`` (ones on its diagonal) instead of ``K`` makes the solve
+    blind to the gradients' sizes, so one task's gradient 10⁻⁴ of another's costs no accuracy. The
+    pseudo-inverse extends it to linearly dependent gradients (as torchjd's ``K⁺n`` does; the two coincide
+    whenever equal projections are attainable, and otherwise both are least-squares solutions, ours in the
+    unit gradients' metric). Its eigenvalues are cut relative to the Gramian's own precision and scale
+    (:func:`~._solvers.pinv_psd`): float64's round-off for a float64 Gramian, float32's for a float32 one.
+    Tasks with a zero gradient have no unit gradient and get weight 0; all weights are 0 when ``1ᵀN⁻¹K̃⁺1``
+    vanishes (e.g. all gradients 0).
     """
-    norms = gradient_norms(gramian)
-    v = pinv_psd(gramian) @ norms
+    gramian, _ = scaled(gramian)
+    t = gramian.shape[0]
+    active = nonzero_tasks(gramian)
+    v = np.zeros(t)
+    if not active.any():
+        return v
+    norms = gradient_norms(gramian)[active]
+    unit = gramian[np.ix_(active, active)] / norms[:, None] / norms[None, :]
+    v[active] = (pinv_psd(unit) @ np.ones(len(norms))) / norms
     total = v.sum()
     if not np.isfinite(total) or abs(total) <= 1e-12 * np.abs(v).sum(initial=0.0) or total == 0.0:
-        return np.zeros_like(norms)
-    return v / total
+        return np.zeros(t)
+    return np.asarray(v / total)
 
 
 @BALANCERS.register("imtl_g", "IMTL-G: the update with equal projections on every task's unit gradient.", CITATION)

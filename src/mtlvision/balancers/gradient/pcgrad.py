@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import random_orders
+from mtlvision.balancers.gradient._solvers import random_orders, scaled
 from mtlvision.balancers.registry import BALANCERS
 
 
@@ -21,11 +21,13 @@ class PCGrad(GramianBalancer):
     loses its component along ``g_j`` whenever ``g_i^PC · g_j < 0``; the update is ``Σ_i g_i^PC``.
     Every ``g_i^PC`` is a linear combination of the task gradients, so we track its coefficients and
     read every inner product off ``K`` (as torchjd does): the result is ``Σ_t w_t g_t``. The random
-    orders come from torch's global generator, so a seeded run is reproducible.
+    orders come from torch's global generator, so a seeded run is reproducible. The weights do not depend
+    on the scale of ``K``, which is rescaled by a power of two first.
     """
 
     def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
         t = gramian.shape[0]
+        gramian, _ = scaled(gramian)
         coeffs = np.eye(t)  # row i: g_i^PC in the basis of the task gradients
         rows = np.arange(t)
         diagonal = np.diag(gramian)

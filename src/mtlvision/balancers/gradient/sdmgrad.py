@@ -9,7 +9,7 @@ import torch
 
 from mtlvision.balancers.base import ExtraStateMixin
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import gradient_norms, project_to_simplex
+from mtlvision.balancers.gradient._solvers import gradient_norms, project_to_simplex, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -53,6 +53,7 @@ class SDMGrad(ExtraStateMixin, GramianBalancer):
         w = np.full(t, 1.0 / t) if self.w is None else self.w.numpy()
         if w.shape != (t,):
             raise ConfigError(f"SDMGrad state is for {w.shape[0]} tasks but there are {t}")
+        gramian, _ = scaled(gramian)  # the normalised K below does not depend on K's scale
         scale = gradient_norms(gramian).mean()
         k = gramian / scale**2 if scale > 0 else gramian
         k_mean = k.mean(axis=1)

@@ -1,6 +1,6 @@
 # The two quickstart targets work on a fresh machine with only python3:
 #   make demo   -> makes .venv, installs mtlvision, trains the default multi-task model on built-in scenes
-#   make test   -> makes .venv if needed, installs the dev extras, runs the whole test suite
+#   make test   -> makes .venv if needed, installs the dev extras, checks lint and types, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/mtlvision train scenes --name demo
 
-test: install
+test: lint
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs preds .pytest_cache

@@ -193,6 +193,24 @@ def test_ema_weights_are_what_gets_evaluated():
     assert not torch.equal(flat_weights(trainer.evaluated_model), flat_weights(trainer.model))
 
 
+def test_a_non_finite_gramian_skips_the_step_like_a_non_finite_loss(monkeypatch):
+    from mtlvision.balancers import NonFiniteGramianError
+    from mtlvision.balancers.gradient.mgda import MGDA
+
+    calls = []
+    original = MGDA.balance
+
+    def overflow_once(self, losses, grads):
+        calls.append(1)
+        if len(calls) == 1:
+            raise NonFiniteGramianError("the Gramian of tasks cls, seg is not finite")
+        return original(self, losses, grads)
+
+    monkeypatch.setattr(MGDA, "balance", overflow_once)
+    result = Trainer(tiny_model(), "mgda", **{**COMMON, "epochs": 1}).fit(TinyScenes())
+    assert result.skipped_steps == 1 and len(calls) > 1
+
+
 def test_ema_carries_batch_norm_statistics():
     from mtlvision.models import MultiTaskModel
 

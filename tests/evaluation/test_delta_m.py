@@ -55,3 +55,18 @@ def test_missing_or_non_numeric_metric_is_refused() -> None:
         delta_m({"seg": {"miou": 0.5}, "depth": {"abs_err": 0.2}}, baselines, DIRECTIONS)
     with pytest.raises(MtlvisionError, match="task 'depth' metric 'abs_err' is None, not a number"):
         delta_m({"seg": baselines["seg"], "depth": {"abs_err": None}}, baselines, DIRECTIONS)
+
+
+def test_a_run_whose_metric_is_not_finite_gets_a_note_not_a_crash(tmp_path):
+    """A diverged run still writes its report: Δm is left out with the reason (the metric named)."""
+    from mtlvision.config import load_config
+    from mtlvision.engine.build import build_tasks
+    from mtlvision.engine.runs import Baselines, Expert, delta_m_against
+
+    config = load_config("scenes", {"tasks": ["depth"]})
+    path = tmp_path / "baselines.json"
+    expert = Expert(run=str(tmp_path / "depth"), metrics={"test": {"abs_err": 0.3, "rel_err": 0.1, "delta1": 0.9}})
+    Baselines(path=path, data=config.data.dataset_params, experts={"depth": expert}).save()
+    nan = {"depth": {"abs_err": float("nan"), "rel_err": 0.1, "delta1": 0.9}}
+    fields = delta_m_against(path, config, build_tasks(config), nan, "test")
+    assert fields["delta_m"] is None and "abs_err" in fields["delta_m_note"]

@@ -8,6 +8,7 @@ from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers th
 from mtlvision.balancers.aggregate import aggregate
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
+from mtlvision.balancers.gradient._solvers import NonFiniteGramianError, SolverError
 from mtlvision.balancers.layers import LayerTaps
 from mtlvision.balancers.registry import BALANCERS
 
@@ -24,6 +25,6 @@ def get(name: str, **hparams: Any) -> Balancer:
 
 
 __all__ = [
-    "BALANCERS", "Balancer", "aggregate", "GradientEngine", "LayerTaps", "Needs", "TaskGradients", "Update", "get",
-    "resolve_jacobian_path",
+    "BALANCERS", "Balancer", "aggregate", "GradientEngine", "LayerTaps", "Needs", "NonFiniteGramianError",
+    "SolverError", "TaskGradients", "Update", "get", "resolve_jacobian_path",
 ]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch.nn.grad import conv2d_weight
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
@@ -76,7 +77,8 @@ class LayerRule(ABC):
     @staticmethod
     def parameters(module: nn.Module) -> list[Tensor]:
         """The layer's parameters in the order the rule returns their gradients: weight, then bias."""
-        return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+        params = [getattr(module, "weight"), getattr(module, "bias", None)]  # Conv2d or Linear: a weight
+        return [p for p in params if isinstance(p, Tensor)]
 
     @abstractmethod
     def task_gradients(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> list[Tensor]:
@@ -147,7 +149,7 @@ class Conv2dRule(LayerRule):
             weight = torch.matmul(outs.transpose(1, 2), rows).view(tasks, *module.weight.shape)
         else:
             weight = torch.stack([
-                torch.nn.grad.conv2d_weight(
+                conv2d_weight(
                     inputs, tuple(module.weight.shape), g, groups=module.groups, **self._geometry(module)
                 )
                 for g in grads
@@ -157,7 +159,7 @@ class Conv2dRule(LayerRule):
     def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
         assert isinstance(module, nn.Conv2d)
         grad = grad.float()
-        weight = torch.nn.grad.conv2d_weight(
+        weight = conv2d_weight(
             inputs.float(), tuple(module.weight.shape), grad, groups=module.groups, **self._geometry(module)
         )
         return [weight] if module.bias is None else [weight, grad.sum(dim=(0, 2, 3))]

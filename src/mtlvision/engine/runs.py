@@ -290,7 +290,10 @@ def delta_m_against(
     missing = [t.name for t in tasks if t.name not in experts or split not in experts[t.name].metrics]
     if missing:
         return {"delta_m": None, "delta_m_note": f"baselines at {path} lack task(s) {', '.join(missing)}"}
-    result = delta_m(metrics, baselines.metrics((t.name for t in tasks), split), directions(tasks))
+    try:
+        result = delta_m(metrics, baselines.metrics((t.name for t in tasks), split), directions(tasks))
+    except MtlvisionError as exc:  # a metric that is not finite (a diverged run): said, not fatal to the report
+        return {"delta_m": None, "delta_m_note": f"Δm not computed: {exc}"}
     return {
         "delta_m": {
             **result.to_dict(),

@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from mtlvision.balancers import Balancer, GradientEngine, LayerTaps, Needs, get as get_balancer, resolve_jacobian_path
+from mtlvision.balancers import (
+    Balancer,
+    GradientEngine,
+    LayerTaps,
+    Needs,
+    NonFiniteGramianError,
+    resolve_jacobian_path,
+)
+from mtlvision.balancers import get as get_balancer
 from mtlvision.balancers.engine import JacobianPath
 from mtlvision.config import BalancerConfig, RunConfig, TrainConfig, resolve_balancing, validate_section
 from mtlvision.data.collate import Collate
@@ -284,7 +292,11 @@ class Trainer:
             if not bool(torch.isfinite(dist.all_reduce_sum(losses.detach())).all()):
                 self._skip(losses)
                 return None
-            weights = self._backward(losses, cut, 1.0 / len(batches))
+            try:
+                weights = self._backward(losses, cut, 1.0 / len(batches))
+            except NonFiniteGramianError:  # gradients overflowed: skipped like a non-finite loss
+                self._skip(losses)
+                return None
             loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
         assert loss_total is not None and weights is not None
         dist.average_gradients(list(self.model.parameters()) + list(self.balancer.parameters()))

@@ -15,7 +15,7 @@ centre, unless a smaller box already holds it, so that every object is learnt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class Detection(Task):
 
     kind: ClassVar[str] = "detection"
     target_kind: ClassVar[TargetKind] = TargetKind.BOXES
-    level: ClassVar[str] = "dense"
+    level: ClassVar[Literal["image", "dense"]] = "dense"
     default_head: ClassVar[str] = "fcos"
     metric_directions: ClassVar[dict[str, bool]] = {"map_50": True, "map": True, "recall": True}
     primary_metric: ClassVar[str] = "map_50"

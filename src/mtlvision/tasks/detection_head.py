@@ -82,10 +82,13 @@ class FCOSHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
+                assert module.bias is not None  # every convolution of the head has a bias
                 nn.init.zeros_(module.bias)
         for lateral in self.lateral:
+            assert isinstance(lateral, nn.Conv2d)
             nn.init.kaiming_uniform_(lateral.weight, a=1)
         # Focal-loss prior (Lin et al. 2017): every location starts as background with probability 1 - pi.
+        assert self.cls_logits.bias is not None
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
 
     def _pyramid(self, features: Sequence[Tensor]) -> list[Tensor]:

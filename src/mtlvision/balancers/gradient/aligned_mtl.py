@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from mtlvision.errors import ConfigError
 
 CITATION = "Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023"
 
-_SCALES = {"min": lambda lam: lam[-1], "median": np.median, "rmse": np.mean}
+_SCALES: dict[str, Callable[[np.ndarray], Any]] = {"min": lambda lam: lam[-1], "median": np.median, "rmse": np.mean}
 
 
 def balance_transformation(gramian: np.ndarray, scale_mode: str = "min") -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -126,8 +126,10 @@ class StepGradients(TaskGradients):
                 rows.append([torch.zeros_like(x) for x in inputs])
                 continue
             grad_out = torch.ones((), dtype=self._losses.dtype, device=self._losses.device)
+            # autograd takes tensors and gradient edges mixed; its stubs want one kind per call
+            outputs: Any = [out]
             grads = torch.autograd.grad(
-                [out], list(inputs), grad_outputs=[grad_out], retain_graph=True, allow_unused=True,
+                outputs, list(inputs), grad_outputs=[grad_out], retain_graph=True, allow_unused=True,
                 materialize_grads=True,
             )
             rows.append(list(grads))
@@ -225,8 +227,10 @@ class ParameterGradients(StepGradients):
             grad_outputs = [torch.eye(self.num_tasks, dtype=self._losses.dtype, device=self._losses.device)]
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if roots:
+            # autograd takes tensors and gradient edges mixed; its stubs want one kind per call
+            sources: Any = wanted
             grads = vmapped(lambda: torch.autograd.grad(
-                roots, wanted, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True,
+                roots, sources, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True,
                 is_grads_batched=True,
             ))
         if self._representation is None:

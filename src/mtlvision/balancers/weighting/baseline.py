@@ -25,6 +25,8 @@ class EqualWeights(LossWeighting):
 class FixedWeights(LossWeighting):
     """Fixed weights ``Σ_t w_t L_t`` with ``w`` from ``balancer.weights`` (one per task, in task order)."""
 
+    fixed: Tensor
+
     def __init__(self, weights: Sequence[float]) -> None:
         super().__init__()
         if any(w < 0 for w in weights):

@@ -54,7 +54,7 @@ class ExcessMTL(LossWeighting):
         # AdaGrad sums and the risk estimate block by block, in place: no [T, P] temporary beside the state
         # (the weighted update needs this step's Jacobian afterwards, so the blocks are kept).
         for columns, block in grads.jacobian_blocks():
-            if square_sum is None:
+            if square_sum is None or risk is None:
                 square_sum = jacobian_shaped_state(self.grad_square_sum, shape, block)
                 risk = torch.zeros(shape[0], dtype=torch.float64, device=block.device)
             block_sum = square_sum[:, columns]

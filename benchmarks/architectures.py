@@ -64,15 +64,19 @@ def decoders(size: int, channels: int) -> Any:
 
     def dense(out: int) -> nn.Module:
         return nn.Sequential(
-            nn.Conv2d(channels, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, out, 1),
+            nn.Conv2d(channels, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, out, 1),
             nn.Upsample(size=(size, size), mode="bilinear", align_corners=False),
         )
 
-    return nn.ModuleDict({
-        "class": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, TASKS["class"])),
-        "segmentation": dense(TASKS["segmentation"]),
-        "depth": dense(TASKS["depth"]),
-    })
+    return nn.ModuleDict(
+        {
+            "class": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, TASKS["class"])),
+            "segmentation": dense(TASKS["segmentation"]),
+            "depth": dense(TASKS["depth"]),
+        }
+    )
 
 
 def ours_model(architecture: str, size: int, device: str) -> Any:
@@ -104,6 +108,7 @@ def import_framework(framework: str) -> None:
     if framework == "mtlvision":
         import mtlvision.models.architectures
         import mtlvision.models.backbones  # noqa: F401
+
         return
     # LibMTL 1.1.5 imports a module that torchvision removed; give it the one function it wants from there.
     sys.modules["torchvision.models.utils"] = types.SimpleNamespace(  # type: ignore[assignment]
@@ -113,14 +118,20 @@ def import_framework(framework: str) -> None:
 
 
 def libmtl_model(architecture: str, size: int, device: str) -> Any:
-    import torch
     import LibMTL.architecture as libmtl_architectures
+    import torch
     from LibMTL.model import resnet18
 
     class_name, kwargs = LIBMTL[architecture]
     return getattr(libmtl_architectures, class_name)(
-        task_name=list(TASKS), encoder_class=resnet18, decoders=decoders(size, 512), rep_grad=False,
-        multi_input=False, device=torch.device(device), img_size=[3, size, size], **kwargs,
+        task_name=list(TASKS),
+        encoder_class=resnet18,
+        decoders=decoders(size, 512),
+        rep_grad=False,
+        multi_input=False,
+        device=torch.device(device),
+        img_size=[3, size, size],
+        **kwargs,
     ).to(device)
 
 
@@ -176,7 +187,10 @@ def measure(spec: dict[str, Any], wheels: str | None) -> dict[str, Any] | str:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(peer_path("libmtl", wheels)), env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -227,8 +241,15 @@ def main() -> None:
             if framework == "libmtl" and architecture not in LIBMTL:
                 results[framework, architecture] = None
                 continue
-            spec = {"framework": framework, "architecture": architecture, "device": args.device,
-                    "batch": batch, "size": size, "steps": steps, "warmup": args.warmup}
+            spec = {
+                "framework": framework,
+                "architecture": architecture,
+                "device": args.device,
+                "batch": batch,
+                "size": size,
+                "steps": steps,
+                "warmup": args.warmup,
+            }
             results[framework, architecture] = measure(spec, args.wheels)
             print(f"  {framework:9s} {architecture:12s} {results[framework, architecture]}", file=sys.stderr)
     header = ["architecture"]

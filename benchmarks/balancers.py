@@ -48,15 +48,31 @@ SHORT_METHODS = ["ew", "uw", "famo", "db_mtl", "mgda", "pcgrad", "cagrad", "nash
 PEER_PACKAGES = {"libmtl": ["LibMTL==1.1.5"], "torchjd": ["torchjd", "qpsolvers"]}
 # Our name -> (LibMTL 1.1.5 class, its keyword arguments at the paper defaults).
 LIBMTL = {
-    "ew": ("EW", {}), "uw": ("UW", {}), "gls": ("GLS", {}), "rlw": ("RLW", {"dist": "Normal"}),
-    "dwa": ("DWA", {"T": 2.0}), "gradnorm": ("GradNorm", {"alpha": 1.5}), "mgda": ("MGDA", {"mgda_gn": "none"}),
-    "pcgrad": ("PCGrad", {}), "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}), "imtl": ("IMTL", {}),
-    "graddrop": ("GradDrop", {"leak": 0.0}), "gradvac": ("GradVac", {"beta": 0.5}),
+    "ew": ("EW", {}),
+    "uw": ("UW", {}),
+    "gls": ("GLS", {}),
+    "rlw": ("RLW", {"dist": "Normal"}),
+    "dwa": ("DWA", {"T": 2.0}),
+    "gradnorm": ("GradNorm", {"alpha": 1.5}),
+    "mgda": ("MGDA", {"mgda_gn": "none"}),
+    "pcgrad": ("PCGrad", {}),
+    "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}),
+    "imtl": ("IMTL", {}),
+    "graddrop": ("GradDrop", {"leak": 0.0}),
+    "gradvac": ("GradVac", {"beta": 0.5}),
 }
 # Our name -> torchjd aggregator class (None: plain sum of the losses, torchjd's equal-weights baseline).
 TORCHJD = {
-    "ew": None, "mgda": "MGDA", "pcgrad": "PCGrad", "upgrad": "UPGrad", "dualproj": "DualProj", "imtl_g": "IMTLG",
-    "aligned_mtl": "AlignedMTL", "config": "ConFIG", "graddrop": "GradDrop", "gradvac": "GradVac",
+    "ew": None,
+    "mgda": "MGDA",
+    "pcgrad": "PCGrad",
+    "upgrad": "UPGrad",
+    "dualproj": "DualProj",
+    "imtl_g": "IMTLG",
+    "aligned_mtl": "AlignedMTL",
+    "config": "ConFIG",
+    "graddrop": "GradDrop",
+    "gradvac": "GradVac",
 }
 
 
@@ -75,7 +91,9 @@ def build_problem(num_tasks: int, batch: int, size: int, device: str) -> tuple[A
 
     def dense(out: int) -> nn.Module:
         return nn.Sequential(
-            nn.Conv2d(512, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, out, 1),
+            nn.Conv2d(512, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, out, 1),
             nn.Upsample(size=(size, size), mode="bilinear", align_corners=False),
         )
 
@@ -253,8 +271,12 @@ def import_framework(framework: str) -> None:
         sys.modules["torchvision.models.utils"] = types.SimpleNamespace(  # type: ignore[assignment]
             load_state_dict_from_url=torch.hub.load_state_dict_from_url
         )
-    modules = {"ours": ["mtlvision.balancers"], "libmtl": ["LibMTL.weighting"],
-               "torchjd": ["torchjd.aggregation", "torchjd.autojac"], "torch": []}
+    modules = {
+        "ours": ["mtlvision.balancers"],
+        "libmtl": ["LibMTL.weighting"],
+        "torchjd": ["torchjd.aggregation", "torchjd.autojac"],
+        "torch": [],
+    }
     for module in modules[framework]:
         importlib.import_module(module)
 
@@ -314,7 +336,7 @@ def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
     times: dict[str, list[float]] = {key: [] for key in steps}
     order = list(steps)
     for round_ in range(first["warmup"] + first["steps"]):
-        for key in order[round_ % len(order):] + order[: round_ % len(order)]:
+        for key in order[round_ % len(order) :] + order[: round_ % len(order)]:
             seconds = timed(steps[key], cuda)
             if round_ >= first["warmup"]:
                 times[key].append(seconds)
@@ -340,7 +362,11 @@ def run_worker(
     env["PYTHONPATH"] = os.pathsep.join(p for p in [*paths, env.get("PYTHONPATH", "")] if p)
     return subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(payload)],
-        capture_output=True, text=True, cwd=ROOT, env=env, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
     )
 
 
@@ -358,8 +384,19 @@ def peer_path(peer: str, wheels: str | None) -> Path:
     if not marker.exists():
         offline = ["--no-index", "--find-links", wheels] if wheels else []
         subprocess.check_call(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(target),
-             *offline, *PEER_PACKAGES[peer]]
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+                str(target),
+                *offline,
+                *PEER_PACKAGES[peer],
+            ]
         )
         marker.write_text("ok\n")
     return target
@@ -404,15 +441,26 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
     parser.add_argument("--wheels", help="install the peers offline from the wheels in this folder")
     parser.add_argument("--no-representation", action="store_true", help="skip representation mode")
-    parser.add_argument("--paths", nargs="+", default=[], choices=["batched", "layers", "loop"],
-                        help="also time parameter mode with balancer.jacobian forced to these paths (batched: one "
-                             "vmapped backward into the parameters; layers: into the layer outputs; loop: T plain "
-                             "backward passes)")
-    parser.add_argument("--interleave", action="store_true",
-                        help="time every method in one process, steps interleaved round-robin (peak memory still "
-                             "comes from one process per method); steadier ratios on a shared machine")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="peak memory only: one process per method, one warm-up and one measured step")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=[],
+        choices=["batched", "layers", "loop"],
+        help="also time parameter mode with balancer.jacobian forced to these paths (batched: one "
+        "vmapped backward into the parameters; layers: into the layer outputs; loop: T plain "
+        "backward passes)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time every method in one process, steps interleaved round-robin (peak memory still "
+        "comes from one process per method); steadier ratios on a shared machine",
+    )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="peak memory only: one process per method, one warm-up and one measured step",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -430,13 +478,19 @@ def main() -> None:
     peers_of = {"libmtl": LIBMTL, "torchjd": TORCHJD}
     floor_methods = ["ew", "floor", "outputs"]
     common = {
-        "batch": args.batch, "size": args.size, "device": args.device, "steps": steps, "warmup": args.warmup,
+        "batch": args.batch,
+        "size": args.size,
+        "device": args.device,
+        "steps": steps,
+        "warmup": args.warmup,
         "threads": args.threads,
     }
     how = "interleaved in one process" if args.interleave else "one process per method"
     how = "NOT MEANINGFUL: --memory-only" if args.memory_only else how
-    print(f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
-          f"median of {steps} steps, {how}; peak memory in MiB, one process per method)\n")
+    print(
+        f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
+        f"median of {steps} steps, {how}; peak memory in MiB, one process per method)\n"
+    )
     for num_tasks in tasks:
         specs = [
             {**common, "framework": "torch", "method": method, "mode": "params", "tasks": num_tasks}
@@ -445,8 +499,10 @@ def main() -> None:
         for framework in frameworks:
             for method in methods:
                 ours = framework == "ours"
-                modes = ["params"] + (args.paths if ours and method != "ew" else []) + (
-                    ["rep"] if ours and not args.no_representation and supports_representation(method) else []
+                modes = (
+                    ["params"]
+                    + (args.paths if ours and method != "ew" else [])
+                    + (["rep"] if ours and not args.no_representation and supports_representation(method) else [])
                 )
                 if framework != "ours" and method not in peers_of[framework]:
                     continue
@@ -494,19 +550,29 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
         lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.0f} ms/step, {base['peak_mib']:.0f} MiB\n")
     floor, torch_ew = results.get(("torch", "floor", "params")), results.get(("torch", "ew", "params"))
     if isinstance(floor, dict) and isinstance(torch_ew, dict):
-        lines.insert(1, f"floor (plain PyTorch, one forward and T backward passes through the trunk): "
-                        f"{floor['median_s'] / torch_ew['median_s']:.2f}× its equal-weights step "
-                        f"({torch_ew['median_s'] * 1000:.0f} ms), peak memory "
-                        f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n")
+        lines.insert(
+            1,
+            f"floor (plain PyTorch, one forward and T backward passes through the trunk): "
+            f"{floor['median_s'] / torch_ew['median_s']:.2f}× its equal-weights step "
+            f"({torch_ew['median_s'] * 1000:.0f} ms), peak memory "
+            f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n",
+        )
     outputs = results.get(("torch", "outputs", "params"))
     if isinstance(outputs, dict) and isinstance(torch_ew, dict):
-        lines.insert(2, f"per-task gradients of the layer outputs only (one vmapped backward, no weight gradient, "
-                        f"then the summed update): {outputs['median_s'] / torch_ew['median_s']:.2f}×\n")
+        lines.insert(
+            2,
+            f"per-task gradients of the layer outputs only (one vmapped backward, no weight gradient, "
+            f"then the summed update): {outputs['median_s'] / torch_ew['median_s']:.2f}×\n",
+        )
     for method in methods:
-        row = [method, ratio("ours", method, "params", "median_s"),
-               *[ratio("ours", method, path, "median_s") for path in paths],
-               ratio("ours", method, "rep", "median_s"), ratio("ours", method, "params", "peak_mib"),
-               *[ratio("ours", method, path, "peak_mib") for path in paths]]
+        row = [
+            method,
+            ratio("ours", method, "params", "median_s"),
+            *[ratio("ours", method, path, "median_s") for path in paths],
+            ratio("ours", method, "rep", "median_s"),
+            ratio("ours", method, "params", "peak_mib"),
+            *[ratio("ours", method, path, "peak_mib") for path in paths],
+        ]
         row += [ratio(f, method, "params", "median_s") for f in frameworks[1:]]
         row += [ratio(f, method, "params", "peak_mib") for f in frameworks[1:]]
         lines.append("| " + " | ".join(row) + " |")

@@ -55,8 +55,7 @@ class Transformed(Dataset):
 
 def make_datasets(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[Dataset, dict[str, Task]]]:
     scenes = DATASETS.get("scenes")
-    params = scenes.Params(name="scenes", train_size=args.samples, val_size=4, test_size=4,
-                           image_size=args.image_size)
+    params = scenes.Params(name="scenes", train_size=args.samples, val_size=4, test_size=4, image_size=args.image_size)
     specs = {name: spec for name, spec in scenes.tasks(params).items() if name in DENSE_TASKS}
     scene_tasks = {name: TASKS.get(s.kind)(name, **s.params) for name, s in specs.items()}
     scene_train = scenes.build(params, "train")
@@ -71,12 +70,20 @@ def make_datasets(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[Da
     }
 
 
-def loader_for(dataset: Dataset, tasks: dict[str, Task], args: argparse.Namespace, workers: int, pin: bool
-               ) -> DataLoader:
+def loader_for(
+    dataset: Dataset, tasks: dict[str, Task], args: argparse.Namespace, workers: int, pin: bool
+) -> DataLoader:
     transform = build_transforms({"hflip": 0.5, "scale": [1.0, 1.25]}, target_specs(tasks), train=True)
-    return DataLoader(Transformed(dataset, transform), batch_size=args.batch_size, shuffle=True,
-                      num_workers=workers, pin_memory=pin, collate_fn=Collate(tasks), drop_last=True,
-                      persistent_workers=False)
+    return DataLoader(
+        Transformed(dataset, transform),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=pin,
+        collate_fn=Collate(tasks),
+        drop_last=True,
+        persistent_workers=False,
+    )
 
 
 def endless(loader: DataLoader) -> Iterator[Any]:
@@ -107,8 +114,9 @@ def time_training(loader: DataLoader, tasks: dict[str, Task], args: argparse.Nam
         images = batch["image"].to(device, non_blocking=True)
         outputs = model(images)
         loss = sum(
-            task.loss(outputs[name], batch["targets"][name].to(device, non_blocking=True),
-                      batch["valid"][name].to(device))
+            task.loss(
+                outputs[name], batch["targets"][name].to(device, non_blocking=True), batch["valid"][name].to(device)
+            )
             for name, task in tasks.items()
         )
         optimizer.zero_grad(set_to_none=True)
@@ -143,13 +151,21 @@ def main() -> None:
                 for pin in pins:
                     alone = time_loader(loader_for(dataset, tasks, args, workers, pin), args)
                     train = time_training(loader_for(dataset, tasks, args, workers, pin), tasks, args)
-                    rows.append({"dataset": name, "workers": workers, "pin_memory": pin,
-                                 "loader_batches_per_s": alone, **train})
-                    print(f"{name:13s} workers={workers} pin={pin!s:5s}  loader {alone:7.1f} batch/s  "
-                          f"step {1000 * train['step_s']:7.1f} ms  data wait {100 * train['data_wait_fraction']:5.1f}%",
-                          flush=True)
-    meta = {"device": args.device, "batch_size": args.batch_size, "image_size": args.image_size,
-            "steps": args.steps, "torch_threads": torch.get_num_threads()}
+                    rows.append(
+                        {"dataset": name, "workers": workers, "pin_memory": pin, "loader_batches_per_s": alone, **train}
+                    )
+                    print(
+                        f"{name:13s} workers={workers} pin={pin!s:5s}  loader {alone:7.1f} batch/s  "
+                        f"step {1000 * train['step_s']:7.1f} ms  data wait {100 * train['data_wait_fraction']:5.1f}%",
+                        flush=True,
+                    )
+    meta = {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "torch_threads": torch.get_num_threads(),
+    }
     if args.out:
         args.out.write_text(json.dumps({"setting": meta, "results": rows}, indent=2))
 

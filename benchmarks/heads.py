@@ -34,8 +34,9 @@ from mtlvision.models.multitask import MultiTaskModel
 from mtlvision.tasks import TASKS, Task
 
 
-def median_step_ms(step: Callable[[], Tensor], model: torch.nn.Module, device: torch.device, warmup: int,
-                   steps: int) -> float:
+def median_step_ms(
+    step: Callable[[], Tensor], model: torch.nn.Module, device: torch.device, warmup: int, steps: int
+) -> float:
     """Median wall time of ``step().backward()`` in milliseconds, gradients cleared in between."""
     times = []
     for index in range(warmup + steps):
@@ -53,8 +54,9 @@ def median_step_ms(step: Callable[[], Tensor], model: torch.nn.Module, device: t
 
 def scenes_batch(args: argparse.Namespace) -> tuple[dict[str, Task], dict[str, Any]]:
     scenes = DATASETS.get("scenes")
-    params = scenes.Params(name="scenes", train_size=args.batch_size, val_size=1, test_size=1,
-                           image_size=args.image_size)
+    params = scenes.Params(
+        name="scenes", train_size=args.batch_size, val_size=1, test_size=1, image_size=args.image_size
+    )
     tasks = {name: TASKS.get(spec.kind)(name, **spec.params) for name, spec in scenes.tasks(params).items()}
     split = scenes.build(params, "train")
     return tasks, Collate(tasks)([split[i] for i in range(len(split))])
@@ -110,7 +112,11 @@ def run(args: argparse.Namespace) -> str:
     lines = [
         f"Head training-step times: {args.backbone} features, batch {args.batch_size} of "
         f"{args.image_size}x{args.image_size}, {device.type}"
-        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})")
+        + (
+            f" ({torch.get_num_threads()} threads)"
+            if device.type == "cpu"
+            else f" ({torch.cuda.get_device_name(device)})"
+        )
         + f", median of {args.steps} steps.",
         "",
         f"Backbone alone: {backbone_ms:.1f} ms per step.",

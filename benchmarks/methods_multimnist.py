@@ -36,8 +36,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
-                        help="print one table from the --json files of earlier runs (no training)")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print one table from the --json files of earlier runs (no training)",
+    )
     args = parser.parse_args()
     if args.table:
         merged: dict[str, list[dict]] = {}
@@ -49,12 +54,23 @@ def main() -> None:
         return
     methods = args.methods or [n for n in BALANCERS.names() if n != "fixed"]
     common = {
-        "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.device": args.device,
-        "data.train_size": args.train_size, "data.val_size": args.eval_size, "data.test_size": args.eval_size,
-        "model.backbone": args.backbone, "train.progress": False,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.device": args.device,
+        "data.train_size": args.train_size,
+        "data.val_size": args.eval_size,
+        "data.test_size": args.eval_size,
+        "model.backbone": args.backbone,
+        "train.progress": False,
     }
-    settings = {"backbone": args.backbone, "epochs": args.epochs, "train_size": args.train_size,
-                "eval_size": args.eval_size, "batch_size": args.batch_size, "seeds": args.seeds}
+    settings = {
+        "backbone": args.backbone,
+        "epochs": args.epochs,
+        "train_size": args.train_size,
+        "eval_size": args.eval_size,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -64,14 +80,19 @@ def main() -> None:
             for method in methods:
                 start = time.perf_counter()
                 try:
-                    run = mv.train("multimnist", {**common, "seed": seed, "balancer.name": method},
-                                   out=out, name=method)
+                    run = mv.train(
+                        "multimnist", {**common, "seed": seed, "balancer.name": method}, out=out, name=method
+                    )
                 except mv.MtlvisionError as exc:
                     print(f"{method} (seed {seed}) failed: {exc}", flush=True)
                     results[method].append({"error": str(exc)})
                     continue
-                record = {"delta_m": run.metrics.get("delta_m"), "left": run.metrics["left"]["accuracy"],
-                          "right": run.metrics["right"]["accuracy"], "seconds": time.perf_counter() - start}
+                record = {
+                    "delta_m": run.metrics.get("delta_m"),
+                    "left": run.metrics["left"]["accuracy"],
+                    "right": run.metrics["right"]["accuracy"],
+                    "seconds": time.perf_counter() - start,
+                }
                 results[method].append(record)
                 print(f"{method} seed {seed}: {record}", flush=True)
                 if args.json:  # after every run, so that an interrupted sweep keeps what it measured
@@ -80,24 +101,34 @@ def main() -> None:
 
 
 def print_table(results: dict[str, list[dict]], settings: dict, seeds: list[int]) -> None:
-    print(f"\nMultiMNIST, {settings['backbone']}, {settings['epochs']} epochs, {settings['train_size']} training "
-          f"pairs, {settings['eval_size']} test pairs, seeds {seeds}; Δm % against each seed's single-task experts "
-          "(lower is better)\n")
+    print(
+        f"\nMultiMNIST, {settings['backbone']}, {settings['epochs']} epochs, {settings['train_size']} training "
+        f"pairs, {settings['eval_size']} test pairs, seeds {seeds}; Δm % against each seed's single-task experts "
+        "(lower is better)\n"
+    )
     print("| method | Δm % (mean ± std) | left acc | right acc | s/run |")
     print("|---|---|---|---|---|")
 
     def spread(values: list[float]) -> str:
-        return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:+.2f}"
+        return (
+            f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+            if len(values) > 1
+            else f"{values[0]:+.2f}"
+        )
 
-    for method, records in sorted(results.items(), key=lambda kv: statistics.mean(
-            [r["delta_m"] for r in kv[1] if r.get("delta_m") is not None] or [float("inf")])):
+    for method, records in sorted(
+        results.items(),
+        key=lambda kv: statistics.mean([r["delta_m"] for r in kv[1] if r.get("delta_m") is not None] or [float("inf")]),
+    ):
         ok = [r for r in records if "error" not in r and r["delta_m"] is not None]
         if not ok:
             print(f"| {method} | failed: {records[0].get('error', 'no Δm')[:60]} | | | |")
             continue
-        print(f"| {method} | {spread([r['delta_m'] for r in ok])} | "
-              f"{statistics.mean(r['left'] for r in ok):.4f} | {statistics.mean(r['right'] for r in ok):.4f} | "
-              f"{statistics.mean(r['seconds'] for r in ok):.0f} |")
+        print(
+            f"| {method} | {spread([r['delta_m'] for r in ok])} | "
+            f"{statistics.mean(r['left'] for r in ok):.4f} | {statistics.mean(r['right'] for r in ok):.4f} | "
+            f"{statistics.mean(r['seconds'] for r in ok):.0f} |"
+        )
 
 
 if __name__ == "__main__":

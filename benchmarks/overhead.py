@@ -44,17 +44,31 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    config = load_config("scenes", [
-        "tasks=[count,colors,segmentation,depth]", f"data.train_size={args.steps * args.batch_size}",
-        "data.val_size=8", "data.test_size=8", f"data.num_workers={args.workers}",
-    ])
+    config = load_config(
+        "scenes",
+        [
+            "tasks=[count,colors,segmentation,depth]",
+            f"data.train_size={args.steps * args.batch_size}",
+            "data.val_size=8",
+            "data.test_size=8",
+            f"data.num_workers={args.workers}",
+        ],
+    )
     tasks = build_tasks(config)
     model = build_model(config, tasks)
     data = build_split(config, tasks, "train", train=True)
     ours, plain, waits = [], [], []
     for pair in range(args.pairs + 1):  # the first pair warms up
-        trainer = Trainer(model, "ew", epochs=1, batch_size=args.batch_size, device=args.device,
-                          num_workers=args.workers, progress=False, scheduler="none")
+        trainer = Trainer(
+            model,
+            "ew",
+            epochs=1,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.workers,
+            progress=False,
+            scheduler="none",
+        )
         start = time.perf_counter()
         row = trainer.fit(data).history[-1]
         mtl_seconds = time.perf_counter() - start
@@ -66,7 +80,7 @@ def main() -> None:
             plain.append(plain_seconds)
             waits.append(row["data_wait_fraction"])
     ratios = [a / b for a, b in zip(ours, plain)]
-    print(f"| loop | median epoch (s) | steps | batch |\n|---|---|---|---|")
+    print("| loop | median epoch (s) | steps | batch |\n|---|---|---|---|")
     print(f"| plain PyTorch | {statistics.median(plain):.2f} | {args.steps} | {args.batch_size} |")
     print(f"| mtlvision Trainer (ew) | {statistics.median(ours):.2f} | {args.steps} | {args.batch_size} |")
     print(f"\noverhead (median of per-pair ratios): {100 * (statistics.median(ratios) - 1):+.1f}%")

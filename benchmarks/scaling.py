@@ -36,14 +36,19 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, args.threads // world))
     config = load_config(
         "scenes",
-        [f"tasks={TASKS}", f"data.image_size={args.image_size}",
-         f"data.train_size={args.batch_size * world * (args.steps + args.warmup)}", "data.val_size=8",
-         "data.test_size=8"],
+        [
+            f"tasks={TASKS}",
+            f"data.image_size={args.image_size}",
+            f"data.train_size={args.batch_size * world * (args.steps + args.warmup)}",
+            "data.val_size=8",
+            "data.test_size=8",
+        ],
     )
     tasks = build_tasks(config)
     model = build_model(config, tasks)
-    trainer = Trainer(model, "ew", batch_size=args.batch_size, device=args.device, precision=args.precision,
-                      progress=False, seed=0)
+    trainer = Trainer(
+        model, "ew", batch_size=args.batch_size, device=args.device, precision=args.precision, progress=False, seed=0
+    )
     loader = trainer.loader(build_split(config, tasks, "train", train=True), shuffle=True)
     times = []
     for i, batch in enumerate(loader):
@@ -59,8 +64,13 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     if dist.is_main():
         median = statistics.median(times)
-        result = {"processes": world, "precision": args.precision, "device": str(trainer.device),
-                  "step_s": median, "images_per_s": args.batch_size * world / median}
+        result = {
+            "processes": world,
+            "precision": args.precision,
+            "device": str(trainer.device),
+            "step_s": median,
+            "images_per_s": args.batch_size * world / median,
+        }
         if trainer.device.type == "cuda":
             result["gpu"] = torch.cuda.get_device_name()
             result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -71,14 +81,37 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, processes: int, precision: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
-        common = [__file__, "--worker", "--out", str(out), "--precision", precision, "--device", args.device,
-                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                  "--image-size", str(args.image_size), "--threads", str(args.threads)]
+        common = [
+            __file__,
+            "--worker",
+            "--out",
+            str(out),
+            "--precision",
+            precision,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--batch-size",
+            str(args.batch_size),
+            "--image-size",
+            str(args.image_size),
+            "--threads",
+            str(args.threads),
+        ]
         if processes == 1:
             command = [sys.executable, *common]
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={processes}", *common]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={processes}",
+                *common,
+            ]
         subprocess.run(command, check=True)
         return json.loads(out.read_text())
 
@@ -102,15 +135,17 @@ def main() -> None:
         return
     rows = [launch(args, n, p) for p in args.precisions for n in args.processes]
     base = {r["precision"]: r["images_per_s"] for r in rows if r["processes"] == 1}
-    print(f"| device | processes | precision | batch/rank | step (s) | images/s | vs 1 process | vs fp32 |")
+    print("| device | processes | precision | batch/rank | step (s) | images/s | vs 1 process | vs fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     fp32 = {r["processes"]: r["images_per_s"] for r in rows if r["precision"] == "fp32"}
     for r in rows:
         device = r.get("gpu", r["device"])
         vs_one = r["images_per_s"] / base[r["precision"]] if r["precision"] in base else float("nan")
         vs_fp32 = r["images_per_s"] / fp32[r["processes"]] if r["processes"] in fp32 else float("nan")
-        print(f"| {device} | {r['processes']} | {r['precision']} | {args.batch_size} | {r['step_s']:.3f} | "
-              f"{r['images_per_s']:.1f} | {vs_one:.2f}x | {vs_fp32:.2f}x |")
+        print(
+            f"| {device} | {r['processes']} | {r['precision']} | {args.batch_size} | {r['step_s']:.3f} | "
+            f"{r['images_per_s']:.1f} | {vs_one:.2f}x | {vs_fp32:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

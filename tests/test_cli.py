@@ -9,8 +9,14 @@ from PIL import Image
 from mtlvision.cli import main
 
 TINY = [
-    "data.image_size=32", "data.train_size=32", "data.val_size=16", "data.test_size=16",
-    "train.epochs=1", "train.batch_size=16", "tasks=[count,segmentation]", "train.progress=false",
+    "data.image_size=32",
+    "data.train_size=32",
+    "data.val_size=16",
+    "data.test_size=16",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "tasks=[count,segmentation]",
+    "train.progress=false",
 ]
 
 
@@ -73,8 +79,13 @@ def test_baseline_then_eval_reports_delta_m(trained, capsys):
 @pytest.mark.parametrize("kind", ["tasks", "balancers", "architectures", "backbones", "datasets"])
 def test_list(kind, capsys):
     assert main(["list", kind]) == 0
-    expected = {"tasks": "segmentation", "balancers": "ew", "architectures": "hps", "backbones": "resnet18",
-                "datasets": "scenes"}[kind]
+    expected = {
+        "tasks": "segmentation",
+        "balancers": "ew",
+        "architectures": "hps",
+        "backbones": "resnet18",
+        "datasets": "scenes",
+    }[kind]
     assert expected in capsys.readouterr().out
 
 
@@ -88,8 +99,15 @@ def test_list(kind, capsys):
         (["train", "no_such_preset"], "Presets:"),
         (["train", "multimnist", "--set", "data.root=/no/such/mnist"], "/no/such/mnist"),
         (
-            ["train", "scenes", "--set", *TINY, "balancer.name=mgda", "balancer.mode=representation",
-             "balancer.jacobian=layers"],
+            [
+                "train",
+                "scenes",
+                "--set",
+                *TINY,
+                "balancer.name=mgda",
+                "balancer.mode=representation",
+                "balancer.jacobian=layers",
+            ],
             "parameter-mode path",
         ),
     ],
@@ -138,8 +156,15 @@ def test_metrics_table_leaves_details_that_are_not_delta_m_terms_blank() -> None
 def test_scenes_detection_preset_trains_and_reports_per_class_ap(tmp_path):
     """The detection preset end to end at a tiny size: its three tasks, the per-class AP of every shape
     that has a box in the test split, and the means Δm uses."""
-    tiny = ["data.image_size=32", "data.train_size=16", "data.val_size=8", "data.test_size=8", "train.epochs=1",
-            "train.batch_size=8", "train.progress=false"]
+    tiny = [
+        "data.image_size=32",
+        "data.train_size=16",
+        "data.val_size=8",
+        "data.test_size=8",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.progress=false",
+    ]
     assert main(["train", "scenes_detection", "--set", *tiny, "--out", str(tmp_path), "--name", "det"]) == 0
     report = json.loads((tmp_path / "det" / "metrics.json").read_text())
     assert set(report["metrics"]) == {"detection", "segmentation", "depth"}

@@ -12,11 +12,10 @@ import yaml
 from safetensors.torch import load_file
 
 from mtlvision import api, cli
+from mtlvision.config import load_config
 from mtlvision.engine.comparing import describe_run
 from mtlvision.engine.merged_run import check_mergeable, common_init
-from mtlvision.engine.runs import INIT_WEIGHTS_NAME, Baselines
-from mtlvision.config import load_config
-from mtlvision.engine.runs import Run
+from mtlvision.engine.runs import INIT_WEIGHTS_NAME, Baselines, Run
 from mtlvision.errors import MtlvisionError
 from mtlvision.evaluation.compare import CompareEntry, Comparison, time_inference
 
@@ -78,8 +77,12 @@ def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> 
 @pytest.mark.slow
 def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str, Path], capsys) -> None:
     out = pipeline["out"]
-    run = api.train("scenes", {**TINY, "model.init": str(pipeline["merged"]),
-                               "distill.experts": str(pipeline["baselines"].parent)}, out=out, name="joint")
+    run = api.train(
+        "scenes",
+        {**TINY, "model.init": str(pipeline["merged"]), "distill.experts": str(pipeline["baselines"].parent)},
+        out=out,
+        name="joint",
+    )
     assert Path(run.config.model.init).is_absolute()
     assert describe_run(run) == "joint from merged (ties), distilled from experts, hps + ew"
     assert describe_run(Run.load(pipeline["merged"])) == "merged (ties), before training"
@@ -94,8 +97,19 @@ def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str,
     markdown = comparison.markdown()
     assert "joint from merged (ties), distilled from experts" in markdown and "| 2 experts |" in markdown
 
-    code = cli.main(["compare", str(pipeline["merged"]), str(run.path), "--out", str(out / "cmp"),
-                     "--repeats", "1", "--batch-size", "2"])
+    code = cli.main(
+        [
+            "compare",
+            str(pipeline["merged"]),
+            str(run.path),
+            "--out",
+            str(out / "cmp"),
+            "--repeats",
+            "1",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "segmentation (test split)" in printed and "compare.png" in printed
@@ -108,8 +122,9 @@ def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str,
 @pytest.mark.slow
 def test_experts_of_other_backbones_or_an_existing_output_are_refused(pipeline: dict[str, Path], tmp_path) -> None:
     experts = [Run.load(p) for p in Baselines.load(pipeline["baselines"]).expert_runs().values()]
-    other = Run(path=Path("other"), config=load_config("scenes", {**TINY, "model.backbone": "resnet34",
-                                                                  "tasks": ["depth"]}))
+    other = Run(
+        path=Path("other"), config=load_config("scenes", {**TINY, "model.backbone": "resnet34", "tasks": ["depth"]})
+    )
     with pytest.raises(MtlvisionError, match="model.backbone differs"):
         check_mergeable([experts[0], other])
     with pytest.raises(MtlvisionError, match="several experts predict task\\(s\\) count"):
@@ -119,8 +134,9 @@ def test_experts_of_other_backbones_or_an_existing_output_are_refused(pipeline: 
 
 @pytest.mark.slow
 def test_task_arithmetic_with_scale_zero_gives_back_the_common_initialisation(pipeline: dict[str, Path]) -> None:
-    run = api.merge([pipeline["baselines"].parent], pipeline["out"] / "ta0", rule="task_arithmetic",
-                    hparams=["scale=0"])
+    run = api.merge(
+        [pipeline["baselines"].parent], pipeline["out"] / "ta0", rule="task_arithmetic", hparams=["scale=0"]
+    )
     weights = load_file(str(run.path / "model.safetensors"))
     init = load_file(str(next(iter(Baselines.load(pipeline["baselines"]).expert_runs().values())) / INIT_WEIGHTS_NAME))
     names = dict(run_model_parameters(run.path))
@@ -135,9 +151,14 @@ def run_model_parameters(path: Path) -> list[tuple[str, torch.nn.Parameter]]:
 
 # ------------------------------------------------------------------------------ fast: the report itself
 def _entry(label: str, accuracy: float, miou: float, parameters: int, ms: float) -> CompareEntry:
-    return CompareEntry(label=label, kind=f"{label} kind", path=f"/runs/{label}",
-                        metrics={"count": {"accuracy": accuracy}, "segmentation": {"miou": miou, "err": 2 - miou}},
-                        parameters=parameters, inference_ms=ms)
+    return CompareEntry(
+        label=label,
+        kind=f"{label} kind",
+        path=f"/runs/{label}",
+        metrics={"count": {"accuracy": accuracy}, "segmentation": {"miou": miou, "err": 2 - miou}},
+        parameters=parameters,
+        inference_ms=ms,
+    )
 
 
 def _comparison() -> Comparison:
@@ -145,7 +166,10 @@ def _comparison() -> Comparison:
         experts=_entry("experts", 0.5, 0.4, 200, 10.0),
         runs=[_entry("merged", 0.6, 0.3, 110, 6.0), _entry("joint", 0.5, 0.5, 110, 5.0)],
         directions={"count": {"accuracy": True}, "segmentation": {"miou": True, "err": False}},
-        split="test", baselines="b.json", batch_size=4, device="cpu",
+        split="test",
+        baselines="b.json",
+        batch_size=4,
+        device="cpu",
     )
 
 
@@ -167,7 +191,8 @@ def test_comparison_delta_m_matches_a_hand_computation_and_renders(tmp_path: Pat
     assert "| merged | merged kind |" in comparison.markdown()
     assert comparison.plot(tmp_path / "c.png").stat().st_size > 1000
     assert json.loads(json.dumps(comparison.to_dict()))["models"][1]["delta_m"]["overall"] == pytest.approx(
-        merged.overall)
+        merged.overall
+    )
 
 
 def test_time_inference_is_the_median_over_every_model() -> None:
@@ -195,11 +220,14 @@ def test_describe_run_reads_what_a_run_is(tmp_path: Path) -> None:
     assert describe_run(merged) == "merged (average), before training"
     assert describe_run(make("scratch", {})) == "joint from scratch, hps + ew"
     assert describe_run(make("mtan", {}, **{"model.architecture": "mtan", "balancer.name": "pcgrad"})) == (
-        "joint from scratch, mtan + pcgrad")
+        "joint from scratch, mtan + pcgrad"
+    )
     assert describe_run(make("distilled", {}, **{"distill.experts": "b"})) == (
-        "joint from scratch, distilled from experts, hps + ew")
+        "joint from scratch, distilled from experts, hps + ew"
+    )
     assert describe_run(make("from", {}, **{"model.init": str(merged.path)})) == (
-        "joint from merged (average), hps + ew")
+        "joint from merged (average), hps + ew"
+    )
     expert = make("expert", {}, tasks=["count"])
     assert describe_run(expert, [expert.path]) == "single-task expert"
     assert describe_run(expert) == "single-task from scratch"

@@ -71,8 +71,10 @@ def test_data_check_finds_the_corrupt_image_and_the_bad_label(tmp_path, capsys):
     assert "No problems found" in out and "test" not in out.split("Data check")[1].split("No problems")[0]
 
 
-@pytest.mark.parametrize("corrupt, bad_label, named, workers",
-                         [(True, False, "t3.png", 0), (False, True, "t5.png", 0), (True, False, "t3.png", 1)])
+@pytest.mark.parametrize(
+    "corrupt, bad_label, named, workers",
+    [(True, False, "t3.png", 0), (False, True, "t5.png", 0), (True, False, "t3.png", 1)],
+)
 def test_training_stops_with_the_bad_file_named(tmp_path, capsys, corrupt, bad_label, named, workers):
     config = write_folder(tmp_path / "data", corrupt=corrupt, bad_label=bad_label)
     args = ["train", str(config), "--set", *FAST, f"data.num_workers={workers}", "--out", str(tmp_path / "runs")]
@@ -119,14 +121,27 @@ def test_nyuv2_preset_trains_on_a_generated_folder(tmp_path):
     root = tmp_path / "nyuv2"
     write_nyuv2(root, {"train": 9, "val": 3})
     runs = tmp_path / "runs"
-    args = ["train", "nyuv2", "--set", f"data.root={root}", *FAST, "train.batch_size=4", "--out", str(runs),
-            "--name", "nyu"]
+    args = [
+        "train",
+        "nyuv2",
+        "--set",
+        f"data.root={root}",
+        *FAST,
+        "train.batch_size=4",
+        "--out",
+        str(runs),
+        "--name",
+        "nyu",
+    ]
     assert main(args) == 0
     report = json.loads((runs / "nyu" / "metrics.json").read_text())
     assert set(report["metrics"]) == {"segmentation", "depth", "normals"}
     assert 0.0 <= report["metrics"]["segmentation"]["miou"] <= 1.0
-    assert np.isfinite(report["metrics"]["normals"]["mean_angle"]) if "mean_angle" in report["metrics"]["normals"] \
+    assert (
+        np.isfinite(report["metrics"]["normals"]["mean_angle"])
+        if "mean_angle" in report["metrics"]["normals"]
         else all(np.isfinite(v) for v in report["metrics"]["normals"].values())
+    )
 
 
 def test_nyuv2_without_its_data_names_the_missing_folder(tmp_path, capsys):
@@ -153,19 +168,36 @@ def test_multi_demo_learns_each_task_from_its_own_source_only(tmp_path, monkeypa
         for index, (name, task) in enumerate(self.tasks.items()):
             rows = torch.tensor([i.startswith(own[name]) for i in batch["ids"]])
             assert torch.equal(batch["valid"][name].cpu(), rows), name
-            subset = task.loss(predictions[name][rows], batch["targets"][name][rows], torch.ones(int(rows.sum()),
-                               dtype=torch.bool))
+            subset = task.loss(
+                predictions[name][rows], batch["targets"][name][rows], torch.ones(int(rows.sum()), dtype=torch.bool)
+            )
             assert torch.allclose(losses[index], subset.float(), rtol=1e-5, atol=1e-6), name
         if torch.is_grad_enabled():
             seen.append({name: int(v.sum()) for name, v in batch["valid"].items()})
         return losses
 
     monkeypatch.setattr(Trainer, "task_losses", checked)
-    sizes = [f"data.sources.{s}.{k}={n}" for s in ("scenes", "digits")
-             for k, n in (("train_size", 4), ("val_size", 3), ("test_size", 3))]
+    sizes = [
+        f"data.sources.{s}.{k}={n}"
+        for s in ("scenes", "digits")
+        for k, n in (("train_size", 4), ("val_size", 3), ("test_size", 3))
+    ]
     runs = tmp_path / "runs"
-    args = ["train", "multi_demo", "--set", *sizes, "data.sources.digits.train_size=8", "data.augment.resize=[32,32]",
-            "data.sources.scenes.image_size=32", *FAST, "train.batch_size=6", "--out", str(runs), "--name", "m"]
+    args = [
+        "train",
+        "multi_demo",
+        "--set",
+        *sizes,
+        "data.sources.digits.train_size=8",
+        "data.augment.resize=[32,32]",
+        "data.sources.scenes.image_size=32",
+        *FAST,
+        "train.batch_size=6",
+        "--out",
+        str(runs),
+        "--name",
+        "m",
+    ]
     assert main(args) == 0
     report = json.loads((runs / "m" / "metrics.json").read_text())
     assert set(report["metrics"]) == {"segmentation", "digit"}

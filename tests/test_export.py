@@ -19,8 +19,14 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 TINY = {
-    "data.image_size": 32, "data.train_size": 8, "data.val_size": 4, "data.test_size": 4,
-    "train.epochs": 1, "train.batch_size": 4, "train.progress": False, "train.device": "cpu",
+    "data.image_size": 32,
+    "data.train_size": 8,
+    "data.val_size": 4,
+    "data.test_size": 4,
+    "train.epochs": 1,
+    "train.batch_size": 4,
+    "train.progress": False,
+    "train.device": "cpu",
     "model.backbone": "test_resnet",
     "tasks": ["count", "colors", "segmentation", "depth", "normals", "detection"],
 }
@@ -45,8 +51,18 @@ def test_the_graph_reproduces_pytorch_on_a_new_batch_size(run: Path, exported: P
     got = dict(zip(names, session.run(names, {"image": images.numpy()}), strict=True))
     with torch.no_grad():
         want = model(images)
-    assert {"count", "colors", "segmentation", "depth", "normals", "detection.cls_logits",
-            "detection.box_distances", "detection.centerness", "detection.points", "detection.strides"} == set(names)
+    assert {
+        "count",
+        "colors",
+        "segmentation",
+        "depth",
+        "normals",
+        "detection.cls_logits",
+        "detection.box_distances",
+        "detection.centerness",
+        "detection.points",
+        "detection.strides",
+    } == set(names)
     for name, value in got.items():
         task, _, key = name.partition(".")
         reference = (want[task][key] if key else want[task]).numpy()
@@ -86,8 +102,13 @@ def test_following_the_description_reproduces_predict(run: Path, exported: Path,
 
     prep = json.loads(exported.with_suffix(".json").read_text())["preprocess"]
     assert (prep["color"], prep["dtype"], prep["layout"], prep["value_range"]) == ("RGB", "float32", "NCHW", [0, 1])
-    assert prep["resize"] == {"size": [32, 32], "mode": "bilinear", "align_corners": False, "antialias": False,
-                              "keep_aspect_ratio": False}
+    assert prep["resize"] == {
+        "size": [32, 32],
+        "mode": "bilinear",
+        "align_corners": False,
+        "antialias": False,
+        "keep_aspect_ratio": False,
+    }
     assert prep["normalization"]["inside_graph"] and len(prep["normalization"]["mean"]) == 3
     file = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(3).random((40, 50)) * 255).astype(np.uint8)).save(file)  # grey
@@ -96,8 +117,13 @@ def test_following_the_description_reproduces_predict(run: Path, exported: Path,
     pixels = np.asarray(Image.open(file).convert(prep["color"]), dtype=np.float32) / 255.0
     image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
     resize = prep["resize"]
-    image = torch.nn.functional.interpolate(image, size=tuple(resize["size"]), mode=resize["mode"],
-                                            align_corners=resize["align_corners"], antialias=resize["antialias"])
+    image = torch.nn.functional.interpolate(
+        image,
+        size=tuple(resize["size"]),
+        mode=resize["mode"],
+        align_corners=resize["align_corners"],
+        antialias=resize["antialias"],
+    )
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     count, segmentation = session.run(["count", "segmentation"], {"image": image.numpy()})
     assert int(count[0].argmax()) == record["tasks"]["count"]["label"]

@@ -18,9 +18,16 @@ from mtlvision.tasks import Depth, Detection, Normals, Segmentation
 from mtlvision.tasks.drawing import PANEL_MIN, display_size, draw_text, fit_font
 
 TINY = {
-    "data.image_size": 32, "data.train_size": 16, "data.val_size": 8, "data.test_size": 8,
-    "train.epochs": 1, "train.batch_size": 8, "train.progress": False, "train.device": "cpu",
-    "model.backbone": "test_resnet", "tasks": ["count", "segmentation", "depth", "normals"],
+    "data.image_size": 32,
+    "data.train_size": 16,
+    "data.val_size": 8,
+    "data.test_size": 8,
+    "train.epochs": 1,
+    "train.batch_size": 8,
+    "train.progress": False,
+    "train.device": "cpu",
+    "model.backbone": "test_resnet",
+    "tasks": ["count", "segmentation", "depth", "normals"],
 }
 
 

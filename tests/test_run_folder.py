@@ -89,10 +89,15 @@ def test_delta_m_warns_naming_the_settings_the_experts_did_not_share(tmp_path):
     count = TASKS.get("classification")("count", num_classes=4)
     metrics = {"count": {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5}}
     path = tmp_path / "baselines.json"
-    Baselines(path=path, data=experts.data.dataset_params, experts={
-        "count": Expert(run=str(tmp_path / "count"), metrics={"test": metrics["count"]},
-                        settings=comparable_settings(experts)),
-    }).save()
+    Baselines(
+        path=path,
+        data=experts.data.dataset_params,
+        experts={
+            "count": Expert(
+                run=str(tmp_path / "count"), metrics={"test": metrics["count"]}, settings=comparable_settings(experts)
+            ),
+        },
+    ).save()
     result = delta_m_against(path, joint, [count], metrics, "test")
     assert result["delta_m"]["overall"] == pytest.approx(0.0)
     warning = result["delta_m_warning"]
@@ -194,12 +199,17 @@ def test_weights_of_the_wrong_dtype_or_not_finite_are_refused_by_every_reader(fi
         state = load_file(str(run / "model.safetensors"))
         state = {
             k: (v.to(torch.int8) if corruption == "int8" else torch.full_like(v, float("nan")))
-            if v.is_floating_point() else v for k, v in state.items()
+            if v.is_floating_point()
+            else v
+            for k, v in state.items()
         }
         save_file(state, str(run / "model.safetensors"))
-        for args in (["eval", str(run)], ["predict", str(run), str(image), "--out", str(tmp_path / "p")],
-                     ["merge", str(run), "--out", str(tmp_path / f"m-{corruption}")],
-                     ["train", "scenes", "--set", *TINY, f"model.init={run}", "--out", str(tmp_path / "r")]):
+        for args in (
+            ["eval", str(run)],
+            ["predict", str(run), str(image), "--out", str(tmp_path / "p")],
+            ["merge", str(run), "--out", str(tmp_path / f"m-{corruption}")],
+            ["train", "scenes", "--set", *TINY, f"model.init={run}", "--out", str(tmp_path / "r")],
+        ):
             assert main(args) == 2, args
             err = " ".join(capsys.readouterr().err.split())
             assert ("wrong kind of dtype" if corruption == "int8" else "infinite or NaN") in err, args

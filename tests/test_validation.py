@@ -56,9 +56,7 @@ def test_a_missing_key_shows_no_value_and_an_empty_prefix_adds_no_dot():
 
 def test_allowed_keys_are_listed_only_for_an_unknown_key():
     allowed = Settings.model_fields
-    assert str(error_for({"size": 1, "colour": 1}, allowed=allowed)).endswith(
-        "Allowed keys: mode, size, ratio, inner."
-    )
+    assert str(error_for({"size": 1, "colour": 1}, allowed=allowed)).endswith("Allowed keys: mode, size, ratio, inner.")
     assert "Allowed keys" not in str(error_for({"size": 1, "mode": "x"}, allowed=allowed))
 
 

@@ -18,14 +18,14 @@ from mtlvision.config import RunConfig, apply_overrides, load_config, parse_over
 from mtlvision.errors import ConfigError, MtlvisionError
 
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
     from mtlvision.data.check import DataReport
     from mtlvision.engine.catalog import CatalogEntry
     from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.evaluation.compare import Comparison
     from mtlvision.export import ExportReport
-    from torch.utils.data import Dataset
-
     from mtlvision.models import MultiTaskModel
     from mtlvision.tasks import Task
 
@@ -134,7 +134,8 @@ def split(
     >>> train_data = mv.split("scenes", "train", {"data.train_size": 64})
     """
     from mtlvision.data.datasets.base import SPLITS
-    from mtlvision.engine.build import build_split, build_tasks as build
+    from mtlvision.engine.build import build_split
+    from mtlvision.engine.build import build_tasks as build
 
     if name not in SPLITS:
         raise ConfigError(f"split {name!r}: choose one of {', '.join(SPLITS)}")
@@ -144,7 +145,10 @@ def split(
 
 
 def check_data(
-    source: ConfigSource = None, overrides: Overrides = None, *, splits: Sequence[str] = ("train", "val", "test"),
+    source: ConfigSource = None,
+    overrides: Overrides = None,
+    *,
+    splits: Sequence[str] = ("train", "val", "test"),
     progress: bool = True,
 ) -> DataReport:
     """Read every sample of the configured data and report counts, label distributions and problems
@@ -176,7 +180,8 @@ def export(
 ) -> ExportReport:
     """Export a run's model to ONNX (``mtlvision export``): ``RUN/model.onnx`` by default, with a JSON
     description beside it; checked against PyTorch with onnxruntime (see :mod:`mtlvision.export`)."""
-    from mtlvision.engine.build import image_size as run_image_size, load_model as load
+    from mtlvision.engine.build import image_size as run_image_size
+    from mtlvision.engine.build import load_model as load
     from mtlvision.engine.runs import Run
     from mtlvision.export import DEFAULT_OPSET, export_onnx
 
@@ -187,8 +192,9 @@ def export(
         raise ConfigError(
             f"{run.path}: the run's data has images of varying size; give the export size (--image-size H W)"
         )
-    return export_onnx(model, Path(out) if out else run.path / "model.onnx", (int(size[0]), int(size[1])),
-                       opset=opset or DEFAULT_OPSET)
+    return export_onnx(
+        model, Path(out) if out else run.path / "model.onnx", (int(size[0]), int(size[1])), opset=opset or DEFAULT_OPSET
+    )
 
 
 def compare(
@@ -234,7 +240,8 @@ def registry_note(kind: str) -> str | None:
 def architecture_sizes(source: ConfigSource = None, overrides: Overrides = None) -> tuple[dict[str, Any], str]:
     """Parameters and MACs (whole model and shared part) of every architecture for one configuration (default:
     scenes with count and segmentation), and a line saying what that setting is."""
-    from mtlvision.engine.catalog import architecture_sizes as sizes, architecture_sizes_setting
+    from mtlvision.engine.catalog import architecture_sizes as sizes
+    from mtlvision.engine.catalog import architecture_sizes_setting
 
     cfg = config(source, overrides) if source is not None else None
     return sizes(cfg), architecture_sizes_setting(cfg)

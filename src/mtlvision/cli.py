@@ -206,8 +206,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         row = [entry.name, entry.description, entry.citation]
         if sizes:
             size = sizes[entry.name]
-            row += [f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M)",
-                    f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G)"]
+            row += [
+                f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M)",
+                f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G)",
+            ]
         table.add_row(*row)
     console.print(table)
     note = api.registry_note(args.kind)
@@ -224,8 +226,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     report = api.check_data(args.config, args.set or [], splits=args.splits)
     console.print(report.table())
     if report.errors:
-        err_console.print(f"[red]{report.error_count} error(s) found[/] in the data; fix or remove those samples, "
-                          "or train with data.skip_bad=true to skip them.")
+        err_console.print(
+            f"[red]{report.error_count} error(s) found[/] in the data; fix or remove those samples, "
+            "or train with data.skip_bad=true to skip them."
+        )
         return 1
     return 0
 
@@ -247,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="run folder name (default: the dataset's name)")
     train.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     train.add_argument(
-        "--resume", metavar="RUN",
+        "--resume",
+        metavar="RUN",
         help="continue a run folder from its last checkpoint; --set may change train.epochs (to extend it) and "
         "how it runs (train.early_stopping, checkpoint_every, keep_checkpoint, progress, device, max_nonfinite, "
         "data.num_workers)",
@@ -278,16 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="a run folder")
     ex.add_argument("--out", help="the .onnx file to write (default: RUN/model.onnx)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default 18)")
-    ex.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                    help="input size (default: the run's; needed for data of varying size)")
+    ex.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="input size (default: the run's; needed for data of varying size)",
+    )
     ex.set_defaults(handler=cmd_export)
 
     mg = verbs.add_parser("merge", help="one multi-task model from single-task experts (heads kept, backbone merged)")
     mg.add_argument("experts", nargs="+", help="expert run folders, or a baseline folder standing for its experts")
     mg.add_argument("--out", required=True, help="the merged run folder to create")
     mg.add_argument("--rule", default="average", help="merging rule (default: average; `mtlvision list merges`)")
-    mg.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
-                    help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties)")
+    mg.add_argument(
+        "--set",
+        nargs="+",
+        metavar="KEY=VALUE",
+        action="extend",
+        help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties)",
+    )
     mg.set_defaults(handler=cmd_merge)
 
     cp = verbs.add_parser("compare", help="experts vs merged, joint and distilled runs: metrics, Δm, size, speed")

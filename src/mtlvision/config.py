@@ -241,9 +241,9 @@ class RunConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------- rules across sections
-def resolve_balancing(train: TrainConfig, balancing: BalancerConfig, method: Balancer) -> Literal[
-    "params", "representation"
-]:
+def resolve_balancing(
+    train: TrainConfig, balancing: BalancerConfig, method: Balancer
+) -> Literal["params", "representation"]:
     """``balancer.mode`` resolved for ``method`` (``auto`` runs the "-UB" variants on the shared representation
     and every other method on the shared parameters), after checking every rule that ties ``train.*`` and
     ``balancer.*`` to what the method needs. The one place these rules live."""
@@ -252,7 +252,8 @@ def resolve_balancing(train: TrainConfig, balancing: BalancerConfig, method: Bal
     name = type(method).__name__
     needs_gradients = method.needs is not Needs.LOSSES
     mode: Literal["params", "representation"] = (
-        ("representation" if method.prefers_representation else "params") if balancing.mode == "auto"
+        ("representation" if method.prefers_representation else "params")
+        if balancing.mode == "auto"
         else balancing.mode
     )
     if mode == "representation" and not method.supports_representation:
@@ -269,7 +270,8 @@ def resolve_balancing(train: TrainConfig, balancing: BalancerConfig, method: Bal
         )
     if needs_gradients and balancing.jacobian == "layers" and (train.compile or mode != "params"):
         why = (
-            "a compiled forward (train.compile) runs no forward hooks" if train.compile
+            "a compiled forward (train.compile) runs no forward hooks"
+            if train.compile
             else "it is a parameter-mode path (balancer.mode=params)"
         )
         raise ConfigError(f"balancer.jacobian=layers cannot run {name}: {why}; use balancer.jacobian=batched")
@@ -310,9 +312,7 @@ def load_raw(source: str | Path | None) -> dict[str, Any]:
         return read_yaml(path.read_text(), f"config file {path}")
     name = str(source)
     if name not in preset_names():
-        raise ConfigError(
-            f"{name!r} is neither a config file nor a preset. Presets: {', '.join(preset_names())}."
-        )
+        raise ConfigError(f"{name!r} is neither a config file nor a preset. Presets: {', '.join(preset_names())}.")
     text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
     return read_yaml(text, f"preset {name}")
 
@@ -371,9 +371,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     return validate_section("", RunConfig, raw)
 
 
-def load_config(
-    source: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
-) -> RunConfig:
+def load_config(source: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
     """Load a preset or YAML file, apply overrides (a mapping or ``KEY=VALUE`` strings) and validate."""
     if isinstance(overrides, list):
         overrides = dict(parse_override(item) for item in overrides)

@@ -85,10 +85,19 @@ def preprocessing(model: MultiTaskModel, image_size: tuple[int, int]) -> dict[st
         "dtype": "float32",
         "layout": "NCHW",
         "value_range": [0.0, 1.0],
-        "resize": {"size": [height, width], "mode": "bilinear", "align_corners": False, "antialias": False,
-                   "keep_aspect_ratio": False},
-        "normalization": {"inside_graph": True, "mean": mean, "std": std,
-                          "formula": "(image - mean) / std, per channel, done by the graph"},
+        "resize": {
+            "size": [height, width],
+            "mode": "bilinear",
+            "align_corners": False,
+            "antialias": False,
+            "keep_aspect_ratio": False,
+        },
+        "normalization": {
+            "inside_graph": True,
+            "mean": mean,
+            "std": std,
+            "formula": "(image - mean) / std, per channel, done by the graph",
+        },
         "outputs_to_image_size": (
             "mtlvision predict gives outputs at the image's own size: class maps (argmax of segmentation logits) "
             "resized by nearest neighbour (source pixel floor(i * h / H)), depth and normal maps bilinearly "
@@ -127,8 +136,15 @@ def export_onnx(
     flat_names = [task if key is None else f"{task}.{key}" for task, key in names]
     wrapper = _FlatOutputs(model, names).eval()
     program = torch.onnx.export(
-        wrapper, (examples[0],), dynamo=True, input_names=["image"], output_names=flat_names, opset_version=opset,
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, external_data=False, verbose=False,
+        wrapper,
+        (examples[0],),
+        dynamo=True,
+        input_names=["image"],
+        output_names=flat_names,
+        opset_version=opset,
+        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+        external_data=False,
+        verbose=False,
     )
     assert program is not None  # torch.onnx.export returns an ONNXProgram when dynamo=True
     program.save(str(path))
@@ -153,17 +169,28 @@ def export_onnx(
             worst = max(worst, difference)
         shapes.append([r.shape for r in want])
     outputs = [
-        {"name": name, "task": task,
-         "shape": ["batch" if a != b else a for a, b in zip(small, large, strict=True)]}
+        {"name": name, "task": task, "shape": ["batch" if a != b else a for a, b in zip(small, large, strict=True)]}
         for name, (task, _), small, large in zip(flat_names, names, *shapes, strict=True)
     ]
     description = path.with_suffix(".json")
-    description.write_text(json.dumps({
-        "opset": opset,
-        "input": {"name": "image", "shape": ["batch", channels, *image_size], "dtype": "float32",
-                  "layout": "NCHW", "range": [0.0, 1.0], "note": "the model's normalisation is inside the graph"},
-        "preprocess": preprocessing(model, image_size),
-        "outputs": outputs,
-        "tasks": {name: task.describe() for name, task in model.tasks.items()},
-    }, indent=2) + "\n")
+    description.write_text(
+        json.dumps(
+            {
+                "opset": opset,
+                "input": {
+                    "name": "image",
+                    "shape": ["batch", channels, *image_size],
+                    "dtype": "float32",
+                    "layout": "NCHW",
+                    "range": [0.0, 1.0],
+                    "note": "the model's normalisation is inside the graph",
+                },
+                "preprocess": preprocessing(model, image_size),
+                "outputs": outputs,
+                "tasks": {name: task.describe() for name, task in model.tasks.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return ExportReport(str(path), str(description), flat_names, image_size, opset, worst)

@@ -53,9 +53,7 @@ class Registry(Generic[T]):
         if key not in self._entries:
             close = difflib.get_close_matches(key, self._entries, n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise UnknownNameError(
-                f"Unknown {self.kind} {name!r}.{hint} Allowed: {', '.join(sorted(self._entries))}."
-            )
+            raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} Allowed: {', '.join(sorted(self._entries))}.")
         return self._entries[key]
 
     def names(self) -> list[str]:

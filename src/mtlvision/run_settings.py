@@ -12,16 +12,36 @@ from mtlvision.errors import ConfigError
 #: what ``train --resume RUN --set ...`` may change: how the rest of the run is carried out, not what was
 #: trained so far (the optimiser's settings, train.lr included, are part of the checkpoint and stay)
 RESUME_KEYS = (
-    "train.epochs", "train.early_stopping", "train.checkpoint_every", "train.keep_checkpoint", "train.progress",
-    "train.device", "train.max_nonfinite", "data.num_workers",
+    "train.epochs",
+    "train.early_stopping",
+    "train.checkpoint_every",
+    "train.keep_checkpoint",
+    "train.progress",
+    "train.device",
+    "train.max_nonfinite",
+    "data.num_workers",
 )
 
 #: settings that may differ between a run and its single-task experts without a Δm warning: the tasks and
 #: how they are balanced or distilled (what Δm measures), names and bookkeeping (prefixes of dotted keys)
 DELTA_M_EXEMPT = (
-    "tasks", "balancer", "distill", "baselines", "seed", "model.init", "model.architecture", "train.device",
-    "train.progress", "train.checkpoint_every", "train.keep_checkpoint", "train.compile", "train.deterministic",
-    "train.max_nonfinite", "train.eval_split", "data.num_workers", "data.skip_bad",
+    "tasks",
+    "balancer",
+    "distill",
+    "baselines",
+    "seed",
+    "model.init",
+    "model.architecture",
+    "train.device",
+    "train.progress",
+    "train.checkpoint_every",
+    "train.keep_checkpoint",
+    "train.compile",
+    "train.deterministic",
+    "train.max_nonfinite",
+    "train.eval_split",
+    "data.num_workers",
+    "data.skip_bad",
 )
 
 
@@ -53,7 +73,8 @@ def differences(
     keys = [k for k in dict.fromkeys([*mine, *theirs]) if not _exempt(k, exempt)]
     return [
         f"{k} ({labels[0]} {_show(mine.get(k))}, {labels[1]} {_show(theirs.get(k))})"
-        for k in keys if mine.get(k) != theirs.get(k)
+        for k in keys
+        if mine.get(k) != theirs.get(k)
     ]
 
 

@@ -46,8 +46,10 @@ def config_error_from(
     """
     allowed = list(allowed) if allowed is not None else None
     errors = exc.errors()
-    lines = [f"{_key(prefix, error['loc'])}: {_message(error)}{_suggestion(prefix, error, allowed, model)}"
-             for error in errors]
+    lines = [
+        f"{_key(prefix, error['loc'])}: {_message(error)}{_suggestion(prefix, error, allowed, model)}"
+        for error in errors
+    ]
     message = f"{title}:\n  " + "\n  ".join(lines)
     if allowed is not None and any(error["type"] == "extra_forbidden" for error in errors):
         message += f"\nAllowed keys: {', '.join(allowed)}."

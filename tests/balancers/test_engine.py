@@ -19,8 +19,12 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-            nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleList(
             [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)) for _ in range(T - 1)]
@@ -31,9 +35,11 @@ class Net(nn.Module):
         rep = self.trunk(x)
         outs = [head(rep) for head in self.heads]
         losses = torch.stack(
-            [nn.functional.cross_entropy(outs[0], torch.tensor([0, 1, 2, 3])),
-             outs[1].pow(2).mean() * 3.0,
-             (outs[2] - 0.5).abs().mean()]
+            [
+                nn.functional.cross_entropy(outs[0], torch.tensor([0, 1, 2, 3])),
+                outs[1].pow(2).mean() * 3.0,
+                (outs[2] - 0.5).abs().mean(),
+            ]
         )
         return rep, losses
 
@@ -53,7 +59,9 @@ def heads(net: Net) -> list[nn.Parameter]:
 
 def reference_jacobian(net: Net, x: Tensor) -> Tensor:
     _, losses = net.losses(x)
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared(net), retain_graph=True)]) for l in losses]
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared(net), retain_graph=True)]) for loss in losses
+    ]
     return torch.stack(rows)
 
 
@@ -151,14 +159,14 @@ def test_direction_goes_to_shared_and_heads_get_weighted_sum() -> None:
     GradientEngine(shared(net), heads(net)).backward(losses, Probe(Needs.JACOBIAN, w, direction=direction))
     got_shared = torch.cat([g.reshape(-1) for g in grads_of(shared(net))])
     torch.testing.assert_close(got_shared, direction)
-    for got, want in zip(grads_of(heads(net)), expected[len(shared(net)):]):
+    for got, want in zip(grads_of(heads(net)), expected[len(shared(net)) :]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_representation_mode_follows_the_chain_rule() -> None:
     net, x = setup(5)
     rep, losses = net.losses(x)
-    per_task = torch.stack([torch.autograd.grad(l, rep, retain_graph=True)[0].reshape(-1) for l in losses])
+    per_task = torch.stack([torch.autograd.grad(loss, rep, retain_graph=True)[0].reshape(-1) for loss in losses])
     direction = torch.randn(rep.numel())
     chain = torch.autograd.grad(rep, shared(net), grad_outputs=direction.view_as(rep), retain_graph=True)
     w = torch.tensor([1.0, 2.0, 3.0])
@@ -188,6 +196,7 @@ def test_each_task_walks_only_its_own_head() -> None:
     def counter(t: int):
         def hook(module: nn.Module, grad_in: object, grad_out: object) -> None:
             calls[t] += 1
+
         return hook
 
     net, x = setup(7)

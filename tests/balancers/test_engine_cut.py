@@ -38,7 +38,7 @@ def _reference(weights: torch.Tensor, frozen_stages: int = 0) -> tuple[torch.Ten
     model = _model(frozen_stages)
     losses = _losses(model(_images()))
     shared = [p for p in model.shared_parameters() if p.requires_grad]
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in losses]
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
     total = torch.autograd.grad((weights * losses).sum(), [p for p in model.parameters() if p.requires_grad])
     return torch.stack(rows), list(total)
 
@@ -53,8 +53,13 @@ def _engine_step(
     assert isinstance(cut, CutRepresentation) and len(cut.trunk) == 2
     probe = Probe(needs, WEIGHTS, ask=ask)
     engine = GradientEngine(
-        list(model.shared_parameters()), list(model.task_specific_parameters()), cut.inputs, trunk=cut.trunk,
-        mode=mode, jacobian=jacobian, taps=taps,
+        list(model.shared_parameters()),
+        list(model.task_specific_parameters()),
+        cut.inputs,
+        trunk=cut.trunk,
+        mode=mode,
+        jacobian=jacobian,
+        taps=taps,
     )
     engine.backward(_losses(predictions), probe)
     return probe, [p.grad for p in model.parameters() if p.requires_grad]

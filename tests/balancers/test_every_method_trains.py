@@ -12,9 +12,16 @@ import mtlvision as mv
 from mtlvision.balancers import BALANCERS
 
 TINY_SCENES = {
-    "data.image_size": 32, "data.train_size": 8, "data.val_size": 4, "data.test_size": 4,
-    "train.epochs": 2, "train.batch_size": 4, "train.progress": False, "train.device": "cpu",
-    "model.backbone": "test_resnet", "train.max_nonfinite": 1,
+    "data.image_size": 32,
+    "data.train_size": 8,
+    "data.val_size": 4,
+    "data.test_size": 4,
+    "train.epochs": 2,
+    "train.batch_size": 4,
+    "train.progress": False,
+    "train.device": "cpu",
+    "model.backbone": "test_resnet",
+    "train.max_nonfinite": 1,
 }
 
 

@@ -30,18 +30,20 @@ def per_task_autograd(module: nn.Module, x: Tensor, projections: Tensor) -> list
     return [torch.stack([row[i] for row in rows]) for i in range(len(params))]
 
 
-conv_settings = st.fixed_dictionaries({
-    "tasks": st.integers(1, 4),
-    "batch": st.integers(1, 3),
-    "in_groups": st.integers(1, 2),
-    "groups": st.sampled_from([1, 2]),
-    "kernel": st.integers(1, 3),
-    "stride": st.integers(1, 2),
-    "padding": st.sampled_from([0, 1, 2, "valid"]),
-    "dilation": st.integers(1, 2),
-    "bias": st.booleans(),
-    "size": st.integers(5, 8),
-})
+conv_settings = st.fixed_dictionaries(
+    {
+        "tasks": st.integers(1, 4),
+        "batch": st.integers(1, 3),
+        "in_groups": st.integers(1, 2),
+        "groups": st.sampled_from([1, 2]),
+        "kernel": st.integers(1, 3),
+        "stride": st.integers(1, 2),
+        "padding": st.sampled_from([0, 1, 2, "valid"]),
+        "dilation": st.integers(1, 2),
+        "bias": st.booleans(),
+        "size": st.integers(5, 8),
+    }
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -50,8 +52,14 @@ def test_conv_rule_matches_autograd(cfg: dict, seed: int) -> None:
     torch.manual_seed(seed)
     channels = 2 * cfg["in_groups"]
     conv = nn.Conv2d(
-        channels, 2 * cfg["groups"], cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
-        dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"],
+        channels,
+        2 * cfg["groups"],
+        cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+        bias=cfg["bias"],
     ).double()
     x = torch.randn(cfg["batch"], channels, cfg["size"], cfg["size"], dtype=torch.float64)
     out_shape = conv(x).shape
@@ -168,8 +176,12 @@ def engine_step(
         rep = net(x)
     probe = Probe(needs, weights, ask=ask)
     engine = GradientEngine(
-        net.shared_parameters(), list(net.heads.parameters()), rep if use_rep else None, mode="params",
-        jacobian=path, taps=taps,
+        net.shared_parameters(),
+        list(net.heads.parameters()),
+        rep if use_rep else None,
+        mode="params",
+        jacobian=path,
+        taps=taps,
     )
     engine.backward(net.losses(rep), balancer if balancer is not None else probe)
     return probe, [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]

@@ -123,7 +123,7 @@ def test_extreme_and_zero_losses_give_finite_weights_or_a_clear_error(name: str,
     losses = torch.tensor([0.0 if e is None else 10.0**e for e in exponents])
     balancer = build(name, len(losses))
     try:
-        for epoch in range(6):
+        for _epoch in range(6):
             update = drive(balancer, losses, torch.randn(len(losses), 4))
             balancer.on_epoch_end(losses)
     except WeightingError as exc:
@@ -316,7 +316,7 @@ def test_each_method_trains_a_tiny_model_through_the_engine(name: str) -> None:
     optimiser = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05)
     x = torch.randn(16, 4)
     first = model.losses(x).detach()
-    for epoch in range(6):
+    for _epoch in range(6):
         for _ in range(10):
             optimiser.zero_grad()
             losses = model.losses(x)

@@ -25,9 +25,7 @@ def write_celeba(root: Path, partitions: list[int], seed: int = 0) -> np.ndarray
         Image.fromarray(rng.integers(0, 255, (21, 17, 3), dtype=np.uint8)).save(root / "img_align_celeba" / name)
         lines.append(name + " " + " ".join(f"{v:2d}" for v in row))  # the official file pads with spaces
     (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
-    (root / "list_eval_partition.txt").write_text(
-        "".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(partitions))
-    )
+    (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(partitions)))
     return values
 
 

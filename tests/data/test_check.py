@@ -12,8 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from mtlvision.data.check import CheckedSamples, SkipBadSamples, check_dataset, render_report
-from mtlvision.data.guard import guard_split
 from mtlvision.data.datasets import DATASETS
+from mtlvision.data.guard import guard_split
 from mtlvision.errors import DataError
 from mtlvision.tasks import TASKS
 
@@ -40,9 +40,11 @@ def write(root: Path) -> None:
     np.save(root / "depth" / "d.npy", nan_depth)
     Image.fromarray(np.zeros((H + 2, W), dtype=np.uint8)).save(root / "masks" / "e.png")  # wrong size
     (root / "masks" / "f.png").unlink()  # a missing label is not an error
-    coco = {"images": [{"id": i, "file_name": f"{n}.png"} for i, n in enumerate("abcdefg")],
-            "annotations": [{"id": 1, "image_id": 4, "category_id": 1, "bbox": [5, 5, 6, 2]}],  # beyond W
-            "categories": [{"id": 1, "name": "thing"}]}
+    coco = {
+        "images": [{"id": i, "file_name": f"{n}.png"} for i, n in enumerate("abcdefg")],
+        "annotations": [{"id": 1, "image_id": 4, "category_id": 1, "bbox": [5, 5, 6, 2]}],  # beyond W
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (root / "boxes.json").write_text(json.dumps(coco))
     (root / "splits" / "train.txt").write_text("a\nb\nc\nd\ne\nf\n".replace("\n", ".png\n"))
     (root / "splits" / "val.txt").write_text("g.png\n")
@@ -51,11 +53,15 @@ def write(root: Path) -> None:
 
 def load(root: Path):
     source = DATASETS.get("folder")
-    params = source.Params(name="folder", root=str(root), tasks={
-        "seg": {"kind": "segmentation", "path": "masks", "num_classes": 4},
-        "depth": {"kind": "depth", "path": "depth"},
-        "objects": {"kind": "detection", "path": "boxes.json"},
-    })
+    params = source.Params(
+        name="folder",
+        root=str(root),
+        tasks={
+            "seg": {"kind": "segmentation", "path": "masks", "num_classes": 4},
+            "depth": {"kind": "depth", "path": "depth"},
+            "objects": {"kind": "detection", "path": "boxes.json"},
+        },
+    )
     tasks = {n: TASKS.get(s.kind)(n, **s.params) for n, s in source.tasks(params).items()}
     return {split: source.build(params, split) for split in ("train", "val", "test")}, tasks
 
@@ -181,10 +187,19 @@ def test_the_report_names_classes_and_unreadable_files(tmp_path: Path) -> None:
     write(tmp_path)
     source = DATASETS.get("folder")
     (tmp_path / "weather.csv").write_text("file,label\na.png,rain\nc.png,sun\nd.png,rain\n")
-    params = source.Params(name="folder", root=str(tmp_path), tasks={
-        "weather": {"kind": "classification", "path": "weather.csv", "class_names": ["sun", "rain"]},
-        "seg": {"kind": "segmentation", "path": "masks", "num_classes": 4,
-                "class_names": ["road", "car", "tree", "sky"]}})
+    params = source.Params(
+        name="folder",
+        root=str(tmp_path),
+        tasks={
+            "weather": {"kind": "classification", "path": "weather.csv", "class_names": ["sun", "rain"]},
+            "seg": {
+                "kind": "segmentation",
+                "path": "masks",
+                "num_classes": 4,
+                "class_names": ["road", "car", "tree", "sky"],
+            },
+        },
+    )
     tasks = {n: TASKS.get(s.kind)(n, **s.params) for n, s in source.tasks(params).items()}
     report = check_dataset({"train": source.build(params, "train")}, tasks)
     weather = report.splits["train"].tasks["weather"].distribution()

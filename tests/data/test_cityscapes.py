@@ -28,11 +28,14 @@ def write_cityscapes(root: Path, label_dirs: dict[str, int], counts: dict[str, i
                 np.save(root / split / sub / f"{i}.npy", rng.integers(-1, classes, (H, W)).astype(np.float32))
 
 
-@pytest.mark.parametrize(("label_dirs", "num_classes", "used"), [
-    ({"label_7": 7, "label_19": 19}, 19, "label_19"),
-    ({"label_7": 7, "label_19": 19}, 7, "label_7"),
-    ({"label": 7}, 7, "label"),
-])
+@pytest.mark.parametrize(
+    ("label_dirs", "num_classes", "used"),
+    [
+        ({"label_7": 7, "label_19": 19}, 19, "label_19"),
+        ({"label_7": 7, "label_19": 19}, 7, "label_7"),
+        ({"label": 7}, 7, "label"),
+    ],
+)
 def test_label_folder_and_classes(tmp_path: Path, label_dirs: dict[str, int], num_classes: int, used: str) -> None:
     write_cityscapes(tmp_path, label_dirs, {"train": 6, "val": 2})
     source = DATASETS.get("cityscapes")

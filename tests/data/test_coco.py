@@ -63,15 +63,43 @@ def write_dataset(root: Path, split: str = "train") -> dict:
         Image.fromarray(pixels).save(images_dir / record["file_name"])
     annotations = [
         # image 1: a large car, a small dog on top of it, and a crowd of kites
-        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 2, 20, 16], "area": 320, "iscrowd": 0,
-         "segmentation": rectangle(2, 2, 22, 18)},
-        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [8, 6, 6, 5], "area": 30, "iscrowd": 0,
-         "segmentation": compressed_rle(32, 32, slice(6, 11), slice(8, 14))},
-        {"id": 3, "image_id": 1, "category_id": 11, "bbox": [20, 20, 10, 10], "area": 100, "iscrowd": 1,
-         "segmentation": uncompressed_rle(32, 32, slice(20, 30), slice(20, 30))},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [2, 2, 20, 16],
+            "area": 320,
+            "iscrowd": 0,
+            "segmentation": rectangle(2, 2, 22, 18),
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 7,
+            "bbox": [8, 6, 6, 5],
+            "area": 30,
+            "iscrowd": 0,
+            "segmentation": compressed_rle(32, 32, slice(6, 11), slice(8, 14)),
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 11,
+            "bbox": [20, 20, 10, 10],
+            "area": 100,
+            "iscrowd": 1,
+            "segmentation": uncompressed_rle(32, 32, slice(20, 30), slice(20, 30)),
+        },
         # image 2: a kite from uncompressed RLE on a non-crowd object
-        {"id": 4, "image_id": 2, "category_id": 11, "bbox": [4, 10, 12, 8], "area": 96, "iscrowd": 0,
-         "segmentation": uncompressed_rle(32, 32, slice(10, 18), slice(4, 16))},
+        {
+            "id": 4,
+            "image_id": 2,
+            "category_id": 11,
+            "bbox": [4, 10, 12, 8],
+            "area": 96,
+            "iscrowd": 0,
+            "segmentation": uncompressed_rle(32, 32, slice(10, 18), slice(4, 16)),
+        },
     ]
     content = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     (root / "annotations").mkdir(exist_ok=True)

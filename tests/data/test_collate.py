@@ -124,4 +124,3 @@ def test_real_tasks_accept_and_batch_the_built_in_datasets(dataset: str, size: i
         else:
             assert isinstance(target, Tensor) and target.shape[0] == 2
         assert batch["valid"][name].tolist() == [True, True]
-

@@ -41,10 +41,14 @@ def write_folder(root: Path) -> dict[str, object]:
     normals[2, 3] = 0  # black = invalid
     Image.fromarray(normals).save(root / "normals/a/0.png")
     coco = {
-        "images": [{"id": 1, "file_name": "a/0.jpg", "width": W, "height": H},
-                   {"id": 2, "file_name": "3.jpg", "width": W, "height": H}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [1, 2, 3, 4], "iscrowd": 0},
-                        {"id": 2, "image_id": 1, "category_id": 4, "bbox": [0, 0, 2, 2], "iscrowd": 1}],
+        "images": [
+            {"id": 1, "file_name": "a/0.jpg", "width": W, "height": H},
+            {"id": 2, "file_name": "3.jpg", "width": W, "height": H},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 9, "bbox": [1, 2, 3, 4], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 4, "bbox": [0, 0, 2, 2], "iscrowd": 1},
+        ],
         "categories": [{"id": 4, "name": "cat"}, {"id": 9, "name": "dog"}],
     }
     (root / "boxes.json").write_text(json.dumps(coco))
@@ -85,8 +89,9 @@ def test_every_kind_with_partial_labels(tmp_path: Path) -> None:
     assert torch.allclose(items[1]["targets"]["depth"][0], torch.from_numpy(raw["depth_png"] / 1000.0).float())
     assert torch.equal(items[2]["targets"]["depth"][0], torch.from_numpy(raw["depth_npy"]))
     n = items[0]["targets"]["normals"]
-    assert n[:, 2, 3].tolist() == [0.0, 0.0, 0.0] and torch.allclose(n[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]),
-                                                                     atol=0.01)
+    assert n[:, 2, 3].tolist() == [0.0, 0.0, 0.0] and torch.allclose(
+        n[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]), atol=0.01
+    )
     assert [it["valid"]["objects"] for it in items] == [True, False, False, True]
     assert items[0]["targets"]["objects"]["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0]]  # crowd box skipped
     assert items[0]["targets"]["objects"]["labels"].tolist() == [1]
@@ -108,8 +113,13 @@ def test_random_split_without_split_lists(tmp_path: Path) -> None:
         path.unlink()
     (tmp_path / "splits").rmdir()
     source = DATASETS.get("folder")
-    params = source.Params(name="folder", root=str(tmp_path), tasks={"weather": TASK_CONFIG["weather"]},
-                           val_fraction=0.25, test_fraction=0.25)
+    params = source.Params(
+        name="folder",
+        root=str(tmp_path),
+        tasks={"weather": TASK_CONFIG["weather"]},
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     ids = {s: source.build(params, s).keys for s in ("train", "val", "test")}
     assert sorted(ids["train"] + ids["val"] + ids["test"]) == sorted(KEYS)
     assert len(ids["val"]) == len(ids["test"]) == 1
@@ -123,8 +133,9 @@ def test_errors_name_the_file_or_key(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"weather.csv: label 'hail' of a/0.jpg"):
         source.build(params, "train")[0]
     with pytest.raises(ConfigError, match="data.tasks.seg: set num_classes"):
-        source.tasks(source.Params(name="folder", root=str(tmp_path),
-                                   tasks={"seg": {"kind": "segmentation", "path": "masks"}}))
+        source.tasks(
+            source.Params(name="folder", root=str(tmp_path), tasks={"seg": {"kind": "segmentation", "path": "masks"}})
+        )
     with pytest.raises(ConfigError, match="data.tasks is empty"):
         source.tasks(source.Params(name="folder", root=str(tmp_path)))
     (tmp_path / "tags.csv").write_text("image,car\n")

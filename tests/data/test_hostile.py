@@ -97,7 +97,11 @@ def _pascal(root: Path, hostile: str) -> tuple[dict, str, str]:
 
 
 READERS: dict[str, Callable[[Path, str], tuple[dict, str, str]]] = {
-    "folder": _folder, "office31": _office, "celeba": _celeba, "coco": _coco, "pascal_context": _pascal,
+    "folder": _folder,
+    "office31": _office,
+    "celeba": _celeba,
+    "coco": _coco,
+    "pascal_context": _pascal,
 }
 
 

@@ -78,8 +78,9 @@ def test_float_image_is_refused(tmp_path: Path) -> None:
         read_image(path)
 
 
-def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 0, raw: bytes | None = None,
-              rows: int | None = None) -> bytes:
+def png_bytes(
+    width: int, height: int, bit_depth: int = 8, colour_type: int = 0, raw: bytes | None = None, rows: int | None = None
+) -> bytes:
     """A PNG file written chunk by chunk; ``raw`` holds the pixel bytes (filter bytes are added), ``rows``
     limits the image data to that many rows of zeros (a truncated stream) when ``raw`` is None."""
     channels = {0: 1, 2: 3}[colour_type]
@@ -87,7 +88,7 @@ def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 0,
     if raw is None:
         data = b"".join(b"\x00" + bytes(stride) for _ in range(rows if rows is not None else height))
     else:
-        data = b"".join(b"\x00" + raw[r * stride:(r + 1) * stride] for r in range(height))
+        data = b"".join(b"\x00" + raw[r * stride : (r + 1) * stride] for r in range(height))
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
@@ -106,7 +107,10 @@ def test_huge_image_is_refused_from_its_header(tmp_path: Path, monkeypatch: pyte
         raise AssertionError("the image was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(ImageTooLarge, match=r"bomb\.png: the image is 11000 x 11000 = 121,000,000 pixels, above data\.max_pixels = 50,000,000"):
+    with pytest.raises(
+        ImageTooLarge,
+        match=r"bomb\.png: the image is 11000 x 11000 = 121,000,000 pixels, above data\.max_pixels = 50,000,000",
+    ):
         read_image(path)
     with pytest.raises(ImageTooLarge, match="bomb.png"):
         read_array(path)

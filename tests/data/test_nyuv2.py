@@ -115,7 +115,9 @@ def test_export_round_trip(tmp_path: Path) -> None:
     again = source.build(source.Params(name="nyuv2", root=str(tmp_path / "b"), val_fraction=0.5), "test")
     for i in range(2):
         for name in ("segmentation", "depth", "normals"):
-            assert torch.allclose(again[i]["targets"][name].float(), test[i]["targets"][name].float(), atol=1e-6, rtol=0)
+            assert torch.allclose(
+                again[i]["targets"][name].float(), test[i]["targets"][name].float(), atol=1e-6, rtol=0
+            )
 
 
 def test_rescaled_normals_are_renormalised_and_zero_stays_invalid(tmp_path: Path) -> None:

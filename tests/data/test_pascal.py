@@ -15,8 +15,14 @@ H, W = 10, 14
 
 def write_pascal(root: Path, train: list[str], val: list[str]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(2)
-    for sub in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "semseg/VOC12", "normals_distill",
-                "sal_distill"):
+    for sub in (
+        "JPEGImages",
+        "ImageSets/Context",
+        "semseg/pascal-context",
+        "semseg/VOC12",
+        "normals_distill",
+        "sal_distill",
+    ):
         (root / sub).mkdir(parents=True)
     (root / "ImageSets/Context/train.txt").write_text("\n".join(train) + "\n")
     (root / "ImageSets/Context/val.txt").write_text("\n".join(val) + "\n")
@@ -47,7 +53,7 @@ def test_layout_partial_labels_and_splits(tmp_path: Path) -> None:
     second, first = test[0], test[1]  # val[0] has every label, val[1] only segmentation
     assert np.array_equal(first["targets"]["segmentation"].numpy(), segs[val[1]].astype(np.int64))
     assert first["valid"] == {"segmentation": True, "normals": False, "saliency": False}
-    assert (second["targets"]["normals"].norm(dim=0)[1, 1] == 0)
+    assert second["targets"]["normals"].norm(dim=0)[1, 1] == 0
     lengths = second["targets"]["normals"].norm(dim=0)
     assert torch.allclose(lengths[lengths > 0], torch.ones_like(lengths[lengths > 0]), atol=1e-5)
     assert set(second["targets"]["saliency"].unique().tolist()) <= {0, 1}

@@ -30,8 +30,11 @@ def write(root: Path) -> None:
 
 def run(root: Path):
     source = DATASETS.get("folder")
-    params = source.Params(name="folder", root=str(root), tasks={
-        "weather": {"kind": "classification", "path": "weather.csv", "class_names": ["sun", "rain", "snow"]}})
+    params = source.Params(
+        name="folder",
+        root=str(root),
+        tasks={"weather": {"kind": "classification", "path": "weather.csv", "class_names": ["sun", "rain", "snow"]}},
+    )
     tasks = {n: TASKS.get(s.kind)(n, **s.params) for n, s in source.tasks(params).items()}
     return preflight({split: source.build(params, split) for split in ("train", "val", "test")}, tasks)
 
@@ -47,7 +50,9 @@ def test_the_same_file_in_two_splits_is_a_leak(tmp_path: Path) -> None:
     write(tmp_path)
     (tmp_path / "splits" / "val.txt").write_text("d.png\nb.png\n")  # b is in train
     report = run(tmp_path)
-    assert [(f.kind, f.split, f.sample, f.severity) for f in report.findings] == [("duplicate", "val", "b.png", "error")]
+    assert [(f.kind, f.split, f.sample, f.severity) for f in report.findings] == [
+        ("duplicate", "val", "b.png", "error")
+    ]
     assert "same image file as train/b.png" in report.findings[0].message and "leak" in report.findings[0].message
 
 
@@ -59,8 +64,11 @@ def test_a_copy_or_a_link_is_the_same_image(tmp_path: Path) -> None:
     (tmp_path / "splits" / "val.txt").write_text("d.png\ncopy.png\nhard.png\n")
     (tmp_path / "splits" / "train.txt").write_text("a.png\nb.png\nc.png\nsoft.png\n")
     findings = sorted((f.split, f.sample, f.severity, f.message.split(" train/")[0]) for f in run(tmp_path).findings)
-    assert [f[:3] for f in findings] == [("test", "f.png", "error"), ("val", "copy.png", "error"),
-                                         ("val", "hard.png", "error")]
+    assert [f[:3] for f in findings] == [
+        ("test", "f.png", "error"),
+        ("val", "copy.png", "error"),
+        ("val", "hard.png", "error"),
+    ]
     assert "identical copy" in findings[1][3] and "same image file" in findings[2][3]
 
 

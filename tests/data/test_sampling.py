@@ -29,8 +29,12 @@ class Tiny(torch.utils.data.Dataset):
         return self.size
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": torch.zeros(3, self.hw, self.hw), "targets": {self.task: torch.tensor(i)},
-                "valid": {self.task: True}, "id": str(i)}
+        return {
+            "image": torch.zeros(3, self.hw, self.hw),
+            "targets": {self.task: torch.tensor(i)},
+            "valid": {self.task: True},
+            "id": str(i),
+        }
 
 
 def test_multi_source_dataset_marks_other_tasks_missing() -> None:
@@ -90,8 +94,10 @@ def test_single_source_batches_follow_probabilities() -> None:
     assert abs(counts[1] / 2000 - 0.75) < 0.04
     for batch in MultiSourceBatchSampler(sizes, 8, strategy="round_robin", mixing="single", steps_per_epoch=4):
         assert len({i < 100 for i in batch}) == 1
-    order = [b[0] < 100 for b in MultiSourceBatchSampler(sizes, 8, strategy="round_robin", mixing="single",
-                                                         steps_per_epoch=4)]
+    order = [
+        b[0] < 100
+        for b in MultiSourceBatchSampler(sizes, 8, strategy="round_robin", mixing="single", steps_per_epoch=4)
+    ]
     assert order == [True, False, True, False]
 
 
@@ -134,11 +140,17 @@ def test_dataloader_with_collate_and_transforms() -> None:
 
     class Masks(Tiny):
         def __getitem__(self, i: int) -> dict:
-            return {"image": torch.rand(3, 6, 6), "targets": {"seg": torch.full((6, 6), i % 3)},
-                    "valid": {"seg": True}, "id": str(i)}
+            return {
+                "image": torch.rand(3, 6, 6),
+                "targets": {"seg": torch.full((6, 6), i % 3)},
+                "valid": {"seg": True},
+                "id": str(i),
+            }
 
-    data = MultiSourceDataset({"digits": Tiny("digit", 9, hw=6), "masks": Masks("seg", 5)},
-                              {n: t.placeholder_target for n, t in tasks.items()})
+    data = MultiSourceDataset(
+        {"digits": Tiny("digit", 9, hw=6), "masks": Masks("seg", 5)},
+        {n: t.placeholder_target for n, t in tasks.items()},
+    )
     transform = build_transforms({"hflip": 0.5, "scale": [0.8, 1.2]}, target_specs(tasks), train=True)
 
     class Transformed(torch.utils.data.Dataset):
@@ -179,8 +191,10 @@ def test_multi_input_segmentation_from_scenes_and_digits_from_multimnist() -> No
     specs = {"seg": scenes.tasks(scene_params)["segmentation"], "digit": mnist.tasks(mnist_params)["left"]}
     tasks = {n: TASKS.get(s.kind)(n, **s.params) for n, s in specs.items()}
     data = MultiSourceDataset(
-        {"scenes": TaskView(scenes.build(scene_params, "train"), {"seg": "segmentation"}),
-         "digits": TaskView(mnist.build(mnist_params, "train"), {"digit": "left"})},
+        {
+            "scenes": TaskView(scenes.build(scene_params, "train"), {"seg": "segmentation"}),
+            "digits": TaskView(mnist.build(mnist_params, "train"), {"digit": "left"}),
+        },
         {n: t.placeholder_target for n, t in tasks.items()},
     )
     transform = build_transforms({"resize": [32, 32], "hflip": 0.5}, target_specs(tasks), train=True)
@@ -195,4 +209,3 @@ def test_multi_input_segmentation_from_scenes_and_digits_from_multimnist() -> No
     losses = {n: t.loss(out[n], batch["targets"][n], batch["valid"][n]) for n, t in tasks.items()}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     sum(losses.values()).backward()
-

@@ -153,7 +153,9 @@ def test_depth_back_projects_onto_the_scene_geometry(generated) -> None:
                 np.testing.assert_allclose(np.sqrt(dx**2 + dz**2 + (up - size) ** 2), size, atol=1e-3)
             elif shape == "cylinder":
                 radial = np.sqrt(dx**2 + dz**2)
-                assert np.all(np.isclose(radial, size, atol=1e-3) | (np.isclose(up, height, atol=1e-3) & (radial <= size + 1e-3)))
+                assert np.all(
+                    np.isclose(radial, size, atol=1e-3) | (np.isclose(up, height, atol=1e-3) & (radial <= size + 1e-3))
+                )
             elif shape == "cone":
                 np.testing.assert_allclose(np.sqrt(dx**2 + dz**2), size * (1 - up / height), atol=1e-3)
             else:  # cube: in its own frame, on the surface of [-a, a]^3

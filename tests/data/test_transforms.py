@@ -53,7 +53,9 @@ def test_every_target_kind_has_its_ops() -> None:
 def test_box_mask_and_depth_stay_aligned(box: tuple[int, int, int, int], seed: int, zoom: float) -> None:
     transform = build_transforms(
         {"hflip": 0.5, "scale": [zoom, zoom], "min_box_visibility": 0.0, "min_box_size": 0.0},
-        KINDS, train=True, generator=torch.Generator().manual_seed(seed),
+        KINDS,
+        train=True,
+        generator=torch.Generator().manual_seed(seed),
     )
     out = transform(scene(32, 40, box))["targets"]
     seg, depth = out["seg"], out["depth"][0]
@@ -87,7 +89,9 @@ def test_normals_stay_unit_or_invalid(seed: int, zoom: float, bilinear: bool) ->
     sample = {"image": torch.rand(3, 24, 28), "targets": {"n": normals}, "valid": {"n": True}, "id": "x"}
     transform = build_transforms(
         {"scale": [zoom, zoom], "hflip": 0.5, "depth_interpolation": "bilinear" if bilinear else "nearest"},
-        {"n": K.NORMALS}, train=True, generator=torch.Generator().manual_seed(seed),
+        {"n": K.NORMALS},
+        train=True,
+        generator=torch.Generator().manual_seed(seed),
     )
     out = transform(sample)["targets"]["n"]
     length = out.norm(dim=0)
@@ -117,8 +121,9 @@ def test_ignore_pixels_never_become_labels(seed: int, zoom: float) -> None:
     seg[:, :12] = 255  # the left half is unlabelled
     sample = {"image": torch.rand(3, 20, 24), "targets": {"seg": seg}, "valid": {"seg": True}, "id": "x"}
     flip_seed = torch.Generator().manual_seed(seed)
-    transform = build_transforms({"scale": [zoom, zoom], "hflip": 0.0}, {"seg": K.MASK}, train=True,
-                                 generator=flip_seed)
+    transform = build_transforms(
+        {"scale": [zoom, zoom], "hflip": 0.0}, {"seg": K.MASK}, train=True, generator=flip_seed
+    )
     out = transform(sample)["targets"]["seg"]
     assert set(out.unique().tolist()) <= set(seg.unique().tolist())
     # without a flip the ignore region stays on the left: no labelled pixel appears left of where it was
@@ -131,8 +136,12 @@ def test_all_ignore_mask_stays_all_ignore() -> None:
     seg = torch.full((20, 24), 255, dtype=torch.int64)
     sample = {"image": torch.rand(3, 20, 24), "targets": {"seg": seg}, "valid": {"seg": False}, "id": "x"}
     for seed in range(5):
-        t = build_transforms({"scale": [0.5, 1.5], "hflip": 0.5, "crop": [16, 16]}, {"seg": K.MASK}, train=True,
-                             generator=torch.Generator().manual_seed(seed))
+        t = build_transforms(
+            {"scale": [0.5, 1.5], "hflip": 0.5, "crop": [16, 16]},
+            {"seg": K.MASK},
+            train=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
         out = t(sample)["targets"]["seg"]
         assert out.shape == (16, 16) and (out == 255).all()
 
@@ -143,8 +152,12 @@ def test_depth_divided_by_zoom_and_invalid_never_blended(interpolation: str) -> 
     depth[:, 10:20, 10:20] = 0.0  # invalid hole
     sample = {"image": torch.rand(3, 30, 30), "targets": {"d": depth}, "valid": {"d": True}, "id": "x"}
     for zoom in (0.7, 1.0, 1.5):
-        t = build_transforms({"scale": [zoom, zoom], "depth_interpolation": interpolation}, {"d": K.DEPTH},
-                             train=True, generator=torch.Generator().manual_seed(1))
+        t = build_transforms(
+            {"scale": [zoom, zoom], "depth_interpolation": interpolation},
+            {"d": K.DEPTH},
+            train=True,
+            generator=torch.Generator().manual_seed(1),
+        )
         out = t(sample)["targets"]["d"]
         positive = out[out > 0]
         assert torch.allclose(positive, torch.full_like(positive, 4.0 / zoom))
@@ -158,8 +171,12 @@ def test_boxes_leaving_the_crop_are_dropped_with_their_labels() -> None:
         "boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0], [20.0, 20.0, 39.0, 39.0]]),
         "labels": torch.tensor([3, 7]),
     }
-    transform = build_transforms({"crop": [20, 20], "scale": [1.0, 1.0], "hflip": 0.0}, KINDS, train=True,
-                                 generator=torch.Generator().manual_seed(0))
+    transform = build_transforms(
+        {"crop": [20, 20], "scale": [1.0, 1.0], "hflip": 0.0},
+        KINDS,
+        train=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     # a crop that sees the large box's top-left quarter only, never the small box
     transform._randint = lambda high: min(high, 18)  # type: ignore[method-assign]
     out = transform(sample)["targets"]["boxes"]
@@ -227,9 +244,12 @@ def test_bad_config_is_a_clear_error_and_unknown_targets_are_dropped() -> None:
     with pytest.raises(ConfigError, match="data.augment.flip"):
         build_transforms({"flip": True}, KINDS, train=True)
     out = build_transforms({}, {"seg": K.MASK}, train=True)(
-        {"image": torch.rand(3, 4, 4), "targets": {"seg": torch.zeros(4, 4, dtype=torch.int64),
-                                                   "other": torch.tensor(1)},
-         "valid": {"seg": True, "other": True}, "id": "x"}
+        {
+            "image": torch.rand(3, 4, 4),
+            "targets": {"seg": torch.zeros(4, 4, dtype=torch.int64), "other": torch.tensor(1)},
+            "valid": {"seg": True, "other": True},
+            "id": "x",
+        }
     )
     assert set(out["targets"]) == set(out["valid"]) == {"seg"}  # unconfigured tasks are dropped
     assert AugmentParams().hflip == 0.5

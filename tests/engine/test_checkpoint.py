@@ -69,7 +69,9 @@ def test_checkpoint_round_trip_keeps_tensors_and_plain_values(tmp_path):
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 3, 5, 5)).sum().backward()
     optimizer.step()
-    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": {"epoch": 3}}, tmp_path / "c.pt")
+    save_checkpoint(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": {"epoch": 3}}, tmp_path / "c.pt"
+    )
     state = load_checkpoint(tmp_path / "c.pt")
     assert state["loop"] == {"epoch": 3}
     assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
@@ -121,9 +123,12 @@ def test_weights_of_the_wrong_dtype_or_not_finite_are_refused(tmp_path, corrupti
         path.write_bytes(path.read_bytes()[:40])
     else:
         save_file(state, str(path))
-    fragment = {"int8": "wrong kind of dtype: 0.bias (torch.int8, model torch.float32)",
-                "nan": "infinite or NaN values in 1 tensor", "inf": "infinite or NaN values in 1 tensor",
-                "truncated": "not a readable safetensors file"}[corruption]
+    fragment = {
+        "int8": "wrong kind of dtype: 0.bias (torch.int8, model torch.float32)",
+        "nan": "infinite or NaN values in 1 tensor",
+        "inf": "infinite or NaN values in 1 tensor",
+        "truncated": "not a readable safetensors file",
+    }[corruption]
     with pytest.raises(CheckpointError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_weights(model, path)
 

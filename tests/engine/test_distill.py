@@ -16,7 +16,6 @@ from mtlvision.engine.distill import DISTILL_TERMS, Distillation, DistillSetting
 from mtlvision.engine.trainer import Trainer
 from mtlvision.errors import ConfigError
 from mtlvision.models import MultiTaskModel
-from mtlvision.tasks import TASKS
 from tests.engine.tinyrun import SIZE, TinyScenes, _without_batch_norm, tiny_backbone, tiny_model
 
 SHAPES = {
@@ -33,8 +32,7 @@ def _prediction(kind: str, seed: int) -> torch.Tensor:
     return torch.nn.functional.normalize(value, dim=1) if kind == "normals" else value
 
 
-@given(st.sampled_from(sorted(SHAPES)), st.integers(0, 10_000), st.floats(0.5, 8.0),
-       st.sampled_from(["l1", "l2"]))
+@given(st.sampled_from(sorted(SHAPES)), st.integers(0, 10_000), st.floats(0.5, 8.0), st.sampled_from(["l1", "l2"]))
 @settings(max_examples=60, deadline=None)
 def test_every_term_is_zero_for_the_expert_itself_and_positive_otherwise(kind, seed, temperature, regression):
     term = DISTILL_TERMS.get(kind)
@@ -61,8 +59,10 @@ def _detection_outputs(seed: int, locations: int = 7, classes: int = 3) -> dict:
 def test_detection_term_is_zero_for_the_expert_itself_and_positive_otherwise(seed):
     term, options = DISTILL_TERMS.get("detection"), DistillSettings()
     teacher = _detection_outputs(seed)
-    assert abs(float(term({k: v.clone() if torch.is_tensor(v) else v for k, v in teacher.items()}, teacher,
-                          options))) < 1e-5
+    assert (
+        abs(float(term({k: v.clone() if torch.is_tensor(v) else v for k, v in teacher.items()}, teacher, options)))
+        < 1e-5
+    )
     student = {**_detection_outputs(seed + 1), "points": teacher["points"]}
     assert float(term(student, teacher, options)) > 1e-4
 
@@ -74,7 +74,7 @@ def test_detection_term_weights_boxes_by_the_experts_score() -> None:
     student = {k: v.clone() if torch.is_tensor(v) else v for k, v in teacher.items()}
     student["box_distances"][:, 1] *= 5  # off by log 5 on every side where the expert sees (almost) nothing
     student["box_distances"][:, 0] *= 2  # off by log 2 where it sees an object
-    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
     seen, unseen = np.sqrt(sigmoid(10) * sigmoid(10)), np.sqrt(sigmoid(-10) * sigmoid(10))
     expected = (seen * 4 * np.log(2) + unseen * 4 * np.log(5)) / (seen + unseen)
     got = float(DISTILL_TERMS.get("detection")(student, teacher, DistillSettings()))
@@ -119,9 +119,11 @@ def test_regression_terms_are_l1_and_l2_distances() -> None:
     student, teacher = _prediction("depth", 6), _prediction("depth", 7)
     diff = (student - teacher).numpy()
     assert float(DISTILL_TERMS.get("depth")(student, teacher, DistillSettings(regression="l1"))) == pytest.approx(
-        np.abs(diff).mean(), rel=1e-5)
+        np.abs(diff).mean(), rel=1e-5
+    )
     assert float(DISTILL_TERMS.get("depth")(student, teacher, DistillSettings(regression="l2"))) == pytest.approx(
-        (diff**2).mean(), rel=1e-5)
+        (diff**2).mean(), rel=1e-5
+    )
 
 
 def test_feature_distance_ignores_scale_and_resizes() -> None:
@@ -220,12 +222,12 @@ def test_the_trainer_optimises_the_adapters_and_adds_the_terms(tmp_path) -> None
     student = tiny_model(0)
     loss = _distill(student, _experts_of(tiny_model(1)), feature_weight=1.0)
     before = {k: v.clone() for k, v in loss.state_dict().items()}
-    trainer = Trainer(student, "ew", epochs=1, batch_size=4, lr=1e-2, auxiliary=loss, progress=False,
-                      run_dir=tmp_path)
+    trainer = Trainer(student, "ew", epochs=1, batch_size=4, lr=1e-2, auxiliary=loss, progress=False, run_dir=tmp_path)
     assert any(g.get("name") == "auxiliary" for g in trainer.optimizer.param_groups)
     batch = _batch()
-    batch["targets"] = {n: torch.stack([TinyScenes(4, seed=3)[i]["targets"][n] for i in range(4)])
-                        for n in ("cls", "seg", "depth")}
+    batch["targets"] = {
+        n: torch.stack([TinyScenes(4, seed=3)[i]["targets"][n] for i in range(4)]) for n in ("cls", "seg", "depth")
+    }
     with torch.no_grad():
         plain = trainer.task_losses(student(batch["image"]), batch)
     total, _ = trainer._forward_losses(batch)

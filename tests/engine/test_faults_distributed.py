@@ -56,15 +56,22 @@ class Ranks:
         self.processes = []
         for rank, log in enumerate(self.logs):
             env = {
-                **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")]),
             }
             with log.open("w") as err:
                 self.processes.append(
                     subprocess.Popen(
                         [sys.executable, str(HERE / "faultrun.py"), str(run_dir), json.dumps(options)],
-                        env=env, stdout=subprocess.DEVNULL, stderr=err,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
                     )
                 )
         self.ended: list[float | None] = [None, None]

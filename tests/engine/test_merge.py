@@ -64,8 +64,9 @@ def test_ties_trims_elects_sign_by_mass_and_takes_the_disjoint_mean() -> None:
     # trimmed sums [1, 2, 0, -4, 8, 0] elect signs [+, +, 0, -, +, 0]; entries that agree are averaged
     expected = base + torch.tensor([3.0, 2.0, 0.0, -4.0, 4.0, 0.0])
     torch.testing.assert_close(merged, expected)
-    torch.testing.assert_close(Ties(density=0.5, scale=0.5)(torch.stack([base + tau1, base + tau2]), base),
-                               base + 0.5 * (expected - base))
+    torch.testing.assert_close(
+        Ties(density=0.5, scale=0.5)(torch.stack([base + tau1, base + tau2]), base), base + 0.5 * (expected - base)
+    )
 
 
 def test_ties_elects_the_sign_of_the_larger_mass_not_the_majority() -> None:
@@ -196,8 +197,14 @@ def test_recompute_batch_norm_gives_the_exact_statistics_of_the_data() -> None:
 
 # ---------------------------------------------------------------------------------------- model.init
 def _scenes_config(tmp_path, **extra):
-    overrides = {"data.image_size": 32, "data.train_size": 8, "data.val_size": 4, "data.test_size": 4,
-                 "tasks": ["count", "segmentation"], **extra}
+    overrides = {
+        "data.image_size": 32,
+        "data.train_size": 8,
+        "data.val_size": 4,
+        "data.test_size": 4,
+        "tasks": ["count", "segmentation"],
+        **extra,
+    }
     return load_config("scenes", overrides)
 
 

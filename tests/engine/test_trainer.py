@@ -267,7 +267,9 @@ def test_training_on_the_layer_path_gives_the_parameter_path_weights():
 
 def test_epoch_end_reports_validation_metrics_and_the_best_epoch_so_far():
     summaries = []
-    trainer = Trainer(tiny_model(), "ew", epochs=2, batch_size=8, lr=5e-3, progress=False, on_epoch_end=summaries.append)
+    trainer = Trainer(
+        tiny_model(), "ew", epochs=2, batch_size=8, lr=5e-3, progress=False, on_epoch_end=summaries.append
+    )
     trainer.fit(TinyScenes(16), TinyScenes(8, seed=1))
     assert [s.epoch for s in summaries] == [1, 2] and summaries[0].is_best and summaries[0].best_epoch == 1
     assert set(summaries[0].metrics) == {"cls", "seg", "depth"} and summaries[0].val_loss is not None

@@ -131,13 +131,19 @@ def distributed_worker(rank: int, world_size: int, port: int, out: str, balancer
     from mtlvision.engine.trainer import Trainer
 
     os.environ.update(
-        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
     )
     torch.set_num_threads(1)
     model = tiny_model()
-    trainer = Trainer(model, balancer, epochs=1, batch_size=batch_size, lr=5e-3, seed=3, device="cpu",
-                      optimizer="sgd", progress=False)
+    trainer = Trainer(
+        model, balancer, epochs=1, batch_size=batch_size, lr=5e-3, seed=3, device="cpu", optimizer="sgd", progress=False
+    )
     trainer.fit(TinyScenes(), TinyScenes(8, seed=1))
     if rank == 0:
         torch.save(flat_weights(model), out)

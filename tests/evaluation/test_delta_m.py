@@ -13,7 +13,10 @@ def test_delta_m_matches_the_formula_by_hand():
     metrics = {"seg": {"miou": 0.55, "pixel_accuracy": 0.8}, "depth": {"abs_err": 0.25}}
     result = delta_m(metrics, baselines, DIRECTIONS)
     # terms: miou improved 10% (-10), pixel acc unchanged (0), abs_err worse by 25% (+25)
-    assert result.per_metric == {"seg": {"miou": pytest.approx(-10.0), "pixel_accuracy": 0.0}, "depth": {"abs_err": pytest.approx(25.0)}}
+    assert result.per_metric == {
+        "seg": {"miou": pytest.approx(-10.0), "pixel_accuracy": 0.0},
+        "depth": {"abs_err": pytest.approx(25.0)},
+    }
     assert result.overall == pytest.approx((-10 + 0 + 25) / 3)
     assert result.per_task == {"seg": pytest.approx(-5.0), "depth": pytest.approx(25.0)}
 
@@ -29,8 +32,11 @@ def test_equal_to_the_experts_gives_zero_and_better_is_negative(base, value):
 
 def test_missing_baseline_is_an_error_not_a_skip():
     with pytest.raises(MtlvisionError, match="no single-task baseline for task 'depth'"):
-        delta_m({"seg": {"miou": 1.0, "pixel_accuracy": 1.0}, "depth": {"abs_err": 1.0}},
-                {"seg": {"miou": 1.0, "pixel_accuracy": 1.0}}, DIRECTIONS)
+        delta_m(
+            {"seg": {"miou": 1.0, "pixel_accuracy": 1.0}, "depth": {"abs_err": 1.0}},
+            {"seg": {"miou": 1.0, "pixel_accuracy": 1.0}},
+            DIRECTIONS,
+        )
 
 
 def test_zero_baseline_is_reported():

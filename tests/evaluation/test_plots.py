@@ -9,8 +9,10 @@ from mtlvision.evaluation.plots import _plot, plot_history
 
 
 def _history(epochs: int) -> list[dict[str, float]]:
-    return [{"epoch": e, "train_loss/seg": 1.0 / e, "val_loss/seg": 1.2 / e, "weight/seg": 1.0,
-             "val/seg/miou": 0.1 * e} for e in range(1, epochs + 1)]
+    return [
+        {"epoch": e, "train_loss/seg": 1.0 / e, "val_loss/seg": 1.2 / e, "weight/seg": 1.0, "val/seg/miou": 0.1 * e}
+        for e in range(1, epochs + 1)
+    ]
 
 
 @pytest.mark.parametrize("epochs", [1, 3, 7, 45])

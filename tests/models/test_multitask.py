@@ -29,7 +29,7 @@ from mtlvision.models import (
 )
 from mtlvision.models.complexity import count_flops, count_parameters, model_complexity
 from mtlvision.models.heads import ASPPHead, FPNHead, MLPHead
-from mtlvision.tasks.base import Task, TargetKind, masked_mean
+from mtlvision.tasks.base import TargetKind, Task, masked_mean
 
 
 class _TaskDouble(Task):

@@ -87,17 +87,18 @@ def test_no_boxes_means_all_background() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    x1=st.floats(0, 60), y1=st.floats(0, 60), w=st.floats(0.5, 64), h=st.floats(0.5, 64)
-)
+@given(x1=st.floats(0, 60), y1=st.floats(0, 60), w=st.floats(0.5, 64), h=st.floats(0.5, 64))
 def test_every_box_gets_a_location_inside_or_nearest(x1: float, y1: float, w: float, h: float) -> None:
     points, strides = grid(64, 8, 16, 32)
     box = torch.tensor([[x1, y1, min(x1 + w, 64.0), min(y1 + h, 64.0)]])
     assigned = assign_targets(points, strides, box)
     chosen = points[assigned == 0]
     assert chosen.shape[0] >= 1
-    inside = (chosen[:, 0] > box[0, 0]) & (chosen[:, 0] < box[0, 2]) & (chosen[:, 1] > box[0, 1]) & (
-        chosen[:, 1] < box[0, 3]
+    inside = (
+        (chosen[:, 0] > box[0, 0])
+        & (chosen[:, 0] < box[0, 2])
+        & (chosen[:, 1] > box[0, 1])
+        & (chosen[:, 1] < box[0, 3])
     )
     assert inside.all() or chosen.shape[0] == 1
 
@@ -201,8 +202,9 @@ def hand_made_raw(num_classes: int = 2) -> dict:
     logits[0, 2, 1] = 2.5  # nearly the same box, class 1 -> kept (NMS per class)
     logits[0, 3, 1] = -4.0  # score sqrt(0.018) below the threshold
     logits[0, 4, 0] = 4.0  # runs past the image border -> clipped
-    distances = torch.tensor([[5.0, 5.0, 5.0, 5.0], [7.0, 5.0, 3.0, 5.0], [5.0, 7.0, 5.0, 3.0],
-                              [5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 30.0, 30.0]])
+    distances = torch.tensor(
+        [[5.0, 5.0, 5.0, 5.0], [7.0, 5.0, 3.0, 5.0], [5.0, 7.0, 5.0, 3.0], [5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 30.0, 30.0]]
+    )
     return {
         "cls_logits": logits,
         "box_distances": distances[None],
@@ -222,8 +224,10 @@ def test_decode_thresholds_suppresses_per_class_and_clips() -> None:
     assert result["labels"] == [0, 0, 1]
     assert result["class_names"] == ["cat", "cat", "dog"]
     assert result["boxes"] == [[45.0, 45.0, 64.0, 60.0], [5.0, 5.0, 15.0, 15.0], [5.0, 5.0, 15.0, 15.0]]
-    expected = [math.sqrt(torch.sigmoid(torch.tensor(v)).item() * torch.sigmoid(torch.tensor(10.0)).item())
-                for v in (4.0, 3.0, 2.5)]
+    expected = [
+        math.sqrt(torch.sigmoid(torch.tensor(v)).item() * torch.sigmoid(torch.tensor(10.0)).item())
+        for v in (4.0, 3.0, 2.5)
+    ]
     assert result["scores"] == pytest.approx(expected, abs=1e-4)
 
 
@@ -235,8 +239,9 @@ def test_decode_offers_each_location_once_and_the_metric_every_class() -> None:
     task = Detection("det", 2, class_names=["cat", "dog"], score_threshold=0.3, nms_iou=0.5)
     decoded = task.decode(raw)[0]
     assert decoded["boxes"].count([5.0, 5.0, 15.0, 15.0]) == 2  # location 0 as cat, location 2 as dog
-    at_location_0 = [label for box, label in zip(decoded["boxes"], decoded["labels"], strict=True)
-                     if box == [5.0, 5.0, 15.0, 15.0]]
+    at_location_0 = [
+        label for box, label in zip(decoded["boxes"], decoded["labels"], strict=True) if box == [5.0, 5.0, 15.0, 15.0]
+    ]
     assert sorted(at_location_0) == [0, 1]
     every_class = task.detect(raw, multi_label=True)[0]
     # Here both give three boxes: location 0's "dog" and location 2's "dog" share one box, so NMS keeps one.

@@ -27,17 +27,34 @@ def reference(truths: list[dict], detections: list[dict], classes: list[str]) ->
         crowd = truth.get("iscrowd", torch.zeros(len(truth["labels"]), dtype=torch.int64)).tolist()
         for box, label, is_crowd in zip(truth["boxes"].tolist(), truth["labels"].tolist(), crowd, strict=True):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": int(is_crowd)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": int(is_crowd),
+                }
+            )
         for box, score, label in zip(
             found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist(), strict=True
         ):
-            results.append({"image_id": image_id, "category_id": label, "score": score,
-                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": label,
+                    "score": score,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         ground = COCO()
-        ground.dataset = {"images": images, "annotations": annotations,
-                          "categories": [{"id": i, "name": n} for i, n in enumerate(classes)]}
+        ground.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(classes)],
+        }
         ground.createIndex()
         evaluation = COCOeval(ground, ground.loadRes(results), "bbox")
         evaluation.evaluate()
@@ -51,8 +68,12 @@ def random_set(seed: int, images: int = 50) -> tuple[list[dict], list[dict]]:
     truths, detections = [], []
     for index in range(images):
         kind = rng.choice(["empty", "normal", "crowded", "tiny"], p=[0.1, 0.5, 0.2, 0.2])
-        count = {"empty": 0, "normal": int(rng.integers(1, 6)), "crowded": int(rng.integers(8, 20)),
-                 "tiny": int(rng.integers(1, 8))}[kind]
+        count = {
+            "empty": 0,
+            "normal": int(rng.integers(1, 6)),
+            "crowded": int(rng.integers(8, 20)),
+            "tiny": int(rng.integers(1, 8)),
+        }[kind]
         if kind == "crowded":  # many overlapping boxes around one spot
             xy = rng.normal(80, 6, size=(count, 2))
             wh = rng.uniform(15, 40, size=(count, 2))
@@ -65,8 +86,13 @@ def random_set(seed: int, images: int = 50) -> tuple[list[dict], list[dict]]:
         boxes = np.concatenate([xy, xy + wh], axis=1)
         labels = rng.integers(0, len(CLASSES), size=count)
         crowd = (rng.random(count) < 0.08).astype(np.int64)
-        truths.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
-                       "iscrowd": torch.tensor(crowd)})
+        truths.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.tensor(labels),
+                "iscrowd": torch.tensor(crowd),
+            }
+        )
         found_boxes, found_labels = [], []
         for box, label in zip(boxes, labels, strict=True):
             if rng.random() < 0.2:
@@ -83,8 +109,13 @@ def random_set(seed: int, images: int = 50) -> tuple[list[dict], list[dict]]:
         found = np.array(found_boxes, dtype=np.float32).reshape(-1, 4)
         found[:, 2:] = np.maximum(found[:, 2:], found[:, :2] + 0.25)
         scores = np.round(rng.uniform(0.05, 1.0, size=len(found)), 2)  # two decimals: ties happen
-        detections.append({"boxes": torch.tensor(found), "scores": torch.tensor(scores, dtype=torch.float32),
-                           "labels": torch.tensor(np.array(found_labels, dtype=np.int64))})
+        detections.append(
+            {
+                "boxes": torch.tensor(found),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.tensor(np.array(found_labels, dtype=np.int64)),
+            }
+        )
     return truths, detections
 
 
@@ -92,8 +123,9 @@ def ours(truths: list[dict], detections: list[dict], classes: list[str], batches
     metric = DetectionMetric(lambda found: found, classes)
     for chunk in np.array_split(np.arange(len(truths)), batches):
         picked = [int(i) for i in chunk]
-        metric.update([detections[i] for i in picked], [truths[i] for i in picked],
-                      torch.ones(len(picked), dtype=torch.bool))
+        metric.update(
+            [detections[i] for i in picked], [truths[i] for i in picked], torch.ones(len(picked), dtype=torch.bool)
+        )
     return metric
 
 

@@ -58,15 +58,32 @@ def cocoeval(truths: list[dict], detections: list[dict]) -> COCOeval:
         images.append({"id": image_id, "width": 64, "height": 64})
         for box, label in zip(truth["boxes"].tolist(), truth["labels"].tolist()):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()):
-            results.append({"image_id": image_id, "category_id": label, "score": score,
-                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": label,
+                    "score": score,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         ground = COCO()
-        ground.dataset = {"images": images, "annotations": annotations,
-                          "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)]}
+        ground.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)],
+        }
         ground.createIndex()
         evaluation = COCOeval(ground, ground.loadRes(results), "bbox")
         evaluation.evaluate()
@@ -107,8 +124,11 @@ def test_metric_matches_cocoeval(seed: int) -> None:
 
 def test_invalid_images_are_left_out() -> None:
     truths, detections = generate(3)
-    garbage = {"boxes": torch.tensor([[0.0, 0.0, 60.0, 60.0]]), "scores": torch.tensor([0.99]),
-               "labels": torch.tensor([0])}
+    garbage = {
+        "boxes": torch.tensor([[0.0, 0.0, 60.0, 60.0]]),
+        "scores": torch.tensor([0.99]),
+        "labels": torch.tensor([0]),
+    }
     metric = passthrough_metric()
     valid = torch.tensor([True] * len(truths) + [False])
     metric.update(detections + [garbage], truths + [truths[0]], valid)
@@ -141,8 +161,9 @@ def test_task_metric_decodes_raw_outputs_with_its_evaluation_threshold() -> None
         "strides": torch.tensor([8.0, 8.0]),
         "image_size": (64, 64),
     }
-    truth = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [35.0, 35.0, 45.0, 45.0]]),
-              "labels": torch.tensor([0, 1])}]
+    truth = [
+        {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [35.0, 35.0, 45.0, 45.0]]), "labels": torch.tensor([0, 1])}
+    ]
     metric = task.metric()
     metric.update(raw, truth, torch.tensor([True]))
     # class b's score sqrt(sigmoid(-3) * sigmoid(5)) ~ 0.22: below decode's 0.3, above the metric's 0.05.

@@ -14,7 +14,10 @@ def toy_set() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Two 64 x 64 images with flat red (class 0) and blue (class 1) rectangles on dark noise."""
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(2, 3, 64, 64, generator=generator) * 0.3
-    boxes = [torch.tensor([[8.0, 10.0, 30.0, 28.0], [36.0, 30.0, 58.0, 60.0]]), torch.tensor([[20.0, 16.0, 44.0, 40.0]])]
+    boxes = [
+        torch.tensor([[8.0, 10.0, 30.0, 28.0], [36.0, 30.0, 58.0, 60.0]]),
+        torch.tensor([[20.0, 16.0, 44.0, 40.0]]),
+    ]
     labels = [torch.tensor([0, 1]), torch.tensor([1])]
     colours = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.3, 1.0]])
     for index in range(2):

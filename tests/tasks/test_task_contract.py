@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlvision.tasks import TASKS, Classification, Depth, MultiLabel, Normals, Segmentation, Task, TargetKind
+from mtlvision.tasks import TASKS, Classification, Depth, MultiLabel, Normals, Segmentation, TargetKind, Task
 
 TASKS_UNDER_TEST = {
     "classification": (Classification("c", 3), TargetKind.LABEL),

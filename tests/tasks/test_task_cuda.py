@@ -16,11 +16,17 @@ def _batch(task: Task, seed: int, size: int = 6) -> tuple[torch.Tensor, torch.Te
     generator = torch.Generator().manual_seed(seed)
     dense = (size, task.output_channels, 24, 32)
     if isinstance(task, Classification):
-        return torch.randn(size, 5, generator=generator), torch.randint(0, 5, (size,), generator=generator), \
-            torch.arange(size) % 3 != 0
+        return (
+            torch.randn(size, 5, generator=generator),
+            torch.randint(0, 5, (size,), generator=generator),
+            torch.arange(size) % 3 != 0,
+        )
     if isinstance(task, MultiLabel):
-        return torch.randn(size, 4, generator=generator), (torch.rand(size, 4, generator=generator) < 0.5).float(), \
-            torch.arange(size) % 3 != 0
+        return (
+            torch.randn(size, 4, generator=generator),
+            (torch.rand(size, 4, generator=generator) < 0.5).float(),
+            torch.arange(size) % 3 != 0,
+        )
     if isinstance(task, Segmentation):
         target = torch.randint(0, 4, (size, 24, 32), generator=generator)
         target[:, :3] = 255

@@ -25,6 +25,16 @@ def get(name: str, **hparams: Any) -> Balancer:
 
 
 __all__ = [
-    "BALANCERS", "Balancer", "aggregate", "GradientEngine", "LayerTaps", "Needs", "NonFiniteGramianError",
-    "SolverError", "TaskGradients", "Update", "get", "resolve_jacobian_path",
+    "BALANCERS",
+    "Balancer",
+    "aggregate",
+    "GradientEngine",
+    "LayerTaps",
+    "Needs",
+    "NonFiniteGramianError",
+    "SolverError",
+    "TaskGradients",
+    "Update",
+    "get",
+    "resolve_jacobian_path",
 ]

@@ -98,8 +98,7 @@ class GradientEngine:
             representation = [representation]
         self.representation = list(representation) if representation is not None else None
         if trunk is not None and (
-            self.representation is None
-            or [t.shape for t in trunk] != [r.shape for r in self.representation]
+            self.representation is None or [t.shape for t in trunk] != [r.shape for r in self.representation]
         ):
             raise ConfigError("the trunk tensors must match the representation tensors cut from them, shape by shape")
         self.trunk = list(trunk) if trunk is not None else self.representation
@@ -151,9 +150,7 @@ class GradientEngine:
                 f"balancer {name} returned weights of shape {tuple(update.weights.shape)} for {losses.numel()} tasks"
             )
         if (update.direction is not None or update.shared_weights is not None) and grads is None:
-            raise InternalError(
-                f"balancer {name} needs only losses, so it cannot return a direction or shared weights"
-            )
+            raise InternalError(f"balancer {name} needs only losses, so it cannot return a direction or shared weights")
         if update.shared_weights is not None and not (grads is not None and grads.jacobian_known):
             raise InternalError(
                 f"balancer {name} returned shared_weights without asking for the per-task gradients first"
@@ -195,7 +192,7 @@ class GradientEngine:
         grads = torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True)
         for param, g in zip(self.task_specific, grads):
             _accumulate(param, g)
-        self._through_trunk(grads[len(self.task_specific):])
+        self._through_trunk(grads[len(self.task_specific) :])
 
     def _through_trunk(self, rep_grads: Sequence[Tensor]) -> None:
         """Back-propagate gradients of the representation into the shared parameters' ``.grad``."""

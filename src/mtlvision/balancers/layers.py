@@ -22,18 +22,18 @@ forms the T per-task weight gradients itself (see :mod:`mtlvision.balancers.jaco
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.nn.grad import conv2d_weight
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
+from torch.nn.grad import conv2d_weight
 from torch.utils.hooks import RemovableHandle
 
 from mtlvision.errors import ConfigError
@@ -77,7 +77,7 @@ class LayerRule(ABC):
     @staticmethod
     def parameters(module: nn.Module) -> list[Tensor]:
         """The layer's parameters in the order the rule returns their gradients: weight, then bias."""
-        params = [getattr(module, "weight"), getattr(module, "bias", None)]  # Conv2d or Linear: a weight
+        params = [module.weight, getattr(module, "bias", None)]  # Conv2d or Linear: a weight
         return [p for p in params if isinstance(p, Tensor)]
 
     @abstractmethod
@@ -148,12 +148,12 @@ class Conv2dRule(LayerRule):
             rows, outs = self.rows(module, inputs, grads)
             weight = torch.matmul(outs.transpose(1, 2), rows).view(tasks, *module.weight.shape)
         else:
-            weight = torch.stack([
-                conv2d_weight(
-                    inputs, tuple(module.weight.shape), g, groups=module.groups, **self._geometry(module)
-                )
-                for g in grads
-            ])
+            weight = torch.stack(
+                [
+                    conv2d_weight(inputs, tuple(module.weight.shape), g, groups=module.groups, **self._geometry(module))
+                    for g in grads
+                ]
+            )
         return [weight] if module.bias is None else [weight, grads.sum(dim=(1, 3, 4))]
 
     def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
@@ -252,9 +252,9 @@ class LayerTaps:
             return
         if output.grad_fn is None or len(args) != 1 or not isinstance(args[0], Tensor):
             return
-        self._calls.append(LayerCall(
-            module, self.modules[module], args[0], get_gradient_edge(output), output.shape, args[0]._version
-        ))
+        self._calls.append(
+            LayerCall(module, self.modules[module], args[0], get_gradient_edge(output), output.shape, args[0]._version)
+        )
 
     @contextmanager
     def recording(self) -> Iterator[None]:

@@ -54,8 +54,17 @@ from mtlvision.errors import DataError
 from mtlvision.tasks.base import TargetKind, Task
 
 __all__ = [
-    "CheckedSamples", "DataReport", "Finding", "SkipBadSamples", "SplitStats", "TaskStats", "check_dataset",
-    "image_digest", "render_report", "sample_problems", "target_problems",
+    "CheckedSamples",
+    "DataReport",
+    "Finding",
+    "SkipBadSamples",
+    "SplitStats",
+    "TaskStats",
+    "check_dataset",
+    "image_digest",
+    "render_report",
+    "sample_problems",
+    "target_problems",
 ]
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -178,8 +187,11 @@ def check_dataset(
                 if digest in seen:
                     other_split, other_id = seen[digest]
                     severity: Severity = "error" if other_split != split else "warning"
-                    findings.append(Finding(severity, "duplicate", split, sample_id, None,
-                                            f"same image as {other_split}/{other_id}"))
+                    findings.append(
+                        Finding(
+                            severity, "duplicate", split, sample_id, None, f"same image as {other_split}/{other_id}"
+                        )
+                    )
                 else:
                     seen[digest] = (split, sample_id)
                 for name, task in tasks.items():
@@ -187,8 +199,16 @@ def check_dataset(
                     if name not in item["targets"]:
                         if name not in absent:
                             absent.add(name)
-                            findings.append(Finding("error", "no_target", split, sample_id, name,
-                                                    f"the dataset gives no target for task {name!r}"))
+                            findings.append(
+                                Finding(
+                                    "error",
+                                    "no_target",
+                                    split,
+                                    sample_id,
+                                    name,
+                                    f"the dataset gives no target for task {name!r}",
+                                )
+                            )
                         task_stats.missing += 1
                     elif not item["valid"].get(name, False):
                         task_stats.missing += 1
@@ -201,4 +221,3 @@ def check_dataset(
                 if progress is not None:
                     progress(split, index + 1, total)
     return DataReport(stats, findings)
-

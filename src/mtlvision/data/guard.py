@@ -22,8 +22,10 @@ from mtlvision.data.problems import sample_problems
 from mtlvision.errors import DataError
 from mtlvision.tasks.base import Task
 
-HINT = ("`mtlvision data check CONFIG` lists every bad sample of the data; data.skip_bad=true skips and counts "
-        "them instead of stopping (the same samples).")
+HINT = (
+    "`mtlvision data check CONFIG` lists every bad sample of the data; data.skip_bad=true skips and counts "
+    "them instead of stopping (the same samples)."
+)
 """Appended to the error that stops a run at a bad sample."""
 
 
@@ -103,8 +105,10 @@ class SkipBadSamples(Dataset):
             except DataError as error:
                 self.bad[candidate] = True
                 self.messages[candidate] = str(error)
-        raise DataError(f"every one of the {size} samples failed to load; the last error: "
-                        f"{next(reversed(self.messages.values()), 'none recorded')}")
+        raise DataError(
+            f"every one of the {size} samples failed to load; the last error: "
+            f"{next(reversed(self.messages.values()), 'none recorded')}"
+        )
 
     @property
     def skipped(self) -> int:

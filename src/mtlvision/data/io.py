@@ -76,12 +76,15 @@ def _sixteen_bit(image: Image.Image, path: Path) -> np.ndarray | None:
     if image.mode == "I":
         values = np.asarray(image)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise DataError(f"{path}: a 32-bit integer image with values {values.min()}..{values.max()} (beyond "
-                            "16 bits); its scale is unknown. Save images with 8 or 16 bits per channel.")
+            raise DataError(
+                f"{path}: a 32-bit integer image with values {values.min()}..{values.max()} (beyond "
+                "16 bits); its scale is unknown. Save images with 8 or 16 bits per channel."
+            )
         return values.astype(np.float32) / 65535.0
     if image.mode == "F":
-        raise DataError(f"{path}: a 32-bit float image; its scale is unknown. Save images with 8 or 16 bits per "
-                        "channel.")
+        raise DataError(
+            f"{path}: a 32-bit float image; its scale is unknown. Save images with 8 or 16 bits per channel."
+        )
     return None
 
 

@@ -59,8 +59,7 @@ def _digest(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _duplicates(members: dict[tuple[int, int], list[Member]], sizes: dict[int, list[tuple[int, int]]]
-                ) -> list[Finding]:
+def _duplicates(members: dict[tuple[int, int], list[Member]], sizes: dict[int, list[tuple[int, int]]]) -> list[Finding]:
     """Findings for files met twice: by identity (device, inode), or by content among files of equal size."""
     content: dict[object, list[tuple[int, int]]] = defaultdict(list)
     for size, identities in sizes.items():
@@ -114,8 +113,9 @@ def preflight(splits: Mapping[str, Dataset], tasks: Mapping[str, Task]) -> DataR
                         tasks[name].check_target(target, f"{split}/{source.id}")
                     except DataError as error:
                         problems.append((name, str(error)))
-            findings += [Finding("error", "invalid_label", split, source.id, task, message)
-                         for task, message in problems]
+            findings += [
+                Finding("error", "invalid_label", split, source.id, task, message) for task, message in problems
+            ]
             split_stats.bad += bool(problems)
             if source.image is None:
                 continue

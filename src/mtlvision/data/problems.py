@@ -24,8 +24,10 @@ Problem = tuple[str, str]
 # ------------------------------------------------------------------------------ problems of one target
 def _size(task: Task, target: Any, image_size: tuple[int, int]) -> list[Problem]:
     if tuple(target.shape[-2:]) != image_size:
-        message = (f"task {task.name!r}: the target is {tuple(target.shape[-2:])} but the image is {image_size} "
-                   "(H, W); a target must have its image's size (it is never resized to fit)")
+        message = (
+            f"task {task.name!r}: the target is {tuple(target.shape[-2:])} but the image is {image_size} "
+            "(H, W); a target must have its image's size (it is never resized to fit)"
+        )
         return [("size_mismatch", message)]
     return []
 
@@ -33,11 +35,18 @@ def _size(task: Task, target: Any, image_size: tuple[int, int]) -> list[Problem]
 def _outside(task: Task, target: Any, image_size: tuple[int, int]) -> list[Problem]:
     boxes = target["boxes"]
     height, width = image_size
-    bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]) | (boxes[:, :2] < 0).any(1) \
-        | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+    bad = (
+        (boxes[:, 2] <= boxes[:, 0])
+        | (boxes[:, 3] <= boxes[:, 1])
+        | (boxes[:, :2] < 0).any(1)
+        | (boxes[:, 2] > width)
+        | (boxes[:, 3] > height)
+    )
     if bad.any():
-        message = (f"task {task.name!r}: {int(bad.sum())} box(es) empty or outside the {width}x{height} image, e.g. "
-                   f"{[round(v, 1) for v in boxes[bad][0].tolist()]}")
+        message = (
+            f"task {task.name!r}: {int(bad.sum())} box(es) empty or outside the {width}x{height} image, e.g. "
+            f"{[round(v, 1) for v in boxes[bad][0].tolist()]}"
+        )
         return [("box_outside", message)]
     return []
 
@@ -48,8 +57,10 @@ def _invalid_depth(task: Task, target: Any) -> list[Problem]:
     nonfinite = int((~torch.isfinite(target)).sum())
     negative = int((target < 0).sum())
     if nonfinite or negative:
-        message = (f"task {task.name!r}: {nonfinite} NaN/infinite and {negative} negative depth values (mark "
-                   "missing depth with 0)")
+        message = (
+            f"task {task.name!r}: {nonfinite} NaN/infinite and {negative} negative depth values (mark "
+            "missing depth with 0)"
+        )
         return [("invalid_depth", message)]
     return []
 
@@ -58,7 +69,10 @@ PRECHECKS: dict[TargetKind, Callable[[Task, Any], list[Problem]]] = {TargetKind.
 """Kind-specific problems reported under their own name before the task's ``check_target`` runs."""
 
 SHAPE_CHECKS: dict[TargetKind, Callable[[Task, Any, tuple[int, int]], list[Problem]]] = {
-    TargetKind.MASK: _size, TargetKind.DEPTH: _size, TargetKind.NORMALS: _size, TargetKind.BOXES: _outside,
+    TargetKind.MASK: _size,
+    TargetKind.DEPTH: _size,
+    TargetKind.NORMALS: _size,
+    TargetKind.BOXES: _outside,
 }
 """Per target kind: how a target that the task accepts must fit its image."""
 
@@ -102,6 +116,7 @@ def sample_problems(
             continue
         label_file = source.label_files.get(name) if source is not None else None
         where = str(label_file) if label_file is not None else f"{split}/{item.get('id')}"
-        found += [(kind, name, message) for kind, message in
-                  target_problems(task, item["targets"][name], where, image_size)]
+        found += [
+            (kind, name, message) for kind, message in target_problems(task, item["targets"][name], where, image_size)
+        ]
     return found

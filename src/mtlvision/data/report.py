@@ -129,8 +129,12 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "splits": {
-                name: {"samples": s.samples, "unreadable": s.unreadable, "bad": s.bad,
-                       "tasks": {t: {**asdict(ts), "class_counts": dict(ts.class_counts)} for t, ts in s.tasks.items()}}
+                name: {
+                    "samples": s.samples,
+                    "unreadable": s.unreadable,
+                    "bad": s.bad,
+                    "tasks": {t: {**asdict(ts), "class_counts": dict(ts.class_counts)} for t, ts in s.tasks.items()},
+                }
                 for name, s in self.splits.items()
             },
             "findings": [asdict(f) for f in self.findings],
@@ -144,15 +148,16 @@ def render_report(report: DataReport, max_findings: int = 50) -> Group:
         summary.add_column(column, overflow="fold")
     for split, split_stats in report.splits.items():
         note = ", ".join(
-            text for count, text in ((split_stats.unreadable, "unreadable"), (split_stats.bad, "bad samples"))
-            if count
+            text for count, text in ((split_stats.unreadable, "unreadable"), (split_stats.bad, "bad samples")) if count
         )
         summary.add_row(split, "(images)", str(split_stats.samples), "", "", str(split_stats.bad), note)
         for task, s in split_stats.tasks.items():
             summary.add_row("", task, "", str(s.labelled), str(s.missing), str(s.rejected), s.distribution())
     if any(report.bad_samples.values()):
         counts = ", ".join(f"{split} {count}" for split, count in report.bad_samples.items())
-        summary.caption = f"bad samples ({counts}): training stops at the first one; data.skip_bad=true skips exactly these"
+        summary.caption = (
+            f"bad samples ({counts}): training stops at the first one; data.skip_bad=true skips exactly these"
+        )
     parts: list[Any] = [summary]
     if report.findings:
         table = Table(title=f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
@@ -160,8 +165,14 @@ def render_report(report: DataReport, max_findings: int = 50) -> Group:
             table.add_column(column, overflow="fold")
         for finding in report.findings[:max_findings]:
             style = "red" if finding.severity == "error" else "yellow"
-            table.add_row(f"[{style}]{finding.severity}[/{style}]", finding.kind, finding.split,
-                          Text(finding.sample), finding.task or "", Text(finding.message))
+            table.add_row(
+                f"[{style}]{finding.severity}[/{style}]",
+                finding.kind,
+                finding.split,
+                Text(finding.sample),
+                finding.task or "",
+                Text(finding.message),
+            )
         if len(report.findings) > max_findings:
             table.caption = f"… and {len(report.findings) - max_findings} more"
         parts.append(table)

@@ -91,9 +91,17 @@ class MultiSourceDataset(Dataset):
         """The training batches of ``epoch`` for this rank, from batch ``start`` on (the trainer's hook)."""
         sampling = self.sampling
         return MultiSourceBatchSampler(
-            self.sizes, batch_size, strategy=sampling.strategy, mixing=sampling.mixing,
-            temperature=sampling.temperature, steps_per_epoch=sampling.steps_per_epoch, seed=seed,
-            rank=rank, world_size=world_size, epoch=epoch, start=start,
+            self.sizes,
+            batch_size,
+            strategy=sampling.strategy,
+            mixing=sampling.mixing,
+            temperature=sampling.temperature,
+            steps_per_epoch=sampling.steps_per_epoch,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            start=start,
         )
 
     def __len__(self) -> int:
@@ -152,8 +160,7 @@ class TaskView(Dataset):
         item = self.dataset[index]
         missing = [theirs for theirs in self.tasks.values() if theirs not in item["targets"]]
         if missing:
-            raise ConfigError(f"sample {item['id']} has no task {missing[0]!r}; it provides "
-                              f"{sorted(item['targets'])}.")
+            raise ConfigError(f"sample {item['id']} has no task {missing[0]!r}; it provides {sorted(item['targets'])}.")
         return {
             **item,
             "targets": {ours: item["targets"][theirs] for ours, theirs in self.tasks.items()},

@@ -48,7 +48,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from mtlvision.tasks.base import Task, TargetKind
+from mtlvision.tasks.base import TargetKind, Task
 from mtlvision.validation import config_error_from
 
 Sample = dict[str, Any]
@@ -66,9 +66,7 @@ class TargetSpec:
 def target_specs(tasks: Mapping[str, Task] | Any) -> dict[str, TargetSpec]:
     """The :class:`TargetSpec` of each task (``ignore_index`` read from the task where it has one)."""
     items = tasks.items() if isinstance(tasks, Mapping) else ((t.name, t) for t in tasks)
-    return {
-        name: TargetSpec(task.target_kind, int(getattr(task, "ignore_index", 255))) for name, task in items
-    }
+    return {name: TargetSpec(task.target_kind, int(getattr(task, "ignore_index", 255))) for name, task in items}
 
 
 # ------------------------------------------------------------------------------------ per-kind operations
@@ -122,8 +120,7 @@ def _resize_normals(target: Tensor, old: Size, size: Size, zoom: float, ctx: _Co
     return torch.where(keep, resized / length.clamp_min(1e-6), torch.zeros_like(resized))
 
 
-def _resize_boxes(target: dict[str, Tensor], old: Size, size: Size, zoom: float, ctx: _Context
-                  ) -> dict[str, Tensor]:
+def _resize_boxes(target: dict[str, Tensor], old: Size, size: Size, zoom: float, ctx: _Context) -> dict[str, Tensor]:
     boxes = target["boxes"]
     scale = torch.tensor([size[1] / old[1], size[0] / old[0]] * 2, dtype=boxes.dtype)
     return {**target, "boxes": boxes * scale}
@@ -140,8 +137,9 @@ def _crop_dense(target: Tensor, top: int, left: int, height: int, width: int, ct
     return target[..., top : top + height, left : left + width]
 
 
-def _crop_boxes(target: dict[str, Tensor], top: int, left: int, height: int, width: int, ctx: _Context
-                ) -> dict[str, Tensor]:
+def _crop_boxes(
+    target: dict[str, Tensor], top: int, left: int, height: int, width: int, ctx: _Context
+) -> dict[str, Tensor]:
     # Own code rather than v2.functional.crop: the visibility rule needs each box's area before clipping.
     boxes = target["boxes"]
     shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
@@ -152,8 +150,7 @@ def _crop_boxes(target: dict[str, Tensor], top: int, left: int, height: int, wid
     visible = sides[:, 0] * sides[:, 1]
     keep = (visible > 0) & (visible >= ctx.min_box_visibility * area) & (sides >= ctx.min_box_size).all(1)
     count = boxes.shape[0]
-    out = {k: v[keep] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == count else v
-           for k, v in target.items()}
+    out = {k: v[keep] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == count else v for k, v in target.items()}
     out["boxes"] = clipped[keep]
     return out
 
@@ -263,9 +260,15 @@ class JointTransform:
             for name, spec in self.targets.items()
         }
         strength = self.color_jitter
-        ranges = [(F.adjust_brightness, (max(0.0, 1 - strength), 1 + strength)),
-                  (F.adjust_contrast, (max(0.0, 1 - strength), 1 + strength)),
-                  (F.adjust_saturation, (max(0.0, 1 - strength), 1 + strength))] if strength > 0 else []
+        ranges = (
+            [
+                (F.adjust_brightness, (max(0.0, 1 - strength), 1 + strength)),
+                (F.adjust_contrast, (max(0.0, 1 - strength), 1 + strength)),
+                (F.adjust_saturation, (max(0.0, 1 - strength), 1 + strength)),
+            ]
+            if strength > 0
+            else []
+        )
         if self.hue > 0:
             ranges.append((F.adjust_hue, (-self.hue, self.hue)))
         self._jitter_ranges = ranges
@@ -308,8 +311,7 @@ class JointTransform:
             image = adjust(image, self._uniform(low, high))
         return image.clamp(0.0, 1.0)
 
-    def _resize(self, image: Tensor, targets: dict[str, Any], size: Size, zoom: float
-                ) -> tuple[Tensor, dict[str, Any]]:
+    def _resize(self, image: Tensor, targets: dict[str, Any], size: Size, zoom: float) -> tuple[Tensor, dict[str, Any]]:
         old = (int(image.shape[-2]), int(image.shape[-1]))
         image = F.resize(image, list(size), antialias=True).clamp(0.0, 1.0)
         return image, {n: self._ops(n).resize(t, old, size, zoom, self._contexts[n]) for n, t in targets.items()}
@@ -328,9 +330,7 @@ class JointTransform:
         top = self._randint(int(image.shape[-2]) - crop_h)
         left = self._randint(int(image.shape[-1]) - crop_w)
         image = image[..., top : top + crop_h, left : left + crop_w]
-        targets = {
-            n: self._ops(n).crop(t, top, left, crop_h, crop_w, self._contexts[n]) for n, t in targets.items()
-        }
+        targets = {n: self._ops(n).crop(t, top, left, crop_h, crop_w, self._contexts[n]) for n, t in targets.items()}
         return image, targets
 
 
@@ -350,8 +350,9 @@ def build_transforms(
         raise config_error_from(
             err, "data.augment", "Invalid augmentation settings", allowed=AugmentParams.model_fields
         ) from None
-    common: dict[str, Any] = dict(targets=targets, resize=params.resize, depth_interpolation=params.depth_interpolation,
-                                  generator=generator)
+    common: dict[str, Any] = dict(
+        targets=targets, resize=params.resize, depth_interpolation=params.depth_interpolation, generator=generator
+    )
     if not (train and params.enabled):
         return JointTransform(**common)
     return JointTransform(

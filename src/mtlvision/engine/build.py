@@ -11,10 +11,11 @@ import torch
 from pydantic import ValidationError
 from torch.utils.data import Dataset, Sampler
 
-from mtlvision.balancers import Balancer, get as get_balancer
+from mtlvision.balancers import Balancer
+from mtlvision.balancers import get as get_balancer
 from mtlvision.config import DataConfig, RunConfig, TaskEntry
-from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
+from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.checkpoint import load_weights, read_weights
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
@@ -101,10 +102,10 @@ def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]
     by_stage: dict[str, list[str]] = {}
     for key in saved:
         if "stages." in key:
-            by_stage.setdefault(key[key.rfind("stages."):], []).append(key)
+            by_stage.setdefault(key[key.rfind("stages.") :], []).append(key)
     for key in own:
         if key not in source and "stages." in key:
-            candidates = by_stage.get(key[key.rfind("stages."):], [])
+            candidates = by_stage.get(key[key.rfind("stages.") :], [])
             if len(candidates) == 1:
                 source[key] = candidates[0]
     loaded = [k for k, v in own.items() if k in source and saved[source[k]].shape == v.shape]
@@ -248,8 +249,12 @@ def open_split(config: RunConfig, split: str) -> Dataset:
 
 def _too_large(config: RunConfig, split: str) -> str:
     sizes = sorted(
-        ((value, key) for key, value in config.data.dataset_params.items()
-         if isinstance(value, int) and not isinstance(value, bool)), reverse=True,
+        (
+            (value, key)
+            for key, value in config.data.dataset_params.items()
+            if isinstance(value, int) and not isinstance(value, bool)
+        ),
+        reverse=True,
     )
     hint = f"; the largest number among the data settings is data.{sizes[0][1]}={sizes[0][0]}" if sizes else ""
     return f"not enough memory to build the {split} split of dataset {config.data.name!r}{hint}: lower it"

@@ -129,8 +129,9 @@ def architecture_sizes(config: RunConfig | None = None) -> dict[str, dict[str, A
     size = image_size(cfg) or (224, 224)
     sizes = {}
     for entry in ARCHITECTURES:
-        model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"architecture": entry.name})}),
-                            tasks)
+        model = build_model(
+            cfg.model_copy(update={"model": cfg.model.model_copy(update={"architecture": entry.name})}), tasks
+        )
         sizes[entry.name] = model_complexity(model, image_size=size)
     return sizes
 

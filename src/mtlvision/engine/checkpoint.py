@@ -73,13 +73,15 @@ def read_weights(path: Path, like: Mapping[str, torch.Tensor] | None = None) -> 
         ) from None
     like = like or {}
     wrong = [
-        f"{k} ({v.dtype}, model {like[k].dtype})" for k, v in state.items()
+        f"{k} ({v.dtype}, model {like[k].dtype})"
+        for k, v in state.items()
         if k in like and v.is_floating_point() != like[k].is_floating_point()
     ]
     if wrong:
         raise CheckpointError(
             f"{path} holds tensors of the wrong kind of dtype: {', '.join(wrong[:3])}"
-            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "") + "; it was not saved from this model"
+            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            + "; it was not saved from this model"
         )
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
@@ -124,7 +126,8 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
         raise CheckpointError(
-            f"{path} does not match this model: " + "; ".join(parts)
+            f"{path} does not match this model: "
+            + "; ".join(parts)
             + ". Was it saved from a model with other tasks, backbone or architecture?"
         )
     model.load_state_dict(state, strict=strict)
@@ -164,8 +167,12 @@ def _refusal_reason(exc: BaseException) -> str:
     if "Unsupported operand" in text or "WeightsUnpickler" in text:
         return "it is not a file written by torch.save (its pickle stream holds operations a checkpoint never has)"
     lines = [
-        line.strip() for line in text.splitlines()
-        if line.strip() and "weights_only" not in line and "Weights only load failed" not in line
-        and "file an issue" not in line and "documentation of torch.load" not in line
+        line.strip()
+        for line in text.splitlines()
+        if line.strip()
+        and "weights_only" not in line
+        and "Weights only load failed" not in line
+        and "file an issue" not in line
+        and "documentation of torch.load" not in line
     ]
     return f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"

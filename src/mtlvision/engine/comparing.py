@@ -77,19 +77,33 @@ def compare_runs(
             raise MtlvisionError(f"{run.path} was evaluated on {report.split}, the others on {split}")
         model, _ = load_model(run)
         task_directions.update(directions(model.tasks.values()))
-        entries.append(CompareEntry(
-            label=run.path.name, kind=describe_run(run, expert_paths.values()), path=str(run.path),
-            metrics=report.metrics, parameters=sum(p.numel() for p in model.parameters()),
-            inference_ms=time_inference([model], images, repeats, torch_device),
-        ))
+        entries.append(
+            CompareEntry(
+                label=run.path.name,
+                kind=describe_run(run, expert_paths.values()),
+                path=str(run.path),
+                metrics=report.metrics,
+                parameters=sum(p.numel() for p in model.parameters()),
+                inference_ms=time_inference([model], images, repeats, torch_device),
+            )
+        )
     task_names = list(task_directions)
     expert_metrics = stored.metrics(task_names, split)
     experts = [load_model(p)[0] for p in dict.fromkeys(expert_paths[t] for t in task_names)]
     reference = CompareEntry(
-        label=f"{len(experts)} experts", kind="single-task experts", path=str(path),
+        label=f"{len(experts)} experts",
+        kind="single-task experts",
+        path=str(path),
         metrics=expert_metrics,
         parameters=sum(p.numel() for m in experts for p in m.parameters()),
         inference_ms=time_inference(experts, images, repeats, torch_device),
     )
-    return Comparison(experts=reference, runs=entries, directions=task_directions, split=split,
-                      baselines=str(path), batch_size=batch_size, device=str(torch_device))
+    return Comparison(
+        experts=reference,
+        runs=entries,
+        directions=task_directions,
+        split=split,
+        baselines=str(path),
+        batch_size=batch_size,
+        device=str(torch_device),
+    )

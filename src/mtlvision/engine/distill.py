@@ -87,7 +87,8 @@ def multilabel_term(student: Tensor, teacher: Tensor, settings: DistillSettings)
 
 
 @DISTILL_TERMS.register(
-    "detection", "Bernoulli KL to the expert's class and centerness maps, score-weighted L1 of log box distances",
+    "detection",
+    "Bernoulli KL to the expert's class and centerness maps, score-weighted L1 of log box distances",
     "Chen et al. 2017",
 )
 def detection_term(student: dict[str, Any], teacher: dict[str, Any], settings: DistillSettings) -> Tensor:
@@ -99,10 +100,11 @@ def detection_term(student: dict[str, Any], teacher: dict[str, Any], settings: D
     classes = _bernoulli_kl(student["cls_logits"], teacher["cls_logits"]).sum(-1)  # [B, P]
     centerness = _bernoulli_kl(student["centerness"], teacher["centerness"])  # [B, P]
     with torch.no_grad():
-        score = (torch.sigmoid(teacher["cls_logits"].float()).amax(-1) * torch.sigmoid(teacher["centerness"].float()))
+        score = torch.sigmoid(teacher["cls_logits"].float()).amax(-1) * torch.sigmoid(teacher["centerness"].float())
         weight = score.sqrt()
     log_ratio = torch.log(student["box_distances"].float().clamp_min(1e-6)) - torch.log(
-        teacher["box_distances"].float().clamp_min(1e-6))
+        teacher["box_distances"].float().clamp_min(1e-6)
+    )
     boxes = (log_ratio.abs().sum(-1) * weight).sum() / weight.sum().clamp_min(1e-6)
     return (classes + centerness).mean() + boxes
 
@@ -167,8 +169,10 @@ class Distillation(AuxiliaryLoss):
             if name not in experts:
                 raise ConfigError(f"no expert for task {name!r}; set distill.weights.{name}=0 to leave it out")
             expert_tasks = getattr(experts[name], "tasks", {})
-            if name not in expert_tasks or expert_tasks[name].kind != task.kind or (
-                expert_tasks[name].output_channels != task.output_channels
+            if (
+                name not in expert_tasks
+                or expert_tasks[name].kind != task.kind
+                or (expert_tasks[name].output_channels != task.output_channels)
             ):
                 raise ConfigError(
                     f"the expert for task {name!r} does not predict a {task.kind} task {name!r} with "

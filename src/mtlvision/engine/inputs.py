@@ -73,7 +73,8 @@ def check_before_training(config: RunConfig) -> DataReport | None:
     message = (
         f"data check before training: {len(blocking)} error(s) in the files of the {', '.join(splits)} splits: "
         f"{_listing(blocking)}. Run `mtlvision data check CONFIG` for the full report (it also reads every image). "
-        "Fix the data" + (", or set data.skip_bad=true to skip the bad samples" if bad_samples else "")
+        "Fix the data"
+        + (", or set data.skip_bad=true to skip the bad samples" if bad_samples else "")
         + "; data.check=warn trains anyway, data.check=false skips these checks."
     )
     if config.data.check == "warn":

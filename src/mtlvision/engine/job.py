@@ -163,7 +163,9 @@ class TrainingRun:
         if not self.extends:
             logger.info(
                 "%s has finished (%d epochs); nothing to resume and nothing changed. To train it longer, resume "
-                "with --set train.epochs=N.", run_dir, self.config.train.epochs,
+                "with --set train.epochs=N.",
+                run_dir,
+                self.config.train.epochs,
             )
             return Run.load(run_dir)
         if not has_checkpoint:
@@ -263,7 +265,12 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------- report
     def _report(
-        self, run_dir: Path, model: MultiTaskModel, trainer: Trainer, fit: FitResult, train_data: PreparedDataset,
+        self,
+        run_dir: Path,
+        model: MultiTaskModel,
+        trainer: Trainer,
+        fit: FitResult,
+        train_data: PreparedDataset,
         validated: bool,
     ) -> RunReport:
         """Evaluate the best weights on val and the eval split; write metrics.json and the plots."""
@@ -281,9 +288,13 @@ class TrainingRun:
         split = config.train.eval_split
         size = input_size(config, data)
         report = RunReport(
-            split=split, metrics=metrics[split], val_metrics=metrics.get("val"), best_epoch=fit.best_epoch,
+            split=split,
+            metrics=metrics[split],
+            val_metrics=metrics.get("val"),
+            best_epoch=fit.best_epoch,
             selection=selection_text(config.train.select, validated),
-            model=model_complexity(model, image_size=size), skipped_samples=skipped_counts(config, skipped),
+            model=model_complexity(model, image_size=size),
+            skipped_samples=skipped_counts(config, skipped),
             **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
         )
         if dist.is_main():
@@ -342,8 +353,9 @@ def _expert(config: RunConfig, run_dir: Path, baselines: Baselines) -> Run | Non
         differing = baselines.settings_warning(config, [task])
         logger.info("Expert %s: kept from %s.", task, baselines.path)
         if differing:
-            logger.warning("Expert %s was trained with other settings: %s; to retrain it, use another --name.",
-                           task, differing)
+            logger.warning(
+                "Expert %s was trained with other settings: %s; to retrain it, use another --name.", task, differing
+            )
         return None
     if (run_dir / METRICS_NAME).is_file():
         logger.info("Expert %s: finished in %s; recorded.", task, run_dir)
@@ -370,7 +382,8 @@ def _resume_changes(config: RunConfig, run_dir: Path) -> dict[str, Any]:
     if refused:
         raise MtlvisionError(
             f"the interrupted expert {run_dir} was started with other settings ("
-            + ", ".join(differences(stored, asked, ("then", "now"))) + "); run `baseline` with those settings "
+            + ", ".join(differences(stored, asked, ("then", "now")))
+            + "); run `baseline` with those settings "
             "to finish it, remove the folder to train it again, or choose another --name"
         )
     return changed
@@ -403,6 +416,8 @@ def evaluate_run(run: str | Path | Run, split: str | None = None, baselines: str
     metrics = evaluate_model(model.to(device), loader, model.tasks, device).metrics
     path = Path(baselines) if baselines else Baselines.for_run(run.path, config)
     return RunReport(
-        split=split, metrics=metrics, skipped_samples=skipped_counts(config, {split: data.skipped}),
+        split=split,
+        metrics=metrics,
+        skipped_samples=skipped_counts(config, {split: data.skipped}),
         **delta_m_against(path, config, model.tasks.values(), metrics, split),
     )

@@ -126,8 +126,11 @@ class MergeReport:
         per_task: dict[str, int] = {}
         for task in self.copied.values():
             per_task[task] = per_task.get(task, 0) + 1
-        return {"merged_tensors": len(self.merged), "averaged_buffers": len(self.averaged_buffers),
-                "copied_tensors_per_task": per_task}
+        return {
+            "merged_tensors": len(self.merged),
+            "averaged_buffers": len(self.averaged_buffers),
+            "copied_tensors_per_task": per_task,
+        }
 
 
 def _shape_error(key: str, shapes: Mapping[str, tuple[int, ...]]) -> ConfigError:

@@ -86,7 +86,9 @@ def common_init(runs: Sequence[Run]) -> dict[str, torch.Tensor]:
 
 
 def merge_experts(
-    experts: Sequence[str | Path], out: str | Path, rule: str = "average",
+    experts: Sequence[str | Path],
+    out: str | Path,
+    rule: str = "average",
     hparams: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> Run:
     """One multi-task run folder from experts (see :func:`mtlvision.api.merge`)."""
@@ -98,11 +100,13 @@ def merge_experts(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise MtlvisionError(f"--out {run_dir} already exists and is not empty; choose another folder")
     first = runs[0].config
-    config = first.model_copy(update={
-        "tasks": [entry for run in runs for entry in run.config.tasks or []],
-        "model": first.model.model_copy(update={"init": "kaiming"}),
-        "distill": first.distill.model_copy(update={"experts": None}),
-    })
+    config = first.model_copy(
+        update={
+            "tasks": [entry for run in runs for entry in run.config.tasks or []],
+            "model": first.model.model_copy(update={"init": "kaiming"}),
+            "distill": first.distill.model_copy(update={"experts": None}),
+        }
+    )
     tasks = build_tasks(config)
     model = build_model(config, tasks, load_init=False)
     own = model.state_dict()
@@ -124,10 +128,10 @@ def merge_experts(
     split = config.train.eval_split
     metrics = evaluate_splits(config, model, ["val", split])
     report = RunReport(
-        split=split, metrics=metrics[split], val_metrics=metrics["val"],
-        model=model_complexity(
-            model.cpu(), image_size=input_size(config, evaluation_loader(config, model, split)[1])
-        ),
+        split=split,
+        metrics=metrics[split],
+        val_metrics=metrics["val"],
+        model=model_complexity(model.cpu(), image_size=input_size(config, evaluation_loader(config, model, split)[1])),
         merge={
             "rule": rule,
             "hparams": merging.describe(),

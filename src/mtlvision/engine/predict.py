@@ -128,8 +128,10 @@ def predict_images(
             image = read_image(file)
         except DataError as exc:
             if not skip_bad:
-                raise DataError(f"{exc} To skip unreadable images and predict the rest, pass --skip-bad "
-                                "(skip_bad=True from Python).") from None
+                raise DataError(
+                    f"{exc} To skip unreadable images and predict the rest, pass --skip-bad "
+                    "(skip_bad=True from Python)."
+                ) from None
             logger.warning("skipped an unreadable image: %s", exc)
             results.skipped.append({"image": str(file), "reason": str(exc)})
             continue

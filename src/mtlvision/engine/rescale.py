@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mtlvision.tasks.base import Task, TargetKind
+from mtlvision.tasks.base import TargetKind, Task
 from mtlvision.tasks.drawing import resize_bilinear, resize_nearest
 
 Size = tuple[int, int]
@@ -54,8 +54,10 @@ def _normals(task: Task, decoded: np.ndarray, source: Size, size: Size) -> np.nd
 
 def _boxes(task: Task, decoded: dict[str, Any], source: Size, size: Size) -> dict[str, Any]:
     sy, sx = size[0] / source[0], size[1] / source[1]
-    boxes = [[round(x1 * sx, 2), round(y1 * sy, 2), round(x2 * sx, 2), round(y2 * sy, 2)]
-             for x1, y1, x2, y2 in decoded["boxes"]]
+    boxes = [
+        [round(x1 * sx, 2), round(y1 * sy, 2), round(x2 * sx, 2), round(y2 * sy, 2)]
+        for x1, y1, x2, y2 in decoded["boxes"]
+    ]
     return {**decoded, "boxes": boxes}
 
 

@@ -36,8 +36,9 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        logger.info("Removed %d half-written file(s) left in %s: %s", len(stale), run_dir,
-                    ", ".join(p.name for p in stale))
+        logger.info(
+            "Removed %d half-written file(s) left in %s: %s", len(stale), run_dir, ", ".join(p.name for p in stale)
+        )
     return stale
 
 

@@ -245,9 +245,9 @@ class Baselines:
         if not differing:
             return None
         return (
-            "the run and its single-task experts differ in " + "; ".join(
-                f"{line} [{', '.join(tasks_)}]" for line, tasks_ in differing.items()
-            ) + "; Δm compares more than multi-task learning"
+            "the run and its single-task experts differ in "
+            + "; ".join(f"{line} [{', '.join(tasks_)}]" for line, tasks_ in differing.items())
+            + "; Δm compares more than multi-task learning"
         )
 
     def expert_runs(self) -> dict[str, Path]:

@@ -82,19 +82,38 @@ def epoch_loader(
     if hasattr(data, "set_epoch"):
         data.set_epoch(epoch)
     make_batches = getattr(data, "batch_sampler", None) if shuffle else None
-    batches = make_batches(
-        batch_size, seed=seed, epoch=epoch, rank=dist.rank(), world_size=dist.world_size(), start=start // batch_size,
-    ) if make_batches is not None else None
+    batches = (
+        make_batches(
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            start=start // batch_size,
+        )
+        if make_batches is not None
+        else None
+    )
     if batches is not None:
         return DataLoader(
             data, batch_sampler=batches, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory
         )
     sampler = EpochSampler(
         len(data),  # type: ignore[arg-type]  # map-style datasets define __len__
-        shuffle=shuffle, seed=seed, epoch=epoch, rank=dist.rank(), world_size=dist.world_size(), start=start,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=dist.rank(),
+        world_size=dist.world_size(),
+        start=start,
         pad=shuffle,
     )
     return DataLoader(
-        data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=pin_memory, drop_last=shuffle and len(sampler) > batch_size,
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=shuffle and len(sampler) > batch_size,
     )

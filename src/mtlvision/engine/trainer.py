@@ -47,8 +47,6 @@ from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_w
 from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
 from mtlvision.engine.logging import EpochProgress, EpochSummary, TensorBoardLog, flatten_metrics, write_history
-from mtlvision.engine.optim import build_optimizer, build_scheduler
-from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.loop_state import (
     FitResult,
     LoopState,
@@ -57,7 +55,9 @@ from mtlvision.engine.loop_state import (
     StopRequest,
     TrainingInterrupted,
 )
+from mtlvision.engine.optim import build_optimizer, build_scheduler
 from mtlvision.engine.precision import Precision
+from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
@@ -190,8 +190,14 @@ class Trainer:
     ) -> Trainer:
         """A trainer with every ``train.*`` and ``balancer.*`` setting of a whole run configuration."""
         return cls(
-            model, config.balancer, config.train, seed=config.seed, num_workers=config.data.num_workers,
-            backbone_lr_scale=config.model.backbone_lr_scale, run_dir=run_dir, auxiliary=auxiliary,
+            model,
+            config.balancer,
+            config.train,
+            seed=config.seed,
+            num_workers=config.data.num_workers,
+            backbone_lr_scale=config.model.backbone_lr_scale,
+            run_dir=run_dir,
+            auxiliary=auxiliary,
         )
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -217,8 +223,15 @@ class Trainer:
     def loader(self, data: Dataset | DataLoader, shuffle: bool, epoch: int = 0, start: int = 0) -> DataLoader:
         """A DataLoader over this rank's shard of ``data`` (see :func:`~mtlvision.engine.sampler.epoch_loader`)."""
         return epoch_loader(
-            data, self.batch_size, shuffle, seed=self.seed, epoch=epoch, start=start, num_workers=self.num_workers,
-            collate=self.collate, pin_memory=self.device.type == "cuda",
+            data,
+            self.batch_size,
+            shuffle,
+            seed=self.seed,
+            epoch=epoch,
+            start=start,
+            num_workers=self.num_workers,
+            collate=self.collate,
+            pin_memory=self.device.type == "cuda",
         )
 
     def task_losses(self, predictions: dict[str, Any], batch: dict[str, Any]) -> Tensor:
@@ -233,7 +246,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ training
     def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, CutRepresentation | None]:
         cut = None
-        with self.precision.autocast(), (self.taps.recording() if self.taps is not None else nullcontext()):
+        with self.precision.autocast(), self.taps.recording() if self.taps is not None else nullcontext():
             if self._uses_representation:
                 try:
                     predictions, cut = self.forward.forward_cut(batch["image"])
@@ -329,8 +342,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_steps += 1
         logger.warning(
-            "step %d: non-finite loss or gradient (%s); step skipped (%d/%d)", self.state.step,
-            ", ".join(f"{n}={v:.3g}" for n, v in zip(self.tasks, losses.tolist())), self.state.skipped_steps,
+            "step %d: non-finite loss or gradient (%s); step skipped (%d/%d)",
+            self.state.step,
+            ", ".join(f"{n}={v:.3g}" for n, v in zip(self.tasks, losses.tolist())),
+            self.state.skipped_steps,
             self.config.max_nonfinite,
         )
         if self.state.skipped_steps >= self.config.max_nonfinite:
@@ -396,12 +411,18 @@ class Trainer:
             return
         state = self.state
         best = next((r for r in state.history if int(r["epoch"]) == state.best_epoch), row)
-        self.on_epoch_end(EpochSummary(
-            epoch=state.epoch, epochs=self.epochs, train_loss=float(row["train_loss"]),
-            val_loss=val.total_loss if val is not None else None, metrics=EpochSummary.metrics_of(row),
-            best_epoch=state.best_epoch, best_metrics=EpochSummary.metrics_of(best),
-            is_best=state.best_epoch == state.epoch,
-        ))
+        self.on_epoch_end(
+            EpochSummary(
+                epoch=state.epoch,
+                epochs=self.epochs,
+                train_loss=float(row["train_loss"]),
+                val_loss=val.total_loss if val is not None else None,
+                metrics=EpochSummary.metrics_of(row),
+                best_epoch=state.best_epoch,
+                best_metrics=EpochSummary.metrics_of(best),
+                is_best=state.best_epoch == state.epoch,
+            )
+        )
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -528,6 +549,9 @@ class Trainer:
             )
         set_rng_state(saved["rng"])
         logger.info(
-            "Resumed from %s: epoch %d, batch %d, step %d.", self.run_dir / CHECKPOINT_NAME, self.state.epoch + 1,
-            self.state.epoch_batches, self.state.step,
+            "Resumed from %s: epoch %d, batch %d, step %d.",
+            self.run_dir / CHECKPOINT_NAME,
+            self.state.epoch + 1,
+            self.state.epoch_batches,
+            self.state.step,
         )

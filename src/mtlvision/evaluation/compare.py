@@ -86,25 +86,25 @@ class Comparison:
         rows = []
         for entry in self.entries:
             delta = self.delta(entry)
-            rows.append([
-                entry.label,
-                entry.kind,
-                f"{delta.overall:+.2f}",
-                ", ".join(f"{t} {v:+.1f}" for t, v in delta.per_task.items()),
-                f"{entry.parameters / 1e6:.2f}M",
-                f"{entry.parameters / self.experts.parameters:.2f}×",
-                f"{entry.inference_ms:.1f}",
-                f"{entry.inference_ms / self.experts.inference_ms:.2f}×",
-            ])
+            rows.append(
+                [
+                    entry.label,
+                    entry.kind,
+                    f"{delta.overall:+.2f}",
+                    ", ".join(f"{t} {v:+.1f}" for t, v in delta.per_task.items()),
+                    f"{entry.parameters / 1e6:.2f}M",
+                    f"{entry.parameters / self.experts.parameters:.2f}×",
+                    f"{entry.inference_ms:.1f}",
+                    f"{entry.inference_ms / self.experts.inference_ms:.2f}×",
+                ]
+            )
         return rows
 
-    SUMMARY_COLUMNS = ("model", "what it is", "Δm %", "Δm per task %", "params", "vs experts", "ms/batch",
-                       "vs experts")
+    SUMMARY_COLUMNS = ("model", "what it is", "Δm %", "Δm per task %", "params", "vs experts", "ms/batch", "vs experts")
 
     def task_rows(self, task: str) -> tuple[list[str], list[list[str]]]:
         metrics = list(self.directions[task])
-        header = ["model", "what it is", *(f"{m} {'↑' if self.directions[task][m] else '↓'}" for m in metrics),
-                  "Δm %"]
+        header = ["model", "what it is", *(f"{m} {'↑' if self.directions[task][m] else '↓'}" for m in metrics), "Δm %"]
         rows = []
         for entry in self.entries:
             if task in entry.metrics:
@@ -160,9 +160,7 @@ class Comparison:
             "baselines": self.baselines,
             "batch_size": self.batch_size,
             "device": self.device,
-            "models": [
-                {**vars(entry), "delta_m": self.delta(entry).to_dict()} for entry in self.entries
-            ],
+            "models": [{**vars(entry), "delta_m": self.delta(entry).to_dict()} for entry in self.entries],
         }
 
     def plot(self, path: Path) -> Path:
@@ -198,4 +196,3 @@ class Comparison:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
-

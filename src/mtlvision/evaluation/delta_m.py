@@ -43,9 +43,7 @@ def relative_change(value: float, baseline: float, higher_is_better: bool) -> fl
     return sign * (value - baseline) / abs(baseline) * 100.0
 
 
-def delta_m(
-    metrics: Metrics, baselines: Metrics, directions: Mapping[str, Mapping[str, bool]]
-) -> DeltaM:
+def delta_m(metrics: Metrics, baselines: Metrics, directions: Mapping[str, Mapping[str, bool]]) -> DeltaM:
     """Δm of ``metrics`` against ``baselines`` over every (task, metric) listed in ``directions``.
 
     Every task in ``metrics`` needs a baseline; a missing one is an error naming it, never a silent skip.

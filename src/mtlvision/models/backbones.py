@@ -166,9 +166,7 @@ class Backbone(nn.Module):
                 f"{example}; expected keys like {expected}). Give a checkpoint of the same timm or "
                 "torchvision model."
             )
-        missing = sorted(
-            self.source_keys[k] for k in own if k not in loaded and not k.endswith("num_batches_tracked")
-        )
+        missing = sorted(self.source_keys[k] for k in own if k not in loaded and not k.endswith("num_batches_tracked"))
         unexpected = sorted(k for k in state if k not in by_source)
         self.load_state_dict(loaded, strict=False)
         report = LoadReport(str(path), len(loaded), missing, unexpected)
@@ -209,7 +207,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
             state: object = load_file(str(file), device="cpu")
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the same user error
+    except Exception as exc:
         raise CheckpointError(
             f"cannot read pretrained weights {str(file)!r} ({type(exc).__name__}: {exc}). Give a .safetensors "
             "file or a .pth/.pt state dict (pickled objects other than tensors are refused)."
@@ -263,7 +261,7 @@ def _timm_backbone(name: str, in_chans: int) -> Backbone:
                 in_chans=in_chans,
                 feature_cfg={"flatten_sequential": True},
             )
-    except Exception as exc:  # noqa: BLE001 - timm raises many types for "cannot extract features"
+    except Exception as exc:
         raise ConfigError(
             f"backbone {name!r}: timm cannot build it with features_only=True ({type(exc).__name__}: {exc}). "
             f"Choose a convolutional backbone, e.g. {', '.join(BACKBONES.names()[:6])}."

@@ -139,9 +139,7 @@ class MLPHead(nn.Module):
 class LinearHead(nn.Module):
     """Image-level head: pooled coarsest features -> Linear."""
 
-    def __init__(
-        self, feature_channels: Sequence[int], feature_strides: Sequence[int], out_channels: int
-    ) -> None:
+    def __init__(self, feature_channels: Sequence[int], feature_strides: Sequence[int], out_channels: int) -> None:
         super().__init__()
         _check_positive("linear", out_channels=out_channels)
         self.linear = nn.Linear(feature_channels[-1], out_channels)

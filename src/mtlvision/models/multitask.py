@@ -174,9 +174,7 @@ class MultiTaskModel(nn.Module):
 
     def _predict(self, features: Mapping[str, list[Tensor]], image_size: Sequence[int]) -> dict[str, Any]:
         size = (int(image_size[0]), int(image_size[1]))
-        return {
-            name: self._tasks[name].postprocess(self.heads[name](features[name], size)) for name in self.task_names
-        }
+        return {name: self._tasks[name].postprocess(self.heads[name](features[name], size)) for name in self.task_names}
 
     # --------------------------------------------------------------------------------------- parameters
     def shared_parameters(self) -> Iterator[nn.Parameter]:

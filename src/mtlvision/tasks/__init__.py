@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtlvision.tasks.base import Task, TargetKind, TaskMetric
+from mtlvision.tasks.base import TargetKind, Task, TaskMetric
 from mtlvision.tasks.classification import Classification
 from mtlvision.tasks.depth import Depth
 from mtlvision.tasks.detection import Detection

@@ -80,9 +80,7 @@ class Task(ABC):
     def output_channels(self) -> int:
         """Channels of the raw head output (logits, depth, normal components, ...)."""
 
-    def build_custom_head(
-        self, feature_channels: Sequence[int], feature_strides: Sequence[int]
-    ) -> nn.Module | None:
+    def build_custom_head(self, feature_channels: Sequence[int], feature_strides: Sequence[int]) -> nn.Module | None:
         """A head of the task's own (e.g. detection); ``None`` lets the model build its standard head."""
         return None
 

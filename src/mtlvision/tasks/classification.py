@@ -17,7 +17,7 @@ from torchmetrics.classification import (
 )
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import Task, TargetKind, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
 from mtlvision.tasks.collection import ValidSampleMetrics
 from mtlvision.tasks.drawing import draw_text
 from mtlvision.tasks.params import name_list, require_count
@@ -89,9 +89,7 @@ class Classification(Task):
         valid = valid.to(torch.bool)
         # Unlabelled samples hold a placeholder; class 0 keeps cross-entropy defined, the mask removes it.
         target = torch.where(valid, target, torch.zeros_like(target))
-        per_sample = F.cross_entropy(
-            prediction, target, reduction="none", label_smoothing=self.label_smoothing
-        )
+        per_sample = F.cross_entropy(prediction, target, reduction="none", label_smoothing=self.label_smoothing)
         return masked_mean(per_sample, valid)
 
     def metric(self) -> ClassificationMetric:
@@ -101,14 +99,23 @@ class Classification(Task):
         return torch.tensor(0, dtype=torch.int64)
 
     def check_target(self, target: Any, where: str) -> None:
-        require(isinstance(target, Tensor), where, f"task {self.name!r}: the label must be a tensor, got "
-                f"{type(target).__name__}.")
-        require(target.dtype == torch.int64 and target.ndim == 0, where,
-                f"task {self.name!r}: the label must be an int64 scalar, got {target.dtype} of shape "
-                f"{tuple(target.shape)}.")
+        require(
+            isinstance(target, Tensor),
+            where,
+            f"task {self.name!r}: the label must be a tensor, got {type(target).__name__}.",
+        )
+        require(
+            target.dtype == torch.int64 and target.ndim == 0,
+            where,
+            f"task {self.name!r}: the label must be an int64 scalar, got {target.dtype} of shape "
+            f"{tuple(target.shape)}.",
+        )
         label = int(target)
-        require(0 <= label < self.num_classes, where,
-                f"task {self.name!r}: label {label} is out of range; expected 0 to {self.num_classes - 1}.")
+        require(
+            0 <= label < self.num_classes,
+            where,
+            f"task {self.name!r}: label {label} is out of range; expected 0 to {self.num_classes - 1}.",
+        )
 
     def decode(self, prediction: Tensor) -> list[dict[str, Any]]:
         probabilities = prediction.detach().float().softmax(dim=1).cpu()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from mtlvision.tasks.base import Task, TargetKind, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
 from mtlvision.tasks.drawing import colourise, resize_bilinear
 from mtlvision.tasks.params import require_choice
 from mtlvision.tasks.pixelwise import per_sample_mean, require_same_size
@@ -137,16 +137,28 @@ class Depth(Task):
         return torch.zeros((1, height, width), dtype=torch.float32)
 
     def check_target(self, target: Any, where: str) -> None:
-        require(isinstance(target, Tensor), where,
-                f"task {self.name!r}: the depth map must be a tensor, got {type(target).__name__}.")
-        require(target.is_floating_point() and target.ndim == 3 and target.shape[0] == 1 and target.numel() > 0,
-                where, f"task {self.name!r}: the depth map must be a float [1, H, W] tensor, got {target.dtype} "
-                f"of shape {tuple(target.shape)}.")
-        require(bool(torch.isfinite(target).all()), where,
-                f"task {self.name!r}: the depth map holds NaN or infinite values; mark missing depth with 0.")
-        require(bool((target >= 0).all()), where,
-                f"task {self.name!r}: the depth map holds negative depths (smallest {float(target.min()):g}); "
-                f"depth must be positive, with 0 marking missing depth.")
+        require(
+            isinstance(target, Tensor),
+            where,
+            f"task {self.name!r}: the depth map must be a tensor, got {type(target).__name__}.",
+        )
+        require(
+            target.is_floating_point() and target.ndim == 3 and target.shape[0] == 1 and target.numel() > 0,
+            where,
+            f"task {self.name!r}: the depth map must be a float [1, H, W] tensor, got {target.dtype} "
+            f"of shape {tuple(target.shape)}.",
+        )
+        require(
+            bool(torch.isfinite(target).all()),
+            where,
+            f"task {self.name!r}: the depth map holds NaN or infinite values; mark missing depth with 0.",
+        )
+        require(
+            bool((target >= 0).all()),
+            where,
+            f"task {self.name!r}: the depth map holds negative depths (smallest {float(target.min()):g}); "
+            f"depth must be positive, with 0 marking missing depth.",
+        )
 
     def decode(self, prediction: Tensor) -> list[np.ndarray]:
         """Per sample, the predicted ``H x W`` float32 depth map (the predictor saves it as .npy and draws it)."""

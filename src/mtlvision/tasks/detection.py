@@ -1,11 +1,11 @@
 """Object detection with an anchor-free FCOS head (Tian et al., ICCV 2019).
 
 Targets are variable-length per image (``{"boxes": [N, 4] xyxy pixels, "labels": [N]}``) and are collated
-as a list; the loss pads them per batch behind a mask, so no padded box is ever a target. Training follows FCOS: a location is positive for a box when it lies inside the
-box, within ``center_radius`` strides of its centre ("centre sampling") and the box's largest
-location-to-side distance falls in the location's level range; a location claimed by several boxes takes
-the smallest. Losses (torchvision's focal loss, GIoU loss and a centerness BCE) are summed over the valid
-images and divided by the number of positive locations (at least one), as FCOS does.
+as a list; the loss pads them per batch behind a mask, so no padded box is ever a target. Training follows FCOS: a
+location is positive for a box when it lies inside the box, within ``center_radius`` strides of its centre ("centre
+sampling") and the box's largest location-to-side distance falls in the location's level range; a location claimed
+by several boxes takes the smallest. Losses (torchvision's focal loss, GIoU loss and a centerness BCE) are summed
+over the valid images and divided by the number of positive locations (at least one), as FCOS does.
 
 Small-image adaptation (documented rule): a box that no location claims under the FCOS rule (a box smaller
 than its level's stride can fall between location centres) gets the location of its level nearest to its
@@ -30,7 +30,7 @@ from torchvision.ops import (
 )
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import Task, TargetKind, require
+from mtlvision.tasks.base import TargetKind, Task, require
 from mtlvision.tasks.detection_head import FCOSHead
 from mtlvision.tasks.detection_metric import DetectionMetric, Detections
 from mtlvision.tasks.drawing import palette, to_rgb_uint8
@@ -169,8 +169,11 @@ class Detection(Task):
     ) -> None:
         super().__init__(name)
         require_count(name, "num_classes", num_classes, 1)
-        for field, value in {"score_threshold": score_threshold, "metric_score_threshold": metric_score_threshold,
-                             "nms_iou": nms_iou}.items():
+        for field, value in {
+            "score_threshold": score_threshold,
+            "metric_score_threshold": metric_score_threshold,
+            "nms_iou": nms_iou,
+        }.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"task {name!r}: {field} must lie in [0, 1], got {value}")
         if max_detections < 1 or pre_nms_top_k < 1:
@@ -257,26 +260,47 @@ class Detection(Task):
     def check_target(self, target: Any, where: str, image_size: tuple[int, int] | None = None) -> None:
         """Boxes finite, ``x2 > x1``, ``y2 > y1``, inside ``[0, W] x [0, H]`` when ``image_size`` is given
         (non-negative otherwise), labels in ``[0, num_classes)``."""
-        require(isinstance(target, dict) and {"boxes", "labels"} <= set(target), where,
-                f"task {self.name!r} needs a dict with 'boxes' and 'labels', got {type(target).__name__}")
+        require(
+            isinstance(target, dict) and {"boxes", "labels"} <= set(target),
+            where,
+            f"task {self.name!r} needs a dict with 'boxes' and 'labels', got {type(target).__name__}",
+        )
         boxes, labels = target["boxes"], target["labels"]
-        require(isinstance(boxes, Tensor) and boxes.ndim == 2 and boxes.shape[1] == 4, where,
-                f"task {self.name!r}: boxes must be a float tensor [N, 4] (x1, y1, x2, y2)")
-        require(isinstance(labels, Tensor) and labels.ndim == 1 and labels.shape[0] == boxes.shape[0], where,
-                f"task {self.name!r}: labels must be an int tensor [N] matching {boxes.shape[0]} boxes")
+        require(
+            isinstance(boxes, Tensor) and boxes.ndim == 2 and boxes.shape[1] == 4,
+            where,
+            f"task {self.name!r}: boxes must be a float tensor [N, 4] (x1, y1, x2, y2)",
+        )
+        require(
+            isinstance(labels, Tensor) and labels.ndim == 1 and labels.shape[0] == boxes.shape[0],
+            where,
+            f"task {self.name!r}: labels must be an int tensor [N] matching {boxes.shape[0]} boxes",
+        )
         require(bool(torch.isfinite(boxes).all()), where, f"task {self.name!r}: a box coordinate is not finite")
         for row, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-            require(x2 > x1 and y2 > y1, where,
-                    f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} is empty (needs x2 > x1 and y2 > y1)")
-            require(min(x1, y1) >= 0, where, f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} starts outside "
-                    "the image (negative coordinate)")
+            require(
+                x2 > x1 and y2 > y1,
+                where,
+                f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} is empty (needs x2 > x1 and y2 > y1)",
+            )
+            require(
+                min(x1, y1) >= 0,
+                where,
+                f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} starts outside the image (negative coordinate)",
+            )
             if image_size is not None:
                 height, width = image_size
-                require(x2 <= width and y2 <= height, where,
-                        f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} ends outside the {width}x{height} image")
+                require(
+                    x2 <= width and y2 <= height,
+                    where,
+                    f"task {self.name!r}: box {row} {[x1, y1, x2, y2]} ends outside the {width}x{height} image",
+                )
         for row, label in enumerate(labels.tolist()):
-            require(0 <= label < self.num_classes, where,
-                    f"task {self.name!r}: box {row} has label {label}, outside [0, {self.num_classes - 1}]")
+            require(
+                0 <= label < self.num_classes,
+                where,
+                f"task {self.name!r}: box {row} has label {label}, outside [0, {self.num_classes - 1}]",
+            )
 
     def collate(self, targets: Sequence[BoxTarget]) -> list[BoxTarget]:
         """A list of per-image dicts: images hold different numbers of boxes, so nothing is padded."""

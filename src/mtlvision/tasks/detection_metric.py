@@ -102,13 +102,30 @@ class DetectionMetric:
         for image_id, image in enumerate(self._images, start=1):
             for box, label, crowd in zip(image.truth_boxes, image.truth_labels.tolist(), image.crowd.tolist()):
                 x, y, w, h = float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])
-                truths.append({"id": len(truths) + 1, "image_id": image_id, "category_id": label,
-                               "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(crowd)})
+                truths.append(
+                    {
+                        "id": len(truths) + 1,
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "iscrowd": int(crowd),
+                    }
+                )
             for box, score, label in zip(image.boxes, image.scores.tolist(), image.labels.tolist()):
                 x, y, w, h = float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])
                 # as COCO.loadRes builds a bbox result: id from 1 in order, area w·h, not a crowd
-                results.append({"id": len(results) + 1, "image_id": image_id, "category_id": label,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "score": score})
+                results.append(
+                    {
+                        "id": len(results) + 1,
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                        "score": score,
+                    }
+                )
         with contextlib.redirect_stdout(io.StringIO()):
             ground, detected = COCO(), COCO()
             ground.dataset = {"images": images, "annotations": truths, "categories": categories}

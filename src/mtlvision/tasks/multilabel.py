@@ -22,7 +22,7 @@ from torchmetrics.functional.classification import multilabel_average_precision
 from torchmetrics.utilities import dim_zero_cat
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import Task, TargetKind, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
 from mtlvision.tasks.collection import ValidSampleMetrics
 from mtlvision.tasks.drawing import draw_text
 from mtlvision.tasks.params import name_list, require_count
@@ -57,9 +57,7 @@ class LabelAveragePrecision(Metric):
         targets = dim_zero_cat(self.targets).view(-1, self.num_labels).to(torch.int64)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No positive samples found in target")
-            precision = multilabel_average_precision(
-                scores, targets, self.num_labels, average="none", thresholds=None
-            )
+            precision = multilabel_average_precision(scores, targets, self.num_labels, average="none", thresholds=None)
         return torch.where(targets.sum(dim=0) > 0, precision, torch.full_like(precision, float("nan")))
 
 
@@ -151,14 +149,23 @@ class MultiLabel(Task):
         return torch.zeros(self.num_labels, dtype=torch.float32)
 
     def check_target(self, target: Any, where: str) -> None:
-        require(isinstance(target, Tensor), where,
-                f"task {self.name!r}: the labels must be a tensor, got {type(target).__name__}.")
-        require(target.is_floating_point() and tuple(target.shape) == (self.num_labels,), where,
-                f"task {self.name!r}: the labels must be a float vector of {self.num_labels} entries, got "
-                f"{target.dtype} of shape {tuple(target.shape)}.")
+        require(
+            isinstance(target, Tensor),
+            where,
+            f"task {self.name!r}: the labels must be a tensor, got {type(target).__name__}.",
+        )
+        require(
+            target.is_floating_point() and tuple(target.shape) == (self.num_labels,),
+            where,
+            f"task {self.name!r}: the labels must be a float vector of {self.num_labels} entries, got "
+            f"{target.dtype} of shape {tuple(target.shape)}.",
+        )
         off = target[(target != 0) & (target != 1)]
-        require(off.numel() == 0, where,
-                f"task {self.name!r}: the labels must be 0 or 1 (multi-hot), found {off[:5].tolist()}.")
+        require(
+            off.numel() == 0,
+            where,
+            f"task {self.name!r}: the labels must be 0 or 1 (multi-hot), found {off[:5].tolist()}.",
+        )
 
     def decode(self, prediction: Tensor) -> list[dict[str, Any]]:
         probabilities = prediction.detach().float().sigmoid().cpu()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from mtlvision.tasks.base import Task, TargetKind, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
 from mtlvision.tasks.drawing import resize_nearest, to_rgb_uint8
 from mtlvision.tasks.params import require_choice
 from mtlvision.tasks.pixelwise import per_sample_mean, require_same_size
@@ -168,20 +168,31 @@ class Normals(Task):
         return torch.zeros((3, height, width), dtype=torch.float32)
 
     def check_target(self, target: Any, where: str) -> None:
-        require(isinstance(target, Tensor), where,
-                f"task {self.name!r}: the normal map must be a tensor, got {type(target).__name__}.")
-        require(target.is_floating_point() and target.ndim == 3 and target.shape[0] == 3 and target.numel() > 0,
-                where, f"task {self.name!r}: the normal map must be a float [3, H, W] tensor, got "
-                f"{target.dtype} of shape {tuple(target.shape)}.")
-        require(bool(torch.isfinite(target).all()), where,
-                f"task {self.name!r}: the normal map holds NaN or infinite values; mark missing normals with "
-                f"(0, 0, 0).")
+        require(
+            isinstance(target, Tensor),
+            where,
+            f"task {self.name!r}: the normal map must be a tensor, got {type(target).__name__}.",
+        )
+        require(
+            target.is_floating_point() and target.ndim == 3 and target.shape[0] == 3 and target.numel() > 0,
+            where,
+            f"task {self.name!r}: the normal map must be a float [3, H, W] tensor, got "
+            f"{target.dtype} of shape {tuple(target.shape)}.",
+        )
+        require(
+            bool(torch.isfinite(target).all()),
+            where,
+            f"task {self.name!r}: the normal map holds NaN or infinite values; mark missing normals with (0, 0, 0).",
+        )
         lengths = target.float().norm(dim=0)
         off = lengths[(lengths > ZERO_NORM) & ((lengths - 1.0).abs() > UNIT_TOLERANCE)]
-        require(off.numel() == 0, where,
-                f"task {self.name!r}: {off.numel()} normals are not unit vectors (lengths such as "
-                f"{[round(v, 4) for v in off[:3].tolist()]}); normalise them, and mark missing normals with "
-                f"(0, 0, 0).")
+        require(
+            off.numel() == 0,
+            where,
+            f"task {self.name!r}: {off.numel()} normals are not unit vectors (lengths such as "
+            f"{[round(v, 4) for v in off[:3].tolist()]}); normalise them, and mark missing normals with "
+            f"(0, 0, 0).",
+        )
 
     def decode(self, prediction: Tensor) -> list[np.ndarray]:
         """Per sample, the ``H x W x 3`` float32 array of unit normals (the predictor saves it as .npy)."""

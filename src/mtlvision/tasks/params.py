@@ -33,6 +33,4 @@ def name_list(task: str, parameter: str, count: int, names: Sequence[str] | None
 def require_choice(task: str, parameter: str, value: str, allowed: Sequence[str]) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ConfigError(
-            f"Task {task!r}: unknown {parameter} {value!r}; allowed: {', '.join(sorted(allowed))}."
-        )
+        raise ConfigError(f"Task {task!r}: unknown {parameter} {value!r}; allowed: {', '.join(sorted(allowed))}.")

@@ -12,7 +12,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import Task, TargetKind, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
 from mtlvision.tasks.collection import ValidSampleMetrics
 from mtlvision.tasks.drawing import overlay_classes
 from mtlvision.tasks.params import name_list, require_count
@@ -109,15 +109,24 @@ class Segmentation(Task):
         return torch.full((height, width), self.ignore_index, dtype=torch.int64)
 
     def check_target(self, target: Any, where: str) -> None:
-        require(isinstance(target, Tensor), where,
-                f"task {self.name!r}: the mask must be a tensor, got {type(target).__name__}.")
-        require(target.dtype == torch.int64 and target.ndim == 2 and target.numel() > 0, where,
-                f"task {self.name!r}: the mask must be a non-empty int64 [H, W] tensor, got {target.dtype} of "
-                f"shape {tuple(target.shape)}.")
+        require(
+            isinstance(target, Tensor),
+            where,
+            f"task {self.name!r}: the mask must be a tensor, got {type(target).__name__}.",
+        )
+        require(
+            target.dtype == torch.int64 and target.ndim == 2 and target.numel() > 0,
+            where,
+            f"task {self.name!r}: the mask must be a non-empty int64 [H, W] tensor, got {target.dtype} of "
+            f"shape {tuple(target.shape)}.",
+        )
         bad = target[(target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))]
-        require(bad.numel() == 0, where,
-                f"task {self.name!r}: the mask holds class values {torch.unique(bad)[:5].tolist()} outside "
-                f"0..{self.num_classes - 1} (and not the ignore value {self.ignore_index}).")
+        require(
+            bad.numel() == 0,
+            where,
+            f"task {self.name!r}: the mask holds class values {torch.unique(bad)[:5].tolist()} outside "
+            f"0..{self.num_classes - 1} (and not the ignore value {self.ignore_index}).",
+        )
 
     def decode(self, prediction: Tensor) -> list[dict[str, Any]]:
         """Per sample: ``mask``, an ``H x W`` class map (uint8 up to 256 classes, else uint16/int64) that the

@@ -36,5 +36,3 @@ class GramianBalancer(GradientBalancer):
     def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
         """Task weights ``w`` [T] for the Gramian ``K`` [T, T] (float64) and the loss values [T]."""
         raise NotImplementedError
-
-

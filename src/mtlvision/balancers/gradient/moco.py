@@ -7,8 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.balancers.base import Needs, TaskGradients, Update, jacobian_shaped_state, require_grads
-from mtlvision.balancers.base import ExtraStateMixin
+from mtlvision.balancers.base import ExtraStateMixin, Needs, TaskGradients, Update, jacobian_shaped_state, require_grads
 from mtlvision.balancers.gradient._base import GradientBalancer
 from mtlvision.balancers.gradient._solvers import project_to_simplex, to_numpy_gramian
 from mtlvision.balancers.registry import BALANCERS
@@ -18,8 +17,7 @@ from mtlvision.errors import ConfigError
 @BALANCERS.register(
     "moco",
     "MoCo: track each task's gradient with a running estimate, then a projected step on the MGDA weights.",
-    "Fernando et al., Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent "
-    "Approach, ICLR 2023",
+    "Fernando et al., Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach, ICLR 2023",
 )
 class MoCo(ExtraStateMixin, GradientBalancer):
     """MoCo (Fernando et al. 2023, Algorithm 1), at step k:

@@ -62,7 +62,7 @@ def nash_weights(
     best = np.inf  # the smallest residual of the quadratic phase, to notice when round-off stops it
     stalled = 0
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007  (the count is reported after the loop)
         residual = beta * (corr @ beta) - 1.0
         largest = float(np.abs(residual).max())
         if not np.isfinite(largest) or largest <= 16.0 * t * eps:

@@ -17,8 +17,7 @@ from mtlvision.errors import ConfigError
 @BALANCERS.register(
     "sdmgrad",
     "SDMGrad: MGDA weights regularised towards the mean gradient, d = (g_w + λ g0)/(1 + λ).",
-    "Xiao et al., Direction-oriented Multi-objective Learning: Simple and Provable Stochastic "
-    "Algorithms, NeurIPS 2023",
+    "Xiao et al., Direction-oriented Multi-objective Learning: Simple and Provable Stochastic Algorithms, NeurIPS 2023",
 )
 class SDMGrad(ExtraStateMixin, GramianBalancer):
     """SDMGrad (Xiao et al. 2023, Algorithm 1): ``w`` minimises ``½‖G_ξᵀw + λ g0‖²`` over the simplex by

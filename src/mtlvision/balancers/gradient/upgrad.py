@@ -24,8 +24,8 @@ class _DualConeBalancer(GramianBalancer):
       is the exact dual-cone projection for the regularised Gramian, i.e. for the gradients augmented with
       ``√(reg_eps · trace K) · e_t`` in extra orthogonal coordinates, not for ``G``: with ``w`` the weights
       (``d = Gᵀw``), ``(Gd)_t ≥ −reg_eps · trace(K) · w_t`` for every task, with equality where the task's own
-      constraint is slack (in every QP it enters). So ``Gd ≥ 0`` holds only up to that margin; it is negligible when the tasks'
-      gradients have similar norms, but a task whose gradient is much smaller than the others can be
+      constraint is slack (in every QP it enters). So ``Gd ≥ 0`` holds only up to that margin; it is negligible when
+      the tasks' gradients have similar norms, but a task whose gradient is much smaller than the others can be
       conflicted by ``d`` (measured: at the defaults, a task 100× smaller at cosine −0.55 with another gets
       ``g_tᵀd < 0``; torchjd behaves the same).
     - ``reg_eps = 0`` gives the exact projection: ``Gd ≥ 0`` holds (to round-off), but the QP then needs
@@ -90,5 +90,3 @@ class DualProj(_DualConeBalancer):
 
     def weights_from_gramian(self, gramian: np.ndarray, losses: np.ndarray) -> np.ndarray:
         return project_weights_to_dual_cone(self._regularised(gramian), self._prefs(gramian.shape[0]))[0]
-
-

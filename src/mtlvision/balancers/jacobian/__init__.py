@@ -46,6 +46,13 @@ PATHS: dict[str, type[ParameterGradients]] = {
 }
 
 __all__ = [
-    "PATHS", "BatchedGradients", "JacobianPath", "LayerGradients", "LoopGradients", "ParameterGradients",
-    "RepresentationGradients", "Step", "StepGradients",
+    "PATHS",
+    "BatchedGradients",
+    "JacobianPath",
+    "LayerGradients",
+    "LoopGradients",
+    "ParameterGradients",
+    "RepresentationGradients",
+    "Step",
+    "StepGradients",
 ]

@@ -129,7 +129,11 @@ class StepGradients(TaskGradients):
             # autograd takes tensors and gradient edges mixed; its stubs want one kind per call
             outputs: Any = [out]
             grads = torch.autograd.grad(
-                outputs, list(inputs), grad_outputs=[grad_out], retain_graph=True, allow_unused=True,
+                outputs,
+                list(inputs),
+                grad_outputs=[grad_out],
+                retain_graph=True,
+                allow_unused=True,
                 materialize_grads=True,
             )
             rows.append(list(grads))
@@ -143,7 +147,7 @@ class StepGradients(TaskGradients):
         rep = self._representation or []
         grads = self._per_task_loop([*rep, *self._task_specific])
         self._rep_grads = grads[: len(rep)]
-        self._head_grads = grads[len(rep):]
+        self._head_grads = grads[len(rep) :]
 
     def _differentiable_trunk(self) -> tuple[list[Tensor], list[Tensor]]:
         """The trunk tensors that require grad (a frozen stage's output does not) and their ``[T, ...]``
@@ -212,9 +216,7 @@ class ParameterGradients(StepGradients):
         self.shared_blocks()
         return self._weighted_held(weights)
 
-    def _batched_backward(
-        self, targets: Sequence[Tensor | GradientEdge], *, retain_graph: bool
-    ) -> list[Tensor | None]:
+    def _batched_backward(self, targets: Sequence[Tensor | GradientEdge], *, retain_graph: bool) -> list[Tensor | None]:
         """``[T, *shape]`` per target (None where no loss reaches it) by one vmapped backward: from the trunk
         with the per-task representation gradients as batched ``grad_outputs`` when the step has a
         representation (its heads differentiated first), else from the T losses, then also into the
@@ -229,12 +231,18 @@ class ParameterGradients(StepGradients):
         if roots:
             # autograd takes tensors and gradient edges mixed; its stubs want one kind per call
             sources: Any = wanted
-            grads = vmapped(lambda: torch.autograd.grad(
-                roots, sources, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True,
-                is_grads_batched=True,
-            ))
+            grads = vmapped(
+                lambda: torch.autograd.grad(
+                    roots,
+                    sources,
+                    grad_outputs=grad_outputs,
+                    retain_graph=retain_graph,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            )
         if self._representation is None:
-            self._head_grads = self._zeros_where_none(grads[len(targets):], self._task_specific)
+            self._head_grads = self._zeros_where_none(grads[len(targets) :], self._task_specific)
         return list(grads[: len(targets)])
 
     # ------------------------------------------------------------------------------------ views

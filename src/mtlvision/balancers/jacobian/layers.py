@@ -78,7 +78,7 @@ class LayerGradients(ParameterGradients):
             g if g is not None else torch.zeros((num_tasks, *call.output_shape), dtype=like.dtype, device=like.device)
             for g, call in zip(grads[: len(edges)], self._calls)
         ]
-        self._untapped_grads = self._zeros_where_none(grads[len(edges):], self._untapped)
+        self._untapped_grads = self._zeros_where_none(grads[len(edges) :], self._untapped)
 
     def _compute_heads(self) -> None:
         if self._representation is not None:

@@ -22,7 +22,7 @@ class LoopGradients(ParameterGradients):
             grads = self._trunk_loop()
         else:
             grads = self._per_task_loop([*self._shared, *self._task_specific])
-            self._head_grads = grads[len(self._shared):]
+            self._head_grads = grads[len(self._shared) :]
             grads = grads[: len(self._shared)]
         return [self._reduce(g.float()) for g in grads]
 
@@ -32,8 +32,12 @@ class LoopGradients(ParameterGradients):
             return [zeros_batched(self.num_tasks, p) for p in self._shared]
         rows = [
             torch.autograd.grad(
-                trunk, self._shared, grad_outputs=[g[t] for g in rep_grads],
-                retain_graph=True, allow_unused=True, materialize_grads=True,
+                trunk,
+                self._shared,
+                grad_outputs=[g[t] for g in rep_grads],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
             )
             for t in range(self.num_tasks)
         ]

@@ -21,8 +21,9 @@ class LossWeighting(ExtraStateMixin, Balancer):
     """Base of the loss-weighting methods: the result is a weight per task, applied to the losses by one
     ordinary backward. Most read the losses only; some also read gradients they ask for through ``needs``
     (GradNorm the per-task gradient norms from the Gramian, DB-MTL and ExcessMTL the per-task gradients), and
-    those declare so. Every one is defined in representation mode too. Running state named in ``_state_names`` (tensors, numbers or None) travels in
-    the state dict through ``get_extra_state``, so checkpoints load with ``weights_only=True``."""
+    those declare so. Every one is defined in representation mode too. Running state named in
+    ``_state_names`` (tensors, numbers or None) travels in the state dict through ``get_extra_state``, so
+    checkpoints load with ``weights_only=True``."""
 
     supports_representation: ClassVar[bool] = True
 
@@ -63,9 +64,7 @@ class LearnableTaskParameter(LossWeighting):
         return self.task_param
 
 
-def checked_losses(
-    balancer: Balancer, losses: Tensor, lower: Tensor | float = 0.0, *, strict: bool = True
-) -> Tensor:
+def checked_losses(balancer: Balancer, losses: Tensor, lower: Tensor | float = 0.0, *, strict: bool = True) -> Tensor:
     """The detached losses minus their lower bound ``lower``, in float64, checked to be finite and positive
     (``strict``) or non-negative. Methods that divide by a loss or take its logarithm are undefined
     otherwise; those that add an ε, as their papers do, accept a loss at its bound (a batch without labels

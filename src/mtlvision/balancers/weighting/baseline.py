@@ -35,7 +35,5 @@ class FixedWeights(LossWeighting):
 
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         if self.fixed.numel() != losses.numel():
-            raise ConfigError(
-                f"balancer.weights has {self.fixed.numel()} values but there are {losses.numel()} tasks"
-            )
+            raise ConfigError(f"balancer.weights has {self.fixed.numel()} values but there are {losses.numel()} tasks")
         return Update(weights=self.fixed.to(device=losses.device, dtype=losses.dtype))

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from mtlvision.data.datasets import multimnist, scenes
-from mtlvision.data.datasets import coco, yolo  # noqa: F401
-from mtlvision.data.datasets import celeba, cityscapes, folder, nyuv2, office, pascal_context  # noqa: F401
-from mtlvision.data.datasets import multi  # noqa: F401
+from mtlvision.data.datasets import (  # noqa: F401  # noqa: F401
+    celeba,
+    cityscapes,
+    coco,
+    folder,
+    multi,
+    multimnist,
+    nyuv2,
+    office,
+    pascal_context,
+    scenes,
+    yolo,
+)
 from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, TaskSpec
 
 __all__ = ["DATASETS", "DatasetParams", "DatasetSource", "TaskSpec", "multimnist", "scenes"]

@@ -55,8 +55,11 @@ class DatasetParams(BaseModel):
     name: str
     root: str | None = None
     max_pixels: int = Field(
-        DEFAULT_MAX_PIXELS, ge=0,
-        description="images (and label maps) with more pixels are refused before decoding, naming the file; 0: no limit",
+        DEFAULT_MAX_PIXELS,
+        ge=0,
+        description=(
+            "images (and label maps) with more pixels are refused before decoding, naming the file; 0: no limit"
+        ),
     )
 
 

@@ -65,8 +65,9 @@ def read_attributes(path: str) -> tuple[list[str], list[str], np.ndarray]:
         if not fields:
             continue
         if len(fields) != len(names) + 1:
-            raise DataError(f"{path}, line {number}: expected a file name and {len(names)} values, got "
-                            f"{len(fields)} fields.")
+            raise DataError(
+                f"{path}, line {number}: expected a file name and {len(names)} values, got {len(fields)} fields."
+            )
         try:
             values = [int(v) for v in fields[1:]]
         except ValueError:
@@ -127,8 +128,9 @@ class CelebADataset(Dataset):
         partition = read_partition(str(root / "list_eval_partition.txt"))
         missing = [f for f in files if f not in partition]
         if missing:
-            raise DataError(f"{root / 'list_eval_partition.txt'}: no partition for {len(missing)} image(s), "
-                            f"e.g. {missing[0]}.")
+            raise DataError(
+                f"{root / 'list_eval_partition.txt'}: no partition for {len(missing)} image(s), e.g. {missing[0]}."
+            )
         keep = [i for i, f in enumerate(files) if partition[f] == PARTITIONS[split]]
         self.columns = _selected(params, names)
         self.task_names = [names[c].lower() for c in self.columns]
@@ -171,8 +173,9 @@ class CelebA(DatasetSource):
         chosen = [names[c] for c in _selected(params, names)]
         if params.as_multilabel:
             return {"attributes": TaskSpec("multilabel", {"num_labels": len(chosen), "label_names": chosen})}
-        return {n.lower(): TaskSpec("classification", {"num_classes": 2, "class_names": [f"not {n}", n]})
-                for n in chosen}
+        return {
+            n.lower(): TaskSpec("classification", {"num_classes": 2, "class_names": [f"not {n}", n]}) for n in chosen
+        }
 
     @classmethod
     def build(cls, params: DatasetParams, split: str) -> CelebADataset:

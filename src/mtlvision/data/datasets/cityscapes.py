@@ -55,8 +55,9 @@ class Cityscapes(DatasetSource):
         root = require_root(params, cls.LAYOUT)
         label_dir = params.label_dir
         if label_dir is None:
-            label_dir = f"label_{params.num_classes}" if (root / "train" / f"label_{params.num_classes}").is_dir() \
-                else "label"
+            label_dir = (
+                f"label_{params.num_classes}" if (root / "train" / f"label_{params.num_classes}").is_dir() else "label"
+            )
         if not (root / "train" / label_dir).is_dir():
             raise DataError(f"{root / 'train' / label_dir}: label folder not found (data.label_dir).")
         readers = {"segmentation": (label_dir, mask_from_labels), "depth": ("depth", read_depth)}

@@ -152,7 +152,11 @@ class CocoDataset(Dataset):
                     f"the categories {list(self.categories.ids)}"
                 )
             bbox = annotation.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+            ):
                 raise DataError(f"{path}: annotation {annotation.get('id')} has bbox {bbox!r}, not [x, y, w, h]")
             by_image.setdefault(annotation["image_id"], []).append(annotation)
         self.images = sorted(content["images"], key=lambda record: record["id"])
@@ -216,9 +220,7 @@ class CocoDataset(Dataset):
             "labels": torch.tensor(labels, dtype=torch.int64),
         }
 
-    def _class_map(
-        self, annotations: list[dict[str, Any]], height: int, width: int, where: str
-    ) -> Tensor | None:
+    def _class_map(self, annotations: list[dict[str, Any]], height: int, width: int, where: str) -> Tensor | None:
         """The resized class map, or None when an object of the image has no segmentation."""
         if any(not a.get("segmentation") and not a.get("iscrowd", 0) for a in annotations):
             return None
@@ -252,8 +254,7 @@ def _rasterise(annotation: dict[str, Any], height: int, width: int, where: str) 
         return coco_mask.decode(rle).astype(bool)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
         raise DataError(
-            f"{where}: annotation {annotation.get('id')} has a segmentation that is neither polygons nor RLE "
-            f"({error})"
+            f"{where}: annotation {annotation.get('id')} has a segmentation that is neither polygons nor RLE ({error})"
         ) from error
 
 

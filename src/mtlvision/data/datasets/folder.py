@@ -171,8 +171,10 @@ class CsvLabels(LabelSource):
         try:
             return torch.tensor(int(cell))
         except ValueError:
-            raise DataError(f"{self.path}: label {cell!r} of {key} is neither a class index nor one of "
-                            f"class_names {list(self.lookup)}.") from None
+            raise DataError(
+                f"{self.path}: label {cell!r} of {key} is neither a class index nor one of "
+                f"class_names {list(self.lookup)}."
+            ) from None
 
 
 class CsvMultiLabels(LabelSource):
@@ -325,8 +327,11 @@ def listed_keys(params: FolderParams, split: str) -> list[tuple[str, str]]:
         except OSError as exc:
             raise DataError(f"{listed}: cannot read the split list ({exc}).") from None
         return [(line.strip(), f"{listed}, line {number}") for number, line in enumerate(lines, 1) if line.strip()]
-    keys = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    keys = sorted(
+        p.relative_to(image_dir).as_posix()
+        for p in image_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not keys:
         raise DataError(f"{image_dir}: holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     order = np.random.default_rng(params.split_seed).permutation(len(keys))
@@ -340,8 +345,14 @@ def listed_keys(params: FolderParams, split: str) -> list[tuple[str, str]]:
 class FolderDataset(Dataset):
     """One split of a ``folder`` dataset (see the module docstring); ``origins`` says where each key was read."""
 
-    def __init__(self, image_dir: Path, keys: list[str], sources: dict[str, LabelSource],
-                 origins: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        image_dir: Path,
+        keys: list[str],
+        sources: dict[str, LabelSource],
+        origins: list[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.image_dir = image_dir
         self.keys = keys
         self.origins = origins or [str(image_dir)] * len(keys)
@@ -398,6 +409,10 @@ class Folder(DatasetSource):
         sources = label_sources(params)
         root = require_root(params, f"{params.image_dir}/")
         entries = listed_keys(params, split)
-        return FolderDataset(root / params.image_dir, [key for key, _ in entries], sources,
-                             [where for _, where in entries], params.max_pixels)
-
+        return FolderDataset(
+            root / params.image_dir,
+            [key for key, _ in entries],
+            sources,
+            [where for _, where in entries],
+            params.max_pixels,
+        )

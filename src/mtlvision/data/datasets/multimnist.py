@@ -123,9 +123,7 @@ def _idx_pool(root: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
         cut = len(images) - len(images) // IDX_VAL_DIVISOR
         index = index[cut:] if split == "val" else index[:cut]
     if index.size < 2:
-        raise DataError(
-            f"data.root={root}: the {split} pool holds {index.size} MNIST digits; pairs need at least 2."
-        )
+        raise DataError(f"data.root={root}: the {split} pool holds {index.size} MNIST digits; pairs need at least 2.")
     return images[index], labels[index], index
 
 
@@ -177,7 +175,12 @@ class MultiMnistDataset(Dataset):
             "right": torch.tensor(self.right_labels[index], dtype=torch.int64),
             "segmentation": torch.from_numpy(self.masks[index]).long(),
         }
-        return {"image": image, "targets": targets, "valid": dict.fromkeys(targets, True), "id": f"{self.split}/{index}"}
+        return {
+            "image": image,
+            "targets": targets,
+            "valid": dict.fromkeys(targets, True),
+            "id": f"{self.split}/{index}",
+        }
 
 
 @DATASETS.register(

@@ -96,8 +96,7 @@ def count_npy(folder: Path) -> int:
     return count
 
 
-def npy_split(root: Path, params: NpyBenchmarkParams, split: str, readers: dict[str, tuple[str, Any]]
-              ) -> NpyBenchmark:
+def npy_split(root: Path, params: NpyBenchmarkParams, split: str, readers: dict[str, tuple[str, Any]]) -> NpyBenchmark:
     """Our ``split`` of an mtan-style layout: test = their val; train/val carved from their train."""
     require_split(split)
     if split == "test":
@@ -146,8 +145,13 @@ class NYUv2(DatasetSource):
         return npy_split(require_root(params, cls.LAYOUT), params, split, readers)
 
 
-def export_npy_layout(samples: Iterable[dict[str, Any]], folder: Path, segmentation: str = "segmentation",
-                      depth: str = "depth", normals: str | None = "normals") -> int:
+def export_npy_layout(
+    samples: Iterable[dict[str, Any]],
+    folder: Path,
+    segmentation: str = "segmentation",
+    depth: str = "depth",
+    normals: str | None = "normals",
+) -> int:
     """Write samples in the mtan ``.npy`` layout under ``folder`` (one of ``{root}/train``, ``{root}/val``).
 
     The inverse of the loader: image H x W x 3 float32, label H x W float32 with 255 written as -1, depth
@@ -156,6 +160,7 @@ def export_npy_layout(samples: Iterable[dict[str, Any]], folder: Path, segmentat
     """
     for sub in ("image", "label", "depth", *(("normal",) if normals is not None else ())):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+
     def hwc(tensor: Any) -> np.ndarray:
         return tensor.permute(1, 2, 0).numpy().astype(np.float32)
 

@@ -67,8 +67,14 @@ class DomainDataset(Dataset):
     """The images of one domain; each sample carries only that domain's task. ``listed_in`` is the list file
     that named the images (for messages); every image path must stay inside ``root``."""
 
-    def __init__(self, root: Path, entries: list[tuple[str, int]], task: str, listed_in: Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        entries: list[tuple[str, int]],
+        task: str,
+        listed_in: Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.root = root
         self.entries = entries
         self.task = task

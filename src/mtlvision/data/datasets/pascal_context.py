@@ -24,8 +24,8 @@ Splits: ``test`` is the published ``val``; our ``val`` is carved out of ``train`
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -110,8 +110,14 @@ TASK_FILES: dict[str, tuple[Callable[[Path, str], Path | None], Callable[[np.nda
 class PascalContextDataset(Dataset):
     """One split of ``PASCAL_MT`` (see the module docstring)."""
 
-    def __init__(self, root: Path, ids: list[str], placeholders: dict[str, Any], listed_in: Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ids: list[str],
+        placeholders: dict[str, Any],
+        listed_in: Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.root = root
         self.ids = ids
         self.placeholders = placeholders
@@ -141,7 +147,8 @@ class PascalContextDataset(Dataset):
             path = source.label_files.get(task)
             valid[task] = path is not None
             targets[task] = (
-                decode(read_png_array(path, self.max_pixels), path) if path is not None
+                decode(read_png_array(path, self.max_pixels), path)
+                if path is not None
                 else self.placeholders[task](height, width)
             )
         return sample(image, targets, valid, image_id)
@@ -156,11 +163,13 @@ class PascalContext(DatasetSource):
     @classmethod
     def tasks(cls, params: DatasetParams) -> dict[str, TaskSpec]:
         return {
-            "segmentation": TaskSpec("segmentation", {"num_classes": 21, "ignore_index": 255,
-                                                      "class_names": VOC_CLASSES}),
+            "segmentation": TaskSpec(
+                "segmentation", {"num_classes": 21, "ignore_index": 255, "class_names": VOC_CLASSES}
+            ),
             "normals": TaskSpec("normals"),
-            "saliency": TaskSpec("segmentation", {"num_classes": 2, "ignore_index": 255,
-                                                  "class_names": ["background", "salient"]}),
+            "saliency": TaskSpec(
+                "segmentation", {"num_classes": 2, "ignore_index": 255, "class_names": ["background", "salient"]}
+            ),
         }
 
     @classmethod

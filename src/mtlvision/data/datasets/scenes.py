@@ -511,7 +511,9 @@ class ScenesParams(DatasetParams):
         return self
 
 
-@DATASETS.register("scenes", description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes")
+@DATASETS.register(
+    "scenes", description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes"
+)
 class Scenes(DatasetSource):
     """Built-in procedurally rendered scenes with every target kind (no files needed)."""
 

@@ -89,9 +89,7 @@ class ExpertLevel(nn.Module):
         self.shared_experts = stage_copies(backbone_factory, shared_experts, start, stop)
         gate_features = in_channels * pool_size**2
         self.task_gates = nn.ModuleList(
-            nn.ModuleList(
-                gate_factory(gate_features, task_experts + shared_experts) for _ in range(self.num_stages)
-            )
+            nn.ModuleList(gate_factory(gate_features, task_experts + shared_experts) for _ in range(self.num_stages))
             for _ in range(num_tasks)
         )
         self.shared_gate = (
@@ -110,9 +108,7 @@ class ExpertLevel(nn.Module):
         shared = None if self.shared_gate is None else self.shared_gate(gate_input(shared_input, self.pool_size))
         return per_task, shared
 
-    def forward(
-        self, task_inputs: Sequence[Tensor], shared_input: Tensor
-    ) -> tuple[list[list[Tensor]], Tensor | None]:
+    def forward(self, task_inputs: Sequence[Tensor], shared_input: Tensor) -> tuple[list[list[Tensor]], Tensor | None]:
         """Per-task features at every stage of the group, and the next level's shared input (or None)."""
         task_weights, shared_weights = self.gate_weights(task_inputs, shared_input)
         # Stacked once per stage and reused by every task's gate, so that autograd keeps one copy.

@@ -47,9 +47,7 @@ def run_stages(stages: Iterable[nn.Module], x: Tensor) -> list[Tensor]:
     return outputs
 
 
-def stage_copies(
-    backbone_factory: Callable[[], Backbone], count: int, start: int, stop: int | None
-) -> nn.ModuleList:
+def stage_copies(backbone_factory: Callable[[], Backbone], count: int, start: int, stop: int | None) -> nn.ModuleList:
     """``count`` independent copies of stages ``start:stop``, each from a fresh backbone of the factory.
 
     A fresh backbone per copy keeps any pretrained weights the factory loads; the unused stages are dropped.

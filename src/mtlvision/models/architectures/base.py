@@ -40,15 +40,13 @@ class Architecture(nn.Module, ABC):
     def encode(self, images: Tensor) -> list[Tensor]:
         """The one representation every task consumes (for representation-gradient balancing)."""
         raise RepresentationUnavailable(
-            f"architecture {type(self).__name__} has no single shared representation; "
-            "use balancer.mode=params"
+            f"architecture {type(self).__name__} has no single shared representation; use balancer.mode=params"
         )
 
     def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
         """Per-task features from the output of :meth:`encode`."""
         raise RepresentationUnavailable(
-            f"architecture {type(self).__name__} has no single shared representation; "
-            "use balancer.mode=params"
+            f"architecture {type(self).__name__} has no single shared representation; use balancer.mode=params"
         )
 
 

@@ -91,9 +91,7 @@ class DSelectK(GatedExpertsSpec):
 
     def check(self) -> None:
         if self.k > self.num_experts:
-            raise ConfigError(
-                f"architecture 'dselect_k': k={self.k} must not exceed num_experts={self.num_experts}."
-            )
+            raise ConfigError(f"architecture 'dselect_k': k={self.k} must not exceed num_experts={self.num_experts}.")
         if not self.gamma > 0:
             raise ConfigError(f"architecture 'dselect_k': gamma={self.gamma!r} must be positive.")
 

@@ -10,7 +10,7 @@ schedule, balancer state, EMA, sampler position, RNG states), so that a killed r
 Under torchrun every rank runs this loop on its shard of each batch; see :mod:`mtlvision.engine.distributed`
 for how updates are made equal to a single process on the combined batch.
 
-The module is longer than most (about 500 lines) because the step, the epoch loop and its checkpoints are
+The module is longer than most (about 550 lines) because the step, the epoch loop and its checkpoints are
 one object; the pieces that stand alone live beside it (:mod:`~mtlvision.engine.loop_state`,
 :func:`~mtlvision.engine.sampler.epoch_loader`).
 """

@@ -101,27 +101,23 @@ class DetectionMetric:
         results: list[dict[str, Any]] = []
         for image_id, image in enumerate(self._images, start=1):
             for box, label, crowd in zip(image.truth_boxes, image.truth_labels.tolist(), image.crowd.tolist()):
-                x, y, w, h = float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])
                 truths.append(
                     {
                         "id": len(truths) + 1,
                         "image_id": image_id,
                         "category_id": label,
-                        "bbox": [x, y, w, h],
-                        "area": w * h,
+                        **_coco_box(box),
                         "iscrowd": int(crowd),
                     }
                 )
             for box, score, label in zip(image.boxes, image.scores.tolist(), image.labels.tolist()):
-                x, y, w, h = float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])
                 # as COCO.loadRes builds a bbox result: id from 1 in order, area w·h, not a crowd
                 results.append(
                     {
                         "id": len(results) + 1,
                         "image_id": image_id,
                         "category_id": label,
-                        "bbox": [x, y, w, h],
-                        "area": w * h,
+                        **_coco_box(box),
                         "iscrowd": 0,
                         "score": score,
                     }
@@ -184,3 +180,9 @@ class DetectionMetric:
 def _mean_valid(values: np.ndarray) -> float | None:
     valid = values[values > -1]
     return float(np.mean(valid)) if valid.size else None
+
+
+def _coco_box(box: Any) -> dict[str, Any]:
+    """An xyxy box as COCO's ``bbox`` (x, y, width, height, float64) and its ``area`` (width · height)."""
+    x, y, w, h = float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])
+    return {"bbox": [x, y, w, h], "area": w * h}

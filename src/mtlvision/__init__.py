@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "merge": "mtlvision.api",
     "predict": "mtlvision.api",
     "registry": "mtlvision.api",
+    "serve": "mtlvision.api",
+    "serve_app": "mtlvision.api",
     "split": "mtlvision.api",
     "train": "mtlvision.api",
     "RunConfig": "mtlvision.config",
@@ -63,6 +65,8 @@ if TYPE_CHECKING:
         merge,
         predict,
         registry,
+        serve,
+        serve_app,
         split,
         train,
     )

@@ -18,6 +18,7 @@ from mtlvision.config import RunConfig, apply_overrides, load_config, parse_over
 from mtlvision.errors import ConfigError, MtlvisionError
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from torch.utils.data import Dataset
 
     from mtlvision.data.check import DataReport
@@ -195,6 +196,27 @@ def export(
     return export_onnx(
         model, Path(out) if out else run.path / "model.onnx", (int(size[0]), int(size[1])), opset=opset or DEFAULT_OPSET
     )
+
+
+def serve_app(run: str | Path | Run, **settings: Any) -> FastAPI:
+    """The HTTP application of ``mtlvision serve`` for ``run``, without starting a server: for tests, or to
+    mount in an application of your own. ``settings`` are those of
+    :class:`~mtlvision.serving.settings.ServeSettings` (backend, device, max_batch, max_wait_ms, max_images,
+    max_upload_bytes, max_pixels, onnx). Needs the ``serve`` extra."""
+    from mtlvision.serving.app import create_app
+    from mtlvision.serving.settings import ServeSettings
+
+    return create_app(run, ServeSettings(**settings))
+
+
+def serve(run: str | Path | Run, *, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
+    """Serve ``run`` over HTTP until interrupted (``mtlvision serve``): ``POST /predict`` (every task's result
+    for one or several images, batched with concurrent requests), ``GET /model``, ``GET /health`` and a page
+    at ``/``. ``settings`` as for :func:`serve_app`. Needs the ``serve`` extra."""
+    app = serve_app(run, **settings)
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 def compare(

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtlvision._version import __version__
+from mtlvision.cli_serve import add_parser as add_serve_parser
 from mtlvision.errors import MtlvisionError
 from mtlvision.registry import REGISTRY_KINDS
 
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend", help="overrides for --config")
     ls.set_defaults(handler=cmd_list)
+
+    add_serve_parser(verbs)
 
     data = verbs.add_parser("data", help="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="VERB")

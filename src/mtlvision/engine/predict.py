@@ -76,7 +76,7 @@ class Predictions(list):
         self.skipped: list[dict[str, str]] = list(skipped)
 
 
-def _network_input(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+def network_input(image: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     """The image as the network takes it: ``[1, 3, H, W]`` at the run's input size (bilinear, no antialias,
     as the export description says), or as it is for runs on images of varying size."""
     batch = image[None]
@@ -90,7 +90,7 @@ def _predict_one(
 ) -> dict[str, Any]:
     """Predict one image, write its JSON, output files and picture into ``out``; its record."""
     own = (int(image.shape[1]), int(image.shape[2]))
-    network = _network_input(image, size)
+    network = network_input(image, size)
     net_size = (int(network.shape[2]), int(network.shape[3]))
     predictions = model(network)
     shown = display_size(*own)

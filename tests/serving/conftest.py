@@ -1,0 +1,53 @@
+"""A tiny run of the scenes with every task kind (classification, multi-label, segmentation, depth, normals,
+detection), trained for one epoch and exported to ONNX, served by the tests of this folder."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtlvision import api
+
+pytest.importorskip("fastapi")
+pytest.importorskip("onnxruntime")
+
+TINY = {
+    "data.image_size": 32,
+    "data.train_size": 8,
+    "data.val_size": 4,
+    "data.test_size": 4,
+    "train.epochs": 1,
+    "train.batch_size": 4,
+    "train.progress": False,
+    "train.device": "cpu",
+    "model.backbone": "test_resnet",
+    "tasks": ["count", "colors", "segmentation", "depth", "normals", "detection"],
+}
+KINDS = {
+    "count": "classification",
+    "colors": "multilabel",
+    "segmentation": "segmentation",
+    "depth": "depth",
+    "normals": "normals",
+    "detection": "detection",
+}
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = api.train("scenes", TINY, out=tmp_path_factory.mktemp("serve-runs"), name="scenes").path
+    api.export(run)
+    return run
+
+
+def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    """A random image of that size as PNG bytes."""
+    rng = np.random.default_rng(seed)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -214,7 +214,10 @@ def serve(run: str | Path | Run, *, host: str = "127.0.0.1", port: int = 8000, *
     for one or several images, batched with concurrent requests), ``GET /model``, ``GET /health`` and a page
     at ``/``. ``settings`` as for :func:`serve_app`. Needs the ``serve`` extra."""
     app = serve_app(run, **settings)
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigError(f"mtlvision serve needs the serve extra: pip install 'mtlvision[serve]' ({exc})") from None
 
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -59,8 +59,8 @@ def test_the_page_shows_every_task_after_an_upload(served_run, tmp_path) -> None
             assert shown["pictures"] and all(shown["pictures"])  # the input, mask, depth and normals pictures
             assert len(shown["pictures"]) == 4
             tasks = api.load_model(served_run)[0].tasks
-            assert shown["bars"] == len(tasks["count"].class_names)  # type: ignore[attr-defined]
-            assert shown["tags"] == len(tasks["colors"].label_names)  # type: ignore[attr-defined]
+            assert shown["bars"] == len(tasks["count"].class_names)
+            assert shown["tags"] == len(tasks["colors"].label_names)
             assert shown["canvas"] == [[160, 160]]  # boxes drawn over the input at its own size
             assert "ms" in shown["status"] and "batch of 1" in shown["status"]
 

@@ -47,12 +47,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def plain_loop(run: Path, image: bytes, count: int, seconds: float) -> dict[str, float]:
+def plain_loop(run: Path, image: bytes, count: int, seconds: float, threads: int) -> dict[str, float]:
     """The same work as a request, in-process, one image after another."""
+    import torch
+
     from mtlvision.serving.encode import Formats
     from mtlvision.serving.service import Service
     from mtlvision.serving.uploads import Upload
 
+    torch.set_num_threads(threads)
     service = Service(run)
     formats = Formats()
 
@@ -109,6 +112,7 @@ def served(run: Path, image: bytes, args: argparse.Namespace, max_batch: int, ma
     port = free_port()
     command = [sys.executable, "-m", "mtlvision", "serve", str(run), "--port", str(port), "--backend", args.backend]
     command += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--device", args.device]
+    command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5, help="max wait of the batched setting (default: 5)")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads of the model, everywhere (default: 1)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -161,7 +166,7 @@ def main() -> None:
             api.export(run)
         image = sample_png(run)
         rows = [
-            ("plain loop, 1 caller", plain_loop(run, image, args.requests, args.seconds)),
+            ("plain loop, 1 caller", plain_loop(run, image, args.requests, args.seconds, args.threads)),
             (f"serve, max batch 1, {args.clients} clients", served(run, image, args, 1, 0)),
             (
                 f"serve, max batch {args.max_batch}, wait {args.max_wait_ms:g} ms, {args.clients} clients",
@@ -169,8 +174,9 @@ def main() -> None:
             ),
         ]
     size = Image.open(io.BytesIO(image)).size
-    print(f"run {run.name}, backend {args.backend} on {args.device}, one {size[0]}x{size[1]} PNG per request, ")
-    print(f"{os.cpu_count()} CPU cores; at most {args.requests} requests or {args.seconds:g} s per setting\n")
+    print(f"run {run.name}, backend {args.backend} on {args.device} ({args.threads} PyTorch thread(s)), one ")
+    print(f"{size[0]}x{size[1]} PNG per request, {os.cpu_count()} CPU cores; at most {args.requests} requests or ")
+    print(f"{args.seconds:g} s per setting\n")
     print("| setting | requests | images/s | p50 ms | p99 ms | mean batch |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:

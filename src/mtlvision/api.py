@@ -202,7 +202,7 @@ def serve_app(run: str | Path | Run, **settings: Any) -> FastAPI:
     """The HTTP application of ``mtlvision serve`` for ``run``, without starting a server: for tests, or to
     mount in an application of your own. ``settings`` are those of
     :class:`~mtlvision.serving.settings.ServeSettings` (backend, device, max_batch, max_wait_ms, max_images,
-    max_upload_bytes, max_pixels, onnx). Needs the ``serve`` extra."""
+    max_upload_bytes, max_pixels, onnx, threads). Needs the ``serve`` extra."""
     from mtlvision.serving.app import create_app
     from mtlvision.serving.settings import ServeSettings
 

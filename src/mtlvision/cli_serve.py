@@ -23,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * MB),
         max_pixels=args.max_pixels,
         onnx=args.onnx,
+        threads=args.threads,
     )
     return 0
 
@@ -55,4 +56,5 @@ def add_parser(verbs: Any) -> None:
         default=16_777_216,
         help="most pixels per image, checked before decoding (default: 16777216 = 4096 x 4096)",
     )
+    sv.add_argument("--threads", type=int, help="PyTorch threads for the model (default: PyTorch's, one per core)")
     sv.set_defaults(handler=cmd_serve)

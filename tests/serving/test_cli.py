@@ -31,6 +31,7 @@ def test_the_options_reach_the_service(monkeypatch, served_run) -> None:
         "max_upload_bytes": int(1.5 * 1024 * 1024),
         "max_pixels": 1000,
         "onnx": None,
+        "threads": None,
     }
 
 

@@ -35,10 +35,18 @@ class DynamicBatcher:
         run: the batch function, called in one worker thread; an exception fails every item of its batch.
         max_batch: most items per call.
         max_wait_s: how long the first item of a batch waits for more.
+        setup: called once in the worker thread before its first batch (e.g. to set PyTorch's threads).
     """
 
-    def __init__(self, run: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        run: Callable[[Sequence[Any]], Sequence[Any]],
+        max_batch: int,
+        max_wait_s: float,
+        setup: Callable[[], None] | None = None,
+    ) -> None:
         self.run = run
+        self.setup = setup
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.batches = 0
@@ -50,7 +58,7 @@ class DynamicBatcher:
     async def start(self) -> None:
         """Start the worker on the running event loop."""
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlvision-model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlvision-model", initializer=self.setup)
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:

@@ -64,7 +64,11 @@ class Service:
             raise ConfigError(f"{onnx} takes {graph_size} images but the run's input size is {self.size}")
         self.size = self.size or graph_size
         self.preprocess = preprocessing(model, self.size) if self.size is not None else None
-        self.batcher = DynamicBatcher(self.run_batch, self.settings.max_batch, self.settings.max_wait_ms / 1000)
+        threads = self.settings.threads
+        setup = (lambda: torch.set_num_threads(threads)) if threads is not None else None
+        self.batcher = DynamicBatcher(
+            self.run_batch, self.settings.max_batch, self.settings.max_wait_ms / 1000, setup=setup
+        )
 
     async def start(self) -> None:
         await self.batcher.start()

@@ -24,6 +24,7 @@ class ServeSettings:
         max_upload_bytes: most bytes in one request body (all its images together).
         max_pixels: most pixels of one image, checked from its header before it is decoded.
         onnx: the ONNX graph for the onnx backend (default: ``RUN/model.onnx``, written by ``mtlvision export``).
+        threads: PyTorch's intra-op threads for the model (default: PyTorch's own choice, one per core).
     """
 
     backend: str = "torch"
@@ -34,14 +35,17 @@ class ServeSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 16_777_216
     onnx: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_NAMES:
             raise ConfigError(f"serve backend {self.backend!r}: choose one of {', '.join(BACKEND_NAMES)}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"serve device {self.device!r}: choose cpu, cuda or cuda:N")
-        for name in ("max_batch", "max_images", "max_upload_bytes", "max_pixels"):
+        for name in ("max_batch", "max_images", "max_upload_bytes", "max_pixels", "threads"):
             value = getattr(self, name)
+            if name == "threads" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"serve {name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:

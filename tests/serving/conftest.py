@@ -39,9 +39,15 @@ KINDS = {
 
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = api.train("scenes", TINY, out=tmp_path_factory.mktemp("serve-runs"), name="scenes").path
-    api.export(run)
-    return run
+    return api.train("scenes", TINY, out=tmp_path_factory.mktemp("serve-runs"), name="scenes").path
+
+
+@pytest.fixture(scope="session")
+def exported_run(served_run: Path) -> Path:
+    """The run with its ONNX graph (``model.onnx``), for the onnx backend."""
+    if not (served_run / "model.onnx").is_file():
+        api.export(served_run)
+    return served_run
 
 
 def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> bytes:

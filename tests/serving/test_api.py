@@ -22,10 +22,10 @@ from .conftest import KINDS, png_bytes
 
 
 @pytest.fixture(scope="module")
-def clients(served_run):
+def clients(exported_run):
     with (
-        TestClient(api.serve_app(served_run)) as torch_client,
-        TestClient(api.serve_app(served_run, backend="onnx")) as onnx_client,
+        TestClient(api.serve_app(exported_run)) as torch_client,
+        TestClient(api.serve_app(exported_run, backend="onnx")) as onnx_client,
     ):
         yield {"torch": torch_client, "onnx": onnx_client}
 

@@ -174,9 +174,11 @@ def main() -> None:
             ),
         ]
     size = Image.open(io.BytesIO(image)).size
-    print(f"run {run.name}, backend {args.backend} on {args.device} ({args.threads} PyTorch thread(s)), one ")
-    print(f"{size[0]}x{size[1]} PNG per request, {os.cpu_count()} CPU cores; at most {args.requests} requests or ")
-    print(f"{args.seconds:g} s per setting\n")
+    print(
+        f"run {run.name}, backend {args.backend} on {args.device} ({args.threads} PyTorch thread(s)), one "
+        f"{size[0]}x{size[1]} PNG per request, {os.cpu_count()} CPU cores; at most {args.requests} requests or "
+        f"{args.seconds:g} s per setting\n"
+    )
     print("| setting | requests | images/s | p50 ms | p99 ms | mean batch |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:

@@ -47,16 +47,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def plain_loop(run: Path, image: bytes, count: int, seconds: float, threads: int) -> dict[str, float]:
+def plain_loop(run: Path, image: bytes, count: int, seconds: float, args: argparse.Namespace) -> dict[str, float]:
     """The same work as a request, in-process, one image after another."""
     import torch
 
     from mtlvision.serving.encode import Formats
     from mtlvision.serving.service import Service
+    from mtlvision.serving.settings import ServeSettings
     from mtlvision.serving.uploads import Upload
 
-    torch.set_num_threads(threads)
-    service = Service(run)
+    torch.set_num_threads(args.threads)
+    service = Service(run, ServeSettings(backend=args.backend, device=args.device, threads=args.threads))
     formats = Formats()
 
     def once() -> None:
@@ -149,7 +150,12 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5, help="max wait of the batched setting (default: 5)")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads of the model, everywhere (default: 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the model's threads (PyTorch's or onnxruntime's), everywhere (default: 1)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -166,7 +172,7 @@ def main() -> None:
             api.export(run)
         image = sample_png(run)
         rows = [
-            ("plain loop, 1 caller", plain_loop(run, image, args.requests, args.seconds, args.threads)),
+            ("plain loop, 1 caller", plain_loop(run, image, args.requests, args.seconds, args)),
             (f"serve, max batch 1, {args.clients} clients", served(run, image, args, 1, 0)),
             (
                 f"serve, max batch {args.max_batch}, wait {args.max_wait_ms:g} ms, {args.clients} clients",
@@ -175,7 +181,7 @@ def main() -> None:
         ]
     size = Image.open(io.BytesIO(image)).size
     print(
-        f"run {run.name}, backend {args.backend} on {args.device} ({args.threads} PyTorch thread(s)), one "
+        f"run {run.name}, backend {args.backend} on {args.device} ({args.threads} model thread(s)), one "
         f"{size[0]}x{size[1]} PNG per request, {os.cpu_count()} CPU cores; at most {args.requests} requests or "
         f"{args.seconds:g} s per setting\n"
     )

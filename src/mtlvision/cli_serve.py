@@ -56,5 +56,7 @@ def add_parser(verbs: Any) -> None:
         default=16_777_216,
         help="most pixels per image, checked before decoding (default: 16777216 = 4096 x 4096)",
     )
-    sv.add_argument("--threads", type=int, help="PyTorch threads for the model (default: PyTorch's, one per core)")
+    sv.add_argument(
+        "--threads", type=int, help="the model's threads, PyTorch's or onnxruntime's (default: theirs, one per core)"
+    )
     sv.set_defaults(handler=cmd_serve)

@@ -32,7 +32,9 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: MultiTaskModel, device: str, onnx: Path | None = None) -> None:
+    def __init__(
+        self, model: MultiTaskModel, device: str, onnx: Path | None = None, threads: int | None = None
+    ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"serve device {device!r}: CUDA is not available on this machine")
         self.device = device
@@ -52,7 +54,9 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, model: MultiTaskModel, device: str, onnx: Path | None = None) -> None:
+    def __init__(
+        self, model: MultiTaskModel, device: str, onnx: Path | None = None, threads: int | None = None
+    ) -> None:
         try:
             import onnxruntime
         except ImportError as exc:
@@ -77,7 +81,10 @@ class OnnxBackend:
             index = int(device.split(":")[1]) if ":" in device else 0
             providers = [("CUDAExecutionProvider", {"device_id": index})]  # type: ignore[list-item]  # ort's form
         self.device = device
-        self.session = onnxruntime.InferenceSession(str(onnx), providers=providers)
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(onnx), options, providers=providers)
         with torch.no_grad():
             probe = model.eval().cpu()(torch.zeros(1, 3, *self.image_size))
         self.constants = {
@@ -101,8 +108,9 @@ class OnnxBackend:
         return predictions
 
 
-BACKENDS: dict[str, Callable[[MultiTaskModel, str, Path | None], Backend]] = {
+BACKENDS: dict[str, Callable[[MultiTaskModel, str, Path | None, int | None], Backend]] = {
     "torch": TorchBackend,
     "onnx": OnnxBackend,
 }
-"""Backend name -> its constructor ``(model, device, onnx_path)``."""
+"""Backend name -> its constructor ``(model, device, onnx_path, threads)``; ``threads`` sets onnxruntime's
+intra-op threads (PyTorch's are set in the model's worker thread, see the service)."""

@@ -57,7 +57,7 @@ class Service:
         model, config = load_model(self.run)
         self.tasks = model.tasks
         onnx = Path(self.settings.onnx) if self.settings.onnx else self.run.path / "model.onnx"
-        self.backend = BACKENDS[self.settings.backend](model, self.settings.device, onnx)
+        self.backend = BACKENDS[self.settings.backend](model, self.settings.device, onnx, self.settings.threads)
         self.size = image_size(config)
         graph_size = getattr(self.backend, "image_size", None)
         if graph_size is not None and self.size is not None and tuple(graph_size) != tuple(self.size):

@@ -24,7 +24,7 @@ class ServeSettings:
         max_upload_bytes: most bytes in one request body (all its images together).
         max_pixels: most pixels of one image, checked from its header before it is decoded.
         onnx: the ONNX graph for the onnx backend (default: ``RUN/model.onnx``, written by ``mtlvision export``).
-        threads: PyTorch's intra-op threads for the model (default: PyTorch's own choice, one per core).
+        threads: intra-op threads for the model, PyTorch's or onnxruntime's (default: theirs, one per core).
     """
 
     backend: str = "torch"

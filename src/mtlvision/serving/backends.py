@@ -28,7 +28,8 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The run's model in PyTorch, in eval mode, on ``device``."""
+    """The run's model in PyTorch, in eval mode, on ``device`` (``onnx`` is the other backend's; PyTorch's
+    ``threads`` are set in the model's worker thread by the service)."""
 
     name = "torch"
 

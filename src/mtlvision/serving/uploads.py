@@ -12,7 +12,6 @@ full (422 for a truncated or corrupt file).
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +77,7 @@ async def read_body(headers: dict[str, str], chunks: Callable[[], Any], settings
     return bytes(body)
 
 
-def _images(fields: Any) -> list[tuple[str, Any]]:
-    return [(key, value) for key, value in fields.multi_items() if key == FIELD]
-
-
-async def _checked(key: str, value: Any, index: int) -> Upload:
+async def _checked(value: Any, index: int) -> Upload:
     if isinstance(value, str):
         raise ServeError(400, "not_a_file", f"the field {FIELD!r} holds text, not a file")
     name = value.filename or f"{FIELD}{index}"
@@ -110,7 +105,8 @@ async def parse_form(form: Callable[[], Awaitable[Any]], settings: ServeSettings
     except Exception as exc:  # starlette's MultiPartException and python-multipart's parse errors
         raise ServeError(400, "bad_multipart", f"the multipart body cannot be parsed: {exc}") from None
     try:
-        uploads = [await _checked(key, value, index) for index, (key, value) in enumerate(_images(fields))]
+        images = [value for key, value in fields.multi_items() if key == FIELD]
+        uploads = [await _checked(value, index) for index, value in enumerate(images)]
     finally:
         await fields.close()
     if len(uploads) > settings.max_images:
@@ -136,18 +132,17 @@ def decode_upload(upload: Upload, max_pixels: int) -> Tensor:
     if not upload.data:
         raise ServeError(422, "empty_file", f"{name!r} is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit comes first
-            with Image.open(io.BytesIO(upload.data), formats=FORMATS) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ServeError(
-                        413,
-                        "image_too_large",
-                        f"{name!r} is {width} x {height} = {width * height:,} pixels, above the limit of "
-                        f"{max_pixels:,} (--max-pixels); it was not decoded",
-                    )
-                return decode_rgb(image, Path(name))
+        # no warnings.catch_warnings here: it is not thread-safe, and uploads are decoded in threads
+        with Image.open(io.BytesIO(upload.data), formats=FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ServeError(
+                    413,
+                    "image_too_large",
+                    f"{name!r} is {width} x {height} = {width * height:,} pixels, above the limit of "
+                    f"{max_pixels:,} (--max-pixels); it was not decoded",
+                )
+            return decode_rgb(image, Path(name))
     except UnidentifiedImageError:
         raise ServeError(
             422, "not_an_image", f"{name!r} is not an image in an accepted format ({', '.join(FORMATS)})"

@@ -5,6 +5,7 @@
 >>> model = mv.MultiTaskModel("resnet18", [mv.tasks.Segmentation("seg", num_classes=13), mv.tasks.Depth("depth")],
 ...                           architecture=mv.architectures.MTAN())
 >>> mv.balancers.aggregate("upgrad", G)   # any gradient method on a [T, P] matrix
+>>> mtl = mv.MultiTaskBackward(model.architecture, "upgrad")   # our balancers in your own loop
 
 Names are imported on first use (PEP 562), so ``import mtlvision`` and the command line's ``--help`` do not
 pay for torch until something needs it.
@@ -45,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "DataError": "mtlvision.errors",
     "MtlvisionError": "mtlvision.errors",
     "MultiTaskModel": "mtlvision.models",
+    "MultiTaskBackward": "mtlvision.balancers.backward",
+    "mtl_backward": "mtlvision.balancers.backward",
     "create_backbone": "mtlvision.models",
 }
 _MODULES = {"api", "balancers", "tasks", "architectures"}
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
         split,
         train,
     )
+    from mtlvision.balancers.backward import MultiTaskBackward, mtl_backward
     from mtlvision.config import RunConfig, load_config
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.engine.trainer import Trainer

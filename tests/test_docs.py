@@ -29,6 +29,7 @@ SKIPPED = {
     ("README.md", "import mtlvision as mv"),
     ("docs/merging.md", "import mtlvision as mv"),
     ("docs/own-loop.md", "import torch.distributed as dist"),
+    ("docs/export.md", "import mtlvision as mv"),
 }
 
 

@@ -258,7 +258,8 @@ class MultiTaskBackward:
             refusal = loss_scaling_refusal(self.balancer)
             if refusal is not None:
                 raise ConfigError(refusal)
-            factor = scaler.get_scale() * scale
+            # scale() also creates the scaler's state on the losses' device at its first use
+            factor = float(scaler.scale(torch.ones((), device=vector.device))) * scale
         if self.taps is not None and not self._recorded:
             raise ConfigError(
                 f"the 'layers' path of {name} needs this step's forward run inside `with mtl.record():`; or build "

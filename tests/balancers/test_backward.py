@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.testing import assert_close
 
 import mtlvision as mv
 from mtlvision.balancers import aggregate
 from mtlvision.errors import ConfigError
-
-from torch.testing import assert_close
 
 
 class Net(nn.Module):

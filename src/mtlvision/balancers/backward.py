@@ -62,7 +62,7 @@ def _features_list(features: Sequence[Tensor] | Tensor | None) -> list[Tensor] |
     return items
 
 
-def reached_parameters(losses: Tensor, exclude: Iterable[Tensor]) -> list[nn.Parameter]:
+def reached_parameters(losses: Tensor, exclude: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     """The parameters ``losses`` depend on, found by walking its autograd graph, less ``exclude``.
 
     These are the task-specific parameters (the heads) when ``exclude`` holds the shared ones. Only
@@ -131,10 +131,10 @@ class MultiTaskBackward:
 
     def __init__(
         self,
-        shared: nn.Module | Iterable[Tensor],
+        shared: nn.Module | Iterable[nn.Parameter],
         balancer: str | Balancer = "ew",
         *,
-        task_specific: Iterable[Tensor] | None = None,
+        task_specific: Iterable[nn.Parameter] | None = None,
         num_tasks: int | None = None,
         mode: Literal["auto", "params", "representation"] = "auto",
         jacobian: Literal["auto", "batched", "loop", "layers"] = "auto",
@@ -143,8 +143,8 @@ class MultiTaskBackward:
         **hparams: Any,
     ) -> None:
         self.balancer = _build(balancer, hparams)
-        self.shared = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
-        self.shared = [p for p in self.shared if p.requires_grad]
+        params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
+        self.shared: list[nn.Parameter] = [p for p in params if p.requires_grad]
         if not self.shared:
             raise ConfigError("MultiTaskBackward: the shared part has no parameters that require grad")
         self.task_specific = list(task_specific) if task_specific is not None else None
@@ -363,11 +363,11 @@ def _build(balancer: str | Balancer, hparams: dict[str, Any]) -> Balancer:
 
 def mtl_backward(
     losses: Sequence[Tensor] | Tensor,
-    shared: nn.Module | Iterable[Tensor],
+    shared: nn.Module | Iterable[nn.Parameter],
     balancer: str | Balancer = "upgrad",
     *,
     features: Sequence[Tensor] | Tensor | None = None,
-    task_specific: Iterable[Tensor] | None = None,
+    task_specific: Iterable[nn.Parameter] | None = None,
     **hparams: Any,
 ) -> Tensor:
     """One call, after a forward that ran outside any recording: balance ``losses`` into ``.grad``.

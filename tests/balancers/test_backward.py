@@ -273,3 +273,48 @@ def test_bad_input_is_named():
         mv.MultiTaskBackward(net.trunk).backward([torch.ones(2, requires_grad=True)])
     with pytest.raises(ConfigError, match="hyper-parameters"):
         mv.MultiTaskBackward(net.trunk, mv.balancers.get("ew"), alpha=1.0)
+
+
+def _distributed_worker(rank: int, world: int, port: int, out: str, method: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        net = Net()
+        x, ys = batch(n=8)
+        part = slice(4 * rank, 4 * rank + 4)
+        mtl = mv.MultiTaskBackward(net.trunk, method, distributed=True)
+        with mtl.record():
+            losses = task_losses(net, net.trunk(x[part]), [y[part] for y in ys])
+        mtl.backward(losses)
+        if rank == 0:
+            torch.save([g for g in grads(net)], out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["ew", "upgrad"])
+def test_two_processes_give_the_grad_of_one_process_on_the_combined_batch(tmp_path, method):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "grads.pt"
+    mp.spawn(_distributed_worker, args=(2, port, str(out), method), nprocs=2, join=True)
+    net = Net()
+    x, ys = batch(n=8)
+    mtl = mv.MultiTaskBackward(net.trunk, method)
+    with mtl.record():
+        losses = task_losses(net, net.trunk(x), ys)
+    mtl.backward(losses)
+    for ours, single in zip(torch.load(out, weights_only=True), grads(net)):
+        assert_close(ours, single, rtol=1e-4, atol=1e-6)
+
+
+def test_distributed_needs_a_process_group():
+    with pytest.raises(ConfigError, match="initialised torch.distributed group"):
+        mv.MultiTaskBackward(Net().trunk, "upgrad", distributed=True)

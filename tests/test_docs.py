@@ -26,7 +26,6 @@ SHELLS = {"bash", "sh", "console", "shell"}
 
 #: the python blocks left out (file, first line of code)
 SKIPPED = {
-    ("README.md", "import mtlvision as mv"),
     ("docs/merging.md", "import mtlvision as mv"),
     ("docs/own-loop.md", "import torch.distributed as dist"),
     ("docs/export.md", "import mtlvision as mv"),

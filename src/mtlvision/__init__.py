@@ -14,6 +14,8 @@ pay for torch until something needs it.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from mtlvision._version import __version__
@@ -75,6 +77,21 @@ if TYPE_CHECKING:
     from mtlvision.engine.trainer import Trainer
     from mtlvision.errors import ConfigError, DataError, MtlvisionError
     from mtlvision.models import MultiTaskModel, architectures, create_backbone
+
+
+class _Package(types.ModuleType):
+    """The package's own type: a submodule that shares its name with an exported function (``export``,
+    ``registry``) does not replace that function when it is imported (the import system sets a package's
+    attribute to every submodule it loads, which made ``mv.export`` a module after ``mtlvision.export`` was
+    imported)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS and name not in _MODULES:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 # The two quickstart targets work on a fresh machine with only python3:
 #   make demo   -> makes .venv, installs mtlvision, trains the default multi-task model on built-in scenes
-#   make test   -> makes .venv if needed, installs the dev extras, checks lint and types, runs the whole test suite
+#   make test   -> makes .venv if needed, installs the dev extras, checks lint and types, builds the docs site
+#                  (mkdocs --strict), runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +18,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,export,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,export,serve,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,8 +26,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/mtlvision train scenes --name demo
 
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# the documentation site, built into an ignored folder; --strict turns every warning into a failure
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir .site
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
@@ -34,4 +39,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs preds .pytest_cache
+	rm -rf $(VENV) runs preds .pytest_cache .site

@@ -1,11 +1,12 @@
-"""Every code block of the docs runs (#16.8): the ```python blocks of docs/*.md and README.md are executed in
-order, one namespace and one empty working folder per file, and ```bash blocks preceded by ``<!-- run -->``
-are run line by line as ``mtlvision`` commands in between (docs/data.md's tutorial: a generated folder,
-``data check``, ``train``, ``predict``, ``export``, and an onnxruntime prediction equal to ``predict``'s).
+"""Every code block of the docs runs: the ```python blocks of docs/**/*.md and README.md are executed in order,
+one namespace and one empty working folder per file; every ``mtlvision ...`` line of a ```console, ```bash or
+```sh block parses with the real command-line parser; and ```bash blocks preceded by ``<!-- run -->`` are run
+line by line as ``mtlvision`` commands in between (docs/data.md's tutorial: a generated folder, ``data check``,
+``train``, ``predict``, ``export``, and an onnxruntime prediction equal to ``predict``'s).
 
-A python block is skipped only when marked ``no-run`` (```` ```python no-run ```` or ``<!-- no-run -->`` on
-the line before it), which is kept for examples that would train for long; :data:`NOT_RUN` lists them all,
-so that a new one is a deliberate choice.
+A python block is left out only when the line before it is ``<!-- docs-test: skip (REASON) -->`` with a
+reason (a full-size training, torchrun, a real dataset); :data:`SKIPPED` lists them all, so that a new one is
+a deliberate choice.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+DOCS = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+SKIP = re.compile(r"^<!-- docs-test: skip \((?P<reason>[^)]*)\) -->$")
+SHELLS = {"bash", "sh", "console", "shell"}
 
-#: the python blocks left out (file, first line of code): full-size trainings that take minutes to hours
-NOT_RUN = {
-    ("README.md", "import mtlvision as mv"),
+#: the python blocks left out (file, first line of code)
+SKIPPED = {
     ("docs/merging.md", "import mtlvision as mv"),
+    ("docs/own-loop.md", "import torch.distributed as dist"),
+    ("docs/export.md", "import mtlvision as mv"),
 }
 
 
@@ -35,6 +39,7 @@ class Block:
     language: str
     code: str
     run: bool
+    skip_reason: str | None
 
     @property
     def where(self) -> str:
@@ -49,11 +54,13 @@ def blocks(path: Path) -> list[Block]:
         info = match.group(1).split()
         language = info[0] if info else ""
         before = text[: match.start()].rstrip().rsplit("\n", 1)[-1].strip()
+        skip = SKIP.match(before)
+        reason = skip.group("reason").strip() if skip else None
         if language == "python":
-            run = "no-run" not in info and before != "<!-- no-run -->"
+            run = skip is None
         else:
-            run = language in {"bash", "sh", "console"} and before == "<!-- run -->"
-        found.append(Block(path, text.count("\n", 0, match.start()) + 2, language, match.group(2), run))
+            run = language in SHELLS and before == "<!-- run -->"
+        found.append(Block(path, text.count("\n", 0, match.start()) + 2, language, match.group(2), run, reason))
     return found
 
 
@@ -61,8 +68,18 @@ def _runnable(path: Path) -> bool:
     return any(block.run for block in blocks(path))
 
 
+def _words(line: str) -> list[str] | None:
+    """The arguments of an ``mtlvision`` command line (``$ `` prompt allowed), else None."""
+    stripped = line.strip()
+    if stripped.startswith("$ "):
+        stripped = stripped[2:].lstrip()
+    if not stripped.startswith("mtlvision "):
+        return None
+    return shlex.split(stripped, comments=True)[1:]
+
+
 def _command(line: str) -> list[str] | None:
-    """The arguments of one ``mtlvision`` line of a run block (comments and blank lines: None)."""
+    """The arguments of one line of a run block (comments and blank lines: None)."""
     words = shlex.split(line, comments=True)
     if not words:
         return None
@@ -88,14 +105,63 @@ def test_the_code_blocks_run(path: Path, tmp_path: Path, monkeypatch) -> None:
                 assert main(args) == 0, f"{block.where}+{offset}: {line}"
 
 
-def test_only_long_trainings_are_left_out() -> None:
-    skipped = {
-        (str(block.path.relative_to(ROOT)), block.code.strip().splitlines()[0])
-        for path in DOCS
-        for block in blocks(path)
-        if block.language == "python" and not block.run
-    }
-    assert skipped == NOT_RUN
+def _logical_lines(code: str) -> list[tuple[int, str]]:
+    """Shell lines with their ``\\`` continuations joined, each with the offset of its first line."""
+    lines: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for offset, line in enumerate(code.splitlines()):
+        start, text = pending if pending is not None else (offset, "")
+        text += line
+        if line.rstrip().endswith("\\"):
+            pending = (start, text.rstrip()[:-1] + " ")
+            continue
+        pending = None
+        lines.append((start, text))
+    return lines
+
+
+def _command_lines() -> list[tuple[str, list[str]]]:
+    found = []
+    for path in DOCS:
+        for block in blocks(path):
+            if block.language not in SHELLS:
+                continue
+            for offset, line in _logical_lines(block.code):
+                words = _words(line)
+                if words is not None:
+                    found.append((f"{block.where}+{offset}: {line.strip()}", words))
+    return found
+
+
+def test_every_documented_command_parses() -> None:
+    from mtlvision.cli import build_parser
+
+    parser = build_parser()
+    lines = _command_lines()
+    assert len(lines) > 20  # the collector finds the README's and the docs' commands
+    bad = []
+    for where, words in lines:
+        try:
+            parser.parse_args(words)
+        except SystemExit:
+            bad.append(where)
+    assert not bad, "commands the CLI does not accept:\n" + "\n".join(bad)
+
+
+def test_only_blocks_that_cannot_run_are_skipped_and_each_says_why() -> None:
+    skipped = {}
+    for path in DOCS:
+        for block in blocks(path):
+            if block.language == "python" and not block.run:
+                skipped[(str(block.path.relative_to(ROOT)), block.code.strip().splitlines()[0])] = block.skip_reason
+    assert set(skipped) == SKIPPED
+    assert all(skipped.values()), f"a skip marker without a reason: {skipped}"
+
+
+def test_a_skip_marker_needs_a_reason() -> None:
+    assert SKIP.match("<!-- docs-test: skip (needs a GPU) -->")
+    assert not SKIP.match("<!-- docs-test: skip -->")
+    assert SKIP.match("<!-- docs-test: skip () -->").group("reason") == ""
 
 
 def test_the_python_section_and_the_tutorial_are_there() -> None:
@@ -104,6 +170,14 @@ def test_the_python_section_and_the_tutorial_are_there() -> None:
     code = "\n".join(block.code for block in data)
     for needle in ("mv.split(", "mv.build_tasks(", "mv.Trainer(", "onnxruntime", "mtlvision export"):
         assert needle in code, needle
+
+
+def test_every_balancer_is_in_the_balancers_page() -> None:
+    from mtlvision.balancers import BALANCERS
+
+    page = (ROOT / "docs" / "balancers-guide.md").read_text()
+    missing = [entry.name for entry in BALANCERS if f"| `{entry.name}` |" not in page]
+    assert not missing, f"docs/balancers-guide.md lacks {missing}"
 
 
 def test_a_bad_dataset_key_is_a_config_error_naming_it() -> None:

@@ -5,6 +5,7 @@
 >>> model = mv.MultiTaskModel("resnet18", [mv.tasks.Segmentation("seg", num_classes=13), mv.tasks.Depth("depth")],
 ...                           architecture=mv.architectures.MTAN())
 >>> mv.balancers.aggregate("upgrad", G)   # any gradient method on a [T, P] matrix
+>>> mtl = mv.MultiTaskBackward(model.architecture, "upgrad")   # our balancers in your own loop
 
 Names are imported on first use (PEP 562), so ``import mtlvision`` and the command line's ``--help`` do not
 pay for torch until something needs it.
@@ -13,6 +14,8 @@ pay for torch until something needs it.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from mtlvision._version import __version__
@@ -47,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "DataError": "mtlvision.errors",
     "MtlvisionError": "mtlvision.errors",
     "MultiTaskModel": "mtlvision.models",
+    "MultiTaskBackward": "mtlvision.balancers.backward",
+    "mtl_backward": "mtlvision.balancers.backward",
     "create_backbone": "mtlvision.models",
 }
 _MODULES = {"api", "balancers", "tasks", "architectures"}
@@ -70,11 +75,27 @@ if TYPE_CHECKING:
         split,
         train,
     )
+    from mtlvision.balancers.backward import MultiTaskBackward, mtl_backward
     from mtlvision.config import RunConfig, load_config
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.engine.trainer import Trainer
     from mtlvision.errors import ConfigError, DataError, MtlvisionError
     from mtlvision.models import MultiTaskModel, architectures, create_backbone
+
+
+class _Package(types.ModuleType):
+    """The package's own type: a submodule that shares its name with an exported function (``export``,
+    ``registry``) does not replace that function when it is imported (the import system sets a package's
+    attribute to every submodule it loads, which made ``mv.export`` a module after ``mtlvision.export`` was
+    imported)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS and name not in _MODULES:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -3,9 +3,10 @@
 Each verb turns its arguments into a validated :class:`~mtlvision.config.RunConfig` (a preset name or YAML
 file with overrides, or a config object) and hands it to the engine, which owns the job.
 
->>> import mtlvision as mv
->>> run = mv.train("scenes", overrides={"balancer.name": "pcgrad", "train.epochs": 5})
->>> run.metrics["segmentation"]["miou"], run.metrics.get("delta_m")
+Examples:
+    >>> import mtlvision as mv
+    >>> run = mv.train("scenes", overrides={"balancer.name": "pcgrad", "train.epochs": 5})
+    >>> run.metrics["segmentation"]["miou"], run.metrics.get("delta_m")
 """
 
 from __future__ import annotations

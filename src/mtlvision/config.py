@@ -247,6 +247,7 @@ def resolve_balancing(
     """``balancer.mode`` resolved for ``method`` (``auto`` runs the "-UB" variants on the shared representation
     and every other method on the shared parameters), after checking every rule that ties ``train.*`` and
     ``balancer.*`` to what the method needs. The one place these rules live."""
+    from mtlvision.balancers.backward import loss_scaling_refusal
     from mtlvision.balancers.base import Needs
 
     name = type(method).__name__
@@ -263,7 +264,7 @@ def resolve_balancing(
             f"train.accumulate={train.accumulate} works with loss-weighting balancers only: "
             f"{name} needs the per-task gradients of the whole batch at once"
         )
-    if train.precision == "fp16" and (needs_gradients or any(True for _ in method.parameters())):
+    if train.precision == "fp16" and loss_scaling_refusal(method) is not None:
         raise ConfigError(
             "train.precision=fp16 (with loss scaling) works with loss-weighting balancers without learnable "
             f"parameters; {name} needs unscaled gradients: use precision=bf16"

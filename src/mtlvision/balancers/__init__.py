@@ -6,6 +6,7 @@ from typing import Any
 
 from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers the methods)
 from mtlvision.balancers.aggregate import aggregate
+from mtlvision.balancers.backward import MultiTaskBackward, mtl_backward
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
 from mtlvision.balancers.gradient._solvers import NonFiniteGramianError, SolverError
@@ -30,11 +31,13 @@ __all__ = [
     "aggregate",
     "GradientEngine",
     "LayerTaps",
+    "MultiTaskBackward",
     "Needs",
     "NonFiniteGramianError",
     "SolverError",
     "TaskGradients",
     "Update",
     "get",
+    "mtl_backward",
     "resolve_jacobian_path",
 ]

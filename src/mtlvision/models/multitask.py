@@ -56,7 +56,8 @@ class MultiTaskModel(nn.Module):
             (``kaiming``, ``xavier``, ``orthogonal``), or ``pretrained`` (needs ``pretrained``).
         pretrained: local timm/torchvision weights file loaded into every backbone the architecture builds.
         freeze_stages: number of leading backbone stages to freeze.
-        mean, std: per-channel normalisation applied inside the model.
+        mean: per-channel mean of the normalisation applied inside the model.
+        std: per-channel standard deviation of that normalisation.
     """
 
     mean: Tensor  # buffers, [1, C, 1, 1]

@@ -7,7 +7,7 @@ from typing import Any
 from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers the methods)
 from mtlvision.balancers.aggregate import aggregate
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
-from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
+from mtlvision.balancers.engine import GradientEngine, RecordedStep, resolve_jacobian_path
 from mtlvision.balancers.gradient._solvers import NonFiniteGramianError, SolverError
 from mtlvision.balancers.layers import LayerTaps
 from mtlvision.balancers.registry import BALANCERS
@@ -32,6 +32,7 @@ __all__ = [
     "LayerTaps",
     "Needs",
     "NonFiniteGramianError",
+    "RecordedStep",
     "SolverError",
     "TaskGradients",
     "Update",

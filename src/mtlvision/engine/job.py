@@ -301,6 +301,8 @@ class TrainingRun:
         if dist.is_main():
             report.save(run_dir)
             plot_history(trainer.state.history, run_dir / PLOTS_DIR)
+            for probe in trainer.probes:
+                probe.plot(run_dir / PLOTS_DIR)
         return report
 
 

@@ -58,8 +58,8 @@ from mtlvision.engine.loop_state import (
     TrainingInterrupted,
 )
 from mtlvision.engine.optim import build_optimizer, build_scheduler
-from mtlvision.engine.probes import ProbeContext, StepProbe, strongest_record
 from mtlvision.engine.precision import Precision
+from mtlvision.engine.probes import ProbeContext, StepProbe, strongest_record
 from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError

@@ -32,7 +32,9 @@ class ProbeContext:
     are those of ``grad_scale × losses`` (the fp16 loss scale, else 1); ``batch`` the step's batch (on the
     device); ``task_losses`` computes the [T] task losses of the batch under a mapping of parameter and buffer
     names to replacement tensors (``torch.func.functional_call``), without gradients, leaving the model's own
-    parameters and buffers untouched; ``lr`` the optimiser's current learning rate (first parameter group).
+    parameters and buffers untouched; ``shared`` the shared parameters in the order of ``recorded.blocks``,
+    ``shared_names`` their names in the model and ``shared_lrs`` each one's current learning rate (its
+    optimiser group's).
     """
 
     step: int
@@ -42,9 +44,10 @@ class ProbeContext:
     recorded: RecordedStep
     grad_scale: float
     batch: dict[str, Any]
+    shared: list[Tensor]
     shared_names: list[str]
+    shared_lrs: list[float]
     task_losses: Callable[[dict[str, Tensor]], Tensor]
-    lr: float
 
 
 class StepProbe(ABC):

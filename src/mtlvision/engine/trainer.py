@@ -322,7 +322,9 @@ class Trainer:
                 predictions = torch.func.functional_call(model, tensors, (batch["image"],), strict=False)
                 return self.task_losses(predictions, batch)
 
-        shared = {id(p) for p in model.shared_parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        lrs = {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
+        shared = [p for p in model.shared_parameters() if p.requires_grad]  # the engine's order
         context = ProbeContext(
             step=self.state.step,
             epoch=self.state.epoch,
@@ -331,9 +333,10 @@ class Trainer:
             recorded=recorded,
             grad_scale=factor,
             batch=batch,
-            shared_names=[n for n, p in model.named_parameters() if id(p) in shared and p.requires_grad],
+            shared=shared,
+            shared_names=[names[id(p)] for p in shared],
+            shared_lrs=[lrs[id(p)] for p in shared],
             task_losses=task_losses,
-            lr=float(self.optimizer.param_groups[0]["lr"]),
         )
         for probe in self.probes:
             if probe.due(self.state.step):

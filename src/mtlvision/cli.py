@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from mtlvision import cli_affinity
 from mtlvision._version import __version__
 from mtlvision.errors import MtlvisionError
 from mtlvision.registry import REGISTRY_KINDS
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend", help="overrides for --config")
     ls.set_defaults(handler=cmd_list)
+
+    cli_affinity.add_parser(verbs, _add_config_arguments)
 
     data = verbs.add_parser("data", help="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="VERB")

@@ -44,7 +44,7 @@ class ProbeContext:
     recorded: RecordedStep
     grad_scale: float
     batch: dict[str, Any]
-    shared: list[Tensor]
+    shared: Sequence[Tensor]
     shared_names: list[str]
     shared_lrs: list[float]
     task_losses: Callable[[dict[str, Tensor]], Tensor]

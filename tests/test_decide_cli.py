@@ -45,3 +45,23 @@ def test_validate_without_experts_says_so_before_training(tmp_path, capsys):
 def test_one_task_cannot_be_grouped(tmp_path, capsys):
     assert main(["affinity", "scenes", "--set", *TINY, "tasks=[count]", "--out", str(tmp_path)]) == 2
     assert "at least two tasks" in capsys.readouterr().err
+
+
+def test_train_with_diagnostics_writes_them_everywhere(tmp_path):
+    out = tmp_path / "runs"
+    assert main(["train", "scenes", "--set", *TINY, "diagnostics.every=1", "--out", str(out), "--name", "d"]) == 0
+    folder = out / "d"
+    with open(folder / "diagnostics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0.0", "1.0"]  # 32 images in batches of 16, every step
+    assert {"cos/count~segmentation", "norm/count", "norm/segmentation", "conflict_share"} <= set(rows[0])
+    with open(folder / "history.csv") as f:
+        history = next(csv.DictReader(f))
+    cosines = [float(r["cos/count~segmentation"]) for r in rows]
+    assert float(history["diag/cos/count~segmentation"]) == pytest.approx(sum(cosines) / 2, rel=1e-5)
+    assert (folder / "plots" / "gradient_cosines.png").is_file() and (folder / "plots" / "conflict_share.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tb"))
+    events.Reload()
+    assert "diagnostics/conflict_share" in events.Tags()["scalars"]

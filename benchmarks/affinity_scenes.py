@@ -1,0 +1,101 @@
+"""TAG's affinity on the scenes tasks, checked against ground truth: every pair of tasks trained.
+
+1. the six single-task experts (``mtlvision baseline``);
+2. one joint run of all six with the affinity measured every ``--every`` steps, the best split into
+   ``--groups`` networks, each group and all-together trained and compared (``mtlvision affinity --validate``);
+3. each of the 15 pairs trained; the measured gain of task j from task i is minus j's Δm term in the pair
+   run (its relative improvement over its expert, %); Spearman's rank correlation (scipy) between TAG's
+   ``Z[i→j]`` and those gains (30 directed values), and between the symmetric ``(Z[i→j] + Z[j→i]) / 2`` and
+   minus the pair's Δm (15 values).
+
+Every run uses the same small settings (``SETTINGS``) and seed. Finished runs are reused when the script is
+run again with the same ``--out``. Writes ``summary.json`` into ``--out``.
+
+    python benchmarks/affinity_scenes.py --out runs/affinity-scenes-check      # about 25 small CPU runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from itertools import combinations, permutations
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+import mtlvision as mv
+
+SETTINGS = [
+    "data.image_size=32",
+    "data.train_size=512",
+    "data.val_size=128",
+    "data.test_size=256",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "train.progress=false",
+]
+
+
+def pair_run(out: Path, a: str, b: str) -> mv.Run:
+    folder = out / "pairs" / f"{a}+{b}"
+    if (folder / "metrics.json").is_file():
+        return mv.Run.load(folder)
+    overrides = [*SETTINGS, f"tasks=[{a},{b}]", f"baselines={out / 'baseline-scenes' / 'baselines.json'}"]
+    return mv.train("scenes", overrides, out=out / "pairs", name=f"{a}+{b}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/affinity-scenes-check")
+    parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=2)
+    parser.add_argument("--skip-pairs", action="store_true", help="only the experts and the affinity run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    mv.baseline("scenes", SETTINGS, out=out)
+    folder = out / "affinity-scenes"
+    if (folder / "validation.json").is_file():
+        grouping = json.loads((folder / "grouping.json").read_text())
+        validation = json.loads((folder / "validation.json").read_text())
+        rows = (folder / "affinity.csv").read_text().splitlines()
+        tasks = rows[0].split(",")[1:]
+        matrix = [[float(v) for v in row.split(",")[1:]] for row in rows[1:]]
+        steps = grouping["steps"]
+    else:
+        result = mv.affinity("scenes", SETTINGS, every=args.every, groups=args.groups, validate=True, out=out)
+        tasks, matrix, steps = result.tasks, result.matrix, result.steps
+        grouping, validation = {**result.grouping.to_dict(), "steps": steps}, result.validation
+    summary: dict = {
+        "settings": SETTINGS,
+        "every": args.every,
+        "steps": steps,
+        "tasks": tasks,
+        "affinity": matrix,
+        "grouping": grouping,
+        "validation": validation,
+    }
+    if not args.skip_pairs:
+        index = {t: i for i, t in enumerate(tasks)}
+        gains, directed, pair_delta, symmetric = {}, [], [], []
+        for a, b in combinations(tasks, 2):
+            delta = pair_run(out, a, b).evaluated.delta_m
+            assert delta is not None, f"the pair {a}+{b} has no Δm"
+            gains[f"{a}+{b}"] = {"delta_m": delta["overall"], "per_task": delta["per_task"]}
+            pair_delta.append(-delta["overall"])
+            symmetric.append((matrix[index[a]][index[b]] + matrix[index[b]][index[a]]) / 2)
+        for i, j in permutations(tasks, 2):
+            key = f"{i}+{j}" if f"{i}+{j}" in gains else f"{j}+{i}"
+            directed.append((matrix[index[i]][index[j]], -gains[key]["per_task"][j]))
+        rho_directed = spearmanr([z for z, _ in directed], [g for _, g in directed])
+        rho_symmetric = spearmanr(symmetric, pair_delta)
+        summary["pairs"] = gains
+        summary["spearman"] = {
+            "directed": {"rho": float(rho_directed.statistic), "p": float(rho_directed.pvalue), "n": len(directed)},
+            "symmetric": {"rho": float(rho_symmetric.statistic), "p": float(rho_symmetric.pvalue), "n": len(symmetric)},
+        }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("grouping", "validation", "spearman") if k in summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,17 +21,18 @@ import json
 from itertools import combinations, permutations
 from pathlib import Path
 
+import torch
 from scipy.stats import spearmanr
 
 import mtlvision as mv
 
 SETTINGS = [
     "data.image_size=32",
-    "data.train_size=512",
-    "data.val_size=128",
-    "data.test_size=256",
-    "train.epochs=3",
-    "train.batch_size=32",
+    "data.train_size=128",
+    "data.val_size=32",
+    "data.test_size=64",
+    "train.epochs=2",
+    "train.batch_size=16",
     "train.progress=false",
 ]
 
@@ -47,10 +48,12 @@ def pair_run(out: Path, a: str, b: str) -> mv.Run:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/affinity-scenes-check")
-    parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--skip-pairs", action="store_true", help="only the experts and the affinity run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     mv.baseline("scenes", SETTINGS, out=out)
     folder = out / "affinity-scenes"

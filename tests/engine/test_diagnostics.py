@@ -117,3 +117,15 @@ def test_run_folder_history_and_resume(tmp_path):
 def test_accumulation_is_refused():
     with pytest.raises(ConfigError, match="train.accumulate=2"):
         Trainer(tiny_model(), "ew", accumulate=2, device="cpu", probes=[GradientDiagnostics(5)])
+
+
+@pytest.mark.parametrize("balancer", ["ew", "dwa", "upgrad"])
+def test_recording_does_not_change_training(balancer):
+    finals = []
+    for probes in ([], [GradientDiagnostics(1)]):
+        model = tiny_model()
+        Trainer(model, balancer, epochs=2, batch_size=8, device="cpu", progress=False, probes=probes).fit(
+            TinyScenes(24)
+        )
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-6)

@@ -7,6 +7,7 @@ of each arm and the median of the per-round ratios to the plain epoch. Targets: 
 ``every=50`` ≤ 1.05×; the affinity run at its default ``every=10`` ≤ 1.5×.
 
     python benchmarks/decide.py                          # 4 rounds of 100 steps, 32×32 images, batch 16
+    python benchmarks/decide.py --rounds 2 --steps 50 --threads 1     # what docs/deciding.md reports
     python benchmarks/decide.py --device cuda --image-size 64 --batch-size 32
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
+import torch
 
 from mtlvision.config import load_config
 from mtlvision.engine.affinity_run import DEFAULT_EVERY, TaskAffinity
@@ -33,7 +36,10 @@ def main() -> None:
     parser.add_argument("--diagnostics-every", type=int, default=50)
     parser.add_argument("--affinity-every", type=int, default=DEFAULT_EVERY)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = load_config(
         "scenes",
         [

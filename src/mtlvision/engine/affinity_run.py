@@ -68,6 +68,8 @@ class TaskAffinity(StepProbe):
         if self._sum is None or self._count is None:
             self.names, self._sum, self._count = names, np.zeros((len(names),) * 2), np.zeros((len(names),) * 2)
         before = context.task_losses({}).double()
+        if not bool(torch.isfinite(before).all()):
+            return {}  # a step the trainer skips: nothing to measure
         z = torch.full((len(names), len(names)), math.nan, dtype=torch.float64)
         for i in range(len(names)):
             lookahead = {
@@ -78,8 +80,6 @@ class TaskAffinity(StepProbe):
             z[i] = 1.0 - after / before
         values = z.cpu().numpy()
         usable = np.isfinite(values) & (before.cpu().numpy() > 0)[None, :]
-        if not np.isfinite(before.cpu().numpy()).all():
-            return {}
         self._sum += np.where(usable, values, 0.0)
         self._count += usable
         return {

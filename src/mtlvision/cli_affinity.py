@@ -51,8 +51,12 @@ def _print_validation(validation: dict[str, Any]) -> None:
     for entry in [*validation["groups"], validation["all_together"]]:
         value = entry["delta_m"]
         table.add_row(" + ".join(entry["tasks"]), "—" if value is None else f"{value:+.2f}")
-    table.add_row("[bold]the grouping[/] (each task from its group)", f"{validation['grouped']['delta_m']:+.2f}")
+    grouped = validation["grouped"]["delta_m"]
+    table.add_row("[bold]the grouping[/] (each task from its group)", "—" if grouped is None else f"{grouped:+.2f}")
     console.print(table)
+    for entry in [*validation["groups"], validation["all_together"], validation["grouped"]]:
+        if entry.get("note"):
+            console.print(f"  {' + '.join(entry.get('tasks', ['the grouping']))}: {entry['note']}")
     console.print(f"  experts: {validation['baselines']}; {validation['compute']}")
 
 

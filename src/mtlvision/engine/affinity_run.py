@@ -192,13 +192,17 @@ def validate_groups(config: RunConfig, grouping: Grouping, experts: Path, folder
         }
 
     served = {t: runs[grouping.groups[grouping.served_by[t]]].evaluated.metrics[t] for t in names}
-    grouped = delta_m(served, baselines.metrics(names, split), directions(tasks))
+    try:
+        result = delta_m(served, baselines.metrics(names, split), directions(tasks))
+        grouped: dict[str, Any] = {"delta_m": result.overall, "per_task": result.per_task}
+    except MtlvisionError as exc:  # e.g. an expert's metric of exactly 0: said, like a run's own report
+        grouped = {"delta_m": None, "note": f"Δm not computed: {exc}"}
     return {
         "split": split,
         "baselines": str(experts),
         "groups": [summary(g) for g in grouping.groups],
         "all_together": summary(together),
-        "grouped": {"delta_m": grouped.overall, "per_task": grouped.per_task},
+        "grouped": grouped,
         "compute": f"every run: {config.train.epochs} epochs of {config.data.name}, seed {config.seed}",
     }
 

@@ -25,6 +25,7 @@ import torch
 from scipy.stats import spearmanr
 
 import mtlvision as mv
+from mtlvision.evaluation.delta_m import delta_m
 
 SETTINGS = [
     "data.image_size=32",
@@ -45,6 +46,14 @@ def pair_run(out: Path, a: str, b: str) -> mv.Run:
     return mv.train("scenes", overrides, out=out / "pairs", name=f"{a}+{b}")
 
 
+def delta(metrics: dict, experts: dict, directions: dict) -> tuple[float, dict[str, float]]:
+    """Δm (overall, per task) over the metrics whose expert value is not exactly 0 (a relative change from 0
+    is undefined; the left-out metrics are listed in summary.json)."""
+    kept = {t: {m: h for m, h in directions[t].items() if experts[t][m] != 0} for t in metrics}
+    result = delta_m({t: metrics[t] for t in kept}, experts, kept)
+    return result.overall, result.per_task
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/affinity-scenes-check")
@@ -55,36 +64,47 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    mv.baseline("scenes", SETTINGS, out=out)
+    experts_file = mv.baseline("scenes", SETTINGS, out=out)
     folder = out / "affinity-scenes"
-    if (folder / "validation.json").is_file():
-        grouping = json.loads((folder / "grouping.json").read_text())
-        validation = json.loads((folder / "validation.json").read_text())
-        rows = (folder / "affinity.csv").read_text().splitlines()
-        tasks = rows[0].split(",")[1:]
-        matrix = [[float(v) for v in row.split(",")[1:]] for row in rows[1:]]
-        steps = grouping["steps"]
-    else:
-        result = mv.affinity("scenes", SETTINGS, every=args.every, groups=args.groups, validate=True, out=out)
-        tasks, matrix, steps = result.tasks, result.matrix, result.steps
-        grouping, validation = {**result.grouping.to_dict(), "steps": steps}, result.validation
+    if not (folder / "grouping.json").is_file():
+        mv.affinity("scenes", SETTINGS, every=args.every, groups=args.groups, validate=True, out=out)
+    grouping = json.loads((folder / "grouping.json").read_text())
+    rows = (folder / "affinity.csv").read_text().splitlines()
+    tasks = rows[0].split(",")[1:]
+    matrix = [[float(v) for v in row.split(",")[1:]] for row in rows[1:]]
+    split = "test"
+    baselines = json.loads(Path(experts_file).read_text())["experts"]
+    expert_metrics = {t: baselines[t]["metrics"][split] for t in tasks}
+    directions = {t.name: dict(t.metric_directions) for t in mv.build_tasks("scenes", SETTINGS)}
+    zero = sorted(f"{t}.{m}" for t in tasks for m, v in expert_metrics[t].items() if v == 0 and m in directions[t])
+    validation = {}
+    runs = {}
+    for group in [*grouping["groups"], tasks]:
+        run = mv.Run.load(folder / "validate" / "+".join(group))
+        runs[tuple(group)] = run
+        overall, per_task = delta(run.evaluated.metrics, expert_metrics, directions)
+        validation["+".join(group)] = {"delta_m": overall, "per_task": per_task}
+    served = {t: runs[tuple(grouping["served_by"][t])].evaluated.metrics[t] for t in tasks}
+    overall, per_task = delta(served, expert_metrics, directions)
+    validation["grouping"] = {"delta_m": overall, "per_task": per_task}
     summary: dict = {
         "settings": SETTINGS,
-        "every": args.every,
-        "steps": steps,
+        "every": grouping["every"],
+        "steps": grouping["steps"],
         "tasks": tasks,
         "affinity": matrix,
         "grouping": grouping,
+        "metrics_left_out_of_delta_m": zero,
         "validation": validation,
     }
     if not args.skip_pairs:
         index = {t: i for i, t in enumerate(tasks)}
         gains, directed, pair_delta, symmetric = {}, [], [], []
         for a, b in combinations(tasks, 2):
-            delta = pair_run(out, a, b).evaluated.delta_m
-            assert delta is not None, f"the pair {a}+{b} has no Δm"
-            gains[f"{a}+{b}"] = {"delta_m": delta["overall"], "per_task": delta["per_task"]}
-            pair_delta.append(-delta["overall"])
+            run = pair_run(out, a, b)
+            overall, per_task = delta(run.evaluated.metrics, expert_metrics, directions)
+            gains[f"{a}+{b}"] = {"delta_m": overall, "per_task": per_task}
+            pair_delta.append(-overall)
             symmetric.append((matrix[index[a]][index[b]] + matrix[index[b]][index[a]]) / 2)
         for i, j in permutations(tasks, 2):
             key = f"{i}+{j}" if f"{i}+{j}" in gains else f"{j}+{i}"
@@ -97,7 +117,11 @@ def main() -> None:
             "symmetric": {"rho": float(rho_symmetric.statistic), "p": float(rho_symmetric.pvalue), "n": len(symmetric)},
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("grouping", "validation", "spearman") if k in summary}, indent=2))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("metrics_left_out_of_delta_m", "validation", "spearman") if k in summary}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

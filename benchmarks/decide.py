@@ -37,6 +37,13 @@ def main() -> None:
     parser.add_argument("--affinity-every", type=int, default=DEFAULT_EVERY)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=["diagnostics", "affinity"],
+        default=["diagnostics", "affinity"],
+        help="beside plain",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,11 +59,12 @@ def main() -> None:
     tasks = build_tasks(config)
     model = build_model(config, tasks)
     data = build_split(config, tasks, "train", train=True)
-    arms: dict[str, type[StepProbe] | None] = {
+    known: dict[str, type[StepProbe] | None] = {
         "plain": None,
         "diagnostics": GradientDiagnostics,
         "affinity": TaskAffinity,
     }
+    arms = {arm: known[arm] for arm in dict.fromkeys(["plain", *args.arms])}
     every = {"diagnostics": args.diagnostics_every, "affinity": args.affinity_every}
     seconds: dict[str, list[float]] = {arm: [] for arm in arms}
     for round_ in range(args.rounds + 1):  # the first round warms up

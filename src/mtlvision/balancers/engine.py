@@ -172,7 +172,8 @@ class GradientEngine:
                 )
             grads = self._step_gradients(losses, representation_mode)
             if record is not None:
-                self.recorded = self._record(grads, record)
+                # a gradient method may change the blocks it is handed; a loss-weighting one never sees them
+                self.recorded = self._record(grads, record, copy=balancer.needs is not Needs.LOSSES)
         update = balancer.balance(losses, grads if balancer.needs is not Needs.LOSSES else None)
         if update.weights.shape != losses.shape:
             raise InternalError(
@@ -197,13 +198,14 @@ class GradientEngine:
             torch.autograd.backward(update.extra_loss, inputs=own)
         return update
 
-    def _record(self, grads: StepGradients, record: Record) -> RecordedStep:
-        """The step's Gramian (the one a Gramian method then reads: formed once) and, when asked, its blocks."""
+    def _record(self, grads: StepGradients, record: Record, copy: bool) -> RecordedStep:
+        """The step's Gramian (the one a Gramian method then reads: formed once) and, when asked, its blocks
+        (copied when ``copy``; else the engine's own, which the update only reads)."""
         blocks = None
         if record == "jacobian":
             if not isinstance(grads, ParameterGradients):
                 raise ConfigError("recording the Jacobian of the shared parameters needs balancer.mode=params")
-            blocks = [b.detach().clone() for b in grads.shared_blocks()]
+            blocks = [b.detach().clone() if copy else b.detach() for b in grads.shared_blocks()]
         return RecordedStep(grads.gramian().detach().double(), blocks)
 
     def _step_gradients(self, losses: Tensor, representation_mode: bool) -> StepGradients:

@@ -259,7 +259,7 @@ def affinity(
     name: str | None = None,
 ) -> AffinityResult:
     """Which tasks help which (``mtlvision affinity``): TAG's inter-task affinity (Fifty et al., NeurIPS 2021)
-    measured every ``every`` steps (default 10) inside one joint run of the configuration, the best split into
+    measured every ``every`` steps (default 20) inside one joint run of the configuration, the best split into
     at most ``groups`` networks, and with ``validate`` each group and all tasks together trained, with Δm
     against the experts. Returns the matrix, the task names, the grouping and the run."""
     from mtlvision.engine.affinity_run import DEFAULT_EVERY, task_affinity

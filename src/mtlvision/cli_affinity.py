@@ -64,7 +64,7 @@ def add_parser(verbs: Any, add_config_arguments: Any) -> None:
     """Register ``affinity`` on the CLI's sub-parsers."""
     parser = verbs.add_parser("affinity", help="which tasks help which (TAG affinity), and the best task groups")
     add_config_arguments(parser)
-    parser.add_argument("--every", type=int, metavar="K", help="measure the affinity every K steps (default: 10)")
+    parser.add_argument("--every", type=int, metavar="K", help="measure the affinity every K steps (default: 20)")
     parser.add_argument(
         "--groups", type=int, default=2, metavar="N", help="split the tasks into at most N networks (default: 2)"
     )

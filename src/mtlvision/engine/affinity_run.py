@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 AFFINITY_NAME = "affinity.csv"
 GROUPING_NAME = "grouping.json"
 VALIDATION_NAME = "validation.json"
-#: the default of ``--every``: TAG's measurement every 10 steps keeps the run within 1.5× a plain one
-DEFAULT_EVERY = 10
+#: the default of ``--every``: measured every 20 steps, an affinity run of six scenes tasks with equal weights
+#: costs 1.3–1.4× a plain one (every 10: 1.7×; benchmarks/decide.py, docs/deciding.md)
+DEFAULT_EVERY = 20
 
 
 class TaskAffinity(StepProbe):

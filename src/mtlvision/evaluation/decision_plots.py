@@ -56,19 +56,26 @@ def plot_diagnostics(rows: Sequence[dict[str, float]], folder: Path) -> list[Pat
 
 def plot_affinity(matrix: np.ndarray, names: Sequence[str], path: Path, title: str = "") -> Path:
     """A heatmap of the inter-task affinity ``Z[i, j]`` (row: the task whose step was taken, column: the
-    task whose loss changed), each cell annotated, coloured symmetrically around 0."""
+    task whose loss changed), each cell annotated, coloured symmetrically around 0 on the scale of the
+    off-diagonal entries (a task's step lowers its own loss far more; the grouping does not use the
+    diagonal, which is drawn grey)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    limit = float(np.nanmax(np.abs(matrix))) or 1.0
+    values = np.asarray(matrix, dtype=float)
+    off = ~np.eye(len(names), dtype=bool)
+    limit = float(np.nanmax(np.abs(values[off]))) or 1.0
+    shown = np.where(off, values, np.nan)
     size = 1.0 + 0.75 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    image = ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit)
+    cmap = matplotlib.colormaps["RdBu"].copy()
+    cmap.set_bad("0.85")
+    image = ax.imshow(shown, cmap=cmap, vmin=-limit, vmax=limit)
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("task j (loss after the lookahead)")
     ax.set_ylabel("task i (lookahead step)")
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{matrix[i, j]:.3g}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=7)
     ax.set_title(title or "inter-task affinity Z[i→j] (TAG)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

@@ -10,8 +10,8 @@
 
 Every Δm here is computed from the runs' metrics.json over the metrics whose expert value is not exactly 0
 (at these settings the colors expert's exact-match accuracy is 0; the left-out metrics are listed in
-summary.json). Every run uses the same small settings (``SETTINGS``) and seed. Finished runs are reused when the script is
-run again with the same ``--out``. Writes ``summary.json`` into ``--out``.
+summary.json). Every run uses the same small settings (``SETTINGS``) and seed. Finished runs are reused when
+the script is run again with the same ``--out``. Writes ``summary.json`` into ``--out``.
 
     python benchmarks/affinity_scenes.py --out runs/affinity-scenes-check      # 25 small runs, ~25 min on 2 CPUs
 """

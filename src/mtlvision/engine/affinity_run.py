@@ -43,7 +43,7 @@ AFFINITY_NAME = "affinity.csv"
 GROUPING_NAME = "grouping.json"
 VALIDATION_NAME = "validation.json"
 #: the default of ``--every``: measured every 20 steps, an affinity run of six scenes tasks with equal weights
-#: costs 1.3–1.4× a plain one (every 10: 1.7×; benchmarks/decide.py, docs/deciding.md)
+#: costs 1.27× a plain one (every 10: 1.72×; benchmarks/decide.py, docs/deciding.md)
 DEFAULT_EVERY = 20
 
 

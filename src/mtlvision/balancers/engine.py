@@ -63,7 +63,8 @@ Record = Literal["gramian", "jacobian"]
 
 @dataclass
 class RecordedStep:
-    """What :meth:`GradientEngine.backward` kept of one step when asked to ``record`` it (detached copies).
+    """What :meth:`GradientEngine.backward` kept of one step when asked to ``record`` it (detached; to be read,
+    not changed).
 
     ``gramian`` is ``K = G Gᵀ`` [T, T] (float64) of the per-task gradients the balancer sees: of the shared
     parameters in parameter mode, of the shared representation in representation mode. ``blocks`` (only for
@@ -165,10 +166,9 @@ class GradientEngine:
         self.recorded = None
         if balancer.needs is not Needs.LOSSES or record is not None:
             if not representation_mode and not self.shared:
-                why = f"balancer {name} needs per-task gradients ({balancer.needs.value})" if record is None else ""
+                who = f"balancer {name} ({balancer.needs.value})" if record is None else "recording a step"
                 raise ConfigError(
-                    f"{why or 'recording a step'} needs per-task gradients but the engine was given no shared "
-                    "parameters that require grad"
+                    f"{who} needs per-task gradients but the engine was given no shared parameters that require grad"
                 )
             grads = self._step_gradients(losses, representation_mode)
             if record is not None:

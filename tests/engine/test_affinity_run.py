@@ -136,3 +136,8 @@ def test_run_affinity_equals_a_plain_autograd_lookahead(balancer, tmp_path):
 def test_every_must_be_positive():
     with pytest.raises(ConfigError, match="--every 0"):
         TaskAffinity(every=0)
+
+
+def test_representation_mode_is_refused_up_front():
+    with pytest.raises(ConfigError, match="balancer.mode=params"):
+        Trainer(twin_model(), "mgda_ub", device="cpu", probes=[TaskAffinity(5)])

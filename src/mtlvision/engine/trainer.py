@@ -191,6 +191,11 @@ class Trainer:
                 f"diagnostics and affinity look at one batch's gradients; train.accumulate={config.accumulate} "
                 "spreads a step over several: use train.accumulate=1"
             )
+        if any(probe.record == "jacobian" for probe in self.probes) and self.balancer_mode == "representation":
+            raise ConfigError(
+                "task affinity takes lookahead steps on the shared parameters, so it needs their per-task gradients: "
+                f"use balancer.mode=params (balancer {type(self.balancer).__name__} runs in representation mode)"
+            )
         self._recorded: tuple[RecordedStep, float] | None = None
         self._tb = TensorBoardLog(None)
 

@@ -23,6 +23,7 @@ from mtlvision._version import __version__
 #: public name -> the module that defines it (a module itself where the value is None)
 _EXPORTS: dict[str, str] = {
     "api": "mtlvision.api",
+    "affinity": "mtlvision.api",
     "balancers": "mtlvision.balancers",
     "tasks": "mtlvision.tasks",
     "architectures": "mtlvision.models.architectures",
@@ -59,6 +60,7 @@ _MODULES = {"api", "balancers", "tasks", "architectures"}
 if TYPE_CHECKING:
     from mtlvision import api, balancers, tasks
     from mtlvision.api import (
+        affinity,
         baseline,
         build_tasks,
         catalog,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from mtlvision.data.check import DataReport
+    from mtlvision.engine.affinity_run import AffinityResult
     from mtlvision.engine.catalog import CatalogEntry
     from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
@@ -271,3 +272,23 @@ def architecture_sizes(source: ConfigSource = None, overrides: Overrides = None)
 
     cfg = config(source, overrides) if source is not None else None
     return sizes(cfg), architecture_sizes_setting(cfg)
+
+
+def affinity(
+    source: ConfigSource = None,
+    overrides: Overrides = None,
+    *,
+    every: int | None = None,
+    groups: int = 2,
+    validate: bool = False,
+    out: str | Path = "runs",
+    name: str | None = None,
+) -> AffinityResult:
+    """Which tasks help which (``mtlvision affinity``): TAG's inter-task affinity (Fifty et al., NeurIPS 2021)
+    measured every ``every`` steps (default 20) inside one joint run of the configuration, the best split into
+    at most ``groups`` networks, and with ``validate`` each group and all tasks together trained, with Δm
+    against the experts. Returns the matrix, the task names, the grouping and the run."""
+    from mtlvision.engine.affinity_run import DEFAULT_EVERY, task_affinity
+
+    every = DEFAULT_EVERY if every is None else every
+    return task_affinity(config(source, overrides), every=every, groups=groups, validate=validate, out=out, name=name)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from mtlvision import cli_affinity
 from mtlvision._version import __version__
 from mtlvision.cli_serve import add_parser as add_serve_parser
 from mtlvision.errors import MtlvisionError
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(handler=cmd_list)
 
     add_serve_parser(verbs)
+    cli_affinity.add_parser(verbs, _add_config_arguments)
 
     data = verbs.add_parser("data", help="data tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="VERB")

@@ -207,6 +207,16 @@ class DistillConfig(_Strict):
         return value
 
 
+class DiagnosticsConfig(_Strict):
+    """``diagnostics.*``: gradient-conflict diagnostics (:mod:`mtlvision.engine.diagnostics`).
+
+    ``every``: every that many optimiser steps, the pairwise cosines and norms of the tasks' gradients and
+    the share of conflicting pairs are recorded (0, the default, turns them off).
+    """
+
+    every: int = Field(0, ge=0)
+
+
 class RunConfig(_Strict):
     """The whole run configuration."""
 
@@ -218,6 +228,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     baselines: str | None = None
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ RESUME_KEYS = (
     "train.device",
     "train.max_nonfinite",
     "data.num_workers",
+    "diagnostics.every",
 )
 
 #: settings that may differ between a run and its single-task experts without a Δm warning: the tasks and
@@ -42,6 +43,7 @@ DELTA_M_EXEMPT = (
     "train.eval_split",
     "data.num_workers",
     "data.skip_bad",
+    "diagnostics",
 )
 
 

@@ -8,7 +8,7 @@ from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers th
 from mtlvision.balancers.aggregate import aggregate
 from mtlvision.balancers.backward import MultiTaskBackward, mtl_backward
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
-from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
+from mtlvision.balancers.engine import GradientEngine, RecordedStep, resolve_jacobian_path
 from mtlvision.balancers.gradient._solvers import NonFiniteGramianError, SolverError
 from mtlvision.balancers.layers import LayerTaps
 from mtlvision.balancers.registry import BALANCERS
@@ -34,6 +34,7 @@ __all__ = [
     "MultiTaskBackward",
     "Needs",
     "NonFiniteGramianError",
+    "RecordedStep",
     "SolverError",
     "TaskGradients",
     "Update",

@@ -15,6 +15,7 @@ that needs only the losses gets one backward of ``Σ_t w_t L_t``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -54,6 +55,25 @@ def _accumulate(param: Tensor, grad: Tensor, owned: bool = True) -> None:
         param.grad = grad if owned else grad.clone()
     else:
         param.grad.add_(grad)
+
+
+#: what a step's observer may ask the engine to keep: the Gramian, or the Gramian and the Jacobian's blocks
+Record = Literal["gramian", "jacobian"]
+
+
+@dataclass
+class RecordedStep:
+    """What :meth:`GradientEngine.backward` kept of one step when asked to ``record`` it (detached; to be read,
+    not changed).
+
+    ``gramian`` is ``K = G Gᵀ`` [T, T] (float64) of the per-task gradients the balancer sees: of the shared
+    parameters in parameter mode, of the shared representation in representation mode. ``blocks`` (only for
+    ``record="jacobian"`` in parameter mode) is one ``[T, *shape]`` block per shared parameter. Both are of the
+    losses as given, i.e. of any loss scaling the caller applied.
+    """
+
+    gramian: Tensor
+    blocks: list[Tensor] | None = None
 
 
 class GradientEngine:
@@ -122,12 +142,18 @@ class GradientEngine:
         self.taps = taps
         self.reduce = reduce
         self.gramian_dtype = gramian_dtype
+        #: what the last :meth:`backward` kept when asked to ``record`` the step (else None)
+        self.recorded: RecordedStep | None = None
 
-    def backward(self, losses: Tensor, balancer: Balancer) -> Update:
+    def backward(self, losses: Tensor, balancer: Balancer, record: Record | None = None) -> Update:
         """Run ``balancer`` on ``losses`` [T] and accumulate the resulting update into ``.grad``.
 
         Pass ``losses`` as ``torch.stack`` of the per-task losses: the engine then differentiates each task
-        from its own loss node and never walks another task's head."""
+        from its own loss node and never walks another task's head. ``record`` keeps the step's Gramian (and,
+        for ``"jacobian"``, the shared-parameter Jacobian's blocks) in :attr:`recorded`, for an observer such as
+        the trainer's diagnostics; the balancer is not told. A gradient method's Gramian is the one it uses
+        (formed once); for a loss-weighting method the per-task gradients are computed for this step only, and
+        the update is then read from them (no second backward)."""
         if losses.dim() != 1:
             raise ConfigError(f"the engine expects a vector of T task losses, got shape {tuple(losses.shape)}")
         name = type(balancer).__name__
@@ -137,19 +163,23 @@ class GradientEngine:
                 f"balancer {name} is not defined on gradients of the shared representation; use balancer.mode=params"
             )
         grads: StepGradients | None = None
-        if balancer.needs is not Needs.LOSSES:
+        self.recorded = None
+        if balancer.needs is not Needs.LOSSES or record is not None:
             if not representation_mode and not self.shared:
+                who = f"balancer {name} ({balancer.needs.value})" if record is None else "recording a step"
                 raise ConfigError(
-                    f"balancer {name} needs per-task gradients ({balancer.needs.value}) but the engine was given "
-                    "no shared parameters that require grad"
+                    f"{who} needs per-task gradients but the engine was given no shared parameters that require grad"
                 )
             grads = self._step_gradients(losses, representation_mode)
-        update = balancer.balance(losses, grads)
+            if record is not None:
+                # a gradient method may change the blocks it is handed; a loss-weighting one never sees them
+                self.recorded = self._record(grads, record, copy=balancer.needs is not Needs.LOSSES)
+        update = balancer.balance(losses, grads if balancer.needs is not Needs.LOSSES else None)
         if update.weights.shape != losses.shape:
             raise InternalError(
                 f"balancer {name} returned weights of shape {tuple(update.weights.shape)} for {losses.numel()} tasks"
             )
-        if (update.direction is not None or update.shared_weights is not None) and grads is None:
+        if (update.direction is not None or update.shared_weights is not None) and balancer.needs is Needs.LOSSES:
             raise InternalError(f"balancer {name} needs only losses, so it cannot return a direction or shared weights")
         if update.shared_weights is not None and not (grads is not None and grads.jacobian_known):
             raise InternalError(
@@ -167,6 +197,16 @@ class GradientEngine:
                 raise InternalError(f"balancer {name} returned an extra_loss but has no learnable parameters")
             torch.autograd.backward(update.extra_loss, inputs=own)
         return update
+
+    def _record(self, grads: StepGradients, record: Record, copy: bool) -> RecordedStep:
+        """The step's Gramian (the one a Gramian method then reads: formed once) and, when asked, its blocks
+        (copied when ``copy``; else the engine's own, which the update only reads)."""
+        blocks = None
+        if record == "jacobian":
+            if not isinstance(grads, ParameterGradients):
+                raise ConfigError("recording the Jacobian of the shared parameters needs balancer.mode=params")
+            blocks = [b.detach().clone() if copy else b.detach() for b in grads.shared_blocks()]
+        return RecordedStep(grads.gramian().detach().double(), blocks)
 
     def _step_gradients(self, losses: Tensor, representation_mode: bool) -> StepGradients:
         """This step's per-task gradients: the Jacobian path's in parameter mode, the representation's in

@@ -37,6 +37,7 @@ from mtlvision.engine.checkpoint import load_weights, save_weights
 from mtlvision.engine.device import resolve_device, seed_everything
 from mtlvision.engine.inputs import check_before_training
 from mtlvision.engine.logging import EpochSummary
+from mtlvision.engine.probes import StepProbe
 from mtlvision.engine.run_lock import run_folder_lock
 from mtlvision.engine.runs import (
     BASELINES_NAME,
@@ -94,7 +95,8 @@ class TrainingRun:
     ``resume`` continues a run folder from its checkpoint with the folder's own config, changed only by the
     ``overrides`` that :func:`~mtlvision.run_settings.with_resume_overrides` accepts (``train.epochs`` to
     extend a run, ...); a finished run is left as it is unless its epochs are extended. ``save_init`` also
-    stores the initial weights as ``init.safetensors`` (the base of task arithmetic).
+    stores the initial weights as ``init.safetensors`` (the base of task arithmetic). ``probes`` join the
+    trainer's (:mod:`mtlvision.engine.probes`; the affinity run's).
 
     A new run folder is made only once everything that can be wrong in the configuration has been found, and
     removed again when training fails before its first checkpoint: a failed start leaves nothing behind.
@@ -110,6 +112,7 @@ class TrainingRun:
         resume: str | Path | None = None,
         overrides: Mapping[str, Any] | Sequence[str] | None = None,
         save_init: bool = False,
+        probes: Sequence[StepProbe] = (),
     ) -> None:
         self.extends = False
         if resume is not None:
@@ -127,6 +130,7 @@ class TrainingRun:
         self.tasks = build_tasks(config)
         self.config = with_task_list(config, self.tasks)
         self.out, self.name, self.save_init = Path(out), name, save_init
+        self.probes = list(probes)
         self._experts: Baselines | None = None
 
     def execute(self) -> Run:
@@ -190,7 +194,7 @@ class TrainingRun:
             from mtlvision.engine.distill import build_distillation
 
             auxiliary = build_distillation(config, tasks, model)
-        trainer = Trainer.from_config(config, model, auxiliary=auxiliary)
+        trainer = Trainer.from_config(config, model, auxiliary=auxiliary, probes=self.probes)
         trainer.on_epoch_end = self._epoch_end
         return model, trainer, train_data, val_data
 
@@ -301,6 +305,8 @@ class TrainingRun:
         if dist.is_main():
             report.save(run_dir)
             plot_history(trainer.state.history, run_dir / PLOTS_DIR)
+            for probe in trainer.probes:
+                probe.plot(run_dir / PLOTS_DIR)
         return report
 
 

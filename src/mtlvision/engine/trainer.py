@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from mtlvision.balancers import (
     LayerTaps,
     Needs,
     NonFiniteGramianError,
+    RecordedStep,
     resolve_jacobian_path,
 )
 from mtlvision.balancers import get as get_balancer
@@ -46,6 +47,7 @@ from mtlvision.engine import distributed as dist
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
+from mtlvision.engine.diagnostics import GradientDiagnostics
 from mtlvision.engine.logging import EpochProgress, EpochSummary, TensorBoardLog, flatten_metrics, write_history
 from mtlvision.engine.loop_state import (
     FitResult,
@@ -57,6 +59,7 @@ from mtlvision.engine.loop_state import (
 )
 from mtlvision.engine.optim import build_optimizer, build_scheduler
 from mtlvision.engine.precision import Precision
+from mtlvision.engine.probes import ProbeContext, StepProbe, strongest_record
 from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR, WEIGHTS_NAME
 from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError
@@ -102,6 +105,8 @@ class Trainer:
     better), ``"TASK.METRIC"`` (that validation metric in its own direction) or ``"last"`` (the last epoch).
     ``ema`` keeps an exponential moving average of the weights, which is what gets evaluated and saved.
     ``on_epoch_end`` is called with an :class:`~mtlvision.engine.logging.EpochSummary` after every epoch.
+    ``probes`` (:mod:`mtlvision.engine.probes`) look at every ``every``-th step before the optimiser moves:
+    the gradient-conflict diagnostics, TAG's task affinity.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class Trainer:
         on_step: Callable[[Trainer], None] | None = None,
         on_epoch_end: Callable[[EpochSummary], None] | None = None,
         auxiliary: AuxiliaryLoss | None = None,
+        probes: Sequence[StepProbe] = (),
         **options: Any,
     ) -> None:
         balancing_options = {key: options.pop(old) for old, key in _BALANCING_OPTIONS.items() if old in options}
@@ -179,6 +185,19 @@ class Trainer:
             or (auxiliary is not None and auxiliary.needs_representation)
         )
         self.stop = StopRequest()
+        self.probes = list(probes)
+        if self.probes and config.accumulate > 1:
+            raise ConfigError(
+                f"diagnostics and affinity look at one batch's gradients; train.accumulate={config.accumulate} "
+                "spreads a step over several: use train.accumulate=1"
+            )
+        if any(probe.record == "jacobian" for probe in self.probes) and self.balancer_mode == "representation":
+            raise ConfigError(
+                "task affinity takes lookahead steps on the shared parameters, so it needs their per-task gradients: "
+                f"use balancer.mode=params (balancer {type(self.balancer).__name__} runs in representation mode)"
+            )
+        self._recorded: tuple[RecordedStep, float] | None = None
+        self._tb = TensorBoardLog(None)
 
     @classmethod
     def from_config(
@@ -187,8 +206,11 @@ class Trainer:
         model: MultiTaskModel,
         run_dir: Path | None = None,
         auxiliary: AuxiliaryLoss | None = None,
+        probes: Sequence[StepProbe] = (),
     ) -> Trainer:
-        """A trainer with every ``train.*`` and ``balancer.*`` setting of a whole run configuration."""
+        """A trainer with every ``train.*``, ``balancer.*`` and ``diagnostics.*`` setting of a whole run
+        configuration; ``probes`` are added to the diagnostics."""
+        every = config.diagnostics.every
         return cls(
             model,
             config.balancer,
@@ -198,6 +220,7 @@ class Trainer:
             backbone_lr_scale=config.model.backbone_lr_scale,
             run_dir=run_dir,
             auxiliary=auxiliary,
+            probes=[*([GradientDiagnostics(every)] if every else []), *probes],
         )
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -283,7 +306,46 @@ class Trainer:
             balanced = balanced * factor - (balanced * (factor - 1)).detach()
         elif scale != 1.0:
             balanced = balanced * scale - (balanced * (scale - 1)).detach()
-        return engine.backward(balanced, self.balancer).weights.detach()
+        record = strongest_record(self.probes, self.state.step)
+        weights = engine.backward(balanced, self.balancer, record).weights.detach()
+        if engine.recorded is not None:
+            factor = self.precision.scaler.get_scale() * scale if self.precision.scaler is not None else scale
+            self._recorded = (engine.recorded, factor)
+        return weights
+
+    def _observe(self, batch: dict[str, Any], losses: Tensor) -> None:
+        """Hand the recorded step to the probes due at it (before the optimiser step)."""
+        if self._recorded is None:
+            return
+        (recorded, factor), self._recorded = self._recorded, None
+        model = self.model
+
+        def task_losses(replaced: dict[str, Tensor]) -> Tensor:
+            # fresh copies of the buffers: a BatchNorm in train mode updates its running statistics in place
+            tensors = {**{n: b.clone() for n, b in model.named_buffers()}, **replaced}
+            with torch.no_grad(), self.precision.autocast():
+                predictions = torch.func.functional_call(model, tensors, (batch["image"],), strict=False)
+                return self.task_losses(predictions, batch)
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        lrs = {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
+        shared = [p for p in model.shared_parameters() if p.requires_grad]  # the engine's order
+        context = ProbeContext(
+            step=self.state.step,
+            epoch=self.state.epoch,
+            task_names=list(self.tasks),
+            losses=losses.detach(),
+            recorded=recorded,
+            grad_scale=factor,
+            batch=batch,
+            shared=shared,
+            shared_names=[names[id(p)] for p in shared],
+            shared_lrs=[lrs[id(p)] for p in shared],
+            task_losses=task_losses,
+        )
+        for probe in self.probes:
+            if probe.due(self.state.step):
+                self._tb.scalars(probe.observe(context), self.state.step)
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -311,6 +373,7 @@ class Trainer:
                 self._skip(losses)
                 return None
             loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
+            self._observe(batch, losses)
         assert loss_total is not None and weights is not None
         dist.average_gradients(list(self.model.parameters()) + list(self.balancer.parameters()))
         scaler = self.precision.scaler
@@ -361,6 +424,7 @@ class Trainer:
         if resume:
             self.resume()
         tb = TensorBoardLog(self.run_dir / TENSORBOARD_DIR if self.run_dir is not None and dist.is_main() else None)
+        self._tb = tb
         stopped_early = False
         best_val: EvalResult | None = None
         try:
@@ -491,6 +555,8 @@ class Trainer:
         }
         row.update({f"train_loss/{n}": float(v) for n, v in zip(names, mean_losses)})
         row.update({f"weight/{n}": v / state.epoch_steps for n, v in zip(names, state.weight_sum)})
+        for probe in self.probes:
+            row.update(probe.epoch_end())
         return row
 
     def _step_scheduler(self, score: float) -> None:
@@ -505,6 +571,8 @@ class Trainer:
         if self.run_dir is not None and dist.is_main():
             if self.state.history:
                 write_history(self.run_dir / HISTORY_NAME, self.state.history)
+            for probe in self.probes:
+                probe.write(self.run_dir)
             save_checkpoint(self.checkpoint_state(), self.run_dir / CHECKPOINT_NAME)
         dist.barrier()
 
@@ -519,6 +587,7 @@ class Trainer:
             "auxiliary": self.auxiliary.state_dict() if self.auxiliary is not None else None,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
             **self.state.to_checkpoint(),
+            "probes": [probe.state_dict() for probe in self.probes],
             "rng": rng_state(),
         }
 
@@ -543,6 +612,8 @@ class Trainer:
         if self.precision.scaler is not None and saved["scaler"] is not None:
             self.precision.scaler.load_state_dict(saved["scaler"])
         self.state = LoopState.from_checkpoint(saved)
+        for probe, probe_state in zip(self.probes, saved.get("probes") or []):
+            probe.load_state_dict(probe_state)
         if self.state.epoch > self.epochs:
             raise ConfigError(
                 f"train.epochs={self.epochs} is fewer than the {self.state.epoch} epochs {self.run_dir} has completed"

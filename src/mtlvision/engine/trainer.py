@@ -48,6 +48,7 @@ from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
 from mtlvision.engine.logging import EpochProgress, EpochSummary, TensorBoardLog, flatten_metrics, write_history
 from mtlvision.engine.loop_state import (
+    EVAL_PREFIX,
     FitResult,
     LoopState,
     NonFiniteLossError,
@@ -355,9 +356,22 @@ class Trainer:
             )
 
     def fit(
-        self, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader | None = None, resume: bool = False
+        self,
+        train_data: Dataset | DataLoader,
+        val_data: Dataset | DataLoader | None = None,
+        resume: bool = False,
+        eval_data: Dataset | DataLoader | None = None,
     ) -> FitResult:
-        """Train for ``epochs`` epochs (continuing from ``run_dir/checkpoint.pt`` when ``resume``)."""
+        """Train for ``epochs`` epochs (continuing from ``run_dir/checkpoint.pt`` when ``resume``).
+
+        Under ``train.select=mean_last:N``, ``eval_data`` (the eval split) is evaluated after each of the last
+        ``N`` epochs and its metrics recorded in the history as ``eval/TASK/METRIC``.
+        """
+        if self.selection.average_last is not None and eval_data is None:
+            raise ConfigError(
+                f"train.select={self.config.select}: the eval split's metrics of the last epochs are averaged, "
+                "so fit() needs eval_data."
+            )
         if resume:
             self.resume()
         tb = TensorBoardLog(self.run_dir / TENSORBOARD_DIR if self.run_dir is not None and dist.is_main() else None)
@@ -373,6 +387,8 @@ class Trainer:
                         row.update({f"val_loss/{t}": v for t, v in val.losses.items()})
                         row.update(flatten_metrics("val", val.metrics))
                         monitor = val.total_loss
+                    if eval_data is not None and self.selection.tracks_eval_split(epoch, self.epochs):
+                        row.update(flatten_metrics(EVAL_PREFIX, self.evaluate(eval_data).metrics))
                     score = self.selection.score(val, epoch + 1, fallback=monitor)
                     row["score"] = score
                     self._step_scheduler(monitor if self.selection.last else score)

@@ -104,7 +104,7 @@ class SegNet(Backbone):
             indices.append(index)
         unpooled, decoded = [], []
         for level in reversed(range(5)):
-            unpooled.append(F.max_unpool2d(x, indices[level], kernel_size=2, stride=2))
+            unpooled.append(F.max_unpool2d(x, indices[level], kernel_size=(2, 2), stride=(2, 2)))
             x = self.conv_block_dec[level](self.decoder_block[level](unpooled[-1]))
             decoded.append(x)
         return SegNetLevels(first, out, unpooled, decoded)

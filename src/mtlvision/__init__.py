@@ -20,6 +20,7 @@ from mtlvision._version import __version__
 #: public name -> the module that defines it (a module itself where the value is None)
 _EXPORTS: dict[str, str] = {
     "api": "mtlvision.api",
+    "against_published": "mtlvision.api",
     "balancers": "mtlvision.balancers",
     "tasks": "mtlvision.tasks",
     "architectures": "mtlvision.models.architectures",
@@ -52,6 +53,7 @@ _MODULES = {"api", "balancers", "tasks", "architectures"}
 if TYPE_CHECKING:
     from mtlvision import api, balancers, tasks
     from mtlvision.api import (
+        against_published,
         baseline,
         build_tasks,
         catalog,

@@ -196,19 +196,21 @@ class TrainingRun:
         return model, trainer, train_data, val_data
 
     def _validation_split(self) -> PreparedDataset | None:
-        """The val split; empty or missing it is an error, unless ``train.select=last`` needs none."""
+        """The val split; empty or missing it is an error, unless ``train.select`` (``last``, ``mean_last:N``)
+        needs none."""
         config, last = self.config, not needs_validation(self.config.train.select)
+        select = config.train.select
         try:
             data = build_split(config, self.tasks, "val", train=False)
         except DataError as exc:
             if not last:
                 raise
-            logger.info("No validation split (%s); the last epoch is kept (train.select=last).", exc)
+            logger.info("No validation split (%s); the last epoch is kept (train.select=%s).", exc, select)
             return None
         if len(data) > 0:
             return data
         if last:
-            logger.info("The validation split is empty; the last epoch is kept (train.select=last).")
+            logger.info("The validation split is empty; the last epoch is kept (train.select=%s).", select)
             return None
         raise DataError(
             f"the val split of dataset {config.data.name!r} is empty: validation chooses the epoch whose weights "

@@ -14,8 +14,8 @@ from mtlvision.evaluation.published import compare_published
 
 from .data import test_cityscapes, test_nyuv2
 
-# SegNet pools five times: the generated images are 32 x 64 (the real ones are 288 x 384 and 128 x 256)
-SMALL = {"H": 32, "W": 64}
+# SegNet pools five times: the generated images are 32 x 32 (the real ones are 288 x 384 and 128 x 256)
+SMALL = {"H": 32, "W": 32}
 TWO_EPOCHS = ["train.epochs=2", "train.select=mean_last:2", "train.progress=false"]
 
 
@@ -47,7 +47,7 @@ def test_nyuv2_segnet_mtan_trains_two_epochs_and_prints_its_row_beside_the_publi
 ):
     for name, value in SMALL.items():
         monkeypatch.setattr(test_nyuv2, name, value)
-    test_nyuv2.write_nyu(tmp_path / "nyuv2", {"train": 4, "val": 2})
+    test_nyuv2.write_nyu(tmp_path / "nyuv2", {"train": 2, "val": 1})
     report = run_preset("nyuv2_segnet_mtan", tmp_path / "nyuv2", tmp_path / "runs")
     assert set(report["metrics"]) == {"segmentation", "depth", "normals"}
     assert report["model"]["parameters"]["total"] == 44_229_073  # the reference's count less its 3 log-variances
@@ -64,6 +64,6 @@ def test_nyuv2_segnet_mtan_trains_two_epochs_and_prints_its_row_beside_the_publi
 def test_cityscapes_segnet_mtan_trains_two_epochs_on_the_mtan_layout(tmp_path, monkeypatch):
     for name, value in SMALL.items():
         monkeypatch.setattr(test_cityscapes, name, value)
-    test_cityscapes.write_cityscapes(tmp_path / "cityscapes", {"label_7": 7}, {"train": 8, "val": 2})
+    test_cityscapes.write_cityscapes(tmp_path / "cityscapes", {"label_7": 7}, {"train": 2, "val": 1})
     report = run_preset("cityscapes_segnet_mtan", tmp_path / "cityscapes", tmp_path / "runs")
     assert set(report["metrics"]) == {"segmentation", "depth"}

@@ -73,11 +73,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     config = load_config("nyuv2_segnet_mtan")
-    tasks = build_tasks(config)
+    task_list = build_tasks(config)
+    tasks = {task.name: task for task in task_list}
     batch = random_batch(args.batch, *args.size, device)
 
     torch.manual_seed(0)
-    model = build_model(config, tasks).to(device).train()
+    model = build_model(config, task_list).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def plain_step() -> None:

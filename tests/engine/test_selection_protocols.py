@@ -86,3 +86,15 @@ def test_a_run_with_mean_last_reports_the_mean_of_the_history(tmp_path):
         for metric, value in values.items():
             expected = sum(float(row[f"eval/{task}/{metric}"]) for row in rows) / 2
             assert value == pytest.approx(expected, rel=1e-6), (task, metric)
+
+
+def test_a_run_selecting_by_delta_m_without_experts_is_refused_and_leaves_no_folder(tmp_path, capsys):
+    from ..test_data_cli import write_folder
+
+    config = write_folder(tmp_path / "data", corrupt=False, bad_label=False)
+    runs = tmp_path / "runs"
+    args = ["train", str(config), "--set", "train.epochs=1", "train.select=delta_m", "train.progress=false"]
+    assert main([*args, "--out", str(runs)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.select=delta_m" in err and "mtlvision baseline" in err
+    assert not runs.exists() or not any(runs.iterdir())

@@ -100,7 +100,9 @@ class Trainer:
     :func:`~mtlvision.config.resolve_balancing`.
 
     ``select`` (``train.select``) is ``"loss"`` (the sum of the tasks' mean validation losses, lower is
-    better), ``"TASK.METRIC"`` (that validation metric in its own direction) or ``"last"`` (the last epoch).
+    better), ``"TASK.METRIC"`` (that validation metric in its own direction), ``"delta_m"`` (validation Δm
+    against ``selection.baselines``), ``"last"`` (the last epoch) or ``"mean_last:N"`` (the last epoch, the
+    eval split's metrics recorded over the last N epochs; see :class:`~mtlvision.engine.loop_state.Selection`).
     ``ema`` keeps an exponential moving average of the weights, which is what gets evaluated and saved.
     ``on_epoch_end`` is called with an :class:`~mtlvision.engine.logging.EpochSummary` after every epoch.
     """

@@ -213,11 +213,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column(column)
     for entry in api.catalog(args.kind):
         row = [entry.name, entry.description, entry.citation]
-        if sizes:
-            size = sizes[entry.name]
+        size = sizes.get(entry.name)
+        if sizes and size is None:
+            row += ["n/a (input size)", ""]
+        elif size is not None:
+            on = f" on {size['backbone']}" if "backbone" in size else ""  # an architecture bound to its backbone
             row += [
-                f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M)",
-                f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G)",
+                f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M){on}",
+                f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G){on}",
             ]
         table.add_row(*row)
     console.print(table)

@@ -119,6 +119,7 @@ class SegNetMTAN(ArchitectureSpec):
     """
 
     name: ClassVar[str] = "segnet_mtan"
+    backbone: ClassVar[str | None] = "segnet"
     balance_attention: bool = False
 
     def __post_init__(self) -> None:

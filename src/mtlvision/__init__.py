@@ -24,6 +24,7 @@ from mtlvision._version import __version__
 _EXPORTS: dict[str, str] = {
     "api": "mtlvision.api",
     "affinity": "mtlvision.api",
+    "against_published": "mtlvision.api",
     "balancers": "mtlvision.balancers",
     "tasks": "mtlvision.tasks",
     "architectures": "mtlvision.models.architectures",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from mtlvision import api, balancers, tasks
     from mtlvision.api import (
         affinity,
+        against_published,
         baseline,
         build_tasks,
         catalog,

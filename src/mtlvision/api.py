@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
     from mtlvision.evaluation.compare import Comparison
+    from mtlvision.evaluation.published import PublishedComparison
     from mtlvision.export import ExportReport
     from mtlvision.models import MultiTaskModel
     from mtlvision.tasks import Task
@@ -92,6 +93,20 @@ def evaluate(run: str | Path | Run, split: str | None = None, baselines: str | P
     from mtlvision.engine.job import evaluate_run
 
     return evaluate_run(run, split, baselines)
+
+
+def against_published(run: str | Path | Run, benchmark: str) -> PublishedComparison:
+    """A run's recorded metrics (its metrics.json: under ``train.select=mean_last:N`` the mean of the last N
+    epochs) beside the published rows of ``benchmark`` (``nyuv2_segnet_mtan``, ``cityscapes_segnet_mtan``), each
+    with Δm against the published single-task row; the run's Δm against its own experts stays in its report."""
+    from mtlvision.engine.runs import Run
+    from mtlvision.evaluation.published import compare_published
+
+    loaded = run if isinstance(run, Run) else Run.load(run)
+    report = loaded.evaluated
+    comparison = compare_published(report.metrics, benchmark, label=f"this run ({loaded.path.name})")
+    comparison.own_delta_m = None if report.delta_m is None else float(report.delta_m["overall"])
+    return comparison
 
 
 def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:

@@ -128,11 +128,20 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the benchmarks of mtlvision.evaluation.published (listed here so that parsing imports no torch; a test checks)
+AGAINST = ["nyuv2_segnet_mtan", "cityscapes_segnet_mtan"]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mtlvision import api
 
     report = api.evaluate(args.run, split=args.split, baselines=args.baselines)
     _print_report(report)
+    if args.against:
+        from mtlvision.cli_against import print_against
+
+        console.print(f"\nBeside {args.against}'s published rows, the metrics the run recorded (its metrics.json):")
+        print_against(console, api.against_published(args.run, args.against))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
@@ -206,11 +215,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column(column)
     for entry in api.catalog(args.kind):
         row = [entry.name, entry.description, entry.citation]
-        if sizes:
-            size = sizes[entry.name]
+        size = sizes.get(entry.name)
+        if sizes and size is None:
+            row += ["n/a (input size)", ""]
+        elif size is not None:
+            on = f" on {size['backbone']}" if "backbone" in size else ""  # an architecture bound to its backbone
             row += [
-                f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M)",
-                f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G)",
+                f"{size['parameters']['total'] / 1e6:.1f}M ({size['parameters']['shared'] / 1e6:.1f}M){on}",
+                f"{size['macs']['total'] / 1e9:.2f}G ({size['macs']['shared'] / 1e9:.2f}G){on}",
             ]
         table.add_row(*row)
     console.print(table)
@@ -272,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "val", "test"], help="default: the run's train.eval_split")
     ev.add_argument("--baselines", help="a baselines.json (default: <runs>/baseline-<dataset>/baselines.json)")
     ev.add_argument("--json", help="also write the report to this file")
+    ev.add_argument(
+        "--against",
+        choices=AGAINST,
+        help="print the run's recorded metrics beside this benchmark's published rows, with Δm against them",
+    )
     ev.set_defaults(handler=cmd_eval)
 
     pr = verbs.add_parser("predict", help="predict every task on images; JSON and a picture per image")

@@ -143,8 +143,10 @@ class BalancerConfig(BaseModel):
 class TrainConfig(_Strict):
     """``train.*``: the optimisation loop.
 
-    ``select`` chooses the kept epoch: ``loss`` (validation loss), ``TASK.METRIC`` (that validation metric) or
-    ``last`` (the last epoch; the only choice that needs no validation split). ``keep_checkpoint`` keeps
+    ``select`` chooses the kept epoch: ``loss`` (validation loss), ``TASK.METRIC`` (that validation metric),
+    ``delta_m`` (validation Δm against the single-task experts, LibMTL's rule), ``last`` (the last epoch) or
+    ``mean_last:N`` (the last epoch's weights, reporting the mean of the eval split's metrics over the last N
+    epochs: the Nash-MTL / FAMO protocol); the last two need no validation split. ``keep_checkpoint`` keeps
     ``checkpoint.pt`` after a run finishes (needed to extend it later with ``--resume --set train.epochs=N``);
     by default a finished run keeps only what inference needs.
     """
@@ -174,6 +176,16 @@ class TrainConfig(_Strict):
     max_nonfinite: int = Field(10, ge=1)
     dist_timeout: float = Field(300.0, gt=0)  # seconds a torchrun collective waits for the other ranks
     keep_checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _mean_last_within_epochs(self) -> TrainConfig:
+        prefix = "mean_last:"
+        count = self.select[len(prefix) :] if self.select.startswith(prefix) else None
+        if count is not None and (not count.isdigit() or not 1 <= int(count) <= self.epochs):
+            raise ValueError(
+                f"select={self.select!r}: N in mean_last:N must be an integer from 1 to train.epochs ({self.epochs})"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

@@ -45,7 +45,7 @@ def test_dense_heads_any_size(height: int, width: int, name: str) -> None:
         assert head(features_for(RESNET, height, width, batch=1), (height, width)).shape == (1, 3, height, width)
 
 
-SMALL = {"fpn": {"channels": 16}, "aspp": {"channels": 16}, "mlp": {"hidden": 16}, "linear": {}}
+SMALL = {"fpn": {"channels": 16}, "aspp": {"channels": 16}, "mlp": {"hidden": 16}, "linear": {}, "segnet": {}}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS.names()))

@@ -258,6 +258,10 @@ def test_init_schemes_set_heads_and_backbone(scheme: str) -> None:
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         assert weight.abs().max().item() <= bound
         assert weight.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.05)
+    elif scheme == "xavier_normal":
+        assert weight.mean().item() == pytest.approx(0.0, abs=0.01)
+        assert weight.std().item() == pytest.approx(math.sqrt(2.0 / (fan_in + fan_out)), rel=0.05)
+        assert weight.abs().max().item() > math.sqrt(6.0 / (fan_in + fan_out))  # normal, not uniform
     else:
         torch.testing.assert_close(weight @ weight.T, torch.eye(fan_out), atol=1e-4, rtol=0)
     conv = model.architecture.backbone.stages[1].conv.weight.detach().flatten(1)
@@ -319,7 +323,7 @@ def test_architecture_spec_defaults_to_hps(resnet18) -> None:
 
 
 def test_unknown_init_scheme_lists_the_choices() -> None:
-    with pytest.raises(UnknownNameError, match="kaiming, orthogonal, xavier, pretrained"):
+    with pytest.raises(UnknownNameError, match="kaiming, orthogonal, xavier, xavier_normal, pretrained"):
         MultiTaskModel(tiny_backbone, tasks(), init="he")
 
 

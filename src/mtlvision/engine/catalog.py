@@ -121,6 +121,7 @@ def sizes_config(config: RunConfig | None) -> RunConfig:
 def architecture_sizes(config: RunConfig | None = None) -> dict[str, dict[str, Any]]:
     """Parameters and MACs (whole model and shared part) of every architecture for one configuration."""
     from mtlvision.engine.build import build_model, build_tasks, image_size
+    from mtlvision.errors import ConfigError
     from mtlvision.models.architectures import ARCHITECTURES
     from mtlvision.models.complexity import model_complexity
 
@@ -129,10 +130,18 @@ def architecture_sizes(config: RunConfig | None = None) -> dict[str, dict[str, A
     size = image_size(cfg) or (224, 224)
     sizes = {}
     for entry in ARCHITECTURES:
-        model = build_model(
-            cfg.model_copy(update={"model": cfg.model.model_copy(update={"architecture": entry.name})}), tasks
-        )
-        sizes[entry.name] = model_complexity(model, image_size=size)
+        # an architecture bound to one backbone (segnet_mtan) is measured on it, and says so
+        own = entry.obj.backbone
+        update = {"architecture": entry.name, **({"backbone": own} if own and own != cfg.model.backbone else {})}
+        model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}), tasks)
+        try:
+            sizes[entry.name] = model_complexity(model, image_size=size)
+        except ConfigError:
+            if own is None:
+                raise
+            continue  # its backbone does not take this input size (SegNet: multiples of 32); no size shown
+        if "backbone" in update:
+            sizes[entry.name]["backbone"] = own
     return sizes
 
 

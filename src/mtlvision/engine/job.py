@@ -38,6 +38,7 @@ from mtlvision.engine.device import resolve_device, seed_everything
 from mtlvision.engine.inputs import check_before_training
 from mtlvision.engine.logging import EpochSummary
 from mtlvision.engine.probes import StepProbe
+from mtlvision.engine.loop_state import needs_validation, parse_mean_last
 from mtlvision.engine.run_lock import run_folder_lock
 from mtlvision.engine.runs import (
     BASELINES_NAME,
@@ -58,7 +59,7 @@ from mtlvision.engine.runs import (
     write_config,
 )
 from mtlvision.engine.trainer import FitResult, Trainer
-from mtlvision.errors import DataError, MtlvisionError
+from mtlvision.errors import ConfigError, DataError, MtlvisionError
 from mtlvision.evaluation.delta_m import delta_m
 from mtlvision.evaluation.evaluator import evaluate as evaluate_model
 from mtlvision.evaluation.plots import plot_history
@@ -199,19 +200,21 @@ class TrainingRun:
         return model, trainer, train_data, val_data
 
     def _validation_split(self) -> PreparedDataset | None:
-        """The val split; empty or missing it is an error, unless ``train.select=last`` needs none."""
-        config, last = self.config, self.config.train.select == "last"
+        """The val split; empty or missing it is an error, unless ``train.select`` (``last``, ``mean_last:N``)
+        needs none."""
+        config, last = self.config, not needs_validation(self.config.train.select)
+        select = config.train.select
         try:
             data = build_split(config, self.tasks, "val", train=False)
         except DataError as exc:
             if not last:
                 raise
-            logger.info("No validation split (%s); the last epoch is kept (train.select=last).", exc)
+            logger.info("No validation split (%s); the last epoch is kept (train.select=%s).", exc, select)
             return None
         if len(data) > 0:
             return data
         if last:
-            logger.info("The validation split is empty; the last epoch is kept (train.select=last).")
+            logger.info("The validation split is empty; the last epoch is kept (train.select=%s).", select)
             return None
         raise DataError(
             f"the val split of dataset {config.data.name!r} is empty: validation chooses the epoch whose weights "
@@ -228,7 +231,12 @@ class TrainingRun:
                 save_weights(model, run_dir / INIT_WEIGHTS_NAME)
         logger.info("Run folder: %s — tasks: %s", run_dir, ", ".join(t.name for t in self.tasks))
         self._experts = self._val_experts(run_dir)
-        fit = trainer.fit(train_data, val_data, resume=resumed)
+        if trainer.selection.by_delta_m:
+            trainer.selection.baselines = self._selection_baselines(run_dir)
+        eval_data = None
+        if trainer.selection.average_last is not None:
+            eval_data = build_split(config, self.tasks, config.train.eval_split, train=False)
+        fit = trainer.fit(train_data, val_data, resume=resumed, eval_data=eval_data)
         report = self._report(run_dir, model, trainer, fit, train_data, val_data is not None)
         if dist.is_main() and not config.train.keep_checkpoint:
             (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # a finished run keeps what inference needs
@@ -254,6 +262,17 @@ class TrainingRun:
         except MtlvisionError:
             return None
         return None if experts.data_differences(self.config.data.dataset_params) else experts
+
+    def _selection_baselines(self, run_dir: Path) -> Metrics:
+        """The experts' validation metrics that ``train.select=delta_m`` scores epochs against."""
+        path = Baselines.for_run(run_dir, self.config)
+        if not path.is_file():
+            raise ConfigError(
+                f"train.select=delta_m chooses the epoch by validation Δm against single-task experts, and there "
+                f"are none at {path}: run `mtlvision baseline` first (or set `baselines:` to their "
+                "baselines.json), or choose another train.select."
+            )
+        return Baselines.load(path).metrics((t.name for t in self.tasks), "val")
 
     def _val_delta_m(self, metrics: Metrics) -> float | None:
         if self._experts is None or not metrics:
@@ -291,6 +310,8 @@ class TrainingRun:
             ).metrics
             skipped[split] = data.skipped
         split = config.train.eval_split
+        if trainer.selection.average_last is not None:
+            metrics[split] = trainer.selection.averaged(trainer.state.history)
         size = input_size(config, data)
         report = RunReport(
             split=split,
@@ -314,6 +335,14 @@ def selection_text(select: str, validated: bool) -> str:
     """How the kept epoch was chosen, as metrics.json says it."""
     if select == "last":
         return "the last epoch (train.select=last" + ("" if validated else "; no validation split") + ")"
+    count = parse_mean_last(select)
+    if count is not None:
+        return (
+            f"the last epoch's weights; metrics are the mean of the eval split's metrics over the last {count} "
+            f"epochs (train.select={select}, the Nash-MTL / FAMO protocol)"
+        )
+    if select == "delta_m":
+        return "the epoch with the best validation Δm against the single-task experts (train.select=delta_m)"
     what = "validation loss" if select == "loss" else f"validation {select}"
     return f"the epoch with the best {what} (train.select={select})"
 

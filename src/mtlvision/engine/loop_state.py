@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from mtlvision.engine import distributed as dist
-from mtlvision.errors import ConfigError, MtlvisionError
+from mtlvision.errors import ConfigError, InternalError, MtlvisionError
+from mtlvision.evaluation.delta_m import delta_m
 from mtlvision.evaluation.evaluator import EvalResult
 from mtlvision.tasks.base import Task
 
@@ -65,21 +66,47 @@ class LoopState:
         return cls(**saved["loop"], history=list(saved["history"]))
 
 
+MEAN_LAST = "mean_last:"
+#: history columns of the eval split's metrics, recorded at the last epochs under ``mean_last:N``
+EVAL_PREFIX = "eval"
+
+
 class Selection:
-    """``train.select``: ``"loss"`` (the sum of the tasks' mean validation losses), ``"TASK.METRIC"`` (that
-    validation metric in its own direction) or ``"last"`` (the last epoch, with or without validation);
-    :meth:`score` is lower-is-better either way."""
+    """``train.select``: which epoch's weights are kept and which metrics are reported.
+
+    - ``"loss"``: the epoch with the lowest sum of the tasks' mean validation losses;
+    - ``"TASK.METRIC"``: the best epoch by that validation metric, in its own direction;
+    - ``"delta_m"``: the best epoch by validation Δm against the single-task experts' validation metrics
+      (:attr:`baselines`), LibMTL's rule (Lin and Zhang, LibMTL, JMLR 2023);
+    - ``"last"``: the last epoch, with or without validation;
+    - ``"mean_last:N"``: the last epoch's weights, and as the reported metrics the mean of the eval split's
+      metrics over the last ``N`` epochs, the protocol of Nash-MTL (Navon et al., ICML 2022) and FAMO (Liu et
+      al., NeurIPS 2023) on NYUv2 and Cityscapes (N = 10); needs no validation split.
+
+    :meth:`score` is lower-is-better in every case.
+    """
 
     def __init__(self, select: str, tasks: Mapping[str, Task]) -> None:
         self.metric: tuple[str, str, bool] | None = None
-        self.last = select == "last"
-        if select in ("loss", "last"):
+        self.average_last = parse_mean_last(select)
+        self.last = not needs_validation(select)
+        self.by_delta_m = select == "delta_m"
+        self.directions = {name: dict(task.metric_directions) for name, task in tasks.items()}
+        #: the experts' validation metrics that ``delta_m`` scores against (set by the caller)
+        self.baselines: Mapping[str, Mapping[str, float]] | None = None
+        if select in ("loss", "last", "delta_m") or self.average_last is not None:
             return
         task, _, metric = select.partition(".")
         if task not in tasks or metric not in tasks[task].metric_directions:
-            options = ["loss", "last"] + [f"{t}.{m}" for t, task_ in tasks.items() for m in task_.metric_directions]
+            options = ["loss", "last", "delta_m", "mean_last:N"] + [
+                f"{t}.{m}" for t, task_ in tasks.items() for m in task_.metric_directions
+            ]
             raise ConfigError(f"train.select={select!r} is not known; choose one of: {', '.join(options)}")
         self.metric = (task, metric, tasks[task].metric_directions[metric])
+
+    def tracks_eval_split(self, epoch: int, epochs: int) -> bool:
+        """Whether the eval split is evaluated after ``epoch`` (counted from 0) of ``epochs``."""
+        return self.average_last is not None and epoch >= epochs - self.average_last
 
     def score(self, result: EvalResult | None, epoch: int, fallback: float = math.inf) -> float:
         """The score of ``epoch`` (counted from 1); ``fallback`` (the training loss) without validation."""
@@ -87,11 +114,52 @@ class Selection:
             return -float(epoch)
         if result is None:
             return fallback
+        if self.by_delta_m:
+            if self.baselines is None:
+                raise ConfigError(
+                    "train.select=delta_m scores each epoch by validation Δm against single-task experts, and "
+                    "none were given: run `mtlvision baseline` first (or set `baselines:`), or choose another "
+                    "train.select."
+                )
+            return delta_m(result.metrics, self.baselines, self.directions).overall
         if self.metric is None:
             return result.total_loss
         task, metric, higher = self.metric
         value = result.metrics[task][metric]
         return -value if higher else value
+
+    def averaged(self, history: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        """The mean of the eval-split metrics recorded in the last ``N`` rows of ``history`` (``mean_last:N``)."""
+        if self.average_last is None:
+            raise InternalError("Selection.averaged is for train.select=mean_last:N only")
+        rows = list(history)[-self.average_last :]
+        prefix = EVAL_PREFIX + "/"
+        keys = [k for k in rows[-1] if k.startswith(prefix)] if rows else []
+        if not keys or any(k not in row for row in rows for k in keys):
+            raise InternalError("the history lacks the eval-split metrics of the last epochs")
+        metrics: dict[str, dict[str, float]] = {}
+        for key in keys:
+            task, metric = key[len(prefix) :].split("/", 1)
+            metrics.setdefault(task, {})[metric] = sum(float(row[key]) for row in rows) / len(rows)
+        return metrics
+
+
+def needs_validation(select: str) -> bool:
+    """Whether rule ``select`` reads the validation split (``last`` and ``mean_last:N`` do not)."""
+    return select != "last" and parse_mean_last(select) is None
+
+
+def parse_mean_last(select: str) -> int | None:
+    """``N`` of ``train.select=mean_last:N``; None for other rules; a :class:`ConfigError` for a bad ``N``."""
+    if not select.startswith(MEAN_LAST):
+        return None
+    count = select[len(MEAN_LAST) :]
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(
+            f"train.select={select!r}: N in mean_last:N must be a positive integer (the number of last epochs "
+            "whose eval-split metrics are averaged), e.g. mean_last:10."
+        )
+    return int(count)
 
 
 class StopRequest:

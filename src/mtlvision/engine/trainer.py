@@ -50,6 +50,7 @@ from mtlvision.engine.device import resolve_device, rng_state, seed_everything, 
 from mtlvision.engine.diagnostics import GradientDiagnostics
 from mtlvision.engine.logging import EpochProgress, EpochSummary, TensorBoardLog, flatten_metrics, write_history
 from mtlvision.engine.loop_state import (
+    EVAL_PREFIX,
     FitResult,
     LoopState,
     NonFiniteLossError,
@@ -102,7 +103,9 @@ class Trainer:
     :func:`~mtlvision.config.resolve_balancing`.
 
     ``select`` (``train.select``) is ``"loss"`` (the sum of the tasks' mean validation losses, lower is
-    better), ``"TASK.METRIC"`` (that validation metric in its own direction) or ``"last"`` (the last epoch).
+    better), ``"TASK.METRIC"`` (that validation metric in its own direction), ``"delta_m"`` (validation Δm
+    against ``selection.baselines``), ``"last"`` (the last epoch) or ``"mean_last:N"`` (the last epoch, the
+    eval split's metrics recorded over the last N epochs; see :class:`~mtlvision.engine.loop_state.Selection`).
     ``ema`` keeps an exponential moving average of the weights, which is what gets evaluated and saved.
     ``on_epoch_end`` is called with an :class:`~mtlvision.engine.logging.EpochSummary` after every epoch.
     ``probes`` (:mod:`mtlvision.engine.probes`) look at every ``every``-th step before the optimiser moves:
@@ -418,9 +421,22 @@ class Trainer:
             )
 
     def fit(
-        self, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader | None = None, resume: bool = False
+        self,
+        train_data: Dataset | DataLoader,
+        val_data: Dataset | DataLoader | None = None,
+        resume: bool = False,
+        eval_data: Dataset | DataLoader | None = None,
     ) -> FitResult:
-        """Train for ``epochs`` epochs (continuing from ``run_dir/checkpoint.pt`` when ``resume``)."""
+        """Train for ``epochs`` epochs (continuing from ``run_dir/checkpoint.pt`` when ``resume``).
+
+        Under ``train.select=mean_last:N``, ``eval_data`` (the eval split) is evaluated after each of the last
+        ``N`` epochs and its metrics recorded in the history as ``eval/TASK/METRIC``.
+        """
+        if self.selection.average_last is not None and eval_data is None:
+            raise ConfigError(
+                f"train.select={self.config.select}: the eval split's metrics of the last epochs are averaged, "
+                "so fit() needs eval_data."
+            )
         if resume:
             self.resume()
         tb = TensorBoardLog(self.run_dir / TENSORBOARD_DIR if self.run_dir is not None and dist.is_main() else None)
@@ -437,6 +453,8 @@ class Trainer:
                         row.update({f"val_loss/{t}": v for t, v in val.losses.items()})
                         row.update(flatten_metrics("val", val.metrics))
                         monitor = val.total_loss
+                    if eval_data is not None and self.selection.tracks_eval_split(epoch, self.epochs):
+                        row.update(flatten_metrics(EVAL_PREFIX, self.evaluate(eval_data).metrics))
                     score = self.selection.score(val, epoch + 1, fallback=monitor)
                     row["score"] = score
                     self._step_scheduler(monitor if self.selection.last else score)

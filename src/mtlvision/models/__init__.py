@@ -7,6 +7,7 @@ from mtlvision.models.backbones import BACKBONES, Backbone, BackboneStage, creat
 from mtlvision.models.heads import HEADS, build_head
 from mtlvision.models.init import INIT_SCHEMES
 from mtlvision.models.multitask import MultiTaskModel
+from mtlvision.models.segnet import SegNet
 
 __all__ = [
     "ARCHITECTURES",
@@ -19,6 +20,7 @@ __all__ = [
     "Backbone",
     "BackboneStage",
     "MultiTaskModel",
+    "SegNet",
     "build_head",
     "create_backbone",
 ]

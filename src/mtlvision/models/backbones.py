@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,10 @@ for _name, _description in [
     ("tv/regnet_y_400mf", "torchvision RegNetY-400MF"),
 ]:
     BACKBONES.register(_name, _description)(_name)
+
+#: Backbones built by this library rather than timm or torchvision (name -> class taking ``in_chans``);
+#: their modules register themselves here (see :mod:`mtlvision.models.segnet`).
+NATIVE_BACKBONES: Registry[Callable[[int], Backbone]] = Registry("backbone")
 
 ANY_TIMM_NOTE = "any timm model name that supports features_only=True also works (see timm.list_models())"
 
@@ -224,8 +228,11 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------------------------ factory
 def create_backbone(name: str, pretrained: str | Path | None = None, in_chans: int = 3) -> Backbone:
-    """Build backbone ``name`` (timm name, or ``tv/<torchvision name>``), optionally from local weights."""
-    if name.startswith(TORCHVISION_PREFIX):
+    """Build backbone ``name`` (one of :data:`NATIVE_BACKBONES`, a timm name, or ``tv/<torchvision name>``),
+    optionally from local weights."""
+    if name.lower() in NATIVE_BACKBONES.names():
+        backbone = NATIVE_BACKBONES.get(name)(in_chans)
+    elif name.startswith(TORCHVISION_PREFIX):
         backbone = _torchvision_backbone(name, in_chans)
     else:
         backbone = _timm_backbone(name, in_chans)

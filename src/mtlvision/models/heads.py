@@ -108,6 +108,31 @@ class ASPPHead(nn.Module):
         return _upsample(self.fuse(torch.cat([context, skip], dim=1)), image_size)
 
 
+@HEADS.register(
+    "segnet",
+    "MTAN's SegNet prediction layer: 3x3 conv then 1x1 conv (both with bias, no norm) on the finest scale",
+    "Liu, Johns and Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019",
+)
+class SegNetHead(nn.Module):
+    """The task-specific prediction layer of the SegNet benchmark networks, ``Conv3x3(C, C)`` then
+    ``Conv1x1(C, out)``, on the finest feature map; upsampled bilinearly only where that map is coarser
+    than the image (SegNet's own output is at input resolution)."""
+
+    def __init__(self, feature_channels: Sequence[int], feature_strides: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        _check_positive("segnet", out_channels=out_channels)
+        self.index = min(range(len(feature_strides)), key=lambda i: feature_strides[i])
+        channels = feature_channels[self.index]
+        self.predict = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv2d(channels, out_channels, kernel_size=1),
+        )
+
+    def forward(self, features: Sequence[Tensor], image_size: Sequence[int]) -> Tensor:
+        out = self.predict(features[self.index])
+        return out if tuple(out.shape[-2:]) == tuple(image_size) else _upsample(out, image_size)
+
+
 @HEADS.register("mlp", "global average pool of the coarsest scale, then an MLP with one hidden layer")
 class MLPHead(nn.Module):
     """Image-level head: pooled coarsest features -> Linear -> ReLU -> Dropout -> Linear."""

@@ -35,6 +35,15 @@ def xavier(weight: Tensor) -> None:
 
 
 @INIT_SCHEMES.register(
+    "xavier_normal",
+    "Glorot normal (MTAN's SegNet and the NYUv2/Cityscapes benchmark code)",
+    "Glorot & Bengio, Understanding the difficulty of training deep feedforward networks, AISTATS 2010",
+)
+def xavier_normal(weight: Tensor) -> None:
+    nn.init.xavier_normal_(weight)
+
+
+@INIT_SCHEMES.register(
     "orthogonal",
     "orthogonal matrices (convolutions flattened per output channel)",
     "Saxe et al., Exact solutions to the nonlinear dynamics of learning in deep linear networks, ICLR 2014",

@@ -50,7 +50,13 @@ NYU_CLASSES = 13
 class NpyBenchmarkParams(DatasetParams):
     """``data.*`` keys of the ``.npy`` benchmark layouts (NYUv2, Cityscapes)."""
 
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of their train split used as our val")
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of their train split used as our val; 0 trains on all of it (the Nash-MTL / FAMO "
+        "protocol, with train.select=last or mean_last:N) and leaves val empty",
+    )
     split_seed: int = Field(0, ge=0, description="seed of the train/val carving")
 
 
@@ -103,6 +109,9 @@ def npy_split(root: Path, params: NpyBenchmarkParams, split: str, readers: dict[
         folder = root / "val"
         return NpyBenchmark(folder, list(range(count_npy(folder))), readers, split)
     folder = root / "train"
+    if params.val_fraction == 0:
+        every = list(range(count_npy(folder)))
+        return NpyBenchmark(folder, every if split == "train" else [], readers, split)
     train, val = carve_validation(count_npy(folder), params.val_fraction, params.split_seed)
     return NpyBenchmark(folder, train if split == "train" else val, readers, split)
 

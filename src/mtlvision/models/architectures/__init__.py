@@ -13,6 +13,7 @@ from mtlvision.models.architectures.mtan import MTAN
 from mtlvision.models.architectures.padnet import PADNet
 from mtlvision.models.architectures.ple import PLE
 from mtlvision.models.architectures.registry import ARCHITECTURES
+from mtlvision.models.architectures.segnet_mtan import SegNetMTAN
 
 __all__ = [
     "ARCHITECTURES",
@@ -27,4 +28,5 @@ __all__ = [
     "DSelectK",
     "PADNet",
     "RepresentationUnavailable",
+    "SegNetMTAN",
 ]

@@ -54,6 +54,8 @@ class ArchitectureSpec(ABC):
     """A user-facing architecture choice with its hyper-parameters; :meth:`build` makes the module."""
 
     name: ClassVar[str]
+    #: the one backbone the architecture is built on (None: any backbone that exposes its stages)
+    backbone: ClassVar[str | None] = None
 
     @abstractmethod
     def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture: ...

@@ -37,8 +37,8 @@ from mtlvision.engine.checkpoint import load_weights, save_weights
 from mtlvision.engine.device import resolve_device, seed_everything
 from mtlvision.engine.inputs import check_before_training
 from mtlvision.engine.logging import EpochSummary
-from mtlvision.engine.probes import StepProbe
 from mtlvision.engine.loop_state import needs_validation, parse_mean_last
+from mtlvision.engine.probes import StepProbe
 from mtlvision.engine.run_lock import run_folder_lock
 from mtlvision.engine.runs import (
     BASELINES_NAME,

@@ -31,7 +31,7 @@ test: lint docs
 
 # the documentation site, built into an ignored folder; --strict turns every warning into a failure
 docs: install
-	$(BIN)/mkdocs build --strict --site-dir .site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir .site
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

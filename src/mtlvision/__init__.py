@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "registry": "mtlvision.api",
     "split": "mtlvision.api",
     "train": "mtlvision.api",
+    "tune": "mtlvision.api",
     "RunConfig": "mtlvision.config",
     "load_config": "mtlvision.config",
     "Run": "mtlvision.engine.runs",
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
         registry,
         split,
         train,
+        tune,
     )
     from mtlvision.config import RunConfig, load_config
     from mtlvision.engine.runs import Run, RunReport

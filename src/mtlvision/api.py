@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mtlvision.engine.catalog import CatalogEntry
     from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
+    from mtlvision.engine.tuning import TuneResult
     from mtlvision.evaluation.compare import Comparison
     from mtlvision.export import ExportReport
     from mtlvision.models import MultiTaskModel
@@ -245,3 +246,48 @@ def architecture_sizes(source: ConfigSource = None, overrides: Overrides = None)
 
     cfg = config(source, overrides) if source is not None else None
     return sizes(cfg), architecture_sizes_setting(cfg)
+
+
+def tune(
+    source: ConfigSource = None,
+    overrides: Overrides = None,
+    *,
+    space: str | Path | Mapping[str, Any] | None = None,
+    trials: int = 20,
+    timeout: float | None = None,
+    objective: str = "delta_m",
+    storage: str | None = None,
+    study: str | None = None,
+    out: str | Path = "runs",
+    seed: int = 0,
+    baselines: str | Path | None = None,
+) -> TuneResult:
+    """Search hyper-parameters with Optuna (``mtlvision tune``); each trial is a normal run folder.
+
+    ``space`` is a search-space YAML, a mapping of the same content, or None for the default space (see
+    :mod:`mtlvision.engine.search_space`); ``objective`` is ``delta_m``, ``pareto`` or ``TASK.METRIC``, always
+    on the validation split; the study lives in ``out/study`` (default ``tune-<dataset>``) with its SQLite
+    storage unless ``storage`` (any Optuna URL, or ``journal:PATH``) is given, and continues where it stopped
+    when run again. Returns the best params and values, every trial, importances and ``best.yaml``.
+    """
+    from mtlvision.engine.search_space import SearchSpace
+    from mtlvision.engine.tuning import TuningStudy
+
+    searched = (
+        SearchSpace.from_mapping(space, "the search space given")
+        if isinstance(space, Mapping)
+        else SearchSpace.load(space)
+    )
+    job = TuningStudy(
+        config(source, overrides),
+        searched,
+        trials=trials,
+        objective=objective,
+        out=out,
+        study=study,
+        storage=storage,
+        timeout=timeout,
+        seed=seed,
+        baselines=baselines,
+    )
+    return job.run()

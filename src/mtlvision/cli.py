@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(check)
     check.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     check.set_defaults(handler=cmd_data_check)
+
+    from mtlvision.cli_tune import add_parser as add_tune
+
+    add_tune(verbs, _add_config_arguments)
     return parser
 
 

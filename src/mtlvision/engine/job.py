@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,8 @@ class TrainingRun:
     ``resume`` continues a run folder from its checkpoint with the folder's own config, changed only by the
     ``overrides`` that :func:`~mtlvision.run_settings.with_resume_overrides` accepts (``train.epochs`` to
     extend a run, ...); a finished run is left as it is unless its epochs are extended. ``save_init`` also
-    stores the initial weights as ``init.safetensors`` (the base of task arithmetic).
+    stores the initial weights as ``init.safetensors`` (the base of task arithmetic). ``on_epoch`` is called
+    with each epoch's summary (Δm on val filled in) after it is logged: a tuning study prunes a trial there.
 
     A new run folder is made only once everything that can be wrong in the configuration has been found, and
     removed again when training fails before its first checkpoint: a failed start leaves nothing behind.
@@ -110,8 +111,10 @@ class TrainingRun:
         resume: str | Path | None = None,
         overrides: Mapping[str, Any] | Sequence[str] | None = None,
         save_init: bool = False,
+        on_epoch: Callable[[EpochSummary], None] | None = None,
     ) -> None:
         self.extends = False
+        self.on_epoch = on_epoch
         if resume is not None:
             self.resumed: Path | None = Path(resume)
             stored = read_config(self.resumed)
@@ -263,6 +266,8 @@ class TrainingRun:
         summary.delta_m = self._val_delta_m(summary.metrics)
         summary.best_delta_m = self._val_delta_m(summary.best_metrics)
         logger.info("%s", summary.line(), extra={"epoch_summary": summary})
+        if self.on_epoch is not None:
+            self.on_epoch(summary)
 
     # ------------------------------------------------------------------------------------------- report
     def _report(

@@ -19,6 +19,8 @@ import csv
 import json
 import logging
 import math
+import os
+import socket
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -310,6 +312,7 @@ class TuningStudy:
         params = self.space.sample(trial, flatten(self.raw))
         name = f"trial-{trial.number:04d}"
         trial.set_user_attr("run", str(self.dir / TRIALS_DIR / name))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             config = self.trial_config(params)
             run = TrainingRun(config, out=self.dir / TRIALS_DIR, name=name, on_epoch=self._pruning(trial)).execute()

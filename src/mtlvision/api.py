@@ -74,15 +74,29 @@ def train(
 
 
 def baseline(
-    source: ConfigSource = None, overrides: Overrides = None, *, out: str | Path = "runs", name: str | None = None
+    source: ConfigSource = None,
+    overrides: Overrides = None,
+    *,
+    out: str | Path = "runs",
+    name: str | None = None,
+    match: str | Path | None = None,
 ) -> Path:
     """Train one single-task expert per task (``mtlvision baseline``) and store their metrics for Δm.
 
-    Returns the path of ``baselines.json``; later runs on the same data find it and report Δm.
+    With ``match`` (a joint run folder) the experts get that run's configuration and budget per task (its
+    epochs, batch size, data, model and seed; see :func:`~mtlvision.engine.job.matched_expert_config`), in
+    ``out/baseline-<run>`` unless ``name`` says otherwise. Returns the path of ``baselines.json``; later runs on
+    the same data find it and report Δm.
     """
-    from mtlvision.engine.job import train_experts
+    from mtlvision.engine.job import matched_expert_config, train_experts
 
-    return train_experts(config(source, overrides), out=out, name=name).path
+    if match is None:
+        return train_experts(config(source, overrides), out=out, name=name).path
+    if source is not None:
+        raise MtlvisionError(f"--match {match} takes the run's own configuration; give no config ({source})")
+    changes = dict(overrides) if isinstance(overrides, Mapping) else dict(map(parse_override, overrides or []))
+    name = name or f"baseline-{Path(match).name}"
+    return train_experts(matched_expert_config(match, changes), out=out, name=name).path
 
 
 def evaluate(run: str | Path | Run, split: str | None = None, baselines: str | Path | None = None) -> RunReport:

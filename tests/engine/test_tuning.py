@@ -1,4 +1,7 @@
-"""``tune``: trials are run folders scored on val; experts once; failures recorded; kill and resume; workers."""
+"""``tune``: trials are run folders scored on val; experts once; failures recorded; kill and resume; workers.
+
+The studies that train experts, several trials or worker processes take about a minute of CPU each: marked slow.
+"""
 
 import csv
 import json
@@ -52,6 +55,7 @@ def delta_study(tmp_path_factory):
     return mv.tune("scenes", TINY, space=SPACE, trials=2, out=tmp_path_factory.mktemp("tune"), seed=0)
 
 
+@pytest.mark.slow
 def test_delta_m_study_scores_each_trial_against_the_experts_on_val(delta_study):
     result = delta_study
     assert result.study_dir.name == "tune-scenes" and len(result.trials) == 2
@@ -82,6 +86,7 @@ def test_delta_m_study_scores_each_trial_against_the_experts_on_val(delta_study)
     assert result.budget() == "2 trials × up to 1 epochs (2 epochs trained in all)"
 
 
+@pytest.mark.slow
 def test_best_yaml_is_a_configuration_train_accepts(delta_study, tmp_path):
     best = next(t for t in delta_study.trials if t.number == delta_study.best_trial)
     assert main(["train", str(delta_study.best_config), "--out", str(tmp_path), "--name", "best"]) == 0
@@ -91,6 +96,7 @@ def test_best_yaml_is_a_configuration_train_accepts(delta_study, tmp_path):
     assert retrained.report.delta_m is not None  # measured against the study's experts
 
 
+@pytest.mark.slow
 def test_pareto_reuses_given_experts_with_one_objective_per_task(delta_study, tmp_path):
     experts = delta_study.baselines
     result = mv.tune("scenes", TINY, space=SPACE, trials=2, objective="pareto", out=tmp_path, baselines=experts)
@@ -154,6 +160,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_and_loses_no_finished_trial(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
@@ -182,6 +189,7 @@ def test_a_killed_study_resumes_and_loses_no_finished_trial(tmp_path):
     assert len(_rows(result.study_dir)) == len(result.trials)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_on_a_journal_file(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))

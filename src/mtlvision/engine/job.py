@@ -20,7 +20,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from mtlvision.config import RunConfig, TaskEntry
+from mtlvision.config import RunConfig, TaskEntry, apply_overrides, validate
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
 from mtlvision.engine.build import (
@@ -54,6 +54,7 @@ from mtlvision.engine.runs import (
     directions,
     new_run_dir,
     read_config,
+    training_compute,
     write_config,
 )
 from mtlvision.engine.trainer import FitResult, Trainer
@@ -293,6 +294,8 @@ class TrainingRun:
             skipped[split] = data.skipped
         split = config.train.eval_split
         size = input_size(config, data)
+        state = trainer.state
+        compute = training_compute(state.epoch, state.step, len(train_data), config.train.batch_size)
         report = RunReport(
             split=split,
             metrics=metrics[split],
@@ -301,7 +304,8 @@ class TrainingRun:
             selection=selection_text(config.train.select, validated),
             model=model_complexity(model, image_size=size),
             skipped_samples=skipped_counts(config, skipped),
-            **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
+            compute=compute,
+            **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split, compute),
         )
         if dist.is_main():
             report.save(run_dir)
@@ -350,6 +354,18 @@ def train_experts(config: RunConfig, *, out: str | Path = "runs", name: str | No
             baselines.record(task.name, run)
             baselines.save()
     return baselines
+
+
+def matched_expert_config(run: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The configuration of experts on the same budget per task as the joint ``run`` (``baseline --match RUN``).
+
+    It is the run's own config.yaml (its data, model, epochs, batch size, optimiser, schedule, seed: every
+    expert sees the same images the same number of times as each task of the run) with equal weighting (a
+    balancer of one task has nothing to balance) and without the run's ``baselines``; ``overrides`` apply on top.
+    """
+    stored = read_config(Path(run)).to_dict()
+    stored["balancer"], stored["baselines"] = {"name": "ew"}, None
+    return validate(apply_overrides(stored, dict(overrides or {})))
 
 
 def _expert(config: RunConfig, run_dir: Path, baselines: Baselines) -> Run | None:
@@ -421,9 +437,11 @@ def evaluate_run(run: str | Path | Run, split: str | None = None, baselines: str
     device = resolve_device(config.train.device)
     metrics = evaluate_model(model.to(device), loader, model.tasks, device).metrics
     path = Path(baselines) if baselines else Baselines.for_run(run.path, config)
+    compute = run.report.compute if run.report is not None else None  # the budget it was trained with
     return RunReport(
         split=split,
         metrics=metrics,
         skipped_samples=skipped_counts(config, {split: data.skipped}),
-        **delta_m_against(path, config, model.tasks.values(), metrics, split),
+        compute=compute,
+        **delta_m_against(path, config, model.tasks.values(), metrics, split, compute),
     )

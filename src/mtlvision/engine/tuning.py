@@ -10,7 +10,9 @@ Every objective is measured on the validation split (the test split is left for 
 Δm against the experts (minimised; TPE, Bergstra et al. 2011; pruned by the median rule on each epoch's
 validation Δm); ``TASK.METRIC`` that metric in its own direction; ``pareto`` one objective per task, each
 task's Δm against its expert, searched with NSGA-II (Deb et al. 2002) and never pruned. A trial that diverges
-is recorded as pruned, one that fails as failed, each with its ``reason``; the study goes on.
+is recorded as pruned, one that fails as failed, each with its ``reason``; the study goes on. Ctrl-C or SIGTERM
+stops the study after recording the interrupted trial as failed (``interrupted``; it does not count toward
+``--trials``), and writes the outputs so far; run ``tune`` again to continue.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from mtlvision.config import RunConfig, apply_overrides, validate
 from mtlvision.engine.build import build_tasks
 from mtlvision.engine.job import TrainingRun, train_experts
 from mtlvision.engine.logging import EpochSummary
-from mtlvision.engine.loop_state import NonFiniteLossError
+from mtlvision.engine.loop_state import NonFiniteLossError, TrainingInterrupted
 from mtlvision.engine.runs import BASELINES_NAME, Baselines, directions
 from mtlvision.engine.search_space import SearchSpace
 from mtlvision.errors import ConfigError, MtlvisionError
@@ -228,8 +230,8 @@ class TuningStudy:
         if self.objective.needs_experts:
             self.experts = self._experts()
         study = self._open(optuna)
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        missing = self.trials - len(study.get_trials(deepcopy=False, states=finished))
+        missing = self.trials - finished_trials(study)
+        self._interrupted: TrainingInterrupted | None = None
         if missing > 0:
             logger.info("Study %s: %d trial(s) to run (storage %s).", self.name, missing, self.storage_url)
             study.optimize(
@@ -237,13 +239,21 @@ class TuningStudy:
                 n_trials=missing,
                 timeout=self.timeout,
                 catch=(MtlvisionError, RuntimeError, ValueError),
-                callbacks=[optuna.study.MaxTrialsCallback(self.trials, states=finished)],
+                callbacks=[self._stop_when_done],
             )
         else:
             logger.info("Study %s already holds %d finished trials.", self.name, self.trials - missing)
         from mtlvision.engine.tuning_report import write_outputs
 
-        return write_outputs(self, study)
+        result = write_outputs(self, study)
+        if self._interrupted is not None:  # Ctrl-C or SIGTERM: the outputs so far are written, then we stop
+            raise self._interrupted
+        return result
+
+    def _stop_when_done(self, study: optuna.Study, trial: Any) -> None:
+        # every worker stops once the study holds enough finished trials, whoever finished them
+        if finished_trials(study) >= self.trials:
+            study.stop()
 
     def _experts(self) -> Baselines:
         if self.given_baselines is not None:
@@ -319,6 +329,12 @@ class TuningStudy:
         except optuna.TrialPruned as exc:
             trial.set_user_attr("reason", str(exc))
             raise
+        except TrainingInterrupted as exc:  # recorded as failed, not counted; the study stops here
+            trial.set_user_attr("reason", f"interrupted: {exc}")
+            trial.set_user_attr("interrupted", True)
+            self._interrupted = exc
+            trial.study.stop()
+            raise
         except NonFiniteLossError as exc:
             trial.set_user_attr("reason", f"diverged: {exc}")
             raise optuna.TrialPruned(f"diverged: {exc}") from None
@@ -356,6 +372,15 @@ class TuningStudy:
                 )
 
         return on_epoch
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that count toward ``--trials``: completed, pruned or failed, but not interrupted (Ctrl-C, SIGTERM)."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name in ("COMPLETE", "PRUNED") or (t.state.name == "FAIL" and not t.user_attrs.get("interrupted"))
+    )
 
 
 def write_table(path: Path, rows: list[TrialRow], names: list[str]) -> None:

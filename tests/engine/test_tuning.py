@@ -209,3 +209,33 @@ def test_two_workers_share_one_study_on_a_journal_file(tmp_path):
     assert len([t for t in trials if t.state.name == "COMPLETE"]) >= 6
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials of the one study
     assert len({t.user_attrs["run"] for t in trials}) == len(trials)  # each trial its own run folder
+
+
+def test_objective_directions_follow_the_tasks_metrics():
+    from mtlvision.engine.tuning import Objective
+
+    tasks = mv.build_tasks("scenes", {"tasks": ["count", "depth"]})
+    assert Objective.parse("count.accuracy", tasks).directions == ("maximize",)
+    depth_metric = next(m for m, higher in tasks[1].metric_directions.items() if not higher)
+    assert Objective.parse(f"depth.{depth_metric}", tasks).directions == ("minimize",)
+    pareto = Objective.parse("pareto", tasks)
+    assert pareto.names == ("delta_m.count", "delta_m.depth") and pareto.directions == ("minimize", "minimize")
+    with pytest.raises(MtlvisionError, match="at least two tasks"):
+        Objective.parse("pareto", tasks[:1])
+
+
+def test_an_interrupted_trial_stops_the_study_and_does_not_count(tmp_path, monkeypatch):
+    from mtlvision.engine import tuning
+    from mtlvision.engine.loop_state import TrainingInterrupted
+
+    def interrupted(self):
+        raise TrainingInterrupted("SIGINT received; a checkpoint was saved")
+
+    monkeypatch.setattr(tuning.TrainingRun, "execute", interrupted)
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 2e-3}}
+    with pytest.raises(TrainingInterrupted):
+        mv.tune("scenes", TINY, space=space, trials=3, objective="count.accuracy", out=tmp_path)
+    rows = _rows(tmp_path / "tune-scenes")  # the outputs so far are written before stopping
+    assert [r["state"] for r in rows] == ["FAIL"] and rows[0]["reason"].startswith("interrupted")
+    storage = f"sqlite:///{tmp_path / 'tune-scenes' / 'study.db'}"
+    assert tuning.finished_trials(optuna.load_study(study_name="tune-scenes", storage=storage)) == 0

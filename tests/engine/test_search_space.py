@@ -96,3 +96,14 @@ def test_int_log_and_step_ranges_reach_optuna_as_written():
         study.tell(trial, 0.0)
     distributions = study.trials[0].distributions
     assert distributions["train.lr"].log and distributions["train.batch_size"].step == 16
+
+
+def test_the_cli_prints_one_paragraph_for_a_bad_space(tmp_path, capsys):
+    from mtlvision.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {type: float, low: 0.1, high: 0.01}\n")
+    assert main(["tune", "scenes", "--space", str(space), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: low (0.1) is greater than high (0.01)" in " ".join(err.split())
+    assert "Traceback" not in err and not (tmp_path / "tune-scenes").exists()  # nothing written

@@ -57,7 +57,8 @@ IMPORTANCES_NAME = "importances.json"
 _WORKER_KEYS = ("train.device", "train.progress", "data.num_workers")
 
 
-def _optuna() -> Any:
+def require_optuna() -> Any:
+    """The optuna module (its own logging quietened to warnings), or an error naming the extra to install."""
     try:
         import optuna
     except ImportError:
@@ -225,7 +226,7 @@ class TuningStudy:
     # ------------------------------------------------------------------------------------------- running
     def run(self) -> TuneResult:
         """Train the experts if needed, run the missing trials, write the outputs; return the result."""
-        optuna = _optuna()
+        optuna = require_optuna()
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.objective.needs_experts:
             self.experts = self._experts()
@@ -318,7 +319,7 @@ class TuningStudy:
         return validate(apply_overrides(self.raw, {**params, **fixed}))
 
     def _trial(self, trial: optuna.Trial) -> float | list[float]:
-        optuna = _optuna()
+        optuna = require_optuna()
         params = self.space.sample(trial, flatten(self.raw))
         name = f"trial-{trial.number:04d}"
         trial.set_user_attr("run", str(self.dir / TRIALS_DIR / name))
@@ -357,7 +358,7 @@ class TuningStudy:
         return values if self.objective.multi else values[0]
 
     def _pruning(self, trial: optuna.Trial) -> Any:
-        optuna = _optuna()
+        optuna = require_optuna()
 
         def on_epoch(summary: EpochSummary) -> None:
             trial.set_user_attr("epochs", summary.epoch)

@@ -19,7 +19,7 @@ from mtlvision.engine.tuning import (
     TABLE_NAME,
     TrialRow,
     TuneResult,
-    _optuna,
+    require_optuna,
     write_best,
     write_table,
 )
@@ -65,7 +65,7 @@ def _best(job: TuningStudy, study: optuna.Study) -> tuple[Any, list[int]]:
 
 
 def _importances(job: TuningStudy, study: optuna.Study) -> tuple[dict[str, dict[str, float]], str | None]:
-    optuna = _optuna()
+    optuna = require_optuna()
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 2:
         return {}, f"importances need at least two completed trials ({len(complete)} completed)"

@@ -206,7 +206,8 @@ def test_two_workers_share_one_study_on_a_journal_file(tmp_path):
     studies = optuna.get_all_study_names(storage)
     assert studies == ["tune-scenes"]
     trials = optuna.load_study(study_name="tune-scenes", storage=storage).trials
-    assert len([t for t in trials if t.state.name == "COMPLETE"]) >= 6
+    # six finished trials (the median pruner may stop some), or one more per worker that was mid-trial then
+    assert 6 <= len([t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]) <= 7
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials of the one study
     assert len({t.user_attrs["run"] for t in trials}) == len(trials)  # each trial its own run folder
 

@@ -18,7 +18,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,export,serve,docs]"
+	$(BIN)/python -m pip install -q -e ".[dev,export,serve,docs,tune]"
 	touch $@
 
 install: $(VENV)/.installed

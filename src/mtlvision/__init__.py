@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "serve_app": "mtlvision.api",
     "split": "mtlvision.api",
     "train": "mtlvision.api",
+    "tune": "mtlvision.api",
     "RunConfig": "mtlvision.config",
     "load_config": "mtlvision.config",
     "Run": "mtlvision.engine.runs",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
         serve_app,
         split,
         train,
+        tune,
     )
     from mtlvision.balancers.backward import MultiTaskBackward, mtl_backward
     from mtlvision.config import RunConfig, load_config

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mtlvision.engine.catalog import CatalogEntry
     from mtlvision.engine.predict import Predictions
     from mtlvision.engine.runs import Run, RunReport
+    from mtlvision.engine.tuning import TuneResult
     from mtlvision.evaluation.compare import Comparison
     from mtlvision.evaluation.published import PublishedComparison
     from mtlvision.export import ExportReport
@@ -77,15 +78,29 @@ def train(
 
 
 def baseline(
-    source: ConfigSource = None, overrides: Overrides = None, *, out: str | Path = "runs", name: str | None = None
+    source: ConfigSource = None,
+    overrides: Overrides = None,
+    *,
+    out: str | Path = "runs",
+    name: str | None = None,
+    match: str | Path | None = None,
 ) -> Path:
     """Train one single-task expert per task (``mtlvision baseline``) and store their metrics for Δm.
 
-    Returns the path of ``baselines.json``; later runs on the same data find it and report Δm.
+    With ``match`` (a joint run folder) the experts get that run's configuration and budget per task (its
+    epochs, batch size, data, model and seed; see :func:`~mtlvision.engine.job.matched_expert_config`), in
+    ``out/baseline-<run>`` unless ``name`` says otherwise. Returns the path of ``baselines.json``; later runs on
+    the same data find it and report Δm.
     """
-    from mtlvision.engine.job import train_experts
+    from mtlvision.engine.job import matched_expert_config, train_experts
 
-    return train_experts(config(source, overrides), out=out, name=name).path
+    if match is None:
+        return train_experts(config(source, overrides), out=out, name=name).path
+    if source is not None:
+        raise MtlvisionError(f"--match {match} takes the run's own configuration; give no config ({source})")
+    changes = dict(overrides) if isinstance(overrides, Mapping) else dict(map(parse_override, overrides or []))
+    name = name or f"baseline-{Path(match).name}"
+    return train_experts(matched_expert_config(match, changes), out=out, name=name).path
 
 
 def evaluate(run: str | Path | Run, split: str | None = None, baselines: str | Path | None = None) -> RunReport:
@@ -307,3 +322,48 @@ def affinity(
 
     every = DEFAULT_EVERY if every is None else every
     return task_affinity(config(source, overrides), every=every, groups=groups, validate=validate, out=out, name=name)
+
+
+def tune(
+    source: ConfigSource = None,
+    overrides: Overrides = None,
+    *,
+    space: str | Path | Mapping[str, Any] | None = None,
+    trials: int = 20,
+    timeout: float | None = None,
+    objective: str = "delta_m",
+    storage: str | None = None,
+    study: str | None = None,
+    out: str | Path = "runs",
+    seed: int = 0,
+    baselines: str | Path | None = None,
+) -> TuneResult:
+    """Search hyper-parameters with Optuna (``mtlvision tune``); each trial is a normal run folder.
+
+    ``space`` is a search-space YAML, a mapping of the same content, or None for the default space (see
+    :mod:`mtlvision.engine.search_space`); ``objective`` is ``delta_m``, ``pareto`` or ``TASK.METRIC``, always
+    on the validation split; the study lives in ``out/study`` (default ``tune-<dataset>``) with its SQLite
+    storage unless ``storage`` (any Optuna URL, or ``journal:PATH``) is given, and continues where it stopped
+    when run again. Returns the best params and values, every trial, importances and ``best.yaml``.
+    """
+    from mtlvision.engine.search_space import SearchSpace
+    from mtlvision.engine.tuning import TuningStudy
+
+    searched = (
+        SearchSpace.from_mapping(space, "the search space given")
+        if isinstance(space, Mapping)
+        else SearchSpace.load(space)
+    )
+    job = TuningStudy(
+        config(source, overrides),
+        searched,
+        trials=trials,
+        objective=objective,
+        out=out,
+        study=study,
+        storage=storage,
+        timeout=timeout,
+        seed=seed,
+        baselines=baselines,
+    )
+    return job.run()

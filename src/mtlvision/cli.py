@@ -89,6 +89,7 @@ def _print_report(report: RunReport) -> None:
         per_task = ", ".join(f"{t} {v:+.2f}%" for t, v in delta["per_task"].items())
         console.print(f"Δm = [bold]{delta['overall']:+.2f}%[/] (lower is better; per task: {per_task})")
         console.print(f"  against single-task experts in {delta['baselines']}")
+        _print_compute(delta.get("compute"))
         if report.delta_m_warning:
             console.print(f"[yellow]warning:[/] {report.delta_m_warning}", highlight=False)
     elif report.delta_m_note:
@@ -100,6 +101,17 @@ def _print_report(report: RunReport) -> None:
             f"[{'yellow' if total else 'green'}]data.skip_bad: {total} unreadable or invalid sample(s) skipped[/] "
             f"({counts}); `mtlvision data check` lists them."
         )
+
+
+def _print_compute(compute: dict | None) -> None:
+    """The budget behind each side of a Δm: the run's and each expert's."""
+    from mtlvision.engine.runs import compute_text
+
+    if not compute:
+        return
+    console.print(f"  compute: this run {compute_text(compute.get('run'))}", highlight=False)
+    for task, expert in (compute.get("experts") or {}).items():
+        console.print(f"           expert {task} {compute_text(expert)}", highlight=False)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,7 +132,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from mtlvision import api
     from mtlvision.engine.runs import Baselines
 
-    path = api.baseline(args.config, args.set or [], out=args.out, name=args.name)
+    path = api.baseline(args.config, args.set or [], out=args.out, name=args.name, match=args.match)
     for task, expert in Baselines.load(path).experts.items():
         split = next(k for k in expert.metrics if k != "val") if len(expert.metrics) > 1 else "val"
         console.print(_metrics_table(f"expert {task} ({split})", {task: expert.metrics[split]}))
@@ -277,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(base)
     base.add_argument("--name", help="folder name (default: baseline-<dataset>)")
     base.add_argument("--out", default="runs")
+    base.add_argument(
+        "--match",
+        metavar="RUN",
+        help="train the experts on the budget per task of this joint run (its config: epochs, batch size, data, "
+        "model, seed); default folder baseline-<RUN>",
+    )
     base.set_defaults(handler=cmd_baseline)
 
     ev = verbs.add_parser("eval", help="per-task metrics of a run, and Δm when baselines exist")
@@ -350,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(check)
     check.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     check.set_defaults(handler=cmd_data_check)
+
+    from mtlvision.cli_tune import add_parser as add_tune
+
+    add_tune(verbs, _add_config_arguments)
     return parser
 
 

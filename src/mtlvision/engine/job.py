@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
 
-from mtlvision.config import RunConfig, TaskEntry
+from mtlvision.config import RunConfig, TaskEntry, apply_overrides, validate
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
 from mtlvision.engine.build import (
@@ -56,6 +56,7 @@ from mtlvision.engine.runs import (
     directions,
     new_run_dir,
     read_config,
+    training_compute,
     write_config,
 )
 from mtlvision.engine.trainer import FitResult, Trainer
@@ -97,7 +98,8 @@ class TrainingRun:
     ``overrides`` that :func:`~mtlvision.run_settings.with_resume_overrides` accepts (``train.epochs`` to
     extend a run, ...); a finished run is left as it is unless its epochs are extended. ``save_init`` also
     stores the initial weights as ``init.safetensors`` (the base of task arithmetic). ``probes`` join the
-    trainer's (:mod:`mtlvision.engine.probes`; the affinity run's).
+    trainer's (:mod:`mtlvision.engine.probes`; the affinity run's). ``on_epoch`` is called with each epoch's
+    summary (Δm on val filled in) after it is logged: a tuning study prunes a trial there.
 
     A new run folder is made only once everything that can be wrong in the configuration has been found, and
     removed again when training fails before its first checkpoint: a failed start leaves nothing behind.
@@ -114,8 +116,10 @@ class TrainingRun:
         overrides: Mapping[str, Any] | Sequence[str] | None = None,
         save_init: bool = False,
         probes: Sequence[StepProbe] = (),
+        on_epoch: Callable[[EpochSummary], None] | None = None,
     ) -> None:
         self.extends = False
+        self.on_epoch = on_epoch
         if resume is not None:
             self.resumed: Path | None = Path(resume)
             stored = read_config(self.resumed)
@@ -286,6 +290,8 @@ class TrainingRun:
         summary.delta_m = self._val_delta_m(summary.metrics)
         summary.best_delta_m = self._val_delta_m(summary.best_metrics)
         logger.info("%s", summary.line(), extra={"epoch_summary": summary})
+        if self.on_epoch is not None:
+            self.on_epoch(summary)
 
     # ------------------------------------------------------------------------------------------- report
     def _report(
@@ -313,6 +319,8 @@ class TrainingRun:
         if trainer.selection.average_last is not None:
             metrics[split] = trainer.selection.averaged(trainer.state.history)
         size = input_size(config, data)
+        state = trainer.state
+        compute = training_compute(state.epoch, state.step, len(train_data), config.train.batch_size)
         report = RunReport(
             split=split,
             metrics=metrics[split],
@@ -321,7 +329,8 @@ class TrainingRun:
             selection=selection_text(config.train.select, validated),
             model=model_complexity(model, image_size=size),
             skipped_samples=skipped_counts(config, skipped),
-            **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
+            compute=compute,
+            **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split, compute),
         )
         if dist.is_main():
             report.save(run_dir)
@@ -380,6 +389,18 @@ def train_experts(config: RunConfig, *, out: str | Path = "runs", name: str | No
             baselines.record(task.name, run)
             baselines.save()
     return baselines
+
+
+def matched_expert_config(run: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The configuration of experts on the same budget per task as the joint ``run`` (``baseline --match RUN``).
+
+    It is the run's own config.yaml (its data, model, epochs, batch size, optimiser, schedule, seed: every
+    expert sees the same images the same number of times as each task of the run) with equal weighting (a
+    balancer of one task has nothing to balance) and without the run's ``baselines``; ``overrides`` apply on top.
+    """
+    stored = read_config(Path(run)).to_dict()
+    stored["balancer"], stored["baselines"] = {"name": "ew"}, None
+    return validate(apply_overrides(stored, dict(overrides or {})))
 
 
 def _expert(config: RunConfig, run_dir: Path, baselines: Baselines) -> Run | None:
@@ -451,9 +472,11 @@ def evaluate_run(run: str | Path | Run, split: str | None = None, baselines: str
     device = resolve_device(config.train.device)
     metrics = evaluate_model(model.to(device), loader, model.tasks, device).metrics
     path = Path(baselines) if baselines else Baselines.for_run(run.path, config)
+    compute = run.report.compute if run.report is not None else None  # the budget it was trained with
     return RunReport(
         split=split,
         metrics=metrics,
         skipped_samples=skipped_counts(config, {split: data.skipped}),
-        **delta_m_against(path, config, model.tasks.values(), metrics, split),
+        compute=compute,
+        **delta_m_against(path, config, model.tasks.values(), metrics, split, compute),
     )

@@ -93,8 +93,10 @@ class RunReport:
     ``delta_m`` is Δm against the single-task experts (``overall``, ``per_task``, ``per_metric``, the
     ``baselines`` file and each expert's run) or None, with ``delta_m_note`` saying why;
     ``delta_m_warning`` names the settings in which the run and its experts differ (beyond tasks, balancing
-    and names); ``merge`` describes a merged model; ``skipped_samples`` counts samples skipped per split under
-    ``data.skip_bad``; ``selection`` says how the kept epoch was chosen (``train.select``).
+    and names); ``compute`` is the training budget behind the run (:func:`training_compute`), and ``delta_m``
+    holds it beside each expert's, so that every Δm states what each side was trained with; ``merge``
+    describes a merged model; ``skipped_samples`` counts samples skipped per split under ``data.skip_bad``;
+    ``selection`` says how the kept epoch was chosen (``train.select``).
     """
 
     split: str
@@ -108,8 +110,19 @@ class RunReport:
     delta_m: dict[str, Any] | None = None
     delta_m_note: str | None = None
     delta_m_warning: str | None = None
+    compute: dict[str, int] | None = None
 
-    _ORDER = ("split", "metrics", "val_metrics", "best_epoch", "selection", "model", "merge", "skipped_samples")
+    _ORDER = (
+        "split",
+        "metrics",
+        "val_metrics",
+        "best_epoch",
+        "selection",
+        "compute",
+        "model",
+        "merge",
+        "skipped_samples",
+    )
     _DELTA = ("delta_m_note", "delta_m_warning")
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,16 +145,20 @@ class RunReport:
 @dataclass
 class Expert:
     """One single-task expert: its run folder, its metrics per split, and the settings it was trained with
-    (:func:`~mtlvision.run_settings.comparable_settings`; None in files from older versions)."""
+    (:func:`~mtlvision.run_settings.comparable_settings`; None in files from older versions) and its training
+    budget (:func:`training_compute`; None where unknown)."""
 
     run: str
     metrics: dict[str, dict[str, float]]
     settings: dict[str, Any] | None = None
+    compute: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"run": self.run, "metrics": self.metrics}
         if self.settings is not None:
             data["settings"] = self.settings
+        if self.compute is not None:
+            data["compute"] = self.compute
         return data
 
 
@@ -187,7 +204,7 @@ class Baselines:
         try:
             stored = json.loads(path.read_text())
             experts = {
-                task: Expert(run=e["run"], metrics=e["metrics"], settings=e.get("settings"))
+                task: Expert(run=e["run"], metrics=e["metrics"], settings=e.get("settings"), compute=e.get("compute"))
                 for task, e in stored.get("experts", {}).items()
             }
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -223,7 +240,9 @@ class Baselines:
         metrics = {report.split: report.metrics[task]}
         if report.val_metrics is not None:
             metrics["val"] = report.val_metrics[task]
-        self.experts[task] = Expert(run=str(run.path), metrics=metrics, settings=comparable_settings(run.config))
+        self.experts[task] = Expert(
+            run=str(run.path), metrics=metrics, settings=comparable_settings(run.config), compute=report.compute
+        )
 
     def settings_warning(self, config: RunConfig, tasks: Iterable[str]) -> str | None:
         """A sentence naming the settings in which a run differs from the experts of ``tasks`` (beyond tasks,
@@ -273,11 +292,34 @@ class Baselines:
         return {t: self.experts[t].metrics[split] for t in names}
 
 
+def training_compute(epochs: int, steps: int, train_images: int, batch_size: int) -> dict[str, int]:
+    """A run's training budget as reports state it: epochs trained, optimiser steps, images in the train split
+    and the batch size. Every task of a joint run sees the same ``epochs × train_images`` images (labelled for
+    it or not), so the budget per task is comparable with each single-task expert's."""
+    return {"epochs": epochs, "steps": steps, "train_images": train_images, "batch_size": batch_size}
+
+
+def compute_text(compute: Mapping[str, int] | None) -> str:
+    """``4 epochs, 188 steps of 32 (6000 images seen per task)``, or ``unknown``."""
+    if not compute:
+        return "unknown"
+    seen = compute["epochs"] * compute["train_images"]
+    return (
+        f"{compute['epochs']} epochs, {compute['steps']} steps of {compute['batch_size']} ({seen} images seen per task)"
+    )
+
+
 def delta_m_against(
-    path: Path, config: RunConfig, tasks: Iterable[Task], metrics: Metrics, split: str
+    path: Path,
+    config: RunConfig,
+    tasks: Iterable[Task],
+    metrics: Metrics,
+    split: str,
+    compute: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Δm of ``metrics`` against the experts stored at ``path``, as the :class:`RunReport` fields ``delta_m``
-    (None when it cannot be computed), ``delta_m_note`` (why not) and ``delta_m_warning`` (settings that differ)."""
+    (None when it cannot be computed), ``delta_m_note`` (why not) and ``delta_m_warning`` (settings that differ).
+    ``delta_m["compute"]`` states the budget of each side: the run's ``compute`` and each expert's."""
     tasks = list(tasks)
     if not path.is_file():
         return {"delta_m": None, "delta_m_note": f"no baselines at {path}; run `mtlvision baseline` for Δm"}
@@ -299,6 +341,7 @@ def delta_m_against(
             **result.to_dict(),
             "baselines": str(path),
             "experts": {t.name: baselines.experts[t.name].run for t in tasks},
+            "compute": {"run": compute, "experts": {t.name: baselines.experts[t.name].compute for t in tasks}},
         },
         "delta_m_warning": baselines.settings_warning(config, (t.name for t in tasks)),
     }

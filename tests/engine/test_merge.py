@@ -85,14 +85,14 @@ def test_every_rule_is_the_identity_on_one_expert(experts: torch.Tensor) -> None
 
 
 def test_rules_are_registered_and_bad_hyper_parameters_are_named() -> None:
-    assert set(MERGE_RULES.names()) == {"average", "task_arithmetic", "ties"}
+    assert {"average", "task_arithmetic", "ties"} <= set(MERGE_RULES.names())
     assert make_rule("ties", {"density": 0.1}).density == 0.1
     with pytest.raises(ConfigError, match="density"):
         make_rule("ties", {"densty": 0.1})
     with pytest.raises(ConfigError, match="density must be in"):
         make_rule("ties", {"density": 0.0})
     with pytest.raises(ConfigError, match="Allowed: average"):
-        make_rule("fisher")
+        make_rule("no_such_rule")
 
 
 # ------------------------------------------------------------------------------------- merging models

@@ -100,11 +100,12 @@ class ModelConfig(_Strict):
     @classmethod
     def _init_is_scheme_or_run(cls, value: str) -> str:
         # A scheme name (checked against the registry by the model), a run folder or a local .safetensors
-        # file to start from; the path's existence is checked when the model is built, so that a finished run whose init folder
-        # was moved can still be read back and evaluated.
+        # file to start from; the path's existence is checked when the model is built, so that a finished run
+        # whose init folder was moved can still be read back and evaluated.
         if not value.strip():
             raise ValueError(
-                "must name an init scheme (kaiming, xavier, orthogonal, pretrained), a run folder or a .safetensors file"
+                "must name an init scheme (kaiming, xavier, orthogonal, pretrained), a run folder or a "
+                ".safetensors file"
             )
         return value
 

@@ -10,8 +10,8 @@ task vector), :class:`TensorRule` merges one tensor at a time (TSV-M, Iso-C and 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import fields
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import ClassVar
 
 import torch

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mtlvision import api, cli
 from mtlvision.config import load_config
 from mtlvision.engine.comparing import describe_run
-from mtlvision.engine.merged_run import check_mergeable, common_init
+from mtlvision.engine.merged_run import base_fingerprint, check_mergeable, common_init
 from mtlvision.engine.runs import INIT_WEIGHTS_NAME, Baselines, Run
 from mtlvision.errors import MtlvisionError
 from mtlvision.evaluation.compare import CompareEntry, Comparison, time_inference
@@ -60,6 +60,8 @@ def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> 
     record = merged.report.merge
     assert record["rule"] == "ties" and record["hparams"] == {"density": 0.5, "scale": 1.0}
     assert record["batch_norm"] == "recomputed on the train split"
+    assert len(record["base"]["sha256"]) == 64 and record["base"]["model_init"] == "kaiming"
+    assert record["merge_seconds"] >= 0
     assert record["copied_tensors_per_task"].keys() == {"count", "segmentation"}
     assert merged.report.delta_m is not None
     again = api.evaluate(pipeline["merged"])
@@ -239,11 +241,13 @@ def test_task_vectors_need_one_recorded_initialisation(tmp_path: Path) -> None:
     runs = [Run(path=tmp_path / name, config=load_config("scenes", TINY)) for name in ("a", "b")]
     for run in runs:
         run.path.mkdir()
-    with pytest.raises(MtlvisionError, match="holds no init.safetensors.*--rule average"):
-        common_init(runs)
+    with pytest.raises(MtlvisionError, match="holds no init.safetensors.*'ties'.*model.init=.*--rule average"):
+        common_init(runs, "ties")
     save_file({"w": torch.zeros(3), "heads.a.w": torch.ones(1)}, str(runs[0].path / INIT_WEIGHTS_NAME))
     save_file({"w": torch.zeros(3), "heads.b.w": torch.ones(2)}, str(runs[1].path / INIT_WEIGHTS_NAME))
-    assert set(common_init(runs)) == {"w"}
+    assert set(common_init(runs, "ties")) == {"w"}
+    assert base_fingerprint(common_init(runs, "ties")) == base_fingerprint({"w": torch.zeros(3)})
+    assert base_fingerprint({"w": torch.zeros(3)}) != base_fingerprint({"w": torch.zeros(4)})
     save_file({"w": torch.ones(3)}, str(runs[1].path / INIT_WEIGHTS_NAME))
-    with pytest.raises(MtlvisionError, match="did not start from one initialisation \\(tensor 'w'"):
-        common_init(runs)
+    with pytest.raises(MtlvisionError, match="did not start from one initialisation: tensor 'w'.*baseline DATA --set"):
+        common_init(runs, "tsv_m")

@@ -14,7 +14,7 @@ and those no expert holds (an error).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,8 +77,13 @@ def merge_states(
     experts: Mapping[str, Mapping[str, Tensor]],
     rule: MergeRule,
     base: Mapping[str, Tensor] | None = None,
+    statistics: Callable[[Sequence[str]], Mapping[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], MergeReport]:
-    """The state dict of ``target`` built from the experts' state dicts (keyed by their task name)."""
+    """The state dict of ``target`` built from the experts' state dicts (keyed by their task name).
+
+    ``statistics`` gathers, for the names of the shared parameters, the data statistics a rule such as
+    Fisher merging or RegMean needs (``{name: [T, ...]}``, experts in the order of ``experts``).
+    """
     own = target.state_dict()
     parameters = {name for name, _ in target.named_parameters()}
     report = MergeReport()
@@ -118,9 +123,15 @@ def merge_states(
             missing = [k for k in combined if k not in base]
             if missing:
                 raise ConfigError(f"the initial weights lack {len(missing)} shared tensors (e.g. {missing[0]})")
+        if rule.statistics is not None and statistics is None:
+            raise ConfigError(
+                f"merging rule {type(rule).__name__} needs data statistics ({rule.statistics}) from each expert on "
+                "a few training samples; none were given"
+            )
         stacked = {k: torch.stack([experts[task][k].float() for task in experts]) for k in combined}
         start = {k: base[k].float() for k in combined} if base is not None else None
-        merged = rule.merge(stacked, start)
+        gathered = statistics(combined) if rule.statistics is not None and statistics is not None else None
+        merged = rule.merge(stacked, start, gathered)
         for key in combined:
             state[key] = merged[key].reshape(own[key].shape).to(own[key].dtype)
         report.merged = combined

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtlvision.config import parse_override
-from mtlvision.engine.build import build_model, build_tasks
+from mtlvision.engine.build import build_model, build_tasks, load_model
 from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
 from mtlvision.engine.job import evaluate_splits, evaluation_loader, input_size
 from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
+from mtlvision.engine.merging.base import DataRule
+from mtlvision.engine.merging.statistics import collect_statistics
 from mtlvision.engine.runs import (
     BASELINES_NAME,
     INIT_WEIGHTS_NAME,
@@ -115,6 +117,21 @@ def describe_base(runs: Sequence[Run], base: Mapping[str, torch.Tensor] | None) 
     return record
 
 
+def expert_statistics(runs: Sequence[Run], rule: DataRule) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
+    """What gathers the rule's data statistics from each expert on the first ``samples`` of its training split
+    (read as evaluation reads it: no augmentation, in order)."""
+    kind, samples = str(rule.statistics), rule.samples
+
+    def gather(names: Sequence[str]) -> dict[str, torch.Tensor]:
+        experts = {}
+        for run in runs:
+            expert, config = load_model(run)
+            experts[str(run.path)] = (expert, evaluation_loader(config, expert, "train")[0])
+        return collect_statistics(kind, experts, names, samples, resolve_device(runs[0].config.train.device))
+
+    return gather
+
+
 def merge_experts(
     experts: Sequence[str | Path],
     out: str | Path,
@@ -146,7 +163,8 @@ def merge_experts(
     }
     base = common_init(runs, rule) if merging.needs_base else None
     started = time.perf_counter()
-    state, merge_report = merge_states(model, states, merging, base)
+    gather = expert_statistics(runs, merging) if isinstance(merging, DataRule) else None
+    state, merge_report = merge_states(model, states, merging, base, gather)
     merge_seconds = time.perf_counter() - started
     model.load_state_dict(state)
     if has_batch_norm(model):

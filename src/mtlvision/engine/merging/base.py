@@ -26,13 +26,28 @@ class MergeRule(ABC):
 
     #: the rule is defined on task vectors θ_t − θ_0 and needs the experts' common start
     needs_base: ClassVar[bool] = False
+    #: the data statistics the rule needs from each expert (``fisher``, ``gram``: see
+    #: :mod:`mtlvision.engine.merging.statistics`), gathered on ``samples`` training samples; None for none
+    statistics: ClassVar[str | None] = None
 
     @abstractmethod
-    def merge(self, experts: Mapping[str, Tensor], base: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        """Args: experts: ``{name: [T, *shape]}``; base: ``{name: shape}`` or None. Returns ``{name: shape}``."""
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Args: experts: ``{name: [T, *shape]}``; base: ``{name: shape}`` or None; statistics: ``{name:
+        [T, ...]}`` for a rule that needs them. Returns ``{name: shape}``."""
 
     def describe(self) -> dict[str, float]:
         return {k: float(v) for k, v in vars(self).items()}
+
+
+class DataRule(MergeRule):
+    """A rule that needs data statistics (its ``statistics``) from each expert on ``samples`` training samples."""
+
+    samples: int
 
 
 class FlatRule(MergeRule):
@@ -41,7 +56,12 @@ class FlatRule(MergeRule):
     @abstractmethod
     def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor: ...
 
-    def merge(self, experts: Mapping[str, Tensor], base: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         names = list(experts)
         rows = torch.cat([experts[k].flatten(1) for k in names], dim=1)
         flat_base = torch.cat([base[k].flatten() for k in names]) if base is not None else None
@@ -61,7 +81,12 @@ class TensorRule(MergeRule):
     @abstractmethod
     def merge_tensor(self, experts: Tensor, base: Tensor | None) -> Tensor: ...
 
-    def merge(self, experts: Mapping[str, Tensor], base: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         return {k: self.merge_tensor(v, base[k] if base is not None else None) for k, v in experts.items()}
 
 

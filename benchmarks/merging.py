@@ -72,9 +72,8 @@ def main() -> None:
             args.data,
             {**common, "train.epochs": str(args.expert_epochs), "model.init": str(start)},
             out=out,
-            name="baseline",
         )
-        timings["baseline"] = round(time.perf_counter() - began, 1)
+        timings[baseline.name] = round(time.perf_counter() - began, 1)
         _save_json(out / "timings.json", timings)
     if "merges" in args.stage:
         for rule in args.rules or MERGE_RULES.names():

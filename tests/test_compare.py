@@ -77,6 +77,32 @@ def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> 
 
 
 @pytest.mark.slow
+def test_experts_from_a_given_start_are_merged_with_data_rules_and_other_starts_refused(
+    pipeline: dict[str, Path], capsys
+) -> None:
+    out, start = pipeline["out"], pipeline["merged"] / "model.safetensors"
+    baselines = api.baseline("scenes", {**TINY, "model.init": str(start)}, out=out, name="from-file")
+    experts = Baselines.load(baselines).expert_runs()
+    started = load_file(str(start))
+    for path in experts.values():
+        init = load_file(str(path / INIT_WEIGHTS_NAME))
+        backbone = [k for k in init if k.startswith("architecture.backbone.")]
+        assert backbone and all(torch.equal(init[k], started[k]) for k in backbone)
+    merged = out / "m-regmean"
+    assert (
+        cli.main(["merge", str(baselines.parent), "--rule", "regmean", "--set", "samples=4", "--out", str(merged)]) == 0
+    )
+    assert "regmean" in capsys.readouterr().out
+    record = Run.load(merged).report.merge
+    assert record["hparams"] == {"samples": 4.0, "alpha": 0.9} and record["base"] == {"model_init": str(start)}
+    iso = api.merge([baselines.parent], out / "m-iso", rule="iso_cts").report.merge
+    assert iso["base"]["sha256"] == base_fingerprint(common_init([Run.load(p) for p in experts.values()], "iso_cts"))
+    first = Baselines.load(pipeline["baselines"]).expert_runs()
+    with pytest.raises(MtlvisionError, match="did not start from one initialisation.*model.init="):
+        api.merge([first["count"], experts["segmentation"]], out / "m-mixed", rule="tsv_m")
+
+
+@pytest.mark.slow
 def test_train_from_the_merge_with_distillation_then_compare(pipeline: dict[str, Path], capsys) -> None:
     out = pipeline["out"]
     run = api.train(

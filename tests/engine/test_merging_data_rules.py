@@ -135,7 +135,9 @@ def test_rules_with_data_refuse_to_merge_without_statistics_and_merge_real_exper
 
         state, report = merge_states(target, states, rule, statistics=gather)
         assert report.merged and all(torch.isfinite(state[k]).all() for k in report.merged)
-    with pytest.raises(ConfigError, match="samples must be in"):
+    with pytest.raises(ConfigError, match="samples must be a whole number"):
         make_rule("regmean", {"samples": 0})
+    with pytest.raises(ConfigError, match="samples must be a whole number"):
+        make_rule("fisher", {"samples": 2.5})
     with pytest.raises(ConfigError, match="alpha must be in"):
         make_rule("regmean", {"alpha": 1.5})

@@ -49,6 +49,11 @@ class DataRule(MergeRule):
 
     samples: int
 
+    def check_samples(self, rule: str) -> None:
+        """A clear error unless ``samples`` is a positive whole number."""
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(f"{rule}: samples must be a whole number >= 1, got {self.samples!r}")
+
 
 class FlatRule(MergeRule):
     """A rule on the whole flattened vector: ``experts [T, P]`` and ``base [P]`` in, ``[P]`` out."""

@@ -38,7 +38,7 @@ class FisherMerging(DataRule):
     normalize: bool = False
 
     def __post_init__(self) -> None:
-        check_range("fisher", "samples", self.samples, 0, 100_000)
+        self.check_samples("fisher")
         check_range("fisher", "floor", self.floor, 0.0, 1.0)
 
     def merge(

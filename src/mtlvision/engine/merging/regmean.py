@@ -43,7 +43,7 @@ class RegMean(DataRule):
     alpha: float = 0.9
 
     def __post_init__(self) -> None:
-        check_range("regmean", "samples", self.samples, 0, 100_000)
+        self.check_samples("regmean")
         check_range("regmean", "alpha", self.alpha, 0.0, 1.0, open_low=False)
 
     def merge(

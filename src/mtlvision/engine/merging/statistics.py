@@ -148,4 +148,5 @@ def collect_statistics(
         raise ConfigError(f"unknown merging statistics {kind!r}; known: {', '.join(STATISTICS)}")
     per_expert = [gather(model, batches, names, samples, device) for model, batches in experts.values()]
     common = [n for n in names if all(n in s for s in per_expert)]
-    return {n: torch.stack([s[n] for s in per_expert]) for n in common}
+    # stacked name by name, each expert's copy released as it is used (Gram matrices can be large)
+    return {n: torch.stack([s.pop(n) for s in per_expert]) for n in common}

@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--start-epochs", type=int, default=2)
     parser.add_argument("--expert-epochs", type=int, default=2)
     parser.add_argument("--joint-epochs", type=int, default=2)
+    parser.add_argument(
+        "--timings", default="timings.json", help="file in --out for wall times (one per parallel invocation)"
+    )
     parser.add_argument("--no-equal-compute", action="store_true", help="skip the joint model from the start")
     parser.add_argument(
         "--set",
@@ -53,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     common = dict(item.split("=", 1) for item in args.set)
-    timings = _load_json(out / "timings.json")
+    timings = _load_json(out / args.timings)
     start, baseline = out / "shared-start", out / f"baseline-{args.data}"
 
     def train(name: str, epochs: int, **extra: str) -> Path:
@@ -61,7 +64,7 @@ def main() -> None:
             began = time.perf_counter()
             mv.train(args.data, {**common, "train.epochs": str(epochs), **extra}, out=out, name=name)
             timings[name] = round(time.perf_counter() - began, 1)
-            _save_json(out / "timings.json", timings)
+            _save_json(out / args.timings, timings)
         return out / name
 
     if "start" in args.stage:
@@ -74,7 +77,7 @@ def main() -> None:
             out=out,
         )
         timings[baseline.name] = round(time.perf_counter() - began, 1)
-        _save_json(out / "timings.json", timings)
+        _save_json(out / args.timings, timings)
     if "merges" in args.stage:
         for rule in args.rules or MERGE_RULES.names():
             folder = out / f"m-{rule}"
@@ -82,7 +85,7 @@ def main() -> None:
                 began = time.perf_counter()
                 mv.merge([baseline], folder, rule=rule)
                 timings[f"m-{rule}"] = round(time.perf_counter() - began, 1)
-                _save_json(out / "timings.json", timings)
+                _save_json(out / args.timings, timings)
     merges = sorted(p for p in out.glob("m-*") if (p / METRICS_NAME).is_file())
     if "joint" in args.stage and merges:
         best = min(merges, key=lambda p: _delta(Run.load(p)))
@@ -91,6 +94,8 @@ def main() -> None:
             experts = len(json.loads((baseline / "baselines.json").read_text())["experts"])
             train("joint-from-start", experts * args.expert_epochs + args.joint_epochs, **{"model.init": str(start)})
     if "table" in args.stage:
+        for other in sorted(out.glob("timings*.json")):
+            timings = {**_load_json(other), **timings}
         runs = [*merges, *sorted(out.glob("joint-from-*")), start]
         comparison = mv.compare([r for r in runs if (r / METRICS_NAME).is_file()], baseline / "baselines.json")
         rows = []

@@ -79,6 +79,14 @@ def test_regmean_on_disjoint_inputs_keeps_each_experts_weights_where_its_inputs_
     torch.testing.assert_close(merged, torch.tensor([[1.0, -3.0]]))
 
 
+def test_regmean_keeps_the_mean_weight_on_inputs_no_sample_reaches() -> None:
+    weights = torch.tensor([[[1.0, 2.0, 4.0]], [[3.0, -2.0, 0.0]]])
+    grams = torch.stack([torch.diag(torch.tensor([1.0, 0.0, 0.0])), torch.diag(torch.tensor([1.0, 2.0, 0.0]))])
+    merged = RegMean(alpha=0.5).merge({"w": weights}, None, {"w": grams})["w"]
+    # dim 0: (1·1 + 1·3)/2; dim 1: only expert 2 sees it; dim 2: no one does, the mean (4 + 0)/2
+    torch.testing.assert_close(merged, torch.tensor([[2.0, -2.0, 2.0]]))
+
+
 def test_regmean_with_alpha_one_is_the_least_squares_fit_to_every_experts_outputs() -> None:
     torch.manual_seed(1)
     inputs = [torch.randn(30, 4), torch.randn(20, 4) * 2 + 1]

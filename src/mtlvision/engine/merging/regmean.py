@@ -16,13 +16,24 @@ from mtlvision.errors import ConfigError
 
 def regmean_matrix(weights: Tensor, grams: Tensor, alpha: float) -> Tensor:
     """W = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_tᵀ, transposed back, for weights ``[T, out, d]`` and input Grams ``[T, d, d]``;
-    G̃ = α G + (1 − α) diag(G) shrinks the off-diagonal entries (α = 1: the exact least-squares merge)."""
+    G̃ = α G + (1 − α) diag(G) shrinks the off-diagonal entries (α = 1: the exact least-squares merge).
+
+    Input dimensions that no sample of any expert reaches (a zero diagonal: e.g. a channel ReLU always
+    zeroes) do not constrain W; they keep the experts' mean weight. On the others Σ G̃ is positive definite
+    for α < 1 (a Cholesky solve); for α = 1 it may be singular and the least-squares solution is taken.
+    """
     diagonal = torch.diag_embed(torch.diagonal(grams, dim1=1, dim2=2))
     shrunk = alpha * grams + (1 - alpha) * diagonal
     lhs = shrunk.sum(0).double()
     rhs = (shrunk @ weights.transpose(1, 2)).sum(0).double()
-    # least squares: exact when Σ G̃ is invertible, the minimum-norm solution when inputs span fewer dimensions
-    return torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution.T.to(weights.dtype)
+    merged = weights.double().mean(0).T.clone()  # [d, out]
+    active = lhs.diagonal() > 0
+    sub, target = lhs[active][:, active], rhs[active]
+    if alpha < 1:
+        merged[active] = torch.cholesky_solve(target, torch.linalg.cholesky(sub))
+    else:
+        merged[active] = torch.linalg.lstsq(sub, target, driver="gelsy").solution
+    return merged.T.to(weights.dtype)
 
 
 @MERGE_RULES.register(

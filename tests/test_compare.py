@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mtlvision import api, cli
 from mtlvision.config import load_config
 from mtlvision.engine.comparing import describe_run
-from mtlvision.engine.merged_run import check_mergeable, common_init
+from mtlvision.engine.merged_run import base_fingerprint, check_mergeable, common_init
 from mtlvision.engine.runs import INIT_WEIGHTS_NAME, Baselines, Run
 from mtlvision.errors import MtlvisionError
 from mtlvision.evaluation.compare import CompareEntry, Comparison, time_inference
@@ -60,6 +60,8 @@ def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> 
     record = merged.report.merge
     assert record["rule"] == "ties" and record["hparams"] == {"density": 0.5, "scale": 1.0}
     assert record["batch_norm"] == "recomputed on the train split"
+    assert len(record["base"]["sha256"]) == 64 and record["base"]["model_init"] == "kaiming"
+    assert record["merge_seconds"] >= 0
     assert record["copied_tensors_per_task"].keys() == {"count", "segmentation"}
     assert merged.report.delta_m is not None
     again = api.evaluate(pipeline["merged"])
@@ -72,6 +74,32 @@ def test_the_merged_run_is_a_normal_evaluated_run(pipeline: dict[str, Path]) -> 
         expert = load_file(str(experts[task] / "model.safetensors"))
         head = [k for k in expert if k.startswith(f"heads.{task}.") and "running" not in k and "num_batches" not in k]
         assert head and all(torch.equal(weights[k], expert[k]) for k in head)
+
+
+@pytest.mark.slow
+def test_experts_from_a_given_start_are_merged_with_data_rules_and_other_starts_refused(
+    pipeline: dict[str, Path], capsys
+) -> None:
+    out, start = pipeline["out"], pipeline["merged"] / "model.safetensors"
+    baselines = api.baseline("scenes", {**TINY, "model.init": str(start)}, out=out, name="from-file")
+    experts = Baselines.load(baselines).expert_runs()
+    started = load_file(str(start))
+    for path in experts.values():
+        init = load_file(str(path / INIT_WEIGHTS_NAME))
+        backbone = [k for k in init if k.startswith("architecture.backbone.")]
+        assert backbone and all(torch.equal(init[k], started[k]) for k in backbone)
+    merged = out / "m-regmean"
+    assert (
+        cli.main(["merge", str(baselines.parent), "--rule", "regmean", "--set", "samples=4", "--out", str(merged)]) == 0
+    )
+    assert "regmean" in capsys.readouterr().out
+    record = Run.load(merged).report.merge
+    assert record["hparams"] == {"samples": 4.0, "alpha": 0.9} and record["base"] == {"model_init": str(start)}
+    iso = api.merge([baselines.parent], out / "m-iso", rule="iso_cts").report.merge
+    assert iso["base"]["sha256"] == base_fingerprint(common_init([Run.load(p) for p in experts.values()], "iso_cts"))
+    first = Baselines.load(pipeline["baselines"]).expert_runs()
+    with pytest.raises(MtlvisionError, match="did not start from one initialisation.*model.init="):
+        api.merge([first["count"], experts["segmentation"]], out / "m-mixed", rule="tsv_m")
 
 
 @pytest.mark.slow
@@ -239,11 +267,13 @@ def test_task_vectors_need_one_recorded_initialisation(tmp_path: Path) -> None:
     runs = [Run(path=tmp_path / name, config=load_config("scenes", TINY)) for name in ("a", "b")]
     for run in runs:
         run.path.mkdir()
-    with pytest.raises(MtlvisionError, match="holds no init.safetensors.*--rule average"):
-        common_init(runs)
+    with pytest.raises(MtlvisionError, match="holds no init.safetensors.*'ties'.*model.init=.*--rule average"):
+        common_init(runs, "ties")
     save_file({"w": torch.zeros(3), "heads.a.w": torch.ones(1)}, str(runs[0].path / INIT_WEIGHTS_NAME))
     save_file({"w": torch.zeros(3), "heads.b.w": torch.ones(2)}, str(runs[1].path / INIT_WEIGHTS_NAME))
-    assert set(common_init(runs)) == {"w"}
+    assert set(common_init(runs, "ties")) == {"w"}
+    assert base_fingerprint(common_init(runs, "ties")) == base_fingerprint({"w": torch.zeros(3)})
+    assert base_fingerprint({"w": torch.zeros(3)}) != base_fingerprint({"w": torch.zeros(4)})
     save_file({"w": torch.ones(3)}, str(runs[1].path / INIT_WEIGHTS_NAME))
-    with pytest.raises(MtlvisionError, match="did not start from one initialisation \\(tensor 'w'"):
-        common_init(runs)
+    with pytest.raises(MtlvisionError, match="did not start from one initialisation: tensor 'w'.*baseline DATA --set"):
+        common_init(runs, "tsv_m")

@@ -191,7 +191,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merge = run.evaluated.merge or {}
     console.print(
         f"Merged {len(merge['experts'])} expert(s) with [bold]{merge['rule']}[/] {merge['hparams'] or ''}: "
-        f"{merge['merged_tensors']} shared tensors combined, heads carried over; BatchNorm {merge['batch_norm']}"
+        f"{merge['merged_tensors']} shared tensors combined in {merge['merge_seconds']:.1f}s, heads carried over; "
+        f"BatchNorm {merge['batch_norm']}; experts' start: {merge['base']}"
     )
     _print_report(run.evaluated)
     console.print(f"Merged run saved in [bold]{run.path}[/]")
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="KEY=VALUE",
         action="extend",
-        help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties)",
+        help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties), alpha=1.2 "
+        "(iso_c), samples=64 (fisher, regmean: training samples each expert's statistics are gathered on)",
     )
     mg.set_defaults(handler=cmd_merge)
 

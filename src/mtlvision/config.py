@@ -99,11 +99,14 @@ class ModelConfig(_Strict):
     @field_validator("init")
     @classmethod
     def _init_is_scheme_or_run(cls, value: str) -> str:
-        # A scheme name (checked against the registry by the model) or a run folder to start from; the
-        # folder's existence is checked when the model is built, so that a finished run whose init folder
-        # was moved can still be read back and evaluated.
+        # A scheme name (checked against the registry by the model), a run folder or a local .safetensors
+        # file to start from; the path's existence is checked when the model is built, so that a finished run
+        # whose init folder was moved can still be read back and evaluated.
         if not value.strip():
-            raise ValueError("must name an init scheme (kaiming, xavier, orthogonal, pretrained) or a run folder")
+            raise ValueError(
+                "must name an init scheme (kaiming, xavier, orthogonal, pretrained), a run folder or a "
+                ".safetensors file"
+            )
         return value
 
     @field_validator("architecture")

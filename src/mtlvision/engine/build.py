@@ -72,15 +72,19 @@ def head_choices(config: RunConfig) -> dict[str, Any]:
 
 
 def init_run(config: RunConfig) -> Path | None:
-    """The run folder that ``model.init`` names, or None when it names an initialisation scheme."""
+    """The run folder (or local ``.safetensors`` weights file) that ``model.init`` names, or None when it
+    names an initialisation scheme."""
     value = config.model.init
     if value == PRETRAINED or value in INIT_SCHEMES:
         return None
     path = Path(value).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
     if not path.is_dir():
         raise ConfigError(
             f"model.init={value!r} is neither an initialisation scheme ({', '.join(INIT_SCHEMES.names())}, "
-            f"{PRETRAINED}) nor a run folder to start from: {path} is not a directory."
+            f"{PRETRAINED}), a run folder nor a local .safetensors file to start from: {path} is not a "
+            "directory or a .safetensors file."
         )
     if not (path / WEIGHTS_NAME).is_file():
         raise ConfigError(f"model.init={value!r}: the run folder {path} holds no {WEIGHTS_NAME} to start from.")
@@ -138,8 +142,8 @@ def _report_init(path: Path, result: dict[str, list[str]]) -> None:
 def build_model(config: RunConfig, tasks: Sequence[Task], load_init: bool = True) -> MultiTaskModel:
     """The multi-task model of ``model.*`` for ``tasks``.
 
-    When ``model.init`` names a run folder, the model is initialised with kaiming and then takes every
-    tensor of that run's weights whose name and shape match (with ``load_init``; loading a run's own
+    When ``model.init`` names a run folder (or a ``.safetensors`` file), the model is initialised with kaiming
+    and then takes every tensor of those weights whose name and shape match (with ``load_init``; loading a run's own
     weights afterwards needs no such start).
     """
     start = init_run(config)
@@ -147,7 +151,8 @@ def build_model(config: RunConfig, tasks: Sequence[Task], load_init: bool = True
         config = config.model_copy(update={"model": config.model.model_copy(update={"init": "kaiming"})})
     model = _build_model(config, tasks)
     if start is not None and load_init:
-        _report_init(start, load_init_weights(model, start / WEIGHTS_NAME))
+        weights = start if start.is_file() else start / WEIGHTS_NAME
+        _report_init(weights, load_init_weights(model, weights))
     return model
 
 
@@ -261,9 +266,9 @@ def _too_large(config: RunConfig, split: str) -> str:
 
 
 def with_absolute_init(config: RunConfig) -> RunConfig:
-    """``model.init`` as an absolute path when it names a run folder, so config.yaml says which one."""
+    """``model.init`` as an absolute path when it names a run folder or weights file, so config.yaml says which."""
     path = Path(config.model.init).expanduser()
-    if not path.is_dir():
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".safetensors")):
         return config
     return config.model_copy(update={"model": config.model.model_copy(update={"init": str(path.resolve())})})
 

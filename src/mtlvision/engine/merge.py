@@ -1,9 +1,9 @@
 """Merging single-task experts into one multi-task model: heads carried over, the shared part combined.
 
-A merging rule has a one-line contract: the experts' shared parameters flattened into one row each,
-``experts [T, P]``, and the common initialisation ``base [P]`` (or None when the rule needs none) in; the
-merged vector ``[P]`` out. Every rule sees the whole flattened vector at once, as the papers define them
-(TIES trims the top-k% of each task vector over all its parameters, not layer by layer).
+The rules live in :mod:`mtlvision.engine.merging`, one module each: a rule takes the experts' shared
+parameters stacked tensor by tensor (``{name: [T, *shape]}``) and their common start, and returns the merged
+tensors; rules defined on the whole flattened task vector (TIES, DARE) and per layer (TSV-M, Iso-C, Model
+Stock) share that contract.
 
 :func:`merge_states` sorts the target model's tensors into three groups: those every expert holds
 (the shared backbone: parameters combined by the rule, floating buffers averaged until
@@ -14,104 +14,35 @@ and those no expert holds (an error).
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
+from mtlvision.engine.merging import (
+    MERGE_RULES,
+    MergeRule,
+    TaskArithmetic,
+    Ties,
+    WeightAverage,
+    make_rule,
+)
 from mtlvision.errors import ConfigError
-from mtlvision.registry import Registry
 
-
-class MergeRule(ABC):
-    """Combines the experts' flattened shared parameters ``[T, P]`` (and a base ``[P]``) into ``[P]``."""
-
-    needs_base: ClassVar[bool] = False
-
-    @abstractmethod
-    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor: ...
-
-    def describe(self) -> dict[str, float]:
-        return {k: float(v) for k, v in vars(self).items()}
-
-
-MERGE_RULES: Registry[type[MergeRule]] = Registry("merging rule")
-
-
-@MERGE_RULES.register(
-    "average",
-    "the mean of the experts' weights",
-    "Wortsman et al., Model soups, ICML 2022; Matena & Raffel, Merging Models with Fisher-Weighted Averaging, "
-    "NeurIPS 2022 (isotropic case)",
-)
-@dataclass
-class WeightAverage(MergeRule):
-    """θ = (1/T) Σ_t θ_t."""
-
-    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor:
-        return experts.mean(0)
-
-
-@MERGE_RULES.register(
-    "task_arithmetic",
-    "the base plus the scaled sum of the task vectors θ_t - θ_0",
-    "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
-)
-@dataclass
-class TaskArithmetic(MergeRule):
-    """θ = θ_0 + λ Σ_t (θ_t − θ_0); the paper picks λ on held-out data, 0.3 is its usual value."""
-
-    needs_base: ClassVar[bool] = True
-    scale: float = 0.3
-
-    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor:
-        assert base is not None
-        return base + self.scale * (experts - base).sum(0)
-
-
-@MERGE_RULES.register(
-    "ties",
-    "TIES: trim each task vector to its top-k% magnitudes, elect a sign by total mass, disjoint mean",
-    "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
-)
-@dataclass
-class Ties(MergeRule):
-    """TIES-merging with ``density`` = k (the fraction of each task vector kept, 0.2 in the paper) and
-    ``scale`` = λ (1 in the paper's default)."""
-
-    needs_base: ClassVar[bool] = True
-    density: float = 0.2
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"ties: density must be in (0, 1], got {self.density}")
-
-    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor:
-        assert base is not None
-        vectors = experts - base
-        keep = max(1, math.ceil(self.density * vectors.shape[1]))
-        top = vectors.abs().topk(keep, dim=1).indices
-        trimmed = torch.zeros_like(vectors).scatter_(1, top, vectors.gather(1, top))
-        elected = trimmed.sum(0).sign()
-        agrees = (trimmed.sign() == elected) & (trimmed != 0)
-        merged = (trimmed * agrees).sum(0) / agrees.sum(0).clamp_min(1)
-        return base + self.scale * merged
-
-
-def make_rule(name: str, hparams: Mapping[str, float] | None = None) -> MergeRule:
-    """The rule ``name`` with its hyper-parameters; an unknown one is named with the allowed ones."""
-    cls = MERGE_RULES.get(name)
-    try:
-        return cls(**dict(hparams or {}))
-    except TypeError as exc:
-        allowed = ", ".join(cls.__dataclass_fields__) or "none"  # type: ignore[attr-defined]  # rules are dataclasses
-        raise ConfigError(f"merging rule {name!r}: {exc}; its hyper-parameters: {allowed}") from None
+__all__ = [
+    "MERGE_RULES",
+    "MergeReport",
+    "MergeRule",
+    "TaskArithmetic",
+    "Ties",
+    "WeightAverage",
+    "has_batch_norm",
+    "make_rule",
+    "merge_states",
+    "recompute_batch_norm",
+]
 
 
 @dataclass
@@ -146,8 +77,13 @@ def merge_states(
     experts: Mapping[str, Mapping[str, Tensor]],
     rule: MergeRule,
     base: Mapping[str, Tensor] | None = None,
+    statistics: Callable[[Sequence[str]], Mapping[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], MergeReport]:
-    """The state dict of ``target`` built from the experts' state dicts (keyed by their task name)."""
+    """The state dict of ``target`` built from the experts' state dicts (keyed by their task name).
+
+    ``statistics`` gathers, for the names of the shared parameters, the data statistics a rule such as
+    Fisher merging or RegMean needs (``{name: [T, ...]}``, experts in the order of ``experts``).
+    """
     own = target.state_dict()
     parameters = {name for name, _ in target.named_parameters()}
     report = MergeReport()
@@ -187,14 +123,17 @@ def merge_states(
             missing = [k for k in combined if k not in base]
             if missing:
                 raise ConfigError(f"the initial weights lack {len(missing)} shared tensors (e.g. {missing[0]})")
-        rows = torch.stack([torch.cat([experts[task][k].float().flatten() for k in combined]) for task in experts])
-        flat_base = torch.cat([base[k].float().flatten() for k in combined]) if base is not None else None
-        merged = rule(rows, flat_base)
-        offset = 0
+        if rule.statistics is not None and statistics is None:
+            raise ConfigError(
+                f"merging rule {type(rule).__name__} needs data statistics ({rule.statistics}) from each expert on "
+                "a few training samples; none were given"
+            )
+        stacked = {k: torch.stack([experts[task][k].float() for task in experts]) for k in combined}
+        start = {k: base[k].float() for k in combined} if base is not None else None
+        gathered = statistics(combined) if rule.statistics is not None and statistics is not None else None
+        merged = rule.merge(stacked, start, gathered)
         for key in combined:
-            n = own[key].numel()
-            state[key] = merged[offset : offset + n].view_as(own[key]).to(own[key].dtype)
-            offset += n
+            state[key] = merged[key].reshape(own[key].shape).to(own[key].dtype)
         report.merged = combined
     return state, report
 

@@ -3,18 +3,22 @@ BatchNorm statistics recomputed, the result evaluated like a trained run."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtlvision.config import parse_override
-from mtlvision.engine.build import build_model, build_tasks
+from mtlvision.engine.build import build_model, build_tasks, load_model
 from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
 from mtlvision.engine.job import evaluate_splits, evaluation_loader, input_size
 from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
+from mtlvision.engine.merging.base import DataRule
+from mtlvision.engine.merging.statistics import collect_statistics
 from mtlvision.engine.runs import (
     BASELINES_NAME,
     INIT_WEIGHTS_NAME,
@@ -64,25 +68,68 @@ def check_mergeable(runs: Sequence[Run]) -> None:
         raise MtlvisionError(f"cannot merge: several experts predict task(s) {', '.join(repeated)}")
 
 
-def common_init(runs: Sequence[Run]) -> dict[str, torch.Tensor]:
-    """The experts' common initialisation (their ``init.safetensors``), checked to be one and the same."""
+def common_init(runs: Sequence[Run], rule: str) -> dict[str, torch.Tensor]:
+    """The experts' common start (their ``init.safetensors``), checked to be one and the same.
+
+    Rules on task vectors θ_t − θ_0 need it; experts from different starts are refused, with how to make
+    experts that share one (``baseline`` trains them from one seed, or from ``model.init``).
+    """
+    how = (
+        "train the experts from one start with `mtlvision baseline DATA` (one seed), or from given weights with "
+        "`mtlvision baseline DATA --set model.init=RUN_OR_FILE.safetensors`; or use --rule average"
+    )
     states = []
     for run in runs:
         path = run.path / INIT_WEIGHTS_NAME
         if not path.is_file():
             raise MtlvisionError(
-                f"{run.path} holds no {INIT_WEIGHTS_NAME}: task arithmetic and TIES need the experts' common "
-                "initialisation, which `mtlvision baseline` records; retrain the experts with it or use --rule average"
+                f"{run.path} holds no {INIT_WEIGHTS_NAME}: merging rule {rule!r} works on task vectors and needs "
+                f"the experts' common start, which `mtlvision baseline` records; {how}"
             )
         states.append(read_weights(path))
     common = set.intersection(*(set(s) for s in states))
     for key in sorted(common):
-        if any(not torch.equal(states[0][key], s[key]) for s in states[1:]):
-            raise MtlvisionError(
-                f"the experts did not start from one initialisation (tensor {key!r} differs between their "
-                f"{INIT_WEIGHTS_NAME}): task vectors need a common base; use --rule average"
-            )
+        for run, state in zip(runs[1:], states[1:]):
+            if not torch.equal(states[0][key], state[key]):
+                raise MtlvisionError(
+                    f"the experts did not start from one initialisation: tensor {key!r} of {INIT_WEIGHTS_NAME} "
+                    f"differs between {runs[0].path} and {run.path}. Merging rule {rule!r} needs task vectors "
+                    f"against one base: {how}"
+                )
     return {k: states[0][k] for k in common}
+
+
+def base_fingerprint(base: Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 of the common start's shared tensors (names and bytes, in name order), recorded in the report."""
+    digest = hashlib.sha256()
+    for key in sorted(base):
+        digest.update(key.encode())
+        digest.update(base[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe_base(runs: Sequence[Run], base: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+    """What the experts started from: their ``model.init`` settings and, when known, the common start's hash."""
+    starts = sorted({str(run.config.model.init) for run in runs})
+    record: dict[str, Any] = {"model_init": starts[0] if len(starts) == 1 else starts}
+    if base is not None:
+        record["sha256"] = base_fingerprint(base)
+    return record
+
+
+def expert_statistics(runs: Sequence[Run], rule: DataRule) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
+    """What gathers the rule's data statistics from each expert on the first ``samples`` of its training split
+    (read as evaluation reads it: no augmentation, in order)."""
+    kind, samples = str(rule.statistics), rule.samples
+
+    def gather(names: Sequence[str]) -> dict[str, torch.Tensor]:
+        experts = {}
+        for run in runs:
+            expert, config = load_model(run)
+            experts[str(run.path)] = (expert, evaluation_loader(config, expert, "train")[0])
+        return collect_statistics(kind, experts, names, samples, resolve_device(runs[0].config.train.device))
+
+    return gather
 
 
 def merge_experts(
@@ -114,8 +161,11 @@ def merge_experts(
         "+".join(e.name for e in run.config.tasks or []): read_weights(run.path / WEIGHTS_NAME, like=own)
         for run in runs
     }
-    base = common_init(runs) if merging.needs_base else None
-    state, merge_report = merge_states(model, states, merging, base)
+    base = common_init(runs, rule) if merging.needs_base else None
+    started = time.perf_counter()
+    gather = expert_statistics(runs, merging) if isinstance(merging, DataRule) else None
+    state, merge_report = merge_states(model, states, merging, base, gather)
+    merge_seconds = time.perf_counter() - started
     model.load_state_dict(state)
     if has_batch_norm(model):
         device = resolve_device(config.train.device)
@@ -136,6 +186,8 @@ def merge_experts(
             "rule": rule,
             "hparams": merging.describe(),
             "experts": {name: str(run.path) for name, run in zip(states, runs)},
+            "base": describe_base(runs, base),
+            "merge_seconds": round(merge_seconds, 3),
             "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
             **merge_report.summary(),
         },

@@ -1,0 +1,127 @@
+"""The contract of a merging rule and the registry of rules (``mtlvision list merges``).
+
+A rule receives the experts' shared parameters tensor by tensor, each stacked over the experts
+(``experts[name]`` of shape ``[T, *shape]``), and the experts' common start ``base[name]`` (``None`` for a rule
+that needs none); it returns the merged tensor of every name. Two helpers cover the two kinds of rules in
+the papers: :class:`FlatRule` sees all tensors flattened into one row per expert (TIES trims over the whole
+task vector), :class:`TensorRule` merges one tensor at a time (TSV-M, Iso-C and Model Stock work per layer).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from mtlvision.errors import ConfigError
+from mtlvision.registry import Registry
+
+
+class MergeRule(ABC):
+    """Combines the experts' stacked shared tensors ``{name: [T, *shape]}`` (and the base) into merged tensors."""
+
+    #: the rule is defined on task vectors θ_t − θ_0 and needs the experts' common start
+    needs_base: ClassVar[bool] = False
+    #: the data statistics the rule needs from each expert (``fisher``, ``gram``: see
+    #: :mod:`mtlvision.engine.merging.statistics`), gathered on ``samples`` training samples; None for none
+    statistics: ClassVar[str | None] = None
+
+    @abstractmethod
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Args: experts: ``{name: [T, *shape]}``; base: ``{name: shape}`` or None; statistics: ``{name:
+        [T, ...]}`` for a rule that needs them. Returns ``{name: shape}``."""
+
+    def describe(self) -> dict[str, float]:
+        return {k: float(v) for k, v in vars(self).items()}
+
+
+class DataRule(MergeRule):
+    """A rule that needs data statistics (its ``statistics``) from each expert on ``samples`` training samples."""
+
+    samples: int
+
+    def check_samples(self, rule: str) -> None:
+        """A clear error unless ``samples`` is a positive whole number."""
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(f"{rule}: samples must be a whole number >= 1, got {self.samples!r}")
+
+
+class FlatRule(MergeRule):
+    """A rule on the whole flattened vector: ``experts [T, P]`` and ``base [P]`` in, ``[P]`` out."""
+
+    @abstractmethod
+    def __call__(self, experts: Tensor, base: Tensor | None) -> Tensor: ...
+
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        names = list(experts)
+        rows = torch.cat([experts[k].flatten(1) for k in names], dim=1)
+        flat_base = torch.cat([base[k].flatten() for k in names]) if base is not None else None
+        merged = self(rows, flat_base)
+        out, offset = {}, 0
+        for key in names:
+            shape = experts[key].shape[1:]
+            n = experts[key][0].numel()
+            out[key] = merged[offset : offset + n].view(shape)
+            offset += n
+        return out
+
+
+class TensorRule(MergeRule):
+    """A rule applied to each tensor on its own: ``experts [T, *shape]`` and ``base [*shape]`` in, ``shape`` out."""
+
+    @abstractmethod
+    def merge_tensor(self, experts: Tensor, base: Tensor | None) -> Tensor: ...
+
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        return {k: self.merge_tensor(v, base[k] if base is not None else None) for k, v in experts.items()}
+
+
+def as_matrices(tensor: Tensor) -> Tensor | None:
+    """Per-expert matrices ``[T, out, in·k·k]`` of a stacked linear or convolution weight ``[T, out, in, ...]``;
+    None for vectors (biases, normalisation), which the SVD-based rules do not decompose."""
+    if tensor.dim() < 3:
+        return None
+    return tensor.flatten(2)
+
+
+def check_range(
+    rule: str, name: str, value: float, low: float, high: float, *, open_low: bool = True, open_high: bool = False
+) -> None:
+    """A clear error when a hyper-parameter lies outside the interval from ``low`` to ``high`` (open or closed)."""
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ConfigError(f"{rule}: {name} must be in {interval}, got {value}")
+
+
+MERGE_RULES: Registry[type[MergeRule]] = Registry("merging rule")
+
+
+def make_rule(name: str, hparams: Mapping[str, float] | None = None) -> MergeRule:
+    """The rule ``name`` with its hyper-parameters; an unknown one is named with the allowed ones."""
+    cls = MERGE_RULES.get(name)
+    try:
+        return cls(**dict(hparams or {}))
+    except TypeError as exc:
+        allowed = ", ".join(f.name for f in fields(cls)) or "none"  # type: ignore[arg-type]  # rules are dataclasses
+        raise ConfigError(f"merging rule {name!r}: {exc}; its hyper-parameters: {allowed}") from None

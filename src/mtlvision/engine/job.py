@@ -5,7 +5,7 @@ from a validated :class:`~mtlvision.config.RunConfig`, makes the run folder (onl
 be wrong in the configuration has been found, so a failed start leaves no folder), trains with a
 :class:`~mtlvision.engine.trainer.Trainer` built from the config, evaluates the best weights and writes
 the :class:`~mtlvision.engine.runs.RunReport`. :func:`train_experts` (``baseline``) and :func:`evaluate_run`
-(``eval``) are sequences of the same steps. The module is a little over 400 lines because resuming (which
+(``eval``) are sequences of the same steps. The module is longer than the usual 400 lines because resuming (which
 keys may change, a finished run left as it is) belongs to the same sequence.
 """
 

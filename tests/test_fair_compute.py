@@ -50,6 +50,10 @@ def test_matched_experts_share_the_joint_runs_budget_and_delta_m_states_both(tmp
     assert report.delta_m["compute"]["run"] == joint.report.compute
     assert report.delta_m["compute"]["experts"]["segmentation"] == joint.report.compute
     assert report.delta_m_warning is None  # matched experts differ from the run only in tasks and balancing
+    # the experts' folder names them as well as their file; experts given that do not exist are an error
+    assert mv.evaluate(joint.path, baselines=path.parent).delta_m == report.delta_m
+    with pytest.raises(MtlvisionError, match="nor a folder holding one"):
+        mv.evaluate(joint.path, baselines=tmp_path / "no-such-experts")
 
 
 def test_match_refuses_a_second_configuration(tmp_path):

@@ -471,7 +471,8 @@ def evaluate_run(run: str | Path | Run, split: str | None = None, baselines: str
     loader, data = evaluation_loader(config, model, split)
     device = resolve_device(config.train.device)
     metrics = evaluate_model(model.to(device), loader, model.tasks, device).metrics
-    path = Path(baselines) if baselines else Baselines.for_run(run.path, config)
+    # experts given explicitly (their folder or file) must exist; only the default may be absent (no Δm then)
+    path = Baselines.locate(baselines) if baselines else Baselines.for_run(run.path, config)
     compute = run.report.compute if run.report is not None else None  # the budget it was trained with
     return RunReport(
         split=split,

@@ -325,3 +325,13 @@ def test_an_empty_validation_split_is_an_error_unless_the_last_epoch_is_selected
     report = json.loads((tmp_path / "runs" / "last" / "metrics.json").read_text())
     assert report["selection"] == "the last epoch (train.select=last; no validation split)"
     assert report["best_epoch"] == 1 and "val_metrics" not in report
+
+
+def test_an_empty_settings_mapping_is_no_difference_of_its_own():
+    from mtlvision.api import config
+    from mtlvision.run_settings import differences
+
+    tuned = config("scenes", {"data.augment": {"color_jitter": 0.1}})
+    plain = config("scenes", {"data.augment": {}})
+    lines = differences(comparable_settings(tuned), comparable_settings(plain), ("run", "expert"))
+    assert lines == ["data.augment.color_jitter (run 0.1, expert unset)"]

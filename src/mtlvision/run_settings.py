@@ -81,9 +81,12 @@ def differences(
 
 
 def comparable_settings(config: RunConfig) -> dict[str, Any]:
-    """The flattened settings of a run that its Δm experts should share (all but :data:`DELTA_M_EXEMPT`)."""
+    """The flattened settings of a run that its Δm experts should share (all but :data:`DELTA_M_EXEMPT`).
+
+    An empty mapping (``data.augment: {}``) is left out: it says no more than its keys' absence, which the
+    other side's keys already show (``data.augment.color_jitter (run 0.1, expert unset)``)."""
     flat = flatten(config.to_dict())
-    return {k: v for k, v in flat.items() if not _exempt(k, DELTA_M_EXEMPT)}
+    return {k: v for k, v in flat.items() if not _exempt(k, DELTA_M_EXEMPT) and not (isinstance(v, Mapping) and not v)}
 
 
 def with_resume_overrides(config: RunConfig, overrides: Mapping[str, Any] | Sequence[str] | None) -> RunConfig:

@@ -27,6 +27,9 @@ SHOWN = """JSON.stringify({
   pictures: [...document.querySelectorAll('#results img')].map(i => i.complete && i.naturalWidth > 0),
   bars: document.querySelectorAll('[data-task=count] .bar').length,
   tags: document.querySelectorAll('[data-task=colors] .bar').length,
+  fills: [...document.querySelectorAll('[data-task=count] .bar')].map(b => [
+    b.querySelector('.fill').getBoundingClientRect().width / b.querySelector('.track').getBoundingClientRect().width,
+    parseFloat(b.querySelector('.value').textContent)]),
   canvas: [...document.querySelectorAll('canvas[data-task=detection]')].map(c => [c.width, c.height]),
   status: document.getElementById('status').textContent,
 })"""
@@ -61,6 +64,8 @@ def test_the_page_shows_every_task_after_an_upload(served_run, tmp_path) -> None
             tasks = api.load_model(served_run)[0].tasks
             assert shown["bars"] == len(tasks["count"].class_names)
             assert shown["tags"] == len(tasks["colors"].label_names)
+            for drawn, probability in shown["fills"]:  # each bar as long as its probability (shown to 2 places)
+                assert drawn == pytest.approx(probability, abs=0.01)
             assert shown["canvas"] == [[160, 160]]  # boxes drawn over the input at its own size
             assert "ms" in shown["status"] and "batch of 1" in shown["status"]
 

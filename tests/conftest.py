@@ -10,7 +10,9 @@
 """
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -22,3 +24,26 @@ _base = settings.get_profile("default")
 settings.register_profile("ci", parent=_base, derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev", parent=_base, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+#: a tiny scenes run with every task kind, for the tests that need a trained run folder (export, serving)
+SIX_TASKS_TINY = {
+    "data.image_size": 32,
+    "data.train_size": 8,
+    "data.val_size": 4,
+    "data.test_size": 4,
+    "train.epochs": 1,
+    "train.batch_size": 4,
+    "train.progress": False,
+    "train.device": "cpu",
+    "model.backbone": "test_resnet",
+    "tasks": ["count", "colors", "segmentation", "depth", "normals", "detection"],
+}
+
+
+@pytest.fixture(scope="session")
+def six_task_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:data:`SIX_TASKS_TINY` trained once per test process (export and serving share it)."""
+    from mtlvision import api
+
+    return api.train("scenes", SIX_TASKS_TINY, out=tmp_path_factory.mktemp("six-task-runs"), name="scenes").path

@@ -18,23 +18,10 @@ from mtlvision.errors import ConfigError
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-TINY = {
-    "data.image_size": 32,
-    "data.train_size": 8,
-    "data.val_size": 4,
-    "data.test_size": 4,
-    "train.epochs": 1,
-    "train.batch_size": 4,
-    "train.progress": False,
-    "train.device": "cpu",
-    "model.backbone": "test_resnet",
-    "tasks": ["count", "colors", "segmentation", "depth", "normals", "detection"],
-}
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return api.train("scenes", TINY, out=tmp_path_factory.mktemp("runs"), name="joint").path
+def run(six_task_run: Path) -> Path:
+    return six_task_run
 
 
 @pytest.fixture(scope="module")

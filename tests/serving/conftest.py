@@ -15,18 +15,6 @@ from mtlvision import api
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 
-TINY = {
-    "data.image_size": 32,
-    "data.train_size": 8,
-    "data.val_size": 4,
-    "data.test_size": 4,
-    "train.epochs": 1,
-    "train.batch_size": 4,
-    "train.progress": False,
-    "train.device": "cpu",
-    "model.backbone": "test_resnet",
-    "tasks": ["count", "colors", "segmentation", "depth", "normals", "detection"],
-}
 KINDS = {
     "count": "classification",
     "colors": "multilabel",
@@ -38,8 +26,8 @@ KINDS = {
 
 
 @pytest.fixture(scope="session")
-def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return api.train("scenes", TINY, out=tmp_path_factory.mktemp("serve-runs"), name="scenes").path
+def served_run(six_task_run: Path) -> Path:
+    return six_task_run
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
-
-console = Console()
 
 
 def cmd_affinity(args: argparse.Namespace) -> int:
     from mtlvision import api
+    from mtlvision.cli import console
 
     result = api.affinity(
         args.config,
@@ -45,6 +43,8 @@ def cmd_affinity(args: argparse.Namespace) -> int:
 
 
 def _print_validation(validation: dict[str, Any]) -> None:
+    from mtlvision.cli import console
+
     table = Table(title=f"Δm % on the {validation['split']} split against the experts (lower is better)")
     table.add_column("trained together")
     table.add_column("Δm % over its tasks", justify="right")

@@ -17,7 +17,21 @@ from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update
 from mtlvision.balancers.weighting import WeightingError
 from mtlvision.errors import ConfigError, InternalError, MtlvisionError
 
-OURS = ["ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "imtl_l", "famo", "db_mtl", "stch", "excess_mtl"]
+OURS = [
+    "ew",
+    "fixed",
+    "uw",
+    "dwa",
+    "gradnorm",
+    "rlw",
+    "gls",
+    "imtl_l",
+    "famo",
+    "db_mtl",
+    "stch",
+    "excess_mtl",
+    "go4align",
+]
 
 
 class FakeGrads(TaskGradients):

@@ -17,20 +17,24 @@ from mtlvision.balancers.gradient.conflict_free import ConFIG
 from mtlvision.balancers.gradient.fairgrad import FairGrad
 from mtlvision.balancers.gradient.graddrop import GradDrop
 from mtlvision.balancers.gradient.gradvac import GradVac
+from mtlvision.balancers.gradient.imgrad import IMGrad
 from mtlvision.balancers.gradient.imtl import IMTL, IMTLG
 from mtlvision.balancers.gradient.mgda import MGDA, MGDAUB
 from mtlvision.balancers.gradient.moco import MoCo
 from mtlvision.balancers.gradient.modo import MoDo
 from mtlvision.balancers.gradient.nash_mtl import NashMTL
+from mtlvision.balancers.gradient.ntkmtl import NTKMTL
 from mtlvision.balancers.gradient.pcgrad import PCGrad
 from mtlvision.balancers.gradient.sdmgrad import SDMGrad
 from mtlvision.balancers.gradient.upgrad import DualProj, UPGrad
 
 __all__ = [
     "IMTL",
+    "IMGrad",
     "IMTLG",
     "MGDA",
     "MGDAUB",
+    "NTKMTL",
     "AlignedMTL",
     "AlignedMTLUB",
     "CAGrad",

@@ -9,7 +9,9 @@ from mtlvision.balancers.weighting.dwa import DWA
 from mtlvision.balancers.weighting.excess_mtl import ExcessMTL
 from mtlvision.balancers.weighting.famo import FAMO
 from mtlvision.balancers.weighting.gls import GLS
+from mtlvision.balancers.weighting.go4align import GO4Align
 from mtlvision.balancers.weighting.gradnorm import GradNorm
+from mtlvision.balancers.weighting.ldc_mtl import LDCMTL
 from mtlvision.balancers.weighting.rlw import RLW
 from mtlvision.balancers.weighting.stch import STCH
 from mtlvision.balancers.weighting.uncertainty import IMTLL, UncertaintyWeighting
@@ -19,7 +21,9 @@ __all__ = [
     "DWA",
     "FAMO",
     "GLS",
+    "GO4Align",
     "IMTLL",
+    "LDCMTL",
     "RLW",
     "STCH",
     "EqualWeights",

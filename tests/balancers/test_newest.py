@@ -243,3 +243,5 @@ def test_ldc_mtl_clamps_and_refuses_bounds_that_freeze_the_router() -> None:
         get("ldc_mtl", min_weight=0.5, max_weight=0.4)
     with pytest.raises(WeightingError, match="LDCMTL"):
         get("ldc_mtl", num_tasks=2).balance(torch.tensor([1.0, 0.0]), None)  # the first losses divide
+    unnormalised = get("ldc_mtl", normalise=False, lamb=0.0, num_tasks=2).balance(torch.tensor([1.0, 0.0]), None)
+    assert_close(unnormalised.weights, torch.tensor([0.5, 0.5]))  # softmax(0) / Σ = 1/T, no ratios

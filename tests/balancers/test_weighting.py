@@ -31,6 +31,7 @@ OURS = [
     "stch",
     "excess_mtl",
     "go4align",
+    "ldc_mtl",
 ]
 
 

@@ -28,7 +28,8 @@ def discrepancy_objective(weights: Tensor, losses: Tensor, lamb: float) -> Tenso
 )
 class LDCMTL(LearnableTaskParameter):
     """Xiao et al. (2025), as in the authors' code (``experiments/*/trainer.py``). The losses are first
-    normalised by their values at the first step, ``ℓ_t = L_t / r_t`` with ``r_t = L_t⁰ / min_s L_s⁰``; router
+    normalised by their values at the first step, ``ℓ_t = L_t / r_t`` with ``r_t = L_t⁰ / min_s L_s⁰`` (so a
+    zero first loss is an error; ``normalise=False`` skips it, as the CelebA code does); router
     weights ``w = clamp(softmax(ξ), min_weight, max_weight)`` then enter the single-level objective
     ``Σ_t w_t ℓ_t / Σ_t w_t + λ Σ_t |w_t ℓ_t − w_{t+1} ℓ_{t+1}|`` (:func:`discrepancy_objective`), the
     penalised form of the bilevel problem "keep the weighted losses level while minimising them". The model
@@ -83,8 +84,11 @@ class LDCMTL(LearnableTaskParameter):
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         logits = self.parameter_for(losses)
         if self.ratios is None:
-            first = checked_losses(self, losses)  # the normalisation divides by the first losses
-            self.ratios = (first / first.min()).cpu() if self.normalise else torch.ones_like(first).cpu()
+            if self.normalise:  # the normalisation divides by the first losses
+                first = checked_losses(self, losses)
+                self.ratios = (first / first.min()).cpu()
+            else:
+                self.ratios = torch.ones(losses.numel(), dtype=torch.float64)
         if self.ratios.numel() != losses.numel():
             raise ConfigError(f"LDC-MTL has loss ratios for {self.ratios.numel()} tasks but got {losses.numel()}")
         ratios = self.ratios.to(losses.device)

@@ -24,7 +24,7 @@ TASKS_UNDER_TEST = {
     "segmentation": (Segmentation("s", 3), TargetKind.MASK),
     "depth": (Depth("d"), TargetKind.DEPTH),
     "normals": (Normals("n"), TargetKind.NORMALS),
-    "edges": (Edges("e"), TargetKind.MASK),
+    "edges": (Edges("e"), TargetKind.EDGES),
 }
 
 

@@ -41,8 +41,8 @@ def _require_fraction(task: str, parameter: str, value: float, low: float, high:
 @TASKS.register("edges", "Semantic edges / boundaries (weighted BCE, positive weight 0.95; odsF at a tolerance).")
 class Edges(Task):
     """An edge probability per pixel. The head predicts ``[B, 1, H, W]`` logits at input resolution; the target
-    is an int64 ``[H, W]`` map of 1 (edge), 0 (no edge) and ``ignore_index`` (unlabelled): a mask, so the joint
-    transforms resize it by nearest neighbour, pad it with ``ignore_index`` and flip it.
+    is an int64 ``[H, W]`` map of 1 (edge), 0 (no edge) and ``ignore_index`` (unlabelled), which the joint
+    transforms treat as a mask: nearest-neighbour resize, padding with ``ignore_index``, flip.
 
     The loss is :func:`weighted_bce` averaged over each sample's labelled pixels, then over the valid samples
     that have any. The survey code divides by every pixel of the batch and, with a fixed positive weight, does
@@ -53,7 +53,7 @@ class Edges(Task):
     """
 
     kind = "edges"
-    target_kind = TargetKind.MASK
+    target_kind = TargetKind.EDGES
     level = "dense"
     default_head = "fpn"
     metric_directions: ClassVar[dict[str, bool]] = {"odsF": True}

@@ -39,14 +39,11 @@ def bsds_thresholds(count: int) -> np.ndarray:
     return np.linspace(1.0 / (count + 1), 1.0 - 1.0 / (count + 1), count)
 
 
-def match_count(predicted: np.ndarray, truth: np.ndarray, radius: float) -> int:
-    """The size of a maximum one-to-one matching between the ``True`` pixels of two ``H x W`` boolean maps,
-    a pair being allowed when the pixels lie at most ``radius`` pixels apart (Euclidean distance)."""
-    pred_rows, pred_cols = np.nonzero(predicted)
-    true_rows, true_cols = np.nonzero(truth)
-    if pred_rows.size == 0 or true_rows.size == 0:
-        return 0
+def _graph(pred_rows: np.ndarray, pred_cols: np.ndarray, truth: np.ndarray, radius: float) -> csr_matrix:
+    """The ``[P, G]`` biadjacency of predicted pixels (given by their coordinates) and the ``True`` pixels of
+    ``truth`` (row-major order) that lie at most ``radius`` pixels apart."""
     height, width = truth.shape
+    true_rows, true_cols = np.nonzero(truth)
     index = np.full((height, width), -1, dtype=np.int64)
     index[true_rows, true_cols] = np.arange(true_rows.size)
     reach = int(math.floor(radius))
@@ -63,13 +60,22 @@ def match_count(predicted: np.ndarray, truth: np.ndarray, radius: float) -> int:
             left.append(inside[hit])
             right.append(partner[hit])
     rows_all, cols_all = np.concatenate(left), np.concatenate(right)
-    if rows_all.size == 0:
-        return 0
-    graph = csr_matrix(
+    return csr_matrix(
         (np.ones(rows_all.size, dtype=np.int8), (rows_all, cols_all)), shape=(pred_rows.size, true_rows.size)
     )
-    matching = maximum_bipartite_matching(graph, perm_type="column")
-    return int((matching >= 0).sum())
+
+
+def _matching_size(graph: csr_matrix) -> int:
+    if graph.shape[0] == 0 or graph.shape[1] == 0 or graph.nnz == 0:
+        return 0
+    return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
+
+
+def match_count(predicted: np.ndarray, truth: np.ndarray, radius: float) -> int:
+    """The size of a maximum one-to-one matching between the ``True`` pixels of two ``H x W`` boolean maps,
+    a pair being allowed when the pixels lie at most ``radius`` pixels apart (Euclidean distance)."""
+    rows, cols = np.nonzero(predicted)
+    return _matching_size(_graph(rows, cols, truth, radius))
 
 
 def boundary_counts(
@@ -78,22 +84,30 @@ def boundary_counts(
     """Per threshold, the matches and the predicted edge pixels of one image, and its true edge pixels.
 
     ``probability`` is the ``H x W`` edge probability, ``truth`` and ``labelled`` boolean maps; the match radius
-    is ``tolerance`` times the image diagonal.
+    is ``tolerance`` times the image diagonal. The pixel graph is built once, at the lowest threshold; each
+    threshold keeps the predicted pixels at or above it (pixels without a neighbour in reach cannot match).
     """
     radius = tolerance * math.hypot(*truth.shape)
     truth = truth & labelled
+    scores = np.sort(probability[labelled])
+    predicted = (scores.size - np.searchsorted(scores, thresholds, side="left")).astype(np.int64)
     if radius < 1.0:  # only a pixel itself is in reach: the matches are the true pixels predicted as edges
-        scores = np.sort(probability[labelled])
         hits = np.sort(probability[truth])
-        predicted = scores.size - np.searchsorted(scores, thresholds, side="left")
-        matches = hits.size - np.searchsorted(hits, thresholds, side="left")
-        return matches.astype(np.int64), predicted.astype(np.int64), int(hits.size)
+        matches = (hits.size - np.searchsorted(hits, thresholds, side="left")).astype(np.int64)
+        return matches, predicted, int(hits.size)
+    rows, cols = np.nonzero(labelled & (probability >= thresholds.min()))
+    graph = _graph(rows, cols, truth, radius)
+    linked = np.diff(graph.indptr) > 0
+    values = probability[rows, cols]
     matches = np.zeros(len(thresholds), dtype=np.int64)
-    predicted = np.zeros(len(thresholds), dtype=np.int64)
+    previous: tuple[np.ndarray, int] | None = None
     for i, threshold in enumerate(thresholds):
-        edges = (probability >= threshold) & labelled
-        predicted[i] = int(edges.sum())
-        matches[i] = match_count(edges, truth, radius)
+        keep = np.flatnonzero(linked & (values >= threshold))
+        if previous is not None and np.array_equal(keep, previous[0]):
+            matches[i] = previous[1]
+            continue
+        matches[i] = _matching_size(graph[keep])
+        previous = (keep, int(matches[i]))
     return matches, predicted, int(truth.sum())
 
 

@@ -38,7 +38,12 @@ def _require_fraction(task: str, parameter: str, value: float, low: float, high:
         raise ConfigError(f"Task {task!r}: {parameter} must be a number in {bounds}, got {value!r}.")
 
 
-@TASKS.register("edges", "Semantic edges / boundaries (weighted BCE, positive weight 0.95; odsF at a tolerance).")
+@TASKS.register(
+    "edges",
+    "Semantic edges / boundaries (weighted BCE, positive weight 0.95; odsF at a tolerance).",
+    citation="Martin et al., Learning to Detect Natural Image Boundaries, TPAMI 2004 (odsF); Vandenhende et al., "
+    "Multi-Task Learning for Dense Prediction Tasks: A Survey, TPAMI 2021",
+)
 class Edges(Task):
     """An edge probability per pixel. The head predicts ``[B, 1, H, W]`` logits at input resolution; the target
     is an int64 ``[H, W]`` map of 1 (edge), 0 (no edge) and ``ignore_index`` (unlabelled), which the joint

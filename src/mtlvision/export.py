@@ -101,7 +101,8 @@ def preprocessing(model: MultiTaskModel, image_size: tuple[int, int]) -> dict[st
         "outputs_to_image_size": (
             "mtlvision predict gives outputs at the image's own size: class maps (argmax of segmentation logits) "
             "resized by nearest neighbour (source pixel floor(i * h / H)), depth and normal maps bilinearly "
-            "(normals renormalised), boxes scaled by the ratio of the sizes"
+            "(normals renormalised), edge probabilities (sigmoid of the edge logits) bilinearly, boxes scaled by the "
+            "ratio of the sizes"
         ),
     }
 

@@ -25,7 +25,7 @@ def write_folder(root: Path) -> dict[str, object]:
         Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(root / "images" / key)
     (root / "weather.csv").write_text("file,label\na/0.jpg,rain\na/1.jpg,0\nb/2.png,\n")  # 3.jpg absent
     (root / "tags.csv").write_text("file,car,person\na/0.jpg,1,0\na/1.jpg,0,\nb/2.png,1,1\n3.jpg,0,0\n")
-    for sub in ("masks/a", "depth/a", "depth/b", "normals/a"):
+    for sub in ("masks/a", "depth/a", "depth/b", "normals/a", "edges/b"):
         (root / sub).mkdir(parents=True)
     mask = rng.integers(0, 4, (H, W)).astype(np.uint8)
     mask[0, 0] = 255
@@ -40,6 +40,9 @@ def write_folder(root: Path) -> dict[str, object]:
     normals[..., 1] = 128
     normals[2, 3] = 0  # black = invalid
     Image.fromarray(normals).save(root / "normals/a/0.png")
+    edges = (rng.random((H, W)) < 0.2).astype(np.uint8)
+    edges[1, :] = 255  # an unlabelled row
+    Image.fromarray(edges).save(root / "edges/b/2.png")
     coco = {
         "images": [
             {"id": 1, "file_name": "a/0.jpg", "width": W, "height": H},
@@ -56,7 +59,7 @@ def write_folder(root: Path) -> dict[str, object]:
     (root / "splits/train.txt").write_text("\n".join(KEYS) + "\n")
     (root / "splits/val.txt").write_text("3.jpg\n")
     (root / "splits/test.txt").write_text("")
-    return {"mask": mask, "depth_png": depth_png, "depth_npy": depth_npy}
+    return {"mask": mask, "depth_png": depth_png, "depth_npy": depth_npy, "edges": edges}
 
 
 TASK_CONFIG = {
@@ -66,6 +69,7 @@ TASK_CONFIG = {
     "depth": {"kind": "depth", "path": "depth", "depth_scale": 1000},
     "normals": {"kind": "normals", "path": "normals"},
     "objects": {"kind": "detection", "path": "boxes.json"},
+    "contours": {"kind": "edges", "path": "edges"},
 }
 
 
@@ -96,11 +100,18 @@ def test_every_kind_with_partial_labels(tmp_path: Path) -> None:
     assert items[0]["targets"]["objects"]["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0]]  # crowd box skipped
     assert items[0]["targets"]["objects"]["labels"].tolist() == [1]
     assert items[3]["targets"]["objects"]["boxes"].shape == (0, 4)
+    assert specs["contours"].kind == "edges" and [it["valid"]["contours"] for it in items] == [
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert np.array_equal(items[2]["targets"]["contours"].numpy(), raw["edges"].astype(np.int64))
     for item in items:
         assert item["image"].shape == (3, H, W)
         for name, task in tasks.items():
             target = item["targets"][name]
-            if name in ("segmentation", "depth", "normals"):
+            if name in ("segmentation", "depth", "normals", "contours"):
                 assert target.shape[-2:] == (H, W)  # placeholders too
             if item["valid"][name]:
                 task.check_target(target, item["id"])

@@ -44,7 +44,9 @@ def world_points(layout: sc.SceneLayout, depth: np.ndarray) -> np.ndarray:
 def test_registered_with_the_task_specs_in_preset_order() -> None:
     source = DATASETS.get("scenes")
     specs = source.tasks(source.Params(name="scenes"))
-    assert list(specs) == ["count", "colors", "segmentation", "depth", "normals", "detection"]
+    assert list(specs) == ["count", "colors", "segmentation", "depth", "normals", "detection", "edges"]
+    assert source.default_tasks(source.Params(name="scenes")) == list(specs)[:6]  # edges only when named
+    assert specs["edges"].kind == "edges"
     assert specs["count"].kind == "classification" and specs["count"].params["num_classes"] == 4
     assert specs["count"].params["class_names"] == ["1", "2", "3", "4"]
     assert specs["colors"].params == {"num_labels": len(sc.COLORS), "label_names": list(sc.COLOR_NAMES)}
@@ -73,6 +75,7 @@ def test_sample_format(dataset: sc.SceneDataset) -> None:
     assert t["depth"].dtype == torch.float32 and t["depth"].shape == (1, SIZE, SIZE)
     assert t["normals"].dtype == torch.float32 and t["normals"].shape == (3, SIZE, SIZE)
     assert t["detection"]["boxes"].dtype == torch.float32 and t["detection"]["labels"].dtype == torch.int64
+    assert t["edges"].dtype == torch.int64 and t["edges"].shape == (SIZE, SIZE)
     assert sample["valid"] == dict.fromkeys(t, True)
 
 
@@ -110,6 +113,26 @@ def test_segmentation_is_the_shape_of_the_visible_object(dataset: sc.SceneDatase
         assert np.all((seg == 0) == (instance == 0))
         for k in range(int(dataset.counts[i])):
             assert np.all(seg[instance == k + 1] == dataset.shapes[i, k] + 1)
+
+
+def test_edges_are_the_occluding_contours_of_the_objects(generated) -> None:
+    _, rendering = generated
+    edges = sc.occluding_contours(rendering.instance, rendering.depth)
+    assert edges.dtype == np.uint8 and set(np.unique(edges)) == {0, 1}
+    for n in range(8):  # pixel by pixel, against the rule: an object pixel beside background or a farther object
+        instance, depth = rendering.instance[n], rendering.depth[n]
+        want = np.zeros((SIZE, SIZE), np.uint8)
+        for r in range(SIZE):
+            for c in range(SIZE):
+                if instance[r, c] == 0:
+                    continue
+                for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                    if 0 <= rr < SIZE and 0 <= cc < SIZE and instance[rr, cc] != instance[r, c]:
+                        if instance[rr, cc] == 0 or depth[rr, cc] > depth[r, c]:
+                            want[r, c] = 1
+        np.testing.assert_array_equal(edges[n], want)
+        for k in np.unique(instance[instance > 0]):  # every visible object has a contour
+            assert edges[n][instance == k].any()
 
 
 def test_depth_is_the_nearest_surface_and_nearer_where_objects_occlude(generated) -> None:

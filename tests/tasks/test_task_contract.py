@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from mtlvision.tasks import TASKS, Classification, Depth, MultiLabel, Normals, Segmentation, TargetKind, Task
+from mtlvision.tasks import (
+    TASKS,
+    Classification,
+    Depth,
+    Edges,
+    MultiLabel,
+    Normals,
+    Segmentation,
+    TargetKind,
+    Task,
+)
 
 TASKS_UNDER_TEST = {
     "classification": (Classification("c", 3), TargetKind.LABEL),
@@ -14,6 +24,7 @@ TASKS_UNDER_TEST = {
     "segmentation": (Segmentation("s", 3), TargetKind.MASK),
     "depth": (Depth("d"), TargetKind.DEPTH),
     "normals": (Normals("n"), TargetKind.NORMALS),
+    "edges": (Edges("e"), TargetKind.EDGES),
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtlvision.tasks import Classification, Depth, MultiLabel, Normals, Segmentation, Task
+from mtlvision.tasks import Classification, Depth, Edges, MultiLabel, Normals, Segmentation, Task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,6 +31,10 @@ def _batch(task: Task, seed: int, size: int = 6) -> tuple[torch.Tensor, torch.Te
         target = torch.randint(0, 4, (size, 24, 32), generator=generator)
         target[:, :3] = 255
         return torch.randn(dense, generator=generator), target, torch.arange(size) % 3 != 0
+    if isinstance(task, Edges):
+        target = (torch.rand(size, 24, 32, generator=generator) < 0.1).long()
+        target[:, :3] = 255
+        return torch.randn(dense, generator=generator), target, torch.arange(size) % 3 != 0
     if isinstance(task, Depth):
         target = torch.rand(size, 1, 24, 32, generator=generator) * 4
         target[target < 0.5] = 0
@@ -40,7 +44,14 @@ def _batch(task: Task, seed: int, size: int = 6) -> tuple[torch.Tensor, torch.Te
     return target + 0.5 * torch.randn(dense, generator=generator), target, torch.arange(size) % 3 != 0
 
 
-TASKS = [Classification("c", 5), MultiLabel("m", 4), Segmentation("s", 4), Depth("d", "berhu"), Normals("n")]
+TASKS = [
+    Classification("c", 5),
+    MultiLabel("m", 4),
+    Segmentation("s", 4),
+    Depth("d", "berhu"),
+    Normals("n"),
+    Edges("e", tolerance=0.05),
+]
 
 
 @pytest.fixture

@@ -116,6 +116,7 @@ INSPECTORS: dict[TargetKind, Inspector] = {
     TargetKind.LABEL: _label,
     TargetKind.LABELS: _labels,
     TargetKind.MASK: _mask,
+    TargetKind.EDGES: _mask,
     TargetKind.DEPTH: _depth,
     TargetKind.NORMALS: _normals,
     TargetKind.BOXES: _boxes,

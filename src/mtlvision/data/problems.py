@@ -70,6 +70,7 @@ PRECHECKS: dict[TargetKind, Callable[[Task, Any], list[Problem]]] = {TargetKind.
 
 SHAPE_CHECKS: dict[TargetKind, Callable[[Task, Any, tuple[int, int]], list[Problem]]] = {
     TargetKind.MASK: _size,
+    TargetKind.EDGES: _size,
     TargetKind.DEPTH: _size,
     TargetKind.NORMALS: _size,
     TargetKind.BOXES: _outside,

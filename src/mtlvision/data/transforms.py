@@ -8,7 +8,7 @@ table :data:`KIND_OPS` says how (no special case is keyed on a task's name):
 kind          resize by a zoom ``s``      pad (right / bottom)        horizontal flip  colour jitter
 ============  ==========================  ==========================  ===============  ====================
 label(s)      unchanged                   unchanged                   unchanged        unchanged
-mask          nearest                     ``ignore_index`` (255)      flipped          unchanged
+mask, edges   nearest                     ``ignore_index`` (255)      flipped          unchanged
 depth         nearest (or bilinear over   0 (invalid)                 flipped          unchanged
               valid pixels), then ``/ s``
 normals       bilinear over valid pixels, 0 (invalid)                 flipped, x       unchanged
@@ -187,6 +187,7 @@ KIND_OPS: dict[TargetKind, KindOps] = {
     TargetKind.LABEL: _IMAGE_LEVEL,
     TargetKind.LABELS: _IMAGE_LEVEL,
     TargetKind.MASK: KindOps(_resize_mask, _pad_with(lambda s: float(s.ignore_index)), _crop_dense, _flip_dense),
+    TargetKind.EDGES: KindOps(_resize_mask, _pad_with(lambda s: float(s.ignore_index)), _crop_dense, _flip_dense),
     TargetKind.DEPTH: KindOps(_resize_depth, _pad_with(lambda s: 0.0), _crop_dense, _flip_dense),
     TargetKind.NORMALS: KindOps(_resize_normals, _pad_with(lambda s: 0.0), _crop_dense, _flip_normals),
     TargetKind.BOXES: KindOps(_resize_boxes, _unchanged, _crop_boxes, _flip_boxes),

@@ -43,10 +43,11 @@ def dataset_source(config: RunConfig) -> tuple[type[DatasetSource], DatasetParam
 
 
 def build_tasks(config: RunConfig) -> list[Task]:
-    """The run's tasks: those named in ``tasks`` (all the dataset's tasks when omitted), in that order."""
+    """The run's tasks: those named in ``tasks`` (the dataset's default tasks when omitted), in that order."""
     source, params = dataset_source(config)
     available: dict[str, TaskSpec] = source.tasks(params)
-    entries = config.tasks if config.tasks is not None else [TaskEntry(name=n) for n in available]
+    defaults = source.default_tasks(params)
+    entries = config.tasks if config.tasks is not None else [TaskEntry(name=n) for n in defaults]
     tasks: list[Task] = []
     for entry in entries:
         name = entry.name

@@ -13,6 +13,7 @@ mask        ``mask`` by nearest neighbour (source pixel ``floor(i * h / H)``); `
 depth       the ``H x W`` map bilinearly
 normals     each component bilinearly, then renormalised to unit length (zero vectors stay zero)
 boxes       ``boxes`` (x1, y1, x2, y2) scaled by the ratio of the sizes
+edges       ``probability`` bilinearly; ``edges`` (probability >= 0.5) and ``edge_pixels`` recomputed from it
 ==========  ======================================================================================
 
 A task of a kind not in the table (a user's own) keeps its decoded result as it is.
@@ -61,6 +62,12 @@ def _boxes(task: Task, decoded: dict[str, Any], source: Size, size: Size) -> dic
     return {**decoded, "boxes": boxes}
 
 
+def _edges(task: Task, decoded: dict[str, Any], source: Size, size: Size) -> dict[str, Any]:
+    probability = resize_bilinear(np.asarray(decoded["probability"]), *size)
+    edges = (probability >= 0.5).astype(np.uint8)
+    return {**decoded, "probability": probability, "edges": edges, "edge_pixels": int(edges.sum())}
+
+
 def _unchanged(task: Task, decoded: Any, source: Size, size: Size) -> Any:
     return decoded
 
@@ -72,6 +79,7 @@ RESCALE: dict[TargetKind, Callable[[Task, Any, Size, Size], Any]] = {
     TargetKind.DEPTH: _depth,
     TargetKind.NORMALS: _normals,
     TargetKind.BOXES: _boxes,
+    TargetKind.EDGES: _edges,
 }
 """Per target kind, how a decoded result is resized (see the module docstring)."""
 

@@ -12,6 +12,8 @@ Per target kind (:data:`ENCODERS`; no special case is keyed on a task's name):
   min + v / 65535 * (max - min)), ``raw`` (base64 little-endian float32, exact) or ``none``.
 - ``normals``: ``normals`` (``H x W x 3`` unit vectors), as ``maps`` asks: ``png`` (base64 RGB PNG,
   n = v / 255 * 2 - 1), ``raw`` or ``none``.
+- ``edges``: ``edge_pixels`` (pixels at probability >= 0.5) and ``probability``, as ``maps`` asks: ``png``
+  (base64 16-bit grey PNG, probability = v / 65535), ``raw`` or ``none``.
 
 A task of another kind (a user's own) has its arrays given as ``raw`` and everything else as decoded.
 """
@@ -33,7 +35,7 @@ from mtlvision.tasks.base import TargetKind, Task
 
 MASK_FORMATS = ("png", "rle", "none")
 MAP_FORMATS = ("png", "raw", "none")
-VIEW_KINDS = frozenset({TargetKind.MASK, TargetKind.DEPTH, TargetKind.NORMALS})
+VIEW_KINDS = frozenset({TargetKind.MASK, TargetKind.DEPTH, TargetKind.NORMALS, TargetKind.EDGES})
 """Kinds whose picture (``view=1``) the service draws; the page draws the others from the JSON."""
 
 
@@ -137,6 +139,17 @@ def _normals(task: Task, decoded: np.ndarray, formats: Formats) -> dict[str, Any
     return result
 
 
+def _edges(task: Task, decoded: dict[str, Any], formats: Formats) -> dict[str, Any]:
+    probability = np.asarray(decoded["probability"], dtype=np.float32)
+    result: dict[str, Any] = {"edge_pixels": int(decoded["edge_pixels"])}
+    if formats.maps == "png":
+        levels = np.round(np.clip(probability, 0.0, 1.0) * 65535).astype(np.uint16)
+        result["probability"] = {"encoding": "png", "size": list(probability.shape), "data": png_base64(levels)}
+    elif formats.maps == "raw":
+        result["probability"] = raw_float32(probability)
+    return result
+
+
 def _generic(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _generic(v) for k, v in value.items()}
@@ -156,6 +169,7 @@ ENCODERS: dict[TargetKind, Callable[[Task, Any, Formats], dict[str, Any]]] = {
     TargetKind.MASK: _mask,
     TargetKind.DEPTH: _depth,
     TargetKind.NORMALS: _normals,
+    TargetKind.EDGES: _edges,
 }
 """Per target kind, a decoded result (at the image's size) as JSON (see the module docstring)."""
 

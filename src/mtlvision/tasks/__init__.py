@@ -6,6 +6,7 @@ from mtlvision.tasks.base import TargetKind, Task, TaskMetric
 from mtlvision.tasks.classification import Classification
 from mtlvision.tasks.depth import Depth
 from mtlvision.tasks.detection import Detection
+from mtlvision.tasks.edges import Edges
 from mtlvision.tasks.multilabel import MultiLabel
 from mtlvision.tasks.normals import Normals
 from mtlvision.tasks.registry import TASKS
@@ -16,6 +17,7 @@ __all__ = [
     "Classification",
     "Depth",
     "Detection",
+    "Edges",
     "MultiLabel",
     "Normals",
     "Segmentation",

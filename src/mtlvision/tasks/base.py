@@ -30,6 +30,8 @@ class TargetKind(str, Enum):
     - ``normals``: float32 ``[3, H, W]`` unit vectors (x right, y down, z towards the camera); all-zero
       vectors mark invalid pixels.
     - ``boxes``: dict with ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2 in pixels) and ``labels`` int64 ``[N]``.
+    - ``edges``: int64 ``[H, W]`` map of 1 (edge) and 0; ``ignore_index`` marks unlabelled pixels. Transformed
+      as a mask; decoded into edge probabilities.
     """
 
     LABEL = "label"
@@ -38,6 +40,7 @@ class TargetKind(str, Enum):
     DEPTH = "depth"
     NORMALS = "normals"
     BOXES = "boxes"
+    EDGES = "edges"
 
 
 class TaskMetric(Protocol):

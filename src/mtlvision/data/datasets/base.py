@@ -84,6 +84,11 @@ class DatasetSource(ABC):
         """Every task this dataset can provide, by name, in a stable order (the preset default uses all)."""
 
     @classmethod
+    def default_tasks(cls, params: DatasetParams) -> list[str]:
+        """The tasks a run trains when its config names none: all of :meth:`tasks` unless overridden."""
+        return list(cls.tasks(params))
+
+    @classmethod
     @abstractmethod
     def build(cls, params: DatasetParams, split: str) -> Dataset:
         """The dataset split ``split`` (one of :data:`SPLITS`); raises DataError naming missing files."""

@@ -21,6 +21,8 @@ normals         folder of ``{key}.png`` (RGB, v = (n + 1) / 2 * 255; black = inv
                 (float H x W x 3, zero vectors invalid)
 detection       a COCO instances JSON whose ``file_name`` entries are image keys (boxes [x, y, w, h];
                 crowd annotations skipped); read with the COCO loader's reader
+edges           folder of grey PNG maps ``{path}/{key without suffix}.png``: 1 = edge, 0 = no edge,
+                ``ignore_index`` (255) = unlabelled; any other value is refused
 =============== =================================================================================
 
 Every path comes from a file (a split list line, a CSV row) and must stay inside its folder: a key such as
@@ -79,7 +81,7 @@ class FolderTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["classification", "multilabel", "segmentation", "depth", "normals", "detection"]
+    kind: Literal["classification", "multilabel", "segmentation", "depth", "normals", "detection", "edges"]
     path: str = Field(description="CSV, folder or JSON holding the labels, relative to data.root")
     num_classes: int | None = Field(None, ge=2, description="classification (or class_names) and segmentation")
     class_names: list[str] | None = None
@@ -232,6 +234,14 @@ class MaskFolder(FileFolder):
         return mask_from_labels(read_png_array(path, self.max_pixels), path, ignore_values=())
 
 
+class EdgeFolder(FileFolder):
+    def spec(self) -> TaskSpec:
+        return TaskSpec("edges", {"ignore_index": self.task.ignore_index})
+
+    def decode(self, path: Path) -> Any:
+        return mask_from_labels(read_png_array(path, self.max_pixels), path, ignore_values=())
+
+
 class DepthFolder(FileFolder):
     suffixes = (".png", ".npy")
 
@@ -298,6 +308,7 @@ LABEL_SOURCES: dict[str, type[LabelSource]] = {
     "depth": DepthFolder,
     "normals": NormalFolder,
     "detection": CocoBoxes,
+    "edges": EdgeFolder,
 }
 """Task kind -> how its labels are stored in a ``folder`` dataset."""
 

@@ -14,7 +14,11 @@ positive everywhere), ``normals`` (unit, camera frame: x right, y down, z toward
 visible normal faces its viewing ray, and z > 0 everywhere except on grazing silhouettes near the image
 border, where an exact normal may point slightly away along the optical axis: about 0.05% of pixels) and
 ``detection`` (boxes tight around each object's visible pixels, in pixel-edge coordinates: a box holding
-only pixel (column c, row r) is ``(c, r, c + 1, r + 1)``; labels are shape classes, 0-based).
+only pixel (column c, row r) is ``(c, r, c + 1, r + 1)``; labels are shape classes, 0-based) and ``edges``
+(the objects' occluding contours, exact from the renderer's instance map and z-buffer: 1 on an object pixel
+with a 4-neighbour that shows the background or a farther object, else 0; one pixel thick, drawn on the
+occluding side). ``edges`` is offered but not in the default task set (a config or preset names it), so
+configs that leave ``tasks`` out train the same six tasks as before.
 
 Every scene is drawn from its own random stream ``(seed, split, index)``, so a scene does not depend on
 the split's size nor on the rendering order. Splits are rendered once, at build time, into compact arrays
@@ -424,6 +428,22 @@ def generate(
 _ARRAY_FIELDS = ("image", "instance", "semantic", "depth", "normals", "silhouette", "visible")
 
 
+def occluding_contours(instance: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """uint8 ``[N, S, S]`` edge maps: 1 on an object pixel whose 4-neighbour shows another surface that is the
+    background or lies farther away (the nearer side of every occlusion boundary), else 0."""
+    edges = np.zeros(instance.shape, dtype=bool)
+    # each pair of 4-neighbours once per axis, then each pixel of the pair judged against the other
+    for axis in (1, 2):
+        first = [slice(None)] * 3
+        second = [slice(None)] * 3
+        first[axis], second[axis] = slice(None, -1), slice(1, None)
+        a, b = tuple(first), tuple(second)
+        differ = instance[a] != instance[b]
+        edges[a] |= differ & (instance[a] > 0) & ((instance[b] == 0) | (depth[a] < depth[b]))
+        edges[b] |= differ & (instance[b] > 0) & ((instance[a] == 0) | (depth[b] < depth[a]))
+    return edges.astype(np.uint8)
+
+
 def tight_boxes(instance: np.ndarray, slots: int) -> np.ndarray:
     """Boxes [N, slots, 4] (x1, y1, x2, y2, pixel edges) around each slot's pixels; zeros where it has none."""
     n, height, width = instance.shape
@@ -454,6 +474,7 @@ class SceneDataset(Dataset):
         self.shapes = _pad(layouts, "shape", max_objects, -1).astype(np.int64)
         self.colors = _pad(layouts, "color", max_objects, -1).astype(np.int64)
         self.boxes = tight_boxes(rendering.instance, max_objects)
+        self.edges = occluding_contours(rendering.instance, rendering.depth)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -472,6 +493,7 @@ class SceneDataset(Dataset):
                 "boxes": torch.from_numpy(self.boxes[index, :count].copy()),
                 "labels": torch.from_numpy(self.shapes[index, :count].copy()),
             },
+            "edges": torch.from_numpy(self.edges[index]).long(),
         }
         return {
             "image": torch.from_numpy(self.images[index]).float().div_(255.0),
@@ -481,9 +503,9 @@ class SceneDataset(Dataset):
         }
 
 
-#: bytes a rendered scene holds per pixel: image (3 x uint8), instance and semantic maps (uint8 each), depth
-#: (float32) and normals (3 x float32)
-RENDERED_BYTES_PER_PIXEL = 3 + 1 + 1 + 4 + 12
+#: bytes a rendered scene holds per pixel: image (3 x uint8), instance, semantic and edge maps (uint8 each),
+#: depth (float32) and normals (3 x float32)
+RENDERED_BYTES_PER_PIXEL = 3 + 1 + 1 + 1 + 4 + 12
 MAX_SPLIT_BYTES = 16 * 2**30
 
 
@@ -512,7 +534,7 @@ class ScenesParams(DatasetParams):
 
 
 @DATASETS.register(
-    "scenes", description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes"
+    "scenes", description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes, edges"
 )
 class Scenes(DatasetSource):
     """Built-in procedurally rendered scenes with every target kind (no files needed)."""
@@ -532,7 +554,13 @@ class Scenes(DatasetSource):
             "depth": TaskSpec("depth", {}),
             "normals": TaskSpec("normals", {}),
             "detection": TaskSpec("detection", {"num_classes": len(SHAPES), "class_names": list(SHAPES)}),
+            "edges": TaskSpec("edges", {}),
         }
+
+    @classmethod
+    def default_tasks(cls, params: DatasetParams) -> list[str]:
+        """The six tasks of the ``scenes`` preset; ``edges`` is trained when named."""
+        return [name for name in cls.tasks(params) if name != "edges"]
 
     @classmethod
     def build(cls, params: DatasetParams, split: str) -> SceneDataset:

@@ -1,6 +1,6 @@
 // The page of `mtlvision serve`: upload an image, draw every task's output, toggle tasks, show the latency.
 // Plain JavaScript, nothing loaded from outside the service. Boxes and bars are drawn from the JSON of
-// /predict; masks, depth and normals come as pictures drawn by the tasks themselves (view=1).
+// /predict; masks, depth, normals and edges come as pictures drawn by the tasks themselves (view=1).
 "use strict";
 
 const state = { model: null, hidden: new Set() };
@@ -67,6 +67,9 @@ const RENDER = {  // per target kind: the panel showing one task's result
   },
   normals(name, result) {
     return ["(n + 1) / 2 as RGB", element("img", { src: result.view, alt: `${name} normals` })];
+  },
+  edges(name, result) {
+    return [`${result.edge_pixels} edge pixels`, element("img", { src: result.view, alt: `${name} edges` })];
   },
 };
 

@@ -10,6 +10,7 @@ from mtlvision.models.architectures.dselect_k import DSelectK
 from mtlvision.models.architectures.hps import HPS
 from mtlvision.models.architectures.mmoe import MMoE
 from mtlvision.models.architectures.mtan import MTAN
+from mtlvision.models.architectures.mtlora import MTLoRA
 from mtlvision.models.architectures.padnet import PADNet
 from mtlvision.models.architectures.ple import PLE
 from mtlvision.models.architectures.registry import ARCHITECTURES
@@ -21,6 +22,7 @@ __all__ = [
     "HPS",
     "MMoE",
     "MTAN",
+    "MTLoRA",
     "PLE",
     "Architecture",
     "ArchitectureSpec",

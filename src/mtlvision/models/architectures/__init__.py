@@ -11,6 +11,7 @@ from mtlvision.models.architectures.hps import HPS
 from mtlvision.models.architectures.mmoe import MMoE
 from mtlvision.models.architectures.mtan import MTAN
 from mtlvision.models.architectures.mtlora import MTLoRA
+from mtlvision.models.architectures.nddr_cnn import NDDRCNN
 from mtlvision.models.architectures.padnet import PADNet
 from mtlvision.models.architectures.ple import PLE
 from mtlvision.models.architectures.registry import ARCHITECTURES
@@ -23,6 +24,7 @@ __all__ = [
     "MMoE",
     "MTAN",
     "MTLoRA",
+    "NDDRCNN",
     "PLE",
     "Architecture",
     "ArchitectureSpec",

@@ -98,6 +98,7 @@ def test_errors_name_the_cause() -> None:
         NDDRCNN().build(lambda: create_backbone("test_vit"), TASKS)
 
 
+@pytest.mark.slow
 def test_scenes_trains_end_to_end(tmp_path: Path) -> None:
     from mtlvision import api
 

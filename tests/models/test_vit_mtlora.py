@@ -190,6 +190,7 @@ def test_mtlora_errors_name_the_field(factory) -> None:
         MTLoRA().build(lambda: create_backbone("test_resnet"), TASKS)
 
 
+@pytest.mark.slow
 def test_scenes_trains_and_exports_with_merged_adapters(tmp_path: Path) -> None:
     """The scenes preset end to end at a tiny size; metrics.json records the trainable parameters and the
     ONNX graph (adapters merged) matches the PyTorch model."""

@@ -16,6 +16,7 @@ from mtlvision.models.architectures.padnet import PADNet
 from mtlvision.models.architectures.ple import PLE
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.architectures.segnet_mtan import SegNetMTAN
+from mtlvision.models.architectures.task_attention import TaskAttention
 
 __all__ = [
     "ARCHITECTURES",
@@ -33,4 +34,5 @@ __all__ = [
     "PADNet",
     "RepresentationUnavailable",
     "SegNetMTAN",
+    "TaskAttention",
 ]

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
 from mtlvision.models.backbones import Backbone, BackboneStage
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 #: timm modules whose models are plain ViTs (a patch embedding, ``blocks``, a final ``norm``)
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
@@ -38,7 +42,9 @@ class ViTTrunk(nn.Module):
     :meth:`embed` (patches, position embedding, prefix tokens), ``blocks``, :meth:`to_map` (final norm,
     prefix tokens dropped, tokens laid out as a map)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    model: VisionTransformer
+
+    def __init__(self, model: VisionTransformer) -> None:
         super().__init__()
         self.model = model
         size = model.patch_embed.patch_size
@@ -125,8 +131,8 @@ class ViTBackbone(Backbone):
         import timm
 
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, dynamic_img_size=True)
-        trunk = ViTTrunk(model)
-        width = int(model.embed_dim)
+        trunk = ViTTrunk(cast("VisionTransformer", model))
+        width = int(trunk.model.embed_dim)
         out = width if out_channels is None else out_channels
         p = trunk.patch_size
         if p % 4:
@@ -141,7 +147,7 @@ class ViTBackbone(Backbone):
 
     @property
     def trunk(self) -> ViTTrunk:
-        trunk = self.stages[0][0]
+        trunk = cast(BackboneStage, self.stages[0])[0]
         assert isinstance(trunk, ViTTrunk)  # set in __init__
         return trunk
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,7 @@ class CrossTaskAttention(Architecture):
         self.norm = nn.LayerNorm(dim)
         self.project_out = nn.Conv2d(dim, channels, 1)
         nn.init.zeros_(self.project_out.weight)
-        nn.init.zeros_(self.project_out.bias)
+        nn.init.zeros_(cast(Tensor, self.project_out.bias))
 
     def encode(self, images: Tensor) -> list[Tensor]:
         return self.backbone(images)

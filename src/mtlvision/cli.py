@@ -94,6 +94,12 @@ def _print_report(report: RunReport) -> None:
             console.print(f"[yellow]warning:[/] {report.delta_m_warning}", highlight=False)
     elif report.delta_m_note:
         console.print(f"Δm not reported: {report.delta_m_note}")
+    if report.model:
+        counts = report.model["parameters"]
+        console.print(
+            f"parameters: {counts['total'] / 1e6:.2f}M, of which trained {counts['trainable'] / 1e6:.2f}M "
+            f"({100 * counts['trainable'] / max(counts['total'], 1):.1f}%)"
+        )
     if report.skipped_samples is not None:
         total = sum(report.skipped_samples.values())
         counts = ", ".join(f"{split} {count}" for split, count in report.skipped_samples.items())

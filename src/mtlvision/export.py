@@ -128,7 +128,7 @@ def export_onnx(
         raise ConfigError(f"ONNX export needs the export extra: pip install 'mtlvision[export]' ({exc})") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    model = model.eval().cpu().merged()
     channels = int(model.mean.shape[1])
     generator = torch.Generator().manual_seed(0)
     examples = [torch.rand(n, channels, *image_size, generator=generator) for n in (check_batch, check_batch + 1)]

@@ -153,8 +153,9 @@ def test_unknown_names_suggest_close_ones() -> None:
 
 
 def test_backbone_without_stage_chain_gets_a_clear_error() -> None:
+    # plain ViTs get a feature pyramid (tests/models/test_vit_mtlora.py); a relative-position ViT does not
     with pytest.raises(ConfigError, match="cannot be split into stages|cannot build it"):
-        create_backbone("vit_tiny_patch16_224")
+        create_backbone("test_vit_relpos")
 
 
 def test_recommended_backbones_exist() -> None:

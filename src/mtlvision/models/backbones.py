@@ -5,7 +5,8 @@ feature map of scale ``i`` (fine to coarse). Sharing architectures (cross-stitch
 stages, so every architecture works with every backbone that can be split this way.
 
 Names: a timm model name (``resnet18``, ``convnext_atto``, ``efficientnet_b0``, ``regnetx_002``, ...) or a
-torchvision classifier with the ``tv/`` prefix (``tv/resnet18``, ``tv/mobilenet_v3_small``, ...).
+torchvision classifier with the ``tv/`` prefix (``tv/resnet18``, ``tv/mobilenet_v3_small``, ...). A timm plain
+ViT (``vit_tiny_patch16_224``, ...) gets ViTDet's simple feature pyramid (:mod:`mtlvision.models.vit`).
 Nothing is downloaded: pretrained weights are read from a local file (safetensors, or ``.pth``/``.pt``
 loaded with ``torch.load(weights_only=True)``) in the key naming of the timm or torchvision model.
 """
@@ -39,6 +40,8 @@ for _name, _description in [
     ("efficientnet_b0", "timm EfficientNet-B0 (3.6M parameters)"),
     ("mobilenetv3_large_100", "timm MobileNetV3-Large (2.9M parameters)"),
     ("regnetx_002", "timm RegNetX-200MF (2.3M parameters)"),
+    ("vit_tiny_patch16_224", "timm ViT-Ti/16 (5.5M parameters) with ViTDet's simple feature pyramid"),
+    ("vit_small_patch16_224", "timm ViT-S/16 (21.7M parameters) with ViTDet's simple feature pyramid"),
     ("tv/resnet18", "torchvision ResNet-18 (load torchvision checkpoints as they are)"),
     ("tv/resnet50", "torchvision ResNet-50"),
     ("tv/mobilenet_v3_small", "torchvision MobileNetV3-Small"),
@@ -234,11 +237,21 @@ def create_backbone(name: str, pretrained: str | Path | None = None, in_chans: i
         backbone = NATIVE_BACKBONES.get(name)(in_chans)
     elif name.startswith(TORCHVISION_PREFIX):
         backbone = _torchvision_backbone(name, in_chans)
+    elif _is_timm_vit(name):
+        from mtlvision.models.vit import ViTBackbone
+
+        backbone = ViTBackbone(name, in_chans)
     else:
         backbone = _timm_backbone(name, in_chans)
     if pretrained is not None:
         backbone.load_pretrained(pretrained)
     return backbone
+
+
+def _is_timm_vit(name: str) -> bool:
+    from mtlvision.models.vit import is_timm_vit
+
+    return is_timm_vit(name)
 
 
 def _unknown(name: str, known: Sequence[str], family: str) -> UnknownNameError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,16 @@ class MultiTaskModel(nn.Module):
             )
         for stage in stages:
             stage.freeze(stage.index < n)
+
+    def merged(self) -> MultiTaskModel:
+        """This model for inference and export with the architecture's adapters folded into plain weights
+        (see :meth:`Architecture.merged`): a copy when there are adapters, else the model itself."""
+        architecture = self.architecture.merged()
+        if architecture is self.architecture:
+            return self
+        clone = copy.copy(self)
+        clone._modules = {**self._modules, "architecture": architecture}
+        return clone
 
     def describe(self) -> dict[str, Any]:
         return {

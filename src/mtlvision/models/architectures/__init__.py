@@ -10,10 +10,13 @@ from mtlvision.models.architectures.dselect_k import DSelectK
 from mtlvision.models.architectures.hps import HPS
 from mtlvision.models.architectures.mmoe import MMoE
 from mtlvision.models.architectures.mtan import MTAN
+from mtlvision.models.architectures.mtlora import MTLoRA
+from mtlvision.models.architectures.nddr_cnn import NDDRCNN
 from mtlvision.models.architectures.padnet import PADNet
 from mtlvision.models.architectures.ple import PLE
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.architectures.segnet_mtan import SegNetMTAN
+from mtlvision.models.architectures.task_attention import TaskAttention
 
 __all__ = [
     "ARCHITECTURES",
@@ -21,6 +24,8 @@ __all__ = [
     "HPS",
     "MMoE",
     "MTAN",
+    "MTLoRA",
+    "NDDRCNN",
     "PLE",
     "Architecture",
     "ArchitectureSpec",
@@ -29,4 +34,5 @@ __all__ = [
     "PADNet",
     "RepresentationUnavailable",
     "SegNetMTAN",
+    "TaskAttention",
 ]

@@ -24,6 +24,13 @@ def backbone_stages(backbone: nn.Module, architecture: str, minimum: int, why: s
             f"(attribute 'stages'); {type(backbone).__name__} does not. Pick a backbone from "
             "`mtlvision list backbones`."
         )
+    if getattr(backbone, "chained_stages", True) is False:
+        raise ConfigError(
+            f"architecture {architecture!r} works on a chain of backbone stages whose outputs are the features; "
+            f"backbone {getattr(backbone, 'name', type(backbone).__name__)!r} computes its features after its "
+            "stages (a ViT and its feature pyramid). Use an architecture that takes any backbone as a whole "
+            "(hps, mtlora) or a convolutional backbone."
+        )
     if len(stages) < minimum:
         raise ConfigError(
             f"architecture {architecture!r} needs a backbone with at least {minimum} stages ({why}); "

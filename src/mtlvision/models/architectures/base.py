@@ -37,6 +37,10 @@ class Architecture(nn.Module, ABC):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that more than one task depends on (the ones gradient balancers act on)."""
 
+    def merged(self) -> Architecture:
+        """This architecture for inference and export, any adapters folded into plain weights (default: itself)."""
+        return self
+
     def encode(self, images: Tensor) -> list[Tensor]:
         """The one representation every task consumes (for representation-gradient balancing)."""
         raise RepresentationUnavailable(

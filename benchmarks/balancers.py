@@ -19,6 +19,10 @@ environment. ``--wheels DIR`` installs them offline from wheels in DIR. LibMTL 1
     python benchmarks/balancers.py --tasks 40 --methods ew mgda upgrad --steps 10 --no-peers
     python benchmarks/balancers.py --device cuda --wheels .bench_envs/wheels    # on a GPU machine, offline
     python benchmarks/balancers.py --interleave --paths batched --steps 15   # steadier ratios on a shared CPU
+    python benchmarks/balancers.py --device cuda --dtype bfloat16 --interleave   # bf16 autocast forward
+
+Every table is printed beside the machine it was measured on (CPU model, logical CPUs, torch threads, torch
+version and build, the GPU when ``--device cuda``).
 
 Every run also times the floor in plain PyTorch: the summed losses backpropagated once (its equal-weights
 step) against each task's loss backpropagated through the trunk on its own (T backward passes, nothing
@@ -76,9 +80,60 @@ TORCHJD = {
 }
 
 
+# ------------------------------------------------------------------------------------------ the machine
+def machine_line(device: str, threads: int = 0) -> str:
+    """The machine a table was measured on: CPU model, cores and torch threads, torch version and build, and
+    the CUDA device when ``device`` is one."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    build = f"torch {torch.__version__}"
+    build += f" (git {torch.version.git_version[:7]}" if getattr(torch.version, "git_version", None) else " ("
+    build += f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU-only build"
+    build += f", mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'})"
+    line = (
+        f"# machine: {cpu}, {os.cpu_count()} logical CPUs, {threads or torch.get_num_threads()} torch threads; "
+        f"{build}; Python {platform.python_version()}; {time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
+    if device.startswith("cuda") and torch.cuda.is_available():
+        line += f"; GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    return line
+
+
+class Autocast:
+    """Wraps a module so that its forward runs under ``torch.autocast`` (the backward, and so the engine's
+    Gramian and update, stay outside it)."""
+
+    def __new__(cls, module: Any, device: str, dtype: Any) -> Any:
+        import torch
+        from torch import nn
+
+        class _Autocast(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+
+            def forward(self, *args: Any) -> Any:
+                with torch.autocast(torch.device(device).type, dtype=dtype):
+                    return self.inner(*args)
+
+        return _Autocast()
+
+
 # ------------------------------------------------------------------------------------------ the model
-def build_problem(num_tasks: int, batch: int, size: int, device: str) -> tuple[Any, dict[str, Any], Callable, Any]:
-    """The trunk, the heads, ``task_losses(heads, rep) -> list[Tensor]`` and the input batch."""
+def build_problem(
+    num_tasks: int, batch: int, size: int, device: str, dtype: str = "float32"
+) -> tuple[Any, dict[str, Any], Callable, Any]:
+    """The trunk, the heads, ``task_losses(heads, rep) -> list[Tensor]`` and the input batch; with ``dtype``
+    ``"bfloat16"`` the trunk's and the heads' forward run under bfloat16 autocast."""
     import torch
     import torchvision
     from torch import nn
@@ -113,6 +168,9 @@ def build_problem(num_tasks: int, batch: int, size: int, device: str) -> tuple[A
         targets = {name: torch.randint(0, 2, (batch, 1), device=device).float() for name in heads}
         criteria = {name: F.binary_cross_entropy_with_logits for name in heads}
     heads = nn.ModuleDict(heads).to(device)
+    if dtype == "bfloat16":
+        trunk = Autocast(trunk, device, torch.bfloat16)
+        heads = nn.ModuleDict({name: Autocast(head, device, torch.bfloat16) for name, head in heads.items()})
 
     def task_losses(heads_: Any, rep: Any) -> list[Any]:
         return [criteria[name](head(rep), targets[name]) for name, head in heads_.items()]
@@ -283,7 +341,9 @@ def import_framework(framework: str) -> None:
 
 def build_step(spec: dict[str, Any]) -> Callable[[], None]:
     """The training step of one (framework, method, mode, T) configuration on a fresh model."""
-    trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], spec["device"])
+    trunk, heads, task_losses, x = build_problem(
+        spec["tasks"], spec["batch"], spec["size"], spec["device"], spec.get("dtype", "float32")
+    )
     trunk.train(), heads.train()
     return STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
 
@@ -437,6 +497,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the forward's precision: bfloat16 runs the trunk and heads under autocast (on cuda)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
     parser.add_argument("--wheels", help="install the peers offline from the wheels in this folder")
@@ -484,12 +550,14 @@ def main() -> None:
         "steps": steps,
         "warmup": args.warmup,
         "threads": args.threads,
+        "dtype": args.dtype,
     }
     how = "interleaved in one process" if args.interleave else "one process per method"
     how = "NOT MEANINGFUL: --memory-only" if args.memory_only else how
+    machine = machine_line(args.device, args.threads)
     print(
-        f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
-        f"median of {steps} steps, {how}; peak memory in MiB, one process per method)\n"
+        f"# balancer step time / equal weights ({args.device}, {args.dtype}, batch {args.batch} of "
+        f"{args.size}x{args.size}, median of {steps} steps, {how}; peak memory in MiB, one process per method)\n"
     )
     for num_tasks in tasks:
         specs = [
@@ -527,6 +595,7 @@ def main() -> None:
                 framework, method, mode = key.split("/")
                 results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
             print(f"  interleaved timing of {len(runnable)} configurations done", file=sys.stderr)
+        print(machine + "\n")
         print(table(num_tasks, methods, frameworks, results, args.paths))
 
 

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from balancers import STEPS, build_problem, machine_line  # noqa: E402  (the sibling benchmark script)
+from balancers import STEPS, build_problem, machine_line  # the sibling benchmark script
 
 #: median wall ms, mean wall ms, ms per step by top-level operator
 Profiled = tuple[float, float, dict[str, float]]
@@ -52,7 +52,10 @@ DEFAULT_CONFIGS = [
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("vmap", ("vmap", "batch_rule", "_add_batch_dim", "_remove_batch_dim", "makebatched")),
     ("conv/gemm", ("conv", "mm", "matmul", "linear", "einsum", "tensordot", "addmm", "bmm", "dot")),
-    ("copy/layout", ("copy", "cat", "stack", "unfold", "im2col", "col2im", "contiguous", "clone", "aten::to", "_to_copy", "index")),
+    (
+        "copy/layout",
+        ("copy", "cat", "stack", "unfold", "im2col", "col2im", "contiguous", "clone", "aten::to", "_to_copy", "index"),
+    ),
     ("alloc", ("empty", "zeros", "ones", "full", "resize", "new_")),
     ("reduction", ("sum", "mean", "norm", "max", "min")),
 ]
@@ -99,8 +102,7 @@ def profile_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmu
                 if event.cpu_parent is None:
                     by_op[key][event.name] += event.cpu_time_total / 1e3 / rounds
     return {
-        key: (statistics.median(walls[key]) * 1e3, statistics.mean(walls[key]) * 1e3, dict(by_op[key]))
-        for key in steps
+        key: (statistics.median(walls[key]) * 1e3, statistics.mean(walls[key]) * 1e3, dict(by_op[key])) for key in steps
     }
 
 

@@ -384,15 +384,23 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "peak_mib": peak_mib}
 
 
-def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
+def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float | str]:
     """Median step time of every spec, measured in one process with the steps interleaved round-robin, so
-    that a slow spell of a shared machine falls on every method alike instead of on whichever ran then."""
+    that a slow spell of a shared machine falls on every method alike instead of on whichever ran then. A
+    configuration that cannot be built gets ``"failed: ..."`` instead."""
     import torch
 
     first = specs[0]
     torch.set_num_threads(first["threads"]) if first["threads"] else None
     cuda = first["device"].startswith("cuda")
-    steps = {spec_key(spec): build_step(spec) for spec in specs}
+    steps: dict[str, Callable[[], None]] = {}
+    failed: dict[str, float | str] = {}
+    for spec in specs:
+        try:
+            import_framework(spec["framework"])
+            steps[spec_key(spec)] = build_step(spec)
+        except Exception as exc:  # a peer missing or refusing the configuration: reported in its cell
+            failed[spec_key(spec)] = f"failed: {str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__}"
     times: dict[str, list[float]] = {key: [] for key in steps}
     order = list(steps)
     for round_ in range(first["warmup"] + first["steps"]):
@@ -400,7 +408,7 @@ def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
             seconds = timed(steps[key], cuda)
             if round_ >= first["warmup"]:
                 times[key].append(seconds)
-    return {key: statistics.median(values) for key, values in times.items()}
+    return {**failed, **{key: statistics.median(values) for key, values in times.items()}}
 
 
 def spec_key(spec: dict[str, Any]) -> str:
@@ -430,7 +438,7 @@ def run_worker(
     )
 
 
-def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float]:
+def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float | str]:
     done = run_worker("--timing-worker", specs, {s["framework"] for s in specs}, wheels)
     if done.returncode != 0:
         raise SystemExit(f"the interleaved timing process failed:\n{done.stderr[-2000:]}")
@@ -523,6 +531,11 @@ def main() -> None:
         "comes from one process per method); steadier ratios on a shared machine",
     )
     parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="with --interleave: time only, no process per method for peak memory (for a short GPU slot)",
+    )
+    parser.add_argument(
         "--memory-only",
         action="store_true",
         help="peak memory only: one process per method, one warm-up and one measured step",
@@ -530,6 +543,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.no_memory and not args.interleave:
+        parser.error("--no-memory needs --interleave")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -579,7 +594,7 @@ def main() -> None:
                     for mode in modes
                 ]
         results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
-        for spec in specs:
+        for spec in specs if not args.no_memory else []:
             if args.memory_only:
                 alone = {**spec, "steps": 1, "warmup": 1}
             else:  # with --interleave these runs give the memory only: a few steps
@@ -588,12 +603,17 @@ def main() -> None:
             results[key] = measure(alone, args.wheels, args.memory_only or args.interleave)
             print(f"  measured {spec_key(spec)} T={num_tasks}: {results[key]}", file=sys.stderr)
         if args.interleave and not args.memory_only:
+            if args.no_memory:
+                results = {(s["framework"], s["method"], s["mode"]): {"peak_mib": float("nan")} for s in specs}
             runnable = [
                 spec for spec in specs if isinstance(results[(spec["framework"], spec["method"], spec["mode"])], dict)
             ]
             for key, median_s in measure_interleaved(runnable, args.wheels).items():
                 framework, method, mode = key.split("/")
-                results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
+                if isinstance(median_s, str):
+                    results[(framework, method, mode)] = median_s
+                else:
+                    results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
             print(f"  interleaved timing of {len(runnable)} configurations done", file=sys.stderr)
         print(machine + "\n")
         print(table(num_tasks, methods, frameworks, results, args.paths))
@@ -606,6 +626,8 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
             return "–"
         if isinstance(value, str):
             return value
+        if value[key] != value[key]:  # NaN: not measured (--no-memory)
+            return "–"
         if not isinstance(base, dict):
             return f"{value[key]:.3g}"
         return f"{value[key] / base[key]:.2f}×"
@@ -616,14 +638,14 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
     lines = [f"## T = {num_tasks}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results.get(("ours", "ew", "params"))
     if isinstance(base, dict):
-        lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.0f} ms/step, {base['peak_mib']:.0f} MiB\n")
+        lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.1f} ms/step, {base['peak_mib']:.0f} MiB\n")
     floor, torch_ew = results.get(("torch", "floor", "params")), results.get(("torch", "ew", "params"))
     if isinstance(floor, dict) and isinstance(torch_ew, dict):
         lines.insert(
             1,
             f"floor (plain PyTorch, one forward and T backward passes through the trunk): "
             f"{floor['median_s'] / torch_ew['median_s']:.2f}× its equal-weights step "
-            f"({torch_ew['median_s'] * 1000:.0f} ms), peak memory "
+            f"({torch_ew['median_s'] * 1000:.1f} ms), peak memory "
             f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n",
         )
     outputs = results.get(("torch", "outputs", "params"))

@@ -162,9 +162,9 @@ class LayerGradients(ParameterGradients):
             if self._reduce_is_identity and len(indices) == 1 and rule.prefers_activations(module, grads):
                 gram = gram + rule.gramian_by_activations(module, call.checked_input(), grads, dtype)
             else:
-                grads = self._task_gradients(module)
-                add(grads)
-                self._hold(module, grads)
+                weight_grads = self._task_gradients(module)
+                add(weight_grads)
+                self._hold(module, weight_grads)
         return gram
 
     def _hold(self, module: nn.Module, grads: list[Tensor]) -> None:

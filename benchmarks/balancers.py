@@ -19,6 +19,10 @@ environment. ``--wheels DIR`` installs them offline from wheels in DIR. LibMTL 1
     python benchmarks/balancers.py --tasks 40 --methods ew mgda upgrad --steps 10 --no-peers
     python benchmarks/balancers.py --device cuda --wheels .bench_envs/wheels    # on a GPU machine, offline
     python benchmarks/balancers.py --interleave --paths batched --steps 15   # steadier ratios on a shared CPU
+    python benchmarks/balancers.py --device cuda --dtype bfloat16 --interleave   # bf16 autocast forward
+
+Every table is printed beside the machine it was measured on (CPU model, logical CPUs, torch threads, torch
+version and build, the GPU when ``--device cuda``).
 
 Every run also times the floor in plain PyTorch: the summed losses backpropagated once (its equal-weights
 step) against each task's loss backpropagated through the trunk on its own (T backward passes, nothing
@@ -76,9 +80,60 @@ TORCHJD = {
 }
 
 
+# ------------------------------------------------------------------------------------------ the machine
+def machine_line(device: str, threads: int = 0) -> str:
+    """The machine a table was measured on: CPU model, cores and torch threads, torch version and build, and
+    the CUDA device when ``device`` is one."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    build = f"torch {torch.__version__}"
+    build += f" (git {torch.version.git_version[:7]}" if getattr(torch.version, "git_version", None) else " ("
+    build += f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU-only build"
+    build += f", mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'})"
+    line = (
+        f"# machine: {cpu}, {os.cpu_count()} logical CPUs, {threads or torch.get_num_threads()} torch threads; "
+        f"{build}; Python {platform.python_version()}; {time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
+    if device.startswith("cuda") and torch.cuda.is_available():
+        line += f"; GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    return line
+
+
+class Autocast:
+    """Wraps a module so that its forward runs under ``torch.autocast`` (the backward, and so the engine's
+    Gramian and update, stay outside it)."""
+
+    def __new__(cls, module: Any, device: str, dtype: Any) -> Any:
+        import torch
+        from torch import nn
+
+        class _Autocast(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+
+            def forward(self, *args: Any) -> Any:
+                with torch.autocast(torch.device(device).type, dtype=dtype):
+                    return self.inner(*args)
+
+        return _Autocast()
+
+
 # ------------------------------------------------------------------------------------------ the model
-def build_problem(num_tasks: int, batch: int, size: int, device: str) -> tuple[Any, dict[str, Any], Callable, Any]:
-    """The trunk, the heads, ``task_losses(heads, rep) -> list[Tensor]`` and the input batch."""
+def build_problem(
+    num_tasks: int, batch: int, size: int, device: str, dtype: str = "float32"
+) -> tuple[Any, dict[str, Any], Callable, Any]:
+    """The trunk, the heads, ``task_losses(heads, rep) -> list[Tensor]`` and the input batch; with ``dtype``
+    ``"bfloat16"`` the trunk's and the heads' forward run under bfloat16 autocast."""
     import torch
     import torchvision
     from torch import nn
@@ -113,6 +168,9 @@ def build_problem(num_tasks: int, batch: int, size: int, device: str) -> tuple[A
         targets = {name: torch.randint(0, 2, (batch, 1), device=device).float() for name in heads}
         criteria = {name: F.binary_cross_entropy_with_logits for name in heads}
     heads = nn.ModuleDict(heads).to(device)
+    if dtype == "bfloat16":
+        trunk = Autocast(trunk, device, torch.bfloat16)
+        heads = nn.ModuleDict({name: Autocast(head, device, torch.bfloat16) for name, head in heads.items()})
 
     def task_losses(heads_: Any, rep: Any) -> list[Any]:
         return [criteria[name](head(rep), targets[name]) for name, head in heads_.items()]
@@ -283,7 +341,9 @@ def import_framework(framework: str) -> None:
 
 def build_step(spec: dict[str, Any]) -> Callable[[], None]:
     """The training step of one (framework, method, mode, T) configuration on a fresh model."""
-    trunk, heads, task_losses, x = build_problem(spec["tasks"], spec["batch"], spec["size"], spec["device"])
+    trunk, heads, task_losses, x = build_problem(
+        spec["tasks"], spec["batch"], spec["size"], spec["device"], spec.get("dtype", "float32")
+    )
     trunk.train(), heads.train()
     return STEPS[spec["framework"]](spec["method"], spec["mode"], trunk, heads, task_losses, x)
 
@@ -324,15 +384,23 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "peak_mib": peak_mib}
 
 
-def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
+def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float | str]:
     """Median step time of every spec, measured in one process with the steps interleaved round-robin, so
-    that a slow spell of a shared machine falls on every method alike instead of on whichever ran then."""
+    that a slow spell of a shared machine falls on every method alike instead of on whichever ran then. A
+    configuration that cannot be built gets ``"failed: ..."`` instead."""
     import torch
 
     first = specs[0]
     torch.set_num_threads(first["threads"]) if first["threads"] else None
     cuda = first["device"].startswith("cuda")
-    steps = {spec_key(spec): build_step(spec) for spec in specs}
+    steps: dict[str, Callable[[], None]] = {}
+    failed: dict[str, float | str] = {}
+    for spec in specs:
+        try:
+            import_framework(spec["framework"])
+            steps[spec_key(spec)] = build_step(spec)
+        except Exception as exc:  # a peer missing or refusing the configuration: reported in its cell
+            failed[spec_key(spec)] = f"failed: {str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__}"
     times: dict[str, list[float]] = {key: [] for key in steps}
     order = list(steps)
     for round_ in range(first["warmup"] + first["steps"]):
@@ -340,7 +408,7 @@ def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float]:
             seconds = timed(steps[key], cuda)
             if round_ >= first["warmup"]:
                 times[key].append(seconds)
-    return {key: statistics.median(values) for key, values in times.items()}
+    return {**failed, **{key: statistics.median(values) for key, values in times.items()}}
 
 
 def spec_key(spec: dict[str, Any]) -> str:
@@ -370,7 +438,7 @@ def run_worker(
     )
 
 
-def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float]:
+def measure_interleaved(specs: list[dict[str, Any]], wheels: str | None) -> dict[str, float | str]:
     done = run_worker("--timing-worker", specs, {s["framework"] for s in specs}, wheels)
     if done.returncode != 0:
         raise SystemExit(f"the interleaved timing process failed:\n{done.stderr[-2000:]}")
@@ -437,6 +505,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the forward's precision: bfloat16 runs the trunk and heads under autocast (on cuda)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--no-peers", action="store_true", help="skip LibMTL and torchjd")
     parser.add_argument("--wheels", help="install the peers offline from the wheels in this folder")
@@ -457,6 +531,11 @@ def main() -> None:
         "comes from one process per method); steadier ratios on a shared machine",
     )
     parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="with --interleave: time only, no process per method for peak memory (for a short GPU slot)",
+    )
+    parser.add_argument(
         "--memory-only",
         action="store_true",
         help="peak memory only: one process per method, one warm-up and one measured step",
@@ -464,6 +543,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--timing-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.no_memory and not args.interleave:
+        parser.error("--no-memory needs --interleave")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -484,12 +565,14 @@ def main() -> None:
         "steps": steps,
         "warmup": args.warmup,
         "threads": args.threads,
+        "dtype": args.dtype,
     }
     how = "interleaved in one process" if args.interleave else "one process per method"
     how = "NOT MEANINGFUL: --memory-only" if args.memory_only else how
+    machine = machine_line(args.device, args.threads)
     print(
-        f"# balancer step time / equal weights ({args.device}, batch {args.batch} of {args.size}x{args.size}, "
-        f"median of {steps} steps, {how}; peak memory in MiB, one process per method)\n"
+        f"# balancer step time / equal weights ({args.device}, {args.dtype}, batch {args.batch} of "
+        f"{args.size}x{args.size}, median of {steps} steps, {how}; peak memory in MiB, one process per method)\n"
     )
     for num_tasks in tasks:
         specs = [
@@ -511,7 +594,7 @@ def main() -> None:
                     for mode in modes
                 ]
         results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
-        for spec in specs:
+        for spec in specs if not args.no_memory else []:
             if args.memory_only:
                 alone = {**spec, "steps": 1, "warmup": 1}
             else:  # with --interleave these runs give the memory only: a few steps
@@ -520,13 +603,19 @@ def main() -> None:
             results[key] = measure(alone, args.wheels, args.memory_only or args.interleave)
             print(f"  measured {spec_key(spec)} T={num_tasks}: {results[key]}", file=sys.stderr)
         if args.interleave and not args.memory_only:
+            if args.no_memory:
+                results = {(s["framework"], s["method"], s["mode"]): {"peak_mib": float("nan")} for s in specs}
             runnable = [
                 spec for spec in specs if isinstance(results[(spec["framework"], spec["method"], spec["mode"])], dict)
             ]
             for key, median_s in measure_interleaved(runnable, args.wheels).items():
                 framework, method, mode = key.split("/")
-                results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
+                if isinstance(median_s, str):
+                    results[(framework, method, mode)] = median_s
+                else:
+                    results[(framework, method, mode)]["median_s"] = median_s  # type: ignore[index]
             print(f"  interleaved timing of {len(runnable)} configurations done", file=sys.stderr)
+        print(machine + "\n")
         print(table(num_tasks, methods, frameworks, results, args.paths))
 
 
@@ -537,6 +626,8 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
             return "–"
         if isinstance(value, str):
             return value
+        if value[key] != value[key]:  # NaN: not measured (--no-memory)
+            return "–"
         if not isinstance(base, dict):
             return f"{value[key]:.3g}"
         return f"{value[key] / base[key]:.2f}×"
@@ -547,14 +638,14 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
     lines = [f"## T = {num_tasks}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = results.get(("ours", "ew", "params"))
     if isinstance(base, dict):
-        lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.0f} ms/step, {base['peak_mib']:.0f} MiB\n")
+        lines.insert(1, f"equal weights (ours): {base['median_s'] * 1000:.1f} ms/step, {base['peak_mib']:.0f} MiB\n")
     floor, torch_ew = results.get(("torch", "floor", "params")), results.get(("torch", "ew", "params"))
     if isinstance(floor, dict) and isinstance(torch_ew, dict):
         lines.insert(
             1,
             f"floor (plain PyTorch, one forward and T backward passes through the trunk): "
             f"{floor['median_s'] / torch_ew['median_s']:.2f}× its equal-weights step "
-            f"({torch_ew['median_s'] * 1000:.0f} ms), peak memory "
+            f"({torch_ew['median_s'] * 1000:.1f} ms), peak memory "
             f"{floor['peak_mib'] / torch_ew['peak_mib']:.2f}×\n",
         )
     outputs = results.get(("torch", "outputs", "params"))

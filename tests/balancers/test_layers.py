@@ -42,6 +42,7 @@ conv_settings = st.fixed_dictionaries(
         "dilation": st.integers(1, 2),
         "bias": st.booleans(),
         "size": st.integers(5, 8),
+        "way": st.sampled_from(["measure", "gemm", "kernel"]),
     }
 )
 
@@ -64,8 +65,8 @@ def test_conv_rule_matches_autograd(cfg: dict, seed: int) -> None:
     x = torch.randn(cfg["batch"], channels, cfg["size"], cfg["size"], dtype=torch.float64)
     out_shape = conv(x).shape
     projections = torch.randn(cfg["tasks"], *out_shape, dtype=torch.float64)
-    rule = rule_for(conv)
-    assert isinstance(rule, Conv2dRule)
+    assert isinstance(rule_for(conv), Conv2dRule)
+    rule = Conv2dRule(cfg["way"])
     want = per_task_autograd(conv, x, projections)
     got = rule.task_gradients(conv, x, projections)
     # every entry is a float32 sum over the layer's places (batch × output positions) of |B|·|A| products:

@@ -23,8 +23,9 @@ forms the T per-task weight gradients itself (see :mod:`mtlvision.balancers.jaco
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -138,23 +139,43 @@ class Conv2dRule(LayerRule):
         padding = (0, 0) if module.padding == "valid" else module.padding
         return {"stride": module.stride, "padding": padding, "dilation": module.dilation}
 
+    def __init__(self, weight_way: str = "measure") -> None:
+        """``weight_way``: how :meth:`task_gradients` forms the T weight gradients. ``"measure"`` (default)
+        times both ways once per layer geometry, task count, device and dtype in this process and keeps the
+        faster (:data:`MEASURED_WAYS`); ``"gemm"`` or ``"kernel"`` force one (for every layer path:
+        ``RULES[nn.Conv2d].weight_way = "kernel"``). Grouped convolutions always take the kernel."""
+        if weight_way not in ("measure", "gemm", "kernel"):
+            raise ConfigError(f"Conv2dRule weight_way must be 'measure', 'gemm' or 'kernel', got {weight_way!r}")
+        self.weight_way = weight_way
+
     def task_gradients(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> list[Tensor]:
         assert isinstance(module, nn.Conv2d)
-        tasks = grads.shape[0]
         inputs, grads = inputs.float(), grads.float()
-        if module.groups == 1:
-            # one GEMM over the layer's patches, [T·O, M] @ [M, D]: on CPU 1.7-4x faster than the
-            # convolution's own weight-gradient kernel given the T tasks as batched or stacked channels
-            rows, outs = self.rows(module, inputs, grads)
-            weight = torch.matmul(outs.transpose(1, 2), rows).view(tasks, *module.weight.shape)
-        else:
-            weight = torch.stack(
-                [
-                    conv2d_weight(inputs, tuple(module.weight.shape), g, groups=module.groups, **self._geometry(module))
-                    for g in grads
-                ]
-            )
+        way = "kernel" if module.groups != 1 else self.weight_way
+        if way == "measure":
+            way = measured_way(self._way_key(module, inputs, grads), lambda w: self._weights(w, module, inputs, grads))
+        weight = self._weights(way, module, inputs, grads)
         return [weight] if module.bias is None else [weight, grads.sum(dim=(1, 3, 4))]
+
+    def _weights(self, way: str, module: nn.Conv2d, inputs: Tensor, grads: Tensor) -> Tensor:
+        """``[T, *weight shape]``: ``"gemm"``, one GEMM over the layer's unfolded patches, ``[T·O, M] @ [M, D]``;
+        ``"kernel"``, the convolution's own weight-gradient kernel once per task (no unfolded copy)."""
+        if way == "gemm":
+            rows, outs = self.rows(module, inputs, grads)
+            return torch.matmul(outs.transpose(1, 2), rows).view(grads.shape[0], *module.weight.shape)
+        shape, geometry = tuple(module.weight.shape), self._geometry(module)
+        return torch.stack([conv2d_weight(inputs, shape, g, groups=module.groups, **geometry) for g in grads])
+
+    def _way_key(self, module: nn.Conv2d, inputs: Tensor, grads: Tensor) -> tuple[Any, ...]:
+        geometry = self._geometry(module)
+        return (
+            tuple(module.weight.shape),
+            *(tuple(v) if not isinstance(v, int) else v for v in geometry.values()),
+            tuple(inputs.shape),
+            tuple(grads.shape),
+            inputs.device.type,
+            inputs.dtype,
+        )
 
     def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
         assert isinstance(module, nn.Conv2d)
@@ -207,6 +228,32 @@ class LinearRule(LayerRule):
     def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         rows = inputs.float().reshape(-1, inputs.shape[-1])
         return rows, grads.float().reshape(grads.shape[0], -1, grads.shape[-1])
+
+
+#: the faster way to a convolution's T weight gradients, measured once per key (geometry, shapes, device,
+#: dtype) in this process: on one CPU the unfolded GEMM was 1.7-4x faster than the kernel, on another the
+#: kernel was up to 4x faster (docs/balancers.md), so it is measured rather than assumed
+MEASURED_WAYS: dict[tuple[Any, ...], str] = {}
+
+
+def measured_way(key: tuple[Any, ...], run: Callable[[str], Tensor]) -> str:
+    """The faster of ``"gemm"`` and ``"kernel"`` for ``key``, timing ``run(way)`` (a warm-up call, then the
+    best of two) the first time the key is seen."""
+    if key not in MEASURED_WAYS:
+        seconds = {}
+        for way in ("gemm", "kernel"):
+            run(way)
+            seconds[way] = min(_timed(run, way) for _ in range(2))
+        MEASURED_WAYS[key] = min(seconds, key=seconds.__getitem__)
+    return MEASURED_WAYS[key]
+
+
+def _timed(run: Callable[[str], Tensor], way: str) -> float:
+    start = time.perf_counter()
+    result = run(way)
+    if result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - start
 
 
 RULES: dict[type[nn.Module], LayerRule] = {rule.module_type: rule() for rule in (Conv2dRule, LinearRule)}

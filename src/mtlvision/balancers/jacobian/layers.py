@@ -6,9 +6,12 @@ representation gradients) goes into those outputs and the other shared parameter
 no per-task weight gradient of a tapped layer, and frees the graph. Then, per layer:
 
 - its Gramian term comes from its input and per-task output gradients (``⟨B_s, (A Aᵀ) B_t⟩``) where that is
-  cheaper and exact, else from its per-task weight gradients, formed and dropped;
+  cheaper and exact, else from its per-task weight gradients, formed as one GEMM; those are kept (and the
+  layer's activations and output gradients dropped) where they hold no more numbers than the output
+  gradients, else dropped;
 - the Jacobian's blocks are formed one layer at a time when a balancer reads them;
-- the update is one weight gradient of ``Σ_t w_t B_t`` (see :mod:`mtlvision.balancers.layers`).
+- the update is ``Σ_t w_t`` of a layer's kept weight gradients, else one weight gradient of ``Σ_t w_t B_t``
+  (see :mod:`mtlvision.balancers.layers`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class LayerGradients(ParameterGradients):
         tapped = {id(p) for m in self._groups for p in _rule(m).parameters(m)}
         self._untapped = [p for p in self._shared if id(p) not in tapped]
         self._output_grads: list[Tensor] | None = None  # per call: [T, *output shape]
+        # per module whose T weight gradients the Gramian formed and which are no larger than its output
+        # gradients: those gradients, kept instead of the calls' activations (the blocks and the update read them)
+        self._held: dict[nn.Module, list[Tensor]] = {}
         self._untapped_grads: list[Tensor] | None = None  # per untapped shared parameter: [T, *shape]
 
     @property
@@ -62,7 +68,7 @@ class LayerGradients(ParameterGradients):
 
     def _forget_layers(self) -> None:
         self._calls = self._output_grads = self._untapped_grads = None
-        self._groups = {}
+        self._groups, self._held = {}, {}
 
     def _backward(self) -> None:
         """One vmapped backward into the tapped layers' outputs and the other shared parameters (and, without
@@ -88,6 +94,8 @@ class LayerGradients(ParameterGradients):
 
     def _task_gradients(self, module: nn.Module) -> list[Tensor]:
         """``[T, *shape]`` per parameter of ``module``, summed over its calls, reduced."""
+        if module in self._held:
+            return self._held[module]
         assert self._calls is not None and self._output_grads is not None
         rule, total = _rule(module), None
         for index in self._groups[module]:
@@ -154,8 +162,23 @@ class LayerGradients(ParameterGradients):
             if self._reduce_is_identity and len(indices) == 1 and rule.prefers_activations(module, grads):
                 gram = gram + rule.gramian_by_activations(module, call.checked_input(), grads, dtype)
             else:
-                add(self._task_gradients(module))
+                weight_grads = self._task_gradients(module)
+                add(weight_grads)
+                self._hold(module, weight_grads)
         return gram
+
+    def _hold(self, module: nn.Module, grads: list[Tensor]) -> None:
+        """Keep ``module``'s T weight gradients, formed for the Gramian, for the blocks and the update, and
+        drop its calls' output gradients and inputs instead, where that holds no more numbers: the update then
+        costs a ``[T]``-weighted sum of them, not another weight gradient over every place of the layer."""
+        assert self._calls is not None and self._output_grads is not None
+        indices = self._groups[module]
+        if sum(g.numel() for g in grads) > sum(self._output_grads[i].numel() for i in indices):
+            return
+        self._held[module] = grads
+        for index in indices:
+            self._output_grads[index] = self._output_grads[index].new_empty(0)
+            self._calls[index] = self._calls[index].released()
 
     def _fresh_weighted(self, weights: Tensor) -> Iterator[Tensor]:
         """``Σ_t w_t ∂L_t/∂θ`` per shared parameter: a tapped layer's from ``Σ_t w_t B_t`` (one weight gradient
@@ -170,6 +193,13 @@ class LayerGradients(ParameterGradients):
         self._untapped_grads = None
         for module, indices in self._groups.items():
             rule, total = _rule(module), None
+            if module in self._held:  # reduced already
+                held = self._held.pop(module)
+                by_param.update(
+                    (id(p), torch.tensordot(weights.to(g.device, g.dtype), g, dims=1))
+                    for p, g in zip(rule.parameters(module), held)
+                )
+                continue
             for index in indices:
                 grad = outputs[index]
                 combined = torch.tensordot(weights.to(grad.device, grad.dtype), grad, dims=1)

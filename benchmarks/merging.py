@@ -11,6 +11,10 @@ Steps (each skipped when its run folder is already finished, so the script can b
 
     python benchmarks/merging.py --out runs-merging                       # scenes, small CPU settings
     python benchmarks/merging.py --out runs-merging --stage merges --rules iso_c tsv_m
+    python benchmarks/merging.py --out runs-merging --stage merges --rules adamerging:granularity=task,steps=100
+
+A rule may carry its hyper-parameters after a colon (``NAME:KEY=VALUE,KEY=VALUE``); its folder is then
+``m-NAME-VALUE-...``.
 """
 
 from __future__ import annotations
@@ -79,12 +83,14 @@ def main() -> None:
         timings[baseline.name] = round(time.perf_counter() - began, 1)
         _save_json(out / args.timings, timings)
     if "merges" in args.stage:
-        for rule in args.rules or MERGE_RULES.names():
-            folder = out / f"m-{rule}"
+        for spec in args.rules or MERGE_RULES.names():
+            rule, _, settings = spec.partition(":")
+            hparams = [item for item in settings.split(",") if item]
+            folder = out / "-".join(["m", rule, *(item.split("=", 1)[1] for item in hparams)])
             if not (folder / METRICS_NAME).is_file():
                 began = time.perf_counter()
-                mv.merge([baseline], folder, rule=rule)
-                timings[f"m-{rule}"] = round(time.perf_counter() - began, 1)
+                mv.merge([baseline], folder, rule=rule, hparams=hparams)
+                timings[folder.name] = round(time.perf_counter() - began, 1)
                 _save_json(out / args.timings, timings)
     merges = sorted(p for p in out.glob("m-*") if (p / METRICS_NAME).is_file())
     if "joint" in args.stage and merges:
@@ -101,14 +107,16 @@ def main() -> None:
         rows = []
         for run in merges:
             record = Run.load(run).report.merge
+            hparams = ", ".join(f"{k}={v}" for k, v in record["hparams"].items()) or "—"
             rows.append(
-                f"| {record['rule']} | {record['merge_seconds']:.2f} | {timings.get(run.name, float('nan')):.0f} |"
+                f"| {run.name} | {record['rule']} | {hparams} | {record['merge_seconds']:.2f} | "
+                f"{timings.get(run.name, float('nan')):.0f} |"
             )
         text = "\n\n".join(
             [
                 comparison.markdown(),
-                "| rule | merge (s, the rule alone) | merge job (s: merge, BatchNorm, evaluation) |\n|---|---|---|\n"
-                + "\n".join(rows),
+                "| run | rule | hyper-parameters | merge (s, the rule alone) | merge job (s: merge, BatchNorm, "
+                "evaluation) |\n|---|---|---|---|---|\n" + "\n".join(rows),
                 "Wall time of each training step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
                 f"Settings: {args.data}, {' '.join(args.set)}; shared start {args.start_epochs} epochs, experts "
                 f"{args.expert_epochs} epochs each from it, joint fine-tune {args.joint_epochs} epochs.",

@@ -172,6 +172,36 @@ def test_task_arithmetic_with_scale_zero_gives_back_the_common_initialisation(pi
     assert backbone and all(torch.equal(weights[k], init[k]) for k in backbone)
 
 
+@pytest.mark.slow
+def test_adamerging_learns_coefficients_on_test_images_and_records_them(pipeline: dict[str, Path], capsys) -> None:
+    out = pipeline["out"] / "m-ada"
+    settings = ["steps=2", "batch_size=4", "batches=1", "granularity=layer"]
+    assert (
+        cli.main(
+            ["merge", str(pipeline["baselines"].parent), "--rule", "adamerging", "--set", *settings, "--out", str(out)]
+        )
+        == 0
+    )
+    assert "adamerging" in capsys.readouterr().out
+    record = Run.load(out).report.merge
+    assert record["hparams"]["steps"] == 2 and record["hparams"]["split"] == "test"
+    learned = record["learned"]
+    assert set(learned) == {
+        "objective_first_step",
+        "objective_last_step",
+        "mean_coefficient_per_expert",
+        "coefficients",
+    }
+    experts = Baselines.load(pipeline["baselines"]).expert_runs()
+    init = load_file(str(experts["count"] / INIT_WEIGHTS_NAME))
+    trained = [load_file(str(experts[t] / "model.safetensors")) for t in ("count", "segmentation")]
+    weights = load_file(str(out / "model.safetensors"))
+    for key, (first, second) in learned["coefficients"].items():
+        assert 0 <= first <= 1 and 0 <= second <= 1
+        expected = init[key] + first * (trained[0][key] - init[key]) + second * (trained[1][key] - init[key])
+        torch.testing.assert_close(weights[key], expected, atol=1e-3, rtol=1e-3)
+
+
 def run_model_parameters(path: Path) -> list[tuple[str, torch.nn.Parameter]]:
     model, _ = api.load_model(path)
     return list(model.named_parameters())

@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         action="extend",
         help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties), alpha=1.2 "
-        "(iso_c), samples=64 (fisher, regmean: training samples each expert's statistics are gathered on)",
+        "(iso_c), samples=64 (fisher, regmean: training samples each expert's statistics are gathered on), "
+        "granularity=task steps=100 regression=expert (adamerging)",
     )
     mg.set_defaults(handler=cmd_merge)
 

@@ -91,7 +91,7 @@ def test_rules_are_registered_and_bad_hyper_parameters_are_named() -> None:
         make_rule("ties", {"densty": 0.1})
     with pytest.raises(ConfigError, match="density must be in"):
         make_rule("ties", {"density": 0.0})
-    with pytest.raises(ConfigError, match="Allowed: average"):
+    with pytest.raises(ConfigError, match="Allowed: adamerging, average"):
         make_rule("no_such_rule")
 
 

@@ -23,7 +23,9 @@ from torch.optim.swa_utils import update_bn
 
 from mtlvision.engine.merging import (
     MERGE_RULES,
+    LearnedRule,
     MergeRule,
+    Objective,
     TaskArithmetic,
     Ties,
     WeightAverage,
@@ -78,11 +80,14 @@ def merge_states(
     rule: MergeRule,
     base: Mapping[str, Tensor] | None = None,
     statistics: Callable[[Sequence[str]], Mapping[str, Tensor]] | None = None,
+    objective: Objective | None = None,
 ) -> tuple[dict[str, Tensor], MergeReport]:
     """The state dict of ``target`` built from the experts' state dicts (keyed by their task name).
 
     ``statistics`` gathers, for the names of the shared parameters, the data statistics a rule such as
-    Fisher merging or RegMean needs (``{name: [T, ...]}``, experts in the order of ``experts``).
+    Fisher merging or RegMean needs (``{name: [T, ...]}``, experts in the order of ``experts``). A rule that
+    learns its coefficients (AdaMerging) minimises ``objective``, a loss of ``target`` given its shared
+    tensors: ``target`` is loaded with the carried-over heads and buffers first.
     """
     own = target.state_dict()
     parameters = {name for name, _ in target.named_parameters()}
@@ -131,7 +136,16 @@ def merge_states(
         stacked = {k: torch.stack([experts[task][k].float() for task in experts]) for k in combined}
         start = {k: base[k].float() for k in combined} if base is not None else None
         gathered = statistics(combined) if rule.statistics is not None and statistics is not None else None
-        merged = rule.merge(stacked, start, gathered)
+        if isinstance(rule, LearnedRule):
+            if objective is None or start is None:
+                raise ConfigError(
+                    f"merging rule {type(rule).__name__} learns its coefficients: it needs the experts' common "
+                    "start and an objective on unlabelled data"
+                )
+            target.load_state_dict(state, strict=False)
+            merged = rule.learn(stacked, start, objective)
+        else:
+            merged = rule.merge(stacked, start, gathered)
         for key in combined:
             state[key] = merged[key].reshape(own[key].shape).to(own[key].dtype)
         report.merged = combined

@@ -17,8 +17,11 @@ from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
 from mtlvision.engine.job import evaluate_splits, evaluation_loader, input_size
 from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
-from mtlvision.engine.merging.base import DataRule
+from mtlvision.engine.merging.adamerging import AdaMerging
+from mtlvision.engine.merging.base import DataRule, LearnedRule
+from mtlvision.engine.merging.entropy import PREDICTION_ENTROPY
 from mtlvision.engine.merging.statistics import collect_statistics
+from mtlvision.engine.merging.test_time import EntropyObjective, stack_images
 from mtlvision.engine.runs import (
     BASELINES_NAME,
     INIT_WEIGHTS_NAME,
@@ -30,6 +33,7 @@ from mtlvision.engine.runs import (
     write_config,
 )
 from mtlvision.errors import MtlvisionError
+from mtlvision.models import MultiTaskModel
 from mtlvision.models.complexity import model_complexity
 
 
@@ -132,6 +136,31 @@ def expert_statistics(runs: Sequence[Run], rule: DataRule) -> Callable[[Sequence
     return gather
 
 
+def test_time_objective(runs: Sequence[Run], rule: AdaMerging, model: MultiTaskModel) -> EntropyObjective:
+    """AdaMerging's objective for ``model``: the images of the experts' ``rule.split`` (unlabelled: only the
+    images are read) and, with ``regression=expert``, the experts of the tasks that define no entropy."""
+    config = runs[0].config
+    loader, _ = evaluation_loader(config, model, rule.split)
+    images = stack_images((batch["image"] for batch in loader), f"the {rule.split} split of the experts' data")
+    experts: dict[str, MultiTaskModel] = {}
+    if rule.regression == "expert":
+        for run in runs:
+            names = [e.name for e in run.config.tasks or [] if model.tasks[e.name].kind not in PREDICTION_ENTROPY]
+            if names:
+                expert = load_model(run)[0]
+                experts.update(dict.fromkeys(names, expert))
+    return EntropyObjective(
+        model,
+        images,
+        batch_size=rule.batch_size,
+        batches=rule.batches,
+        seed=rule.seed,
+        regression=rule.regression,
+        experts=experts,
+        device=resolve_device(config.train.device),
+    )
+
+
 def merge_experts(
     experts: Sequence[str | Path],
     out: str | Path,
@@ -164,7 +193,8 @@ def merge_experts(
     base = common_init(runs, rule) if merging.needs_base else None
     started = time.perf_counter()
     gather = expert_statistics(runs, merging) if isinstance(merging, DataRule) else None
-    state, merge_report = merge_states(model, states, merging, base, gather)
+    objective = test_time_objective(runs, merging, model) if isinstance(merging, AdaMerging) else None
+    state, merge_report = merge_states(model, states, merging, base, gather, objective)
     merge_seconds = time.perf_counter() - started
     model.load_state_dict(state)
     if has_batch_norm(model):
@@ -190,6 +220,7 @@ def merge_experts(
             "merge_seconds": round(merge_seconds, 3),
             "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
             **merge_report.summary(),
+            **({"learned": merging.learned} if isinstance(merging, LearnedRule) else {}),
         },
         **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
     )

@@ -10,7 +10,7 @@ task vector), :class:`TensorRule` merges one tensor at a time (TSV-M, Iso-C and 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import ClassVar
 
@@ -53,6 +53,37 @@ class DataRule(MergeRule):
         """A clear error unless ``samples`` is a positive whole number."""
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ConfigError(f"{rule}: samples must be a whole number >= 1, got {self.samples!r}")
+
+
+#: what a learned rule minimises: the loss of the merged model whose shared parameters are the given tensors
+#: (differentiable in them), on the next unlabelled batch(es)
+Objective = Callable[[Mapping[str, Tensor]], Tensor]
+
+
+class LearnedRule(MergeRule):
+    """A rule that learns its merge coefficients by minimising an objective of the merged model on unlabelled
+    data (AdaMerging): :meth:`learn` replaces :meth:`merge`, which has no data to learn from."""
+
+    #: what was learnt (coefficients, objective before and after), recorded in the merged run's report
+    learned: dict[str, object]
+
+    @abstractmethod
+    def learn(
+        self, experts: Mapping[str, Tensor], base: Mapping[str, Tensor], objective: Objective
+    ) -> dict[str, Tensor]:
+        """Args: experts: ``{name: [T, *shape]}``; base: ``{name: shape}``; objective: the loss of the merged
+        model given its shared tensors. Returns ``{name: shape}``."""
+
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        raise ConfigError(
+            f"merging rule {type(self).__name__} learns its coefficients on unlabelled batches: it needs the merged "
+            "model's objective (mtlvision merge builds it from the experts' data), not only their weights"
+        )
 
 
 class FlatRule(MergeRule):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import mtlvision as mv
+from mtlvision.config import parse_override
 from mtlvision.engine.merging import MERGE_RULES
 from mtlvision.engine.runs import METRICS_NAME, Run
 
@@ -59,14 +60,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out)
-    common = dict(item.split("=", 1) for item in args.set)
+    common = dict(map(parse_override, args.set))  # values parsed as the CLI parses them (1000 is a number)
     timings = _load_json(out / args.timings)
     start, baseline = out / "shared-start", out / f"baseline-{args.data}"
 
-    def train(name: str, epochs: int, **extra: str) -> Path:
+    def train(name: str, epochs: int, **extra: Any) -> Path:
         if not (out / name / METRICS_NAME).is_file():
             began = time.perf_counter()
-            mv.train(args.data, {**common, "train.epochs": str(epochs), **extra}, out=out, name=name)
+            mv.train(args.data, {**common, "train.epochs": epochs, **extra}, out=out, name=name)
             timings[name] = round(time.perf_counter() - began, 1)
             _save_json(out / args.timings, timings)
         return out / name
@@ -77,7 +78,7 @@ def main() -> None:
         began = time.perf_counter()
         mv.baseline(
             args.data,
-            {**common, "train.epochs": str(args.expert_epochs), "model.init": str(start)},
+            {**common, "train.epochs": args.expert_epochs, "model.init": str(start)},
             out=out,
         )
         timings[baseline.name] = round(time.perf_counter() - began, 1)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from mtlvision.models import MultiTaskModel
 from mtlvision.tasks import Depth, Normals, Segmentation
-from tests.models.test_segnet_reference import assert_summary, count, reference_batch, reference_weights
+from tests.models.test_segnet_reference import SAMPLES, count, reference_batch, reference_weights
 
 FACTS = json.loads((Path(__file__).parent / "fixtures" / "resnet_dilated_reference.json").read_text())
 #: LibMTL's task names -> ours
@@ -54,6 +55,21 @@ def build(reduction: str = "pixel") -> MultiTaskModel:
 
 
 MODEL = build()
+
+
+def assert_summary(output: torch.Tensor, expected: dict[str, Any], tolerance: float = 1e-5) -> None:
+    """Shape, sums (to ``tolerance`` of the sum of magnitudes) and sampled values (to ``tolerance`` of the root
+    mean square) equal to the reference:
+    this network's activations reach the hundreds (seeded weights, no training), where float32 sums in another
+    order (another thread count) move the fourth decimal; in training mode the batch-norm statistics of a
+    two-image batch amplify that (``tolerance`` 1e-3 there)."""
+    assert list(output.shape) == expected["shape"]
+    flat = output.detach().double().flatten()
+    for name, value in (("sum", flat.sum()), ("abs_sum", flat.abs().sum()), ("sq_sum", (flat**2).sum())):
+        assert float(value) == pytest.approx(expected[name], rel=tolerance, abs=tolerance * expected["abs_sum"]), name
+    samples = [float(flat[i % flat.numel()]) for i in SAMPLES]
+    scale = (expected["sq_sum"] / flat.numel()) ** 0.5
+    assert samples == pytest.approx(expected["samples"], rel=tolerance, abs=tolerance * scale)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +109,10 @@ def test_outputs_losses_and_metrics_equal_the_reference(loaded: MultiTaskModel) 
             features = loaded.train(mode == "train").encode(batch["image"])
             out = {t: loaded.heads[t](features, SIZE) for t in TASKS.values()}  # raw: before normals are normalised
         expected = FACTS[mode]
-        assert_summary(features[-1], expected["representation"])
+        tolerance = 1e-5 if mode == "eval" else 1e-3
+        assert_summary(features[-1], expected["representation"], tolerance)
         for reference, ours in TASKS.items():
-            assert_summary(out[ours], expected[reference])
+            assert_summary(out[ours], expected[reference], tolerance)
         if mode == "train":
             continue
         tasks = dict(loaded.tasks)

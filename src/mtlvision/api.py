@@ -112,8 +112,9 @@ def evaluate(run: str | Path | Run, split: str | None = None, baselines: str | P
 
 def against_published(run: str | Path | Run, benchmark: str) -> PublishedComparison:
     """A run's recorded metrics (its metrics.json: under ``train.select=mean_last:N`` the mean of the last N
-    epochs) beside the published rows of ``benchmark`` (``nyuv2_segnet_mtan``, ``cityscapes_segnet_mtan``), each
-    with Δm against the published single-task row; the run's Δm against its own experts stays in its report."""
+    epochs) beside the published rows of ``benchmark`` (``nyuv2_segnet_mtan``, ``nyuv2_resnet50``,
+    ``cityscapes_segnet_mtan``), each with Δm against the published single-task row where the source has one, and
+    the run's Δm against its own experts (``own_delta_m``) when it has them."""
     from mtlvision.engine.runs import Run
     from mtlvision.evaluation.published import compare_published
 

@@ -147,7 +147,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 #: the benchmarks of mtlvision.evaluation.published (listed here so that parsing imports no torch; a test checks)
-AGAINST = ["nyuv2_segnet_mtan", "cityscapes_segnet_mtan"]
+AGAINST = ["nyuv2_segnet_mtan", "nyuv2_resnet50", "cityscapes_segnet_mtan"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -8,6 +8,10 @@ from rich.table import Table
 from mtlvision.evaluation.published import PublishedComparison
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
 def print_against(console: Console, comparison: PublishedComparison) -> None:
     """The side-by-side table, Δm against the published single-task row, and the sources."""
     table = Table(title=f"{comparison.benchmark}: {comparison.description}")
@@ -17,17 +21,19 @@ def print_against(console: Console, comparison: PublishedComparison) -> None:
     table.add_column("Δm % vs\npublished STL", justify="right")
     for row in comparison.rows:
         values = [f"{row.metrics[task][metric]:.4f}" for task, metric, _ in comparison.columns]
-        table.add_row(row.method, *values, f"{row.delta_m:+.2f}")
+        table.add_row(row.method, *values, _percent(row.delta_m))
     console.print(table)
     ours = comparison.rows[-1]
-    console.print(
-        f"Δm of {ours.method} against the published single-task row: [bold]{ours.delta_m:+.2f}%[/]"
-        + (
-            ""
-            if comparison.own_delta_m is None
-            else f"; against its own single-task experts: [bold]{comparison.own_delta_m:+.2f}%[/]"
-        )
-        + " (lower is better)"
+    published = (
+        "the benchmark's source publishes no single-task row"
+        if ours.delta_m is None
+        else f"against the published single-task row: [bold]{ours.delta_m:+.2f}%[/]"
     )
+    own = (
+        "no Δm against its own single-task experts (none recorded)"
+        if comparison.own_delta_m is None
+        else f"against its own single-task experts: [bold]{comparison.own_delta_m:+.2f}%[/]"
+    )
+    console.print(f"Δm of {ours.method}: {published}; {own} (lower is better)")
     for row in comparison.rows[:-1]:
         console.print(f"  {row.method}: {row.source}", highlight=False)

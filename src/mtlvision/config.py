@@ -147,7 +147,8 @@ class TrainConfig(_Strict):
     """``train.*``: the optimisation loop.
 
     ``select`` chooses the kept epoch: ``loss`` (validation loss), ``TASK.METRIC`` (that validation metric),
-    ``delta_m`` (validation Δm against the single-task experts, LibMTL's rule), ``last`` (the last epoch) or
+    ``delta_m`` (validation Δm against the single-task experts), ``delta_m_first`` (the gain of the validation
+    metrics over the first epoch's, tasks weighted equally: LibMTL's rule), ``last`` (the last epoch) or
     ``mean_last:N`` (the last epoch's weights, reporting the mean of the eval split's metrics over the last N
     epochs: the Nash-MTL / FAMO protocol); the last two need no validation split. ``keep_checkpoint`` keeps
     ``checkpoint.pt`` after a run finishes (needed to extend it later with ``--resume --set train.epochs=N``);

@@ -45,7 +45,14 @@ def test_dense_heads_any_size(height: int, width: int, name: str) -> None:
         assert head(features_for(RESNET, height, width, batch=1), (height, width)).shape == (1, 3, height, width)
 
 
-SMALL = {"fpn": {"channels": 16}, "aspp": {"channels": 16}, "mlp": {"hidden": 16}, "linear": {}, "segnet": {}}
+SMALL = {
+    "fpn": {"channels": 16},
+    "aspp": {"channels": 16},
+    "mlp": {"hidden": 16},
+    "linear": {},
+    "segnet": {},
+    "deeplabv3": {},
+}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS.names()))
@@ -75,6 +82,14 @@ def test_fpn_reads_every_scale_from_stride_4_and_skips_stride_2() -> None:
 def test_aspp_reads_the_coarsest_scale_and_the_stride_4_skip_only() -> None:
     head = ASPPHead(*RESNET, out_channels=3, channels=16).eval()
     assert [_sensitivity(head, RESNET, i) > 0.0 for i in range(5)] == [False, True, False, False, True]
+
+
+def test_deeplabv3_reads_the_coarsest_scale_only_and_checks_its_rates() -> None:
+    head = build_head("deeplabv3", *RESNET, out_channels=3).eval()
+    assert [_sensitivity(head, RESNET, i) > 0.0 for i in range(5)] == [False, False, False, False, True]
+    assert head(features_for(RESNET, 33, 47), (33, 47)).shape == (2, 3, 33, 47)
+    with pytest.raises(ConfigError, match="atrous_rates"):
+        build_head({"name": "deeplabv3", "atrous_rates": [6, 12]}, *RESNET, out_channels=3)
 
 
 def test_image_heads_read_the_pooled_coarsest_scale() -> None:

@@ -352,6 +352,11 @@ def selection_text(select: str, validated: bool) -> str:
         )
     if select == "delta_m":
         return "the epoch with the best validation Δm against the single-task experts (train.select=delta_m)"
+    if select == "delta_m_first":
+        return (
+            "the epoch with the best gain of its validation metrics over the first epoch's, tasks weighted equally "
+            "(train.select=delta_m_first, LibMTL's rule)"
+        )
     what = "validation loss" if select == "loss" else f"validation {select}"
     return f"the epoch with the best {what} (train.select={select})"
 

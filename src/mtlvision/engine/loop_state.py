@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mtlvision.engine import distributed as dist
+from mtlvision.engine.logging import EpochSummary
 from mtlvision.errors import ConfigError, InternalError, MtlvisionError
 from mtlvision.evaluation.delta_m import delta_m
 from mtlvision.evaluation.evaluator import EvalResult
@@ -67,6 +68,8 @@ class LoopState:
 
 
 MEAN_LAST = "mean_last:"
+#: ``train.select``: gain over the first epoch's validation metrics, tasks weighted equally (LibMTL's rule)
+DELTA_M_FIRST = "delta_m_first"
 #: history columns of the eval split's metrics, recorded at the last epochs under ``mean_last:N``
 EVAL_PREFIX = "eval"
 
@@ -77,7 +80,10 @@ class Selection:
     - ``"loss"``: the epoch with the lowest sum of the tasks' mean validation losses;
     - ``"TASK.METRIC"``: the best epoch by that validation metric, in its own direction;
     - ``"delta_m"``: the best epoch by validation Δm against the single-task experts' validation metrics
-      (:attr:`baselines`), LibMTL's rule (Lin and Zhang, LibMTL, JMLR 2023);
+      (:attr:`baselines`);
+    - ``"delta_m_first"``: the best epoch by the validation metrics' gain over the first epoch's own validation
+      metrics, each task's metrics averaged first and then the tasks: the rule of LibMTL's Trainer (Lin and
+      Zhang, LibMTL, JMLR 2023: ``count_improvement`` against ``base_result``, the first epoch's results);
     - ``"last"``: the last epoch, with or without validation;
     - ``"mean_last:N"``: the last epoch's weights, and as the reported metrics the mean of the eval split's
       metrics over the last ``N`` epochs, the protocol of Nash-MTL (Navon et al., ICML 2022) and FAMO (Liu et
@@ -91,14 +97,15 @@ class Selection:
         self.average_last = parse_mean_last(select)
         self.last = not needs_validation(select)
         self.by_delta_m = select == "delta_m"
+        self.by_first_epoch = select == DELTA_M_FIRST
         self.directions = {name: dict(task.metric_directions) for name, task in tasks.items()}
         #: the experts' validation metrics that ``delta_m`` scores against (set by the caller)
         self.baselines: Mapping[str, Mapping[str, float]] | None = None
-        if select in ("loss", "last", "delta_m") or self.average_last is not None:
+        if select in ("loss", "last", "delta_m", DELTA_M_FIRST) or self.average_last is not None:
             return
         task, _, metric = select.partition(".")
         if task not in tasks or metric not in tasks[task].metric_directions:
-            options = ["loss", "last", "delta_m", "mean_last:N"] + [
+            options = ["loss", "last", "delta_m", DELTA_M_FIRST, "mean_last:N"] + [
                 f"{t}.{m}" for t, task_ in tasks.items() for m in task_.metric_directions
             ]
             raise ConfigError(f"train.select={select!r} is not known; choose one of: {', '.join(options)}")
@@ -108,8 +115,15 @@ class Selection:
         """Whether the eval split is evaluated after ``epoch`` (counted from 0) of ``epochs``."""
         return self.average_last is not None and epoch >= epochs - self.average_last
 
-    def score(self, result: EvalResult | None, epoch: int, fallback: float = math.inf) -> float:
-        """The score of ``epoch`` (counted from 1); ``fallback`` (the training loss) without validation."""
+    def score(
+        self,
+        result: EvalResult | None,
+        epoch: int,
+        fallback: float = math.inf,
+        history: Sequence[Mapping[str, float]] = (),
+    ) -> float:
+        """The score of ``epoch`` (counted from 1); ``fallback`` (the training loss) without validation;
+        ``history`` holds the rows of the epochs before (``delta_m_first`` reads the first one's metrics)."""
         if self.last:
             return -float(epoch)
         if result is None:
@@ -122,6 +136,16 @@ class Selection:
                     "train.select."
                 )
             return delta_m(result.metrics, self.baselines, self.directions).overall
+        if self.by_first_epoch:
+            first = EpochSummary.metrics_of(history[0]) if history else result.metrics
+            try:
+                per_task = delta_m(result.metrics, first, self.directions).per_task
+            except MtlvisionError as exc:
+                raise MtlvisionError(
+                    f"train.select={DELTA_M_FIRST} measures each epoch's validation metrics relative to the first "
+                    f"epoch's, and cannot here: {exc}. Choose another train.select (e.g. loss or delta_m)."
+                ) from None
+            return sum(per_task.values()) / len(per_task)
         if self.metric is None:
             return result.total_loss
         task, metric, higher = self.metric

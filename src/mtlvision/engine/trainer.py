@@ -104,7 +104,8 @@ class Trainer:
 
     ``select`` (``train.select``) is ``"loss"`` (the sum of the tasks' mean validation losses, lower is
     better), ``"TASK.METRIC"`` (that validation metric in its own direction), ``"delta_m"`` (validation Δm
-    against ``selection.baselines``), ``"last"`` (the last epoch) or ``"mean_last:N"`` (the last epoch, the
+    against ``selection.baselines``), ``"delta_m_first"`` (gain over the first epoch's validation metrics,
+    LibMTL's rule), ``"last"`` (the last epoch) or ``"mean_last:N"`` (the last epoch, the
     eval split's metrics recorded over the last N epochs; see :class:`~mtlvision.engine.loop_state.Selection`).
     ``ema`` keeps an exponential moving average of the weights, which is what gets evaluated and saved.
     ``on_epoch_end`` is called with an :class:`~mtlvision.engine.logging.EpochSummary` after every epoch.
@@ -455,7 +456,7 @@ class Trainer:
                         monitor = val.total_loss
                     if eval_data is not None and self.selection.tracks_eval_split(epoch, self.epochs):
                         row.update(flatten_metrics(EVAL_PREFIX, self.evaluate(eval_data).metrics))
-                    score = self.selection.score(val, epoch + 1, fallback=monitor)
+                    score = self.selection.score(val, epoch + 1, fallback=monitor, history=self.state.history)
                     row["score"] = score
                     self._step_scheduler(monitor if self.selection.last else score)
                     self.state.epoch, self.state.epoch_batches = epoch + 1, 0

@@ -7,6 +7,7 @@ from mtlvision.models.backbones import BACKBONES, Backbone, BackboneStage, creat
 from mtlvision.models.heads import HEADS, build_head
 from mtlvision.models.init import INIT_SCHEMES
 from mtlvision.models.multitask import MultiTaskModel
+from mtlvision.models.resnet_dilated import resnet50_dilated
 from mtlvision.models.segnet import SegNet
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "SegNet",
     "build_head",
     "create_backbone",
+    "resnet50_dilated",
 ]

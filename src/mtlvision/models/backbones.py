@@ -367,10 +367,14 @@ def _torchvision_backbone(name: str, in_chans: int) -> Backbone:
             f"backbone {name!r}: torchvision models take 3 input channels, got in_chans={in_chans}; "
             "use the timm model of the same name, which adapts its stem."
         )
-    model = torchvision.models.get_model(arch, weights=None)
-    trunk = _torchvision_trunk(model)
+    return split_torchvision(name, torchvision.models.get_model(arch, weights=None))
 
-    # A stage ends where the next module lowers the resolution; strides and channels come from one probe.
+
+def split_torchvision(name: str, model: nn.Module, stage_ends: Sequence[str] = ()) -> Backbone:
+    """Cut a torchvision classifier's trunk into stages: a stage ends where the next module lowers the
+    resolution, and after each module named in ``stage_ends`` (a dilated network keeps its resolution)."""
+    trunk = _torchvision_trunk(model)
+    # strides and channels come from one probe
     probe_size = 64
     strides, channels_after = [], []
     model.eval()
@@ -391,7 +395,7 @@ def _torchvision_backbone(name: str, in_chans: int) -> Backbone:
         current[local] = module
         for key in module.state_dict():
             mapping[f"stages.{len(stages)}.{local}.{key}"] = f"{prefix}.{key}"
-        if index == len(trunk) - 1 or strides[index + 1] > strides[index]:
+        if index == len(trunk) - 1 or strides[index + 1] > strides[index] or prefix in stage_ends:
             stages.append(BackboneStage(len(stages), current))
             channels.append(channels_after[index])
             stage_strides.append(strides[index])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.segmentation.deeplabv3 import ASPP
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.ops import Conv2dNormActivation
 
 from mtlvision.errors import ConfigError
@@ -106,6 +106,35 @@ class ASPPHead(nn.Module):
         skip = self.skip(features[self.skip_index])
         context = _upsample(self.aspp(features[-1]), skip.shape[-2:])
         return _upsample(self.fuse(torch.cat([context, skip], dim=1)), image_size)
+
+
+@HEADS.register(
+    "deeplabv3",
+    "DeepLabV3 head on the coarsest scale (ASPP 12/24/36, 256 channels), upsampled with align_corners: LibMTL's NYUv2",
+    "Chen et al., Rethinking Atrous Convolution for Semantic Image Segmentation, 2017; LibMTL examples/nyu/aspp.py",
+)
+class DeepLabV3Head(nn.Module):
+    """The task head of LibMTL's NYUv2 benchmark (``examples/nyu/aspp.py``, torchvision's ``DeepLabHead``):
+    ASPP (a 1x1 branch, three dilated 3x3 branches, image pooling; 256 channels each; projection with dropout
+    0.5), a 3x3 conv-BN-ReLU and a 1x1 prediction on the coarsest map, then bilinear upsampling to the image
+    with ``align_corners=True`` (their ``process_preds``). No skip connection: the DeepLabV3+ decoder is the
+    ``aspp`` head."""
+
+    def __init__(
+        self,
+        feature_channels: Sequence[int],
+        feature_strides: Sequence[int],
+        out_channels: int,
+        atrous_rates: Sequence[int] = (12, 24, 36),
+    ) -> None:
+        super().__init__()
+        _check_positive("deeplabv3", out_channels=out_channels)
+        if len(atrous_rates) != 3 or any(int(r) < 1 for r in atrous_rates):
+            raise ConfigError(f"head 'deeplabv3': atrous_rates must be three positive integers, got {atrous_rates!r}.")
+        self.decode = DeepLabHead(feature_channels[-1], out_channels, [int(r) for r in atrous_rates])
+
+    def forward(self, features: Sequence[Tensor], image_size: Sequence[int]) -> Tensor:
+        return F.interpolate(self.decode(features[-1]), size=tuple(image_size), mode="bilinear", align_corners=True)
 
 
 @HEADS.register(

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, require
 from mtlvision.tasks.drawing import colourise, resize_bilinear
 from mtlvision.tasks.params import require_choice
-from mtlvision.tasks.pixelwise import per_sample_mean, require_same_size
+from mtlvision.tasks.pixelwise import REDUCTIONS, reduce_pixels, require_same_size
 from mtlvision.tasks.registry import TASKS
 
 #: below this a predicted depth counts as this value in δ (a non-positive depth is never within 1.25×).
@@ -103,6 +103,8 @@ class Depth(Task):
 
     The loss is each sample's mean per-pixel loss (``loss``, one of :data:`DEPTH_LOSSES`) over its valid
     pixels, averaged over the valid samples that have at least one valid pixel.
+    ``reduction`` (``sample`` or ``pixel``, see :data:`~mtlvision.tasks.pixelwise.REDUCTIONS`) picks how
+    the per-pixel losses average; ``pixel`` pools the batch's labelled pixels as mtan and LibMTL do.
     """
 
     kind = "depth"
@@ -112,9 +114,11 @@ class Depth(Task):
     metric_directions: ClassVar[dict[str, bool]] = {"abs_err": False, "rel_err": False, "delta1": True}
     primary_metric = "abs_err"
 
-    def __init__(self, name: str, loss: str = "l1") -> None:
+    def __init__(self, name: str, loss: str = "l1", reduction: str = "sample") -> None:
         super().__init__(name)
         require_choice(name, "loss", loss, list(DEPTH_LOSSES))
+        require_choice(name, "reduction", reduction, REDUCTIONS)
+        self.reduction = reduction
         self.loss_name = loss
         self._pixel_loss = DEPTH_LOSSES[loss]
 
@@ -127,8 +131,7 @@ class Depth(Task):
         valid = valid.to(torch.bool)
         mask = (target > 0) & valid.view(-1, 1, 1, 1)
         per_pixel = self._pixel_loss(prediction.float() - target.float(), mask)
-        per_sample, measured = per_sample_mean(per_pixel, mask)
-        return masked_mean(per_sample, valid & measured)
+        return reduce_pixels(per_pixel, mask, valid, self.reduction)
 
     def metric(self) -> DepthMetric:
         return DepthMetric(self.name)
@@ -170,4 +173,4 @@ class Depth(Task):
         return colourise(resize_bilinear(np.asarray(decoded), height, width), cmap="magma")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "loss": self.loss_name}
+        return {**super().describe(), "loss": self.loss_name, "reduction": self.reduction}

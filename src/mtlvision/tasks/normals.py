@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, require
 from mtlvision.tasks.drawing import resize_nearest, to_rgb_uint8
 from mtlvision.tasks.params import require_choice
-from mtlvision.tasks.pixelwise import per_sample_mean, require_same_size
+from mtlvision.tasks.pixelwise import REDUCTIONS, reduce_pixels, require_same_size
 from mtlvision.tasks.registry import TASKS
 
 #: a target vector shorter than this is "no normal" (invalid pixel).
@@ -125,6 +125,8 @@ class Normals(Task):
 
     The loss (``loss``, one of :data:`NORMAL_LOSSES`) compares unit vectors; it is each sample's mean over
     its valid pixels, averaged over the valid samples that have at least one valid pixel.
+    ``reduction`` (``sample`` or ``pixel``, see :data:`~mtlvision.tasks.pixelwise.REDUCTIONS`) picks how
+    the per-pixel losses average; ``pixel`` pools the batch's labelled pixels as mtan and LibMTL do.
     """
 
     kind = "normals"
@@ -140,9 +142,11 @@ class Normals(Task):
     }
     primary_metric = "mean_angle"
 
-    def __init__(self, name: str, loss: str = "cosine") -> None:
+    def __init__(self, name: str, loss: str = "cosine", reduction: str = "sample") -> None:
         super().__init__(name)
         require_choice(name, "loss", loss, list(NORMAL_LOSSES))
+        require_choice(name, "reduction", reduction, REDUCTIONS)
+        self.reduction = reduction
         self.loss_name = loss
         self._pixel_loss = NORMAL_LOSSES[loss]
 
@@ -158,8 +162,7 @@ class Normals(Task):
         require_same_size(self.name, prediction, target)
         mask = valid_normals(target) & valid.to(torch.bool).view(-1, 1, 1)
         per_pixel = self._pixel_loss(F.normalize(prediction.float(), dim=1), target.float())
-        per_sample, labelled = per_sample_mean(per_pixel, mask)
-        return masked_mean(per_sample, valid.to(torch.bool) & labelled)
+        return reduce_pixels(per_pixel, mask, valid, self.reduction)
 
     def metric(self) -> NormalsMetric:
         return NormalsMetric(self.name)
@@ -206,4 +209,4 @@ class Normals(Task):
         return resize_nearest(colours, height, width)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "loss": self.loss_name}
+        return {**super().describe(), "loss": self.loss_name, "reduction": self.reduction}

@@ -12,11 +12,11 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, require
 from mtlvision.tasks.collection import ValidSampleMetrics
 from mtlvision.tasks.drawing import overlay_classes
-from mtlvision.tasks.params import name_list, require_count
-from mtlvision.tasks.pixelwise import per_sample_mean, require_same_size
+from mtlvision.tasks.params import name_list, require_choice, require_count
+from mtlvision.tasks.pixelwise import REDUCTIONS, reduce_pixels, require_same_size
 from mtlvision.tasks.registry import TASKS
 
 
@@ -63,6 +63,8 @@ class Segmentation(Task):
 
     The loss is each sample's mean cross-entropy over its labelled pixels, averaged over the valid samples
     that have at least one labelled pixel.
+    ``reduction`` (``sample`` or ``pixel``, see :data:`~mtlvision.tasks.pixelwise.REDUCTIONS`) picks how
+    the per-pixel losses average; ``pixel`` pools the batch's labelled pixels as mtan and LibMTL do.
     """
 
     kind = "segmentation"
@@ -78,9 +80,12 @@ class Segmentation(Task):
         num_classes: int,
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
+        reduction: str = "sample",
     ) -> None:
         super().__init__(name)
         require_count(name, "num_classes", num_classes, 2)
+        require_choice(name, "reduction", reduction, REDUCTIONS)
+        self.reduction = reduction
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
             raise ConfigError(
                 f"Task {name!r}: ignore_index must be an integer outside the class range 0..{num_classes - 1}, "
@@ -99,8 +104,7 @@ class Segmentation(Task):
         valid = valid.to(torch.bool)
         target = torch.where(valid[:, None, None], target, torch.full_like(target, self.ignore_index))
         per_pixel = F.cross_entropy(prediction, target, ignore_index=self.ignore_index, reduction="none")
-        per_sample, labelled = per_sample_mean(per_pixel, target != self.ignore_index)
-        return masked_mean(per_sample, valid & labelled)
+        return reduce_pixels(per_pixel, target != self.ignore_index, valid, self.reduction)
 
     def metric(self) -> SegmentationMetric:
         return SegmentationMetric(self.name, self.num_classes, self.ignore_index)
@@ -148,4 +152,5 @@ class Segmentation(Task):
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
             "class_names": list(self.class_names),
+            "reduction": self.reduction,
         }

@@ -10,11 +10,14 @@ from mtlvision.balancers.weighting.excess_mtl import ExcessMTL
 from mtlvision.balancers.weighting.famo import FAMO
 from mtlvision.balancers.weighting.gls import GLS
 from mtlvision.balancers.weighting.gradnorm import GradNorm
+from mtlvision.balancers.weighting.preference import COSMOS, PBI
 from mtlvision.balancers.weighting.rlw import RLW
 from mtlvision.balancers.weighting.stch import STCH
 from mtlvision.balancers.weighting.uncertainty import IMTLL, UncertaintyWeighting
 
 __all__ = [
+    "COSMOS",
+    "PBI",
     "DBMTL",
     "DWA",
     "FAMO",

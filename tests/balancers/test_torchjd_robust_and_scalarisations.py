@@ -169,6 +169,11 @@ def test_hyper_parameters_are_validated() -> None:
     ]:
         with pytest.raises(ConfigError):
             get(name, **hparams)
+    # refused when the trainer sets the balancer up, before the first step
+    with pytest.raises(ConfigError, match=r"Krum needs at least 4 tasks \(n_byzantine \+ 3"):
+        get("krum", n_byzantine=1).setup(3)
+    with pytest.raises(ConfigError, match=r"TrimmedMean needs at least 5 tasks"):
+        get("trimmed_mean", trim_number=2).setup(4)
     with pytest.raises(ConfigError, match="3 values but there are 2 tasks"):
         get("pbi", pref_vector=[1.0, 1.0, 1.0]).balance(torch.ones(2), None)
 

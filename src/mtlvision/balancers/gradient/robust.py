@@ -32,8 +32,8 @@ class Krum(GramianBalancer):
     Byzantine rows (``n_byzantine``), each gradient's score is the sum of its Euclidean distances to its
     ``T − f − 2`` nearest other gradients; the ``m`` (``n_selected``) gradients of lowest score are averaged.
     Distances come from the Gramian, ``‖g_i − g_j‖² = K_ii + K_jj − 2K_ij``. It needs ``T ≥ f + 3`` and
-    ``T ≥ m`` (default ``f = 0``, ``m = 1``); weights are ``1/m`` on the selected tasks and 0 elsewhere, so the other tasks' heads do not
-    move at that step either.
+    ``T ≥ m`` (default ``f = 0``, ``m = 1``); weights are ``1/m`` on the selected tasks and 0 elsewhere, so
+    the other tasks' heads do not move at that step either.
     """
 
     def __init__(self, n_byzantine: int = 0, n_selected: int = 1) -> None:
@@ -72,7 +72,8 @@ class Krum(GramianBalancer):
 class TrimmedMean(GradientBalancer):
     """Coordinate-wise trimmed mean (Yin et al. 2018, Definition 2), as torchjd's ``TrimmedMean``: per
     coordinate of the shared gradient, the ``k`` (``trim_number``) largest and ``k`` smallest task values are
-    removed and the ``T − 2k`` others averaged. It needs ``T ≥ 2k + 1`` (default ``k = 1``); ``k = 0`` is the mean gradient.
+    removed and the ``T − 2k`` others averaged. It needs ``T ≥ 2k + 1`` (default ``k = 1``); ``k = 0`` is the
+    mean gradient.
     ``weights`` are ``1/T`` (the task-specific parameters get the mean's share of each task's gradient).
     """
 

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 class MetaStep:
-    """Runs ``trainer.balancer.meta_step`` before each optimiser step, on a batch of ``val_data``."""
+    """Runs ``trainer.balancer.meta_step`` before each optimiser step, on a batch of ``val_data`` (with
+    ``train.accumulate > 1``, against the first of the step's training batches)."""
 
     def __init__(self, trainer: Trainer, val_data: Dataset | DataLoader | None) -> None:
         if not isinstance(trainer.balancer, BilevelBalancer):

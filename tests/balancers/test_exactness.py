@@ -254,7 +254,8 @@ def test_dual_cone_methods_satisfy_what_their_docstrings_state(name: str) -> Non
 
 
 # ------------------------------------------------------------------------------------------- extreme scales
-GRAMIAN_METHODS = [name for name in gradient_methods() if name != "graddrop"]  # GradDrop never forms K
+# GradDrop and the trimmed mean are coordinate-wise: they never form K
+GRAMIAN_METHODS = [name for name in gradient_methods() if name not in ("graddrop", "trimmed_mean")]
 SCALE_FREE = {"nash_mtl"}  # d(cG) = d(G) (without max_norm)
 NOT_HOMOGENEOUS = {"modo", "moco", "fairgrad"}  # steps on K itself, or d(cG) = c^(1-2α/(1+α)) d(G)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtlvision.balancers import gradient, weighting  # noqa: F401  (registers the methods)
+from mtlvision.balancers import bilevel, gradient, weighting  # noqa: F401  (registers the methods)
 from mtlvision.balancers.aggregate import aggregate
 from mtlvision.balancers.backward import MultiTaskBackward, mtl_backward
 from mtlvision.balancers.base import Balancer, Needs, TaskGradients, Update

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlvision.balancers.base import Balancer, ExtraStateMixin, Needs
+from mtlvision.balancers.bilevel import BilevelBalancer
 from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
 from mtlvision.balancers.jacobian import JacobianPath
 from mtlvision.balancers.layers import LayerTaps
@@ -143,6 +144,12 @@ class MultiTaskBackward:
         **hparams: Any,
     ) -> None:
         self.balancer = _build(balancer, hparams)
+        if isinstance(self.balancer, BilevelBalancer):
+            raise ConfigError(
+                f"balancer {type(self.balancer).__name__} is bilevel: it learns its task weights from validation "
+                "batches by a meta-step before each training step, which MultiTaskBackward does not run; train it with "
+                "mv.Trainer or `mtlvision train` (with a validation split)"
+            )
         params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
         self.shared: list[nn.Parameter] = [p for p in params if p.requires_grad]
         if not self.shared:

@@ -138,6 +138,10 @@ class Balancer(nn.Module, ABC):
         """Called once with the number of tasks before the optimiser is built, so that methods with learnable
         per-task parameters (UW, IMTL-L, GradNorm) create them in time to be optimised."""
 
+    def min_tasks(self) -> int:
+        """The fewest tasks the method is defined for with its hyper-parameters (Krum needs ``f + 3``)."""
+        return 1
+
 
 class ExtraStateMixin:
     """Keeps a method's running state (whose shapes are known only at the first step) in the state dict.

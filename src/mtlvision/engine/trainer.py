@@ -40,10 +40,12 @@ from mtlvision.balancers import (
     resolve_jacobian_path,
 )
 from mtlvision.balancers import get as get_balancer
+from mtlvision.balancers.bilevel import BilevelBalancer
 from mtlvision.balancers.engine import JacobianPath
 from mtlvision.config import BalancerConfig, RunConfig, TrainConfig, resolve_balancing, validate_section
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
+from mtlvision.engine.bilevel import MetaStep
 from mtlvision.engine.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from mtlvision.engine.compilation import CompiledModel
 from mtlvision.engine.device import resolve_device, rng_state, seed_everything, set_rng_state
@@ -202,6 +204,7 @@ class Trainer:
             )
         self._recorded: tuple[RecordedStep, float] | None = None
         self._tb = TensorBoardLog(None)
+        self._meta: MetaStep | None = None  # bilevel balancers' meta-step, set up by fit() with val_data
 
     @classmethod
     def from_config(
@@ -363,6 +366,12 @@ class Trainer:
         Returns the mean detached task losses and task weights, or None when the step was skipped
         because a loss or gradient was not finite.
         """
+        if isinstance(self.balancer, BilevelBalancer):
+            if self._meta is None:
+                raise ConfigError(
+                    f"balancer {type(self.balancer).__name__} is bilevel: train it with fit(..., val_data)"
+                )
+            self._meta(batches[0])  # the task weights learn from a validation batch first
         self.optimizer.zero_grad(set_to_none=True)
         loss_total: Tensor | None = None
         weights: Tensor | None = None
@@ -438,6 +447,8 @@ class Trainer:
                 f"train.select={self.config.select}: the eval split's metrics of the last epochs are averaged, "
                 "so fit() needs eval_data."
             )
+        if isinstance(self.balancer, BilevelBalancer):
+            self._meta = MetaStep(self, val_data)
         if resume:
             self.resume()
         tb = TensorBoardLog(self.run_dir / TENSORBOARD_DIR if self.run_dir is not None and dist.is_main() else None)

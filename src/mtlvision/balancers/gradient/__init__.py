@@ -14,6 +14,7 @@ from mtlvision.balancers.gradient._solvers import NonFiniteGramianError, SolverE
 from mtlvision.balancers.gradient.aligned_mtl import AlignedMTL, AlignedMTLUB
 from mtlvision.balancers.gradient.cagrad import CAGrad
 from mtlvision.balancers.gradient.conflict_free import ConFIG
+from mtlvision.balancers.gradient.cr_mogm import CRMOGM
 from mtlvision.balancers.gradient.fairgrad import FairGrad
 from mtlvision.balancers.gradient.graddrop import GradDrop
 from mtlvision.balancers.gradient.gradvac import GradVac
@@ -25,6 +26,7 @@ from mtlvision.balancers.gradient.modo import MoDo
 from mtlvision.balancers.gradient.nash_mtl import NashMTL
 from mtlvision.balancers.gradient.ntkmtl import NTKMTL
 from mtlvision.balancers.gradient.pcgrad import PCGrad
+from mtlvision.balancers.gradient.robust import Krum, TrimmedMean
 from mtlvision.balancers.gradient.sdmgrad import SDMGrad
 from mtlvision.balancers.gradient.upgrad import DualProj, UPGrad
 
@@ -38,6 +40,7 @@ __all__ = [
     "AlignedMTL",
     "AlignedMTLUB",
     "CAGrad",
+    "CRMOGM",
     "ConFIG",
     "DualProj",
     "FairGrad",
@@ -45,6 +48,7 @@ __all__ = [
     "GradVac",
     "GradientBalancer",
     "GramianBalancer",
+    "Krum",
     "MoCo",
     "MoDo",
     "NashMTL",
@@ -52,5 +56,6 @@ __all__ = [
     "PCGrad",
     "SDMGrad",
     "SolverError",
+    "TrimmedMean",
     "UPGrad",
 ]

@@ -12,11 +12,14 @@ from mtlvision.balancers.weighting.gls import GLS
 from mtlvision.balancers.weighting.go4align import GO4Align
 from mtlvision.balancers.weighting.gradnorm import GradNorm
 from mtlvision.balancers.weighting.ldc_mtl import LDCMTL
+from mtlvision.balancers.weighting.preference import COSMOS, PBI
 from mtlvision.balancers.weighting.rlw import RLW
 from mtlvision.balancers.weighting.stch import STCH
 from mtlvision.balancers.weighting.uncertainty import IMTLL, UncertaintyWeighting
 
 __all__ = [
+    "COSMOS",
+    "PBI",
     "DBMTL",
     "DWA",
     "FAMO",

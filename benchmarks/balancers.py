@@ -296,7 +296,7 @@ def torch_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Call
         if method == "ew":
             sum(losses).backward()
         elif method == "outputs":
-            eye = torch.eye(len(losses))
+            eye = torch.eye(len(losses), device=x.device)
             torch.autograd.grad(torch.stack(losses), edges, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
             sum(losses).backward()
         else:

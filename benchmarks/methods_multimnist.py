@@ -121,6 +121,9 @@ def print_table(results: dict[str, list[dict]], settings: dict, seeds: list[int]
         key=lambda kv: statistics.mean([r["delta_m"] for r in kv[1] if r.get("delta_m") is not None] or [float("inf")]),
     ):
         ok = [r for r in records if "error" not in r and r["delta_m"] is not None]
+        if not records:
+            print(f"| {method} | not run | | | |")
+            continue
         if not ok:
             print(f"| {method} | failed: {records[0].get('error', 'no Δm')[:60]} | | | |")
             continue

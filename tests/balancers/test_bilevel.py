@@ -160,3 +160,15 @@ def test_validation_batches_depend_only_on_the_step() -> None:
     resumed = MetaStep(trainer, val)  # as after a resume at step 4
     trainer.state.step = 4
     assert torch.equal(resumed.validation_batch()["image"], seen[4])
+
+
+def test_a_split_that_is_not_a_multiple_of_the_batch_size_is_drawn_pass_after_pass() -> None:
+    from mtlvision.engine.bilevel import MetaStep
+    from tests.engine.tinyrun import TinyScenes
+
+    trainer, val = trainer_for("moml"), TinyScenes(10)  # batches of 4: two full ones per pass, the last 2 dropped
+    meta = MetaStep(trainer, val)
+    assert meta.batches == 2
+    for step in range(6):  # three passes; the third batch of a pass used to end the iterator (StopIteration)
+        trainer.state.step = step
+        assert meta.validation_batch()["image"].shape[0] == 4

@@ -42,7 +42,8 @@ class MetaStep:
             raise ConfigError(f"balancer {name} is a bilevel method, which does not take an auxiliary loss")
         self.trainer = trainer
         self.data = val_data
-        self.batches = len(trainer.loader(val_data, shuffle=False))
+        # counted as they are drawn: shuffled, so an incomplete last batch is dropped (10 samples, batch 4: 2)
+        self.batches = len(trainer.loader(val_data, shuffle=True))
         if self.batches == 0:
             raise ConfigError(f"balancer {name} learns from validation batches, but the validation split is empty")
         self._position: tuple[int, int] | None = None

@@ -11,6 +11,7 @@ from typing import cast
 import numpy as np
 import quadprog
 import torch
+from scipy.optimize import minimize
 from torch import Tensor
 
 from mtlvision.errors import MtlvisionError
@@ -306,3 +307,32 @@ def project_weights_to_dual_cone(gramian: np.ndarray, prefs: np.ndarray) -> np.n
         except ValueError as exc:
             raise SolverError(f"dual-cone projection QP failed: {exc}") from None
     return out
+
+
+def conflict_averse_dual(k: np.ndarray, linear: float, root: float, method: str) -> np.ndarray:
+    """``argmin_{w ∈ Δ} linear·wᵀK1/T + root·√(wᵀKw)``, CAGrad's dual problem (Liu et al., NeurIPS 2021) and
+    IMGrad's re-weighting of it: SLSQP from ``w = 1/T``, as both authors' codes solve it, clipped to the simplex.
+    ``method`` names the balancer in the error raised when SLSQP does not converge."""
+    t = k.shape[0]
+    mean = np.full(t, 1.0 / t)
+    k_mean = k @ mean
+
+    def objective(w: np.ndarray) -> float:
+        return float(linear * (w @ k_mean) + root * np.sqrt(max(w @ k @ w, 0.0) + 1e-12))
+
+    def jacobian(w: np.ndarray) -> np.ndarray:
+        return linear * k_mean + root * (k @ w) / np.sqrt(max(w @ k @ w, 0.0) + 1e-12)
+
+    result = minimize(
+        objective,
+        mean,
+        jac=jacobian,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * t,
+        constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
+        options={"ftol": 1e-12, "maxiter": 200},
+    )
+    if not result.success:
+        raise SolverError(f"{method}: the dual problem did not converge ({result.message})")
+    w = np.clip(result.x, 0.0, None)
+    return cast(np.ndarray, w / w.sum())

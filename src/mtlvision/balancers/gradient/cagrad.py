@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize
 
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import SolverError, scaled
+from mtlvision.balancers.gradient._solvers import conflict_averse_dual, scaled
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -41,27 +40,7 @@ class CAGrad(GramianBalancer):
             return mean
         k = gramian / scale  # the weights are invariant to the scale of K; this keeps SLSQP well-posed
         sqrt_phi = self.c * np.sqrt(max(mean @ k @ mean, 0.0))
-        k_mean = k @ mean
-
-        def objective(w: np.ndarray) -> float:
-            return float(w @ k_mean + sqrt_phi * np.sqrt(max(w @ k @ w, 0.0) + 1e-12))
-
-        def jacobian(w: np.ndarray) -> np.ndarray:
-            return k_mean + sqrt_phi * (k @ w) / np.sqrt(max(w @ k @ w, 0.0) + 1e-12)
-
-        result = minimize(
-            objective,
-            mean,
-            jac=jacobian,
-            method="SLSQP",
-            bounds=[(0.0, 1.0)] * t,
-            constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
-            options={"ftol": 1e-12, "maxiter": 200},
-        )
-        if not result.success:
-            raise SolverError(f"CAGrad: the dual problem did not converge ({result.message})")
-        w = np.clip(result.x, 0.0, None)
-        w /= w.sum()
+        w = conflict_averse_dual(k, 1.0, sqrt_phi, "CAGrad")
         gw_norm = np.sqrt(max(w @ k @ w, 0.0))
         if gw_norm < 1e-8:
             return np.zeros(t)

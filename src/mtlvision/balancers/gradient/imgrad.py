@@ -6,12 +6,17 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import Tensor
 
 from mtlvision.balancers.base import TaskGradients, Update, require_grads
 from mtlvision.balancers.gradient._base import GramianBalancer
-from mtlvision.balancers.gradient._solvers import SolverError, min_norm_weights, scaled, to_numpy_gramian, to_tensor
+from mtlvision.balancers.gradient._solvers import (
+    conflict_averse_dual,
+    min_norm_weights,
+    scaled,
+    to_numpy_gramian,
+    to_tensor,
+)
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
 
@@ -66,27 +71,7 @@ class IMGrad(GramianBalancer):
         k = gramian / scale
         cosine = imbalance_cosine(k)
         c = self.alpha * np.sqrt(max(float(mean @ k @ mean), 0.0))
-        k_mean = k @ mean
-
-        def objective(w: np.ndarray) -> float:
-            return float((OFFSET - cosine) * (w @ k_mean) + cosine * c * np.sqrt(max(w @ k @ w, 0.0) + 1e-12))
-
-        def jacobian(w: np.ndarray) -> np.ndarray:
-            return (OFFSET - cosine) * k_mean + cosine * c * (k @ w) / np.sqrt(max(w @ k @ w, 0.0) + 1e-12)
-
-        result = minimize(
-            objective,
-            mean,
-            jac=jacobian,
-            method="SLSQP",
-            bounds=[(0.0, 1.0)] * t,
-            constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
-            options={"ftol": 1e-12, "maxiter": 200},
-        )
-        if not result.success:
-            raise SolverError(f"IMGrad: the dual problem did not converge ({result.message})")
-        w = np.clip(result.x, 0.0, None)
-        w /= w.sum()
+        w = conflict_averse_dual(k, OFFSET - cosine, cosine * c, "IMGrad")
         gw_norm = np.sqrt(max(float(w @ k @ w), 0.0))
         weights = mean if gw_norm < 1e-8 else mean + (c / gw_norm) * w
         return weights * rescale

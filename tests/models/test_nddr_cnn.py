@@ -15,6 +15,7 @@ from mtlvision.models.architectures import NDDRCNN, RepresentationUnavailable
 from mtlvision.models.architectures.nddr_cnn import NDDRNetwork
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.backbones import create_backbone
+from tests.models.tiny_scenes import TINY_SCENES
 
 TASKS = ["seg", "depth", "cls"]
 WIDTHS = [3, 4, 8, 16]
@@ -103,14 +104,7 @@ def test_scenes_trains_end_to_end(tmp_path: Path) -> None:
     from mtlvision import api
 
     overrides = {
-        "data.image_size": 32,
-        "data.train_size": 4,
-        "data.val_size": 2,
-        "data.test_size": 2,
-        "train.epochs": 1,
-        "train.batch_size": 2,
-        "train.progress": False,
-        "train.device": "cpu",
+        **TINY_SCENES,
         "model.backbone": "test_resnet",
         "model.architecture": "nddr_cnn",
         "tasks": ["count", "segmentation", "depth"],

@@ -15,6 +15,7 @@ from mtlvision.models.architectures import HPS, TaskAttention
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.architectures.task_attention import CrossTaskAttention
 from mtlvision.models.backbones import create_backbone
+from tests.models.tiny_scenes import TINY_SCENES
 
 TASKS = ["seg", "depth", "cls"]
 
@@ -97,14 +98,7 @@ def test_scenes_trains_and_exports(tmp_path: Path) -> None:
     from mtlvision import api
 
     overrides = {
-        "data.image_size": 32,
-        "data.train_size": 4,
-        "data.val_size": 2,
-        "data.test_size": 2,
-        "train.epochs": 1,
-        "train.batch_size": 2,
-        "train.progress": False,
-        "train.device": "cpu",
+        **TINY_SCENES,
         "model.backbone": "test_resnet",
         "model.architecture": {"name": "task_attention", "dim": 32, "heads": 4},
         "tasks": ["count", "segmentation", "depth"],

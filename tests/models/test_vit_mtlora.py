@@ -18,6 +18,7 @@ from mtlvision.models.architectures.mtlora import LoRALinear, MTLoRANetwork
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.backbones import Backbone, create_backbone
 from mtlvision.models.vit import ViTBackbone
+from tests.models.tiny_scenes import TINY_SCENES
 
 VIT = "test_vit"  # timm's test ViT: width 64, 6 blocks, MLP width 192, patch 16, one class token
 TASKS = ["seg", "depth", "cls"]
@@ -198,14 +199,7 @@ def test_scenes_trains_and_exports_with_merged_adapters(tmp_path: Path) -> None:
     from mtlvision.engine.build import load_model
 
     overrides = {
-        "data.image_size": 32,
-        "data.train_size": 4,
-        "data.val_size": 2,
-        "data.test_size": 2,
-        "train.epochs": 1,
-        "train.batch_size": 2,
-        "train.progress": False,
-        "train.device": "cpu",
+        **TINY_SCENES,
         "model.backbone": VIT,
         "model.architecture": {"name": "mtlora", "task_blocks": 2},
         "tasks": ["count", "segmentation"],

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import TargetKind, Task, masked_mean, require
+from mtlvision.tasks.base import TargetKind, Task, require
 from mtlvision.tasks.drawing import resize_bilinear, to_rgb_uint8
 from mtlvision.tasks.edge_metric import BoundaryMetric
 from mtlvision.tasks.params import require_count
-from mtlvision.tasks.pixelwise import per_sample_mean, require_same_size
+from mtlvision.tasks.pixelwise import reduce_pixels, require_same_size
 from mtlvision.tasks.registry import TASKS
 
 #: the colour predicted edges are drawn in
@@ -94,8 +94,7 @@ class Edges(Task):
         valid = valid.to(torch.bool)
         labelled = (target != self.ignore_index) & valid[:, None, None]
         per_pixel = weighted_bce(prediction[:, 0].float(), (target == 1), self.pos_weight)
-        per_sample, any_labelled = per_sample_mean(per_pixel, labelled)
-        return masked_mean(per_sample, valid & any_labelled)
+        return reduce_pixels(per_pixel, labelled, valid, "sample")
 
     def metric(self) -> BoundaryMetric:
         return BoundaryMetric(self.name, self.tolerance, self.thresholds, self.ignore_index)

@@ -63,8 +63,8 @@ def split_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [chunk.view_as(p) for chunk, p in zip(torch.split(flat, sizes), params)]
 
 
-def vmapped(call: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """Run a vmapped (``is_grads_batched``) backward, turning a missing batching rule into a clear error."""
+def vmapped(call: Callable[[], Sequence[Tensor | None]]) -> Sequence[Tensor | None]:
+    """Run a vmapped backward, turning a missing batching rule into a clear error."""
     try:
         return call()
     except torch.OutOfMemoryError:
@@ -73,8 +73,72 @@ def vmapped(call: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         raise ConfigError(
             "the batched (vmapped) backward failed, most likely on an operation without a batching rule: "
             f"{exc}. Select the per-task loop with GradientEngine(..., jacobian='loop') "
-            "(balancer.jacobian=loop)."
+            "(balancer.jacobian=loop), or torch's own batched backward with "
+            "mtlvision.balancers.jacobian.base.BACKWARD_VMAP['way'] = 'autograd'."
         ) from exc
+
+
+def _autograd_batched(
+    roots: Sequence[Tensor], sources: Sequence[Tensor | GradientEdge], grad_outputs: Sequence[Tensor], retain: bool
+) -> Sequence[Tensor | None]:
+    """``torch.autograd.grad(..., is_grads_batched=True)``: torch's legacy vmap, whose rule for a
+    convolution's (and a batch norm's) backward runs it once per task at batch N."""
+    many: Any = sources  # autograd takes tensors and gradient edges mixed; its stubs want one kind per call
+    return torch.autograd.grad(
+        roots, many, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True, is_grads_batched=True
+    )
+
+
+def _func_batched(
+    roots: Sequence[Tensor], sources: Sequence[Tensor | GradientEdge], grad_outputs: Sequence[Tensor], retain: bool
+) -> Sequence[Tensor | None]:
+    """``torch.func.vmap`` over one ``torch.autograd.grad``: functorch's batching rules fold the task
+    dimension into the batch, so a convolution's input gradient is one ``convolution_backward`` of batch
+    T·N and a batch norm's backward one call over T·C channels (the legacy rule loops over the T tasks)."""
+    many: Any = sources
+    reached: list[bool] = []
+
+    def one(*rows: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(roots, many, grad_outputs=list(rows), retain_graph=retain, allow_unused=True)
+        reached[:] = [g is not None for g in grads]
+        return tuple(g for g in grads if g is not None)
+
+    # autograd casts a root's gradient to the root's dtype; under torch.func it must be given in that dtype
+    found = iter(torch.func.vmap(one)(*(g.to(root.dtype) for g, root in zip(grad_outputs, roots))))
+    return [next(found) if hit else None for hit in reached]
+
+
+#: the ways to run one backward with T batched ``grad_outputs`` (``[T, *shape]`` each) into ``sources``
+BATCHED_BACKWARDS: dict[
+    str, Callable[[Sequence[Tensor], Sequence[Tensor | GradientEdge], Sequence[Tensor], bool], Sequence[Tensor | None]]
+] = {"func": _func_batched, "autograd": _autograd_batched}
+
+#: which of :data:`BATCHED_BACKWARDS` every path's vmapped backward takes: ``"func"`` (the task dimension
+#: folded into the batch), ``"autograd"`` (``is_grads_batched``: per task, docs/balancers.md) or ``"auto"``
+#: (the default): ``"func"`` unless the step ran in reduced precision, where torch.func's batch-norm backward
+#: refuses a bfloat16 input with float32 statistics (torch 2.14), so ``"autograd"``
+BACKWARD_VMAP: dict[str, str] = {"way": "auto"}
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def batched_backward(
+    roots: Sequence[Tensor],
+    sources: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor],
+    *,
+    retain: bool,
+    reduced: bool = False,
+) -> Sequence[Tensor | None]:
+    """``[T, *shape]`` per source (None where no root reaches it): one backward from ``roots`` with the
+    batched ``grad_outputs``, the way :data:`BACKWARD_VMAP` names; ``reduced``: the caller saw activations
+    in float16 or bfloat16 (a root in those dtypes counts too)."""
+    way = BACKWARD_VMAP["way"]
+    if way == "auto":
+        way = "autograd" if reduced or any(r.dtype in _REDUCED for r in roots) else "func"
+    if way not in BATCHED_BACKWARDS:
+        raise ConfigError(f"BACKWARD_VMAP['way'] must be 'auto' or one of {sorted(BATCHED_BACKWARDS)}, got {way!r}")
+    return vmapped(lambda: BATCHED_BACKWARDS[way](roots, sources, grad_outputs, retain))
 
 
 class StepGradients(TaskGradients):
@@ -115,7 +179,7 @@ class StepGradients(TaskGradients):
 
     def _zeros_where_none(self, grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
         """``[T, *shape]`` per tensor of ``like``; zeros where no loss reaches it (``materialize_grads`` would
-        give an unbatched zero under ``is_grads_batched``)."""
+        give an unbatched zero under a vmapped backward)."""
         return [g if g is not None else zeros_batched(self.num_tasks, x) for g, x in zip(grads, like)]
 
     def _per_task_loop(self, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -216,11 +280,13 @@ class ParameterGradients(StepGradients):
         self.shared_blocks()
         return self._weighted_held(weights)
 
-    def _batched_backward(self, targets: Sequence[Tensor | GradientEdge], *, retain_graph: bool) -> list[Tensor | None]:
+    def _batched_backward(
+        self, targets: Sequence[Tensor | GradientEdge], *, retain_graph: bool, reduced: bool = False
+    ) -> list[Tensor | None]:
         """``[T, *shape]`` per target (None where no loss reaches it) by one vmapped backward: from the trunk
         with the per-task representation gradients as batched ``grad_outputs`` when the step has a
         representation (its heads differentiated first), else from the T losses, then also into the
-        task-specific parameters, whose per-task gradients are kept."""
+        task-specific parameters, whose per-task gradients are kept. ``reduced``: see :func:`batched_backward`."""
         if self._representation is not None:
             roots, grad_outputs = self._differentiable_trunk()
             wanted = list(targets)
@@ -229,18 +295,7 @@ class ParameterGradients(StepGradients):
             grad_outputs = [torch.eye(self.num_tasks, dtype=self._losses.dtype, device=self._losses.device)]
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if roots:
-            # autograd takes tensors and gradient edges mixed; its stubs want one kind per call
-            sources: Any = wanted
-            grads = vmapped(
-                lambda: torch.autograd.grad(
-                    roots,
-                    sources,
-                    grad_outputs=grad_outputs,
-                    retain_graph=retain_graph,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            )
+            grads = batched_backward(roots, wanted, grad_outputs, retain=retain_graph, reduced=reduced)
         if self._representation is None:
             self._head_grads = self._zeros_where_none(grads[len(targets) :], self._task_specific)
         return list(grads[: len(targets)])

@@ -78,7 +78,8 @@ class LayerGradients(ParameterGradients):
             return
         assert self._calls is not None
         edges: list[Tensor | GradientEdge] = [call.output for call in self._calls]
-        grads = self._batched_backward([*edges, *self._untapped], retain_graph=False)
+        reduced = any(call.input.dtype in (torch.float16, torch.bfloat16) for call in self._calls)
+        grads = self._batched_backward([*edges, *self._untapped], retain_graph=False, reduced=reduced)
         like, num_tasks = self._losses, self.num_tasks
         self._output_grads = [
             g if g is not None else torch.zeros((num_tasks, *call.output_shape), dtype=like.dtype, device=like.device)

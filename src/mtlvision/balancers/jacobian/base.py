@@ -115,8 +115,10 @@ BATCHED_BACKWARDS: dict[
 
 #: which of :data:`BATCHED_BACKWARDS` every path's vmapped backward takes: ``"func"`` (the task dimension
 #: folded into the batch), ``"autograd"`` (``is_grads_batched``: per task, docs/balancers.md) or ``"auto"``
-#: (the default): ``"func"`` unless the step ran in reduced precision, where torch.func's batch-norm backward
-#: refuses a bfloat16 input with float32 statistics (torch 2.14), so ``"autograd"``
+#: (the default): the path's own :attr:`ParameterGradients.vmap_way` (the layer path ``"func"``; the batched
+#: path ``"autograd"``, since functorch forms the T weight gradients of a convolution as one grouped
+#: convolution several times slower on CPU), but ``"autograd"`` where the step ran in reduced precision:
+#: torch.func's batch-norm backward refuses a bfloat16 input with float32 statistics (torch 2.14)
 BACKWARD_VMAP: dict[str, str] = {"way": "auto"}
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -129,13 +131,15 @@ def batched_backward(
     *,
     retain: bool,
     reduced: bool = False,
+    preferred: str = "func",
 ) -> Sequence[Tensor | None]:
     """``[T, *shape]`` per source (None where no root reaches it): one backward from ``roots`` with the
     batched ``grad_outputs``, the way :data:`BACKWARD_VMAP` names; ``reduced``: the caller saw activations
-    in float16 or bfloat16 (a root in those dtypes counts too)."""
+    in float16 or bfloat16 (a root in those dtypes counts too); ``preferred``: the way ``"auto"`` takes
+    otherwise."""
     way = BACKWARD_VMAP["way"]
     if way == "auto":
-        way = "autograd" if reduced or any(r.dtype in _REDUCED for r in roots) else "func"
+        way = "autograd" if reduced or any(r.dtype in _REDUCED for r in roots) else preferred
     if way not in BATCHED_BACKWARDS:
         raise ConfigError(f"BACKWARD_VMAP['way'] must be 'auto' or one of {sorted(BATCHED_BACKWARDS)}, got {way!r}")
     return vmapped(lambda: BATCHED_BACKWARDS[way](roots, sources, grad_outputs, retain))
@@ -233,6 +237,8 @@ class ParameterGradients(StepGradients):
 
     #: whether the path needs the :class:`~mtlvision.balancers.layers.LayerTaps` of the step's forward.
     uses_taps: ClassVar[bool] = False
+    #: the way of :data:`BATCHED_BACKWARDS` this path's vmapped backward takes under ``BACKWARD_VMAP["way"]="auto"``
+    vmap_way: ClassVar[str] = "autograd"
 
     @classmethod
     def for_step(cls, step: Step, taps: LayerTaps | None) -> ParameterGradients:
@@ -295,7 +301,9 @@ class ParameterGradients(StepGradients):
             grad_outputs = [torch.eye(self.num_tasks, dtype=self._losses.dtype, device=self._losses.device)]
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if roots:
-            grads = batched_backward(roots, wanted, grad_outputs, retain=retain_graph, reduced=reduced)
+            grads = batched_backward(
+                roots, wanted, grad_outputs, retain=retain_graph, reduced=reduced, preferred=self.vmap_way
+            )
         if self._representation is None:
             self._head_grads = self._zeros_where_none(grads[len(targets) :], self._task_specific)
         return list(grads[: len(targets)])

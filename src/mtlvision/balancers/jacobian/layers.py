@@ -38,6 +38,9 @@ class LayerGradients(ParameterGradients):
     """The Jacobian's blocks, Gramian and weighted update layer by layer, from the tapped layer calls."""
 
     uses_taps: ClassVar[bool] = True
+    #: into the layer outputs no weight gradient is formed, and functorch folds the T tasks into the batch of
+    #: every convolution's input gradient (torch's ``is_grads_batched`` runs it once per task)
+    vmap_way: ClassVar[str] = "func"
 
     @classmethod
     def for_step(cls, step: Step, taps: LayerTaps | None) -> LayerGradients:

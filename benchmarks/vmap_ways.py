@@ -3,7 +3,8 @@
 The problem of ``benchmarks/balancers.py`` (resnet18 trunk, T = 3 or 40 tasks); steps interleaved round-robin
 (the first round untimed), ``BACKWARD_VMAP["way"]`` set before each of our steps: ``func`` (``torch.func.vmap``
 over one backward: the task dimension folded into the convolutions' batch) or ``autograd``
-(``is_grads_batched``: torch's legacy vmap, a convolution's backward once per task). Prints each
+(``is_grads_batched``: torch's legacy vmap, a convolution's backward once per task) or ``auto`` (the
+default: the layer path times both once and keeps the faster, the batched path ``autograd``). Prints each
 configuration's median step time and its ratio to the equal-weights step and to the outputs-only floor.
 
     python benchmarks/vmap_ways.py --tasks 40 --batch 8 --size 32 --rounds 3 --threads 1
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from balancers import build_problem, machine_line, ours_step, torch_step  # the sibling benchmark script
-from mtlvision.balancers.jacobian.base import BACKWARD_VMAP
+from mtlvision.balancers.jacobian.base import BACKWARD_VMAP, MEASURED_BACKWARDS
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
         "torch/outputs (is_grads_batched)": (make(torch_step, "outputs", "params"), "auto"),
     }
     for path in args.paths:
-        for way in ("func", "autograd"):
+        for way in ("auto", "func", "autograd"):
             steps[f"{args.method} {path}, {way}"] = (make(ours_step, args.method, path), way)
     times: dict[str, list[float]] = {key: [] for key in steps}
     for round_ in range(args.rounds):
@@ -67,6 +68,7 @@ def main() -> None:
     BACKWARD_VMAP["way"] = "auto"
     print(machine_line(args.device, args.threads))
     print(f"# T = {args.tasks}, batch {args.batch} of {args.size}x{args.size}, {args.rounds - 1} timed rounds")
+    print(f"# the layer path's measured choice: {sorted(set(MEASURED_BACKWARDS.values()))}")
     ew = statistics.median(times["torch/ew"])
     outputs = statistics.median(times["torch/outputs (is_grads_batched)"])
     print("| configuration | ms/step | × equal weights | × outputs-only floor |\n|---|---|---|---|")

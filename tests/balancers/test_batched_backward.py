@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.profiler import ProfilerActivity, profile
 
-from mtlvision.balancers.jacobian.base import BACKWARD_VMAP, batched_backward
+from mtlvision.balancers.jacobian.base import BACKWARD_VMAP, MEASURED_BACKWARDS, batched_backward
 from mtlvision.errors import ConfigError
 
 T, N = 3, 4
@@ -97,3 +97,17 @@ def test_reduced_precision_takes_the_autograd_way() -> None:
     assert rep.dtype == torch.bfloat16
     grads = batched_backward([rep], list(trunk.parameters()), [torch.randn(T, *rep.shape)], retain=True)
     assert all(g is not None and g.shape[0] == T and torch.isfinite(g).all() for g in grads)
+
+
+def test_measured_way_is_timed_once_per_key_and_gives_the_same_gradients() -> None:
+    losses, sources, _ = problem()
+    eye = [torch.eye(T)]
+    MEASURED_BACKWARDS.clear()
+    measured = batched_backward([losses], sources, eye, retain=True, preferred="measure", key=("tiny",))
+    assert list(MEASURED_BACKWARDS.values()) in (["func"], ["autograd"])
+    reference = batched_backward([losses], sources, eye, retain=True)
+    for a, b in zip(measured, reference):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    batched_backward([losses], sources, eye, retain=True, preferred="measure", key=("tiny",))
+    assert len(MEASURED_BACKWARDS) == 1  # the same key is not measured again

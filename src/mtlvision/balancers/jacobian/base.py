@@ -10,6 +10,7 @@ says how the blocks are computed and may answer the views before any block exist
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -115,11 +116,34 @@ BATCHED_BACKWARDS: dict[
 
 #: which of :data:`BATCHED_BACKWARDS` every path's vmapped backward takes: ``"func"`` (the task dimension
 #: folded into the batch), ``"autograd"`` (``is_grads_batched``: per task, docs/balancers.md) or ``"auto"``
-#: (the default): the path's own :attr:`ParameterGradients.vmap_way` (the layer path ``"func"``; the batched
-#: path ``"autograd"``, since functorch forms the T weight gradients of a convolution as one grouped
-#: convolution several times slower on CPU), but ``"autograd"`` where the step ran in reduced precision:
-#: torch.func's batch-norm backward refuses a bfloat16 input with float32 statistics (torch 2.14)
+#: (the default): the path's own :attr:`ParameterGradients.vmap_way` (the layer path ``"measure"``: the
+#: faster of the two, timed once per key in :data:`MEASURED_BACKWARDS`; the batched path ``"autograd"``,
+#: since functorch forms the T weight gradients of a convolution as one grouped convolution several times
+#: slower on CPU), but ``"autograd"`` where the step ran in reduced precision: torch.func's batch-norm
+#: backward refuses a bfloat16 input with float32 statistics (torch 2.14)
 BACKWARD_VMAP: dict[str, str] = {"way": "auto"}
+
+#: the faster way to the vmapped backward, measured once per key (the layer calls' shapes, T, device,
+#: dtype) in this process: torch.func's folding was 1.3x faster at T = 40 and 1.1x slower at T = 3 on one CPU
+MEASURED_BACKWARDS: dict[tuple[Any, ...], str] = {}
+
+
+def _measured_way(
+    key: tuple[Any, ...], roots: Sequence[Tensor], sources: Sequence[Tensor | GradientEdge], grads: Sequence[Tensor]
+) -> str:
+    """The faster way for ``key``, timing each way twice (alternating, graph retained) the first time."""
+    if key not in MEASURED_BACKWARDS:
+        seconds: dict[str, float] = {}
+        for _ in range(2):
+            for way, run in BATCHED_BACKWARDS.items():
+                start = time.perf_counter()
+                vmapped(lambda run=run: run(roots, sources, grads, True))  # type: ignore[misc]
+                if roots[0].is_cuda:
+                    torch.cuda.synchronize(roots[0].device)
+                seconds[way] = min(seconds.get(way, float("inf")), time.perf_counter() - start)
+        MEASURED_BACKWARDS[key] = min(seconds, key=seconds.__getitem__)
+    return MEASURED_BACKWARDS[key]
+
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -132,14 +156,17 @@ def batched_backward(
     retain: bool,
     reduced: bool = False,
     preferred: str = "func",
+    key: tuple[Any, ...] = (),
 ) -> Sequence[Tensor | None]:
     """``[T, *shape]`` per source (None where no root reaches it): one backward from ``roots`` with the
     batched ``grad_outputs``, the way :data:`BACKWARD_VMAP` names; ``reduced``: the caller saw activations
     in float16 or bfloat16 (a root in those dtypes counts too); ``preferred``: the way ``"auto"`` takes
-    otherwise."""
+    otherwise (``"measure"``: the faster for ``key``, see :data:`MEASURED_BACKWARDS`)."""
     way = BACKWARD_VMAP["way"]
     if way == "auto":
         way = "autograd" if reduced or any(r.dtype in _REDUCED for r in roots) else preferred
+        if way == "measure":
+            way = _measured_way((key, len(sources), str(roots[0].device)), roots, sources, grad_outputs)
     if way not in BATCHED_BACKWARDS:
         raise ConfigError(f"BACKWARD_VMAP['way'] must be 'auto' or one of {sorted(BATCHED_BACKWARDS)}, got {way!r}")
     return vmapped(lambda: BATCHED_BACKWARDS[way](roots, sources, grad_outputs, retain))
@@ -287,12 +314,18 @@ class ParameterGradients(StepGradients):
         return self._weighted_held(weights)
 
     def _batched_backward(
-        self, targets: Sequence[Tensor | GradientEdge], *, retain_graph: bool, reduced: bool = False
+        self,
+        targets: Sequence[Tensor | GradientEdge],
+        *,
+        retain_graph: bool,
+        reduced: bool = False,
+        key: tuple[Any, ...] = (),
     ) -> list[Tensor | None]:
         """``[T, *shape]`` per target (None where no loss reaches it) by one vmapped backward: from the trunk
         with the per-task representation gradients as batched ``grad_outputs`` when the step has a
         representation (its heads differentiated first), else from the T losses, then also into the
-        task-specific parameters, whose per-task gradients are kept. ``reduced``: see :func:`batched_backward`."""
+        task-specific parameters, whose per-task gradients are kept. ``reduced``, ``key``: see
+        :func:`batched_backward`."""
         if self._representation is not None:
             roots, grad_outputs = self._differentiable_trunk()
             wanted = list(targets)
@@ -302,7 +335,7 @@ class ParameterGradients(StepGradients):
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if roots:
             grads = batched_backward(
-                roots, wanted, grad_outputs, retain=retain_graph, reduced=reduced, preferred=self.vmap_way
+                roots, wanted, grad_outputs, retain=retain_graph, reduced=reduced, preferred=self.vmap_way, key=key
             )
         if self._representation is None:
             self._head_grads = self._zeros_where_none(grads[len(targets) :], self._task_specific)

@@ -39,8 +39,9 @@ class LayerGradients(ParameterGradients):
 
     uses_taps: ClassVar[bool] = True
     #: into the layer outputs no weight gradient is formed, and functorch folds the T tasks into the batch of
-    #: every convolution's input gradient (torch's ``is_grads_batched`` runs it once per task)
-    vmap_way: ClassVar[str] = "func"
+    #: every convolution's input gradient (torch's ``is_grads_batched`` runs it once per task): faster at
+    #: large T, slower at small T on one CPU, so the faster is measured once per model, T, device and dtype
+    vmap_way: ClassVar[str] = "measure"
 
     @classmethod
     def for_step(cls, step: Step, taps: LayerTaps | None) -> LayerGradients:
@@ -82,7 +83,8 @@ class LayerGradients(ParameterGradients):
         assert self._calls is not None
         edges: list[Tensor | GradientEdge] = [call.output for call in self._calls]
         reduced = any(call.input.dtype in (torch.float16, torch.bfloat16) for call in self._calls)
-        grads = self._batched_backward([*edges, *self._untapped], retain_graph=False, reduced=reduced)
+        key = (self.num_tasks, *((tuple(c.input.shape), tuple(c.output_shape), c.input.dtype) for c in self._calls))
+        grads = self._batched_backward([*edges, *self._untapped], retain_graph=False, reduced=reduced, key=key)
         like, num_tasks = self._losses, self.num_tasks
         self._output_grads = [
             g if g is not None else torch.zeros((num_tasks, *call.output_shape), dtype=like.dtype, device=like.device)

@@ -75,4 +75,4 @@ def test_the_onnx_graph_gives_the_keypoint_maps(run: Path) -> None:
         reference = want[name].numpy()
         np.testing.assert_allclose(theirs, reference, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(reference).max()))
     description = json.loads((run / "model.json").read_text())["tasks"]["keypoints"]
-    assert description["stride"] == want["stride"] and description["keypoint_names"][1] == "right"
+    assert description["keypoint_names"] == ["top", "right", "bottom", "left"] and want["stride"] == 4

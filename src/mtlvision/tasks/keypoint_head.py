@@ -49,20 +49,19 @@ class KeypointHead(nn.Module):
         self.level_indices = [i for i, s in enumerate(in_strides) if s >= stride]
         self.lateral = nn.ModuleList(nn.Conv2d(in_channels[i], width, 1) for i in self.level_indices)
         self.smooth = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True))
-        self.outputs = nn.ModuleDict(
-            {
-                "center": _branch(width, 1),
-                "center_offset": _branch(width, 2),
-                "size": _branch(width, 2),
-                "joints": _branch(width, 2 * num_keypoints),
-                "keypoint_heatmaps": _branch(width, num_keypoints),
-                "keypoint_offset": _branch(width, 2),
-            }
-        )
+        branches = {
+            "center": _branch(width, 1),
+            "center_offset": _branch(width, 2),
+            "size": _branch(width, 2),
+            "joints": _branch(width, 2 * num_keypoints),
+            "keypoint_heatmaps": _branch(width, num_keypoints),
+            "keypoint_offset": _branch(width, 2),
+        }
         for name in ("center", "keypoint_heatmaps"):
-            last = self.outputs[name][-1]
+            last = branches[name][-1]
             assert isinstance(last, nn.Conv2d) and last.bias is not None
             nn.init.constant_(last.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        self.outputs = nn.ModuleDict(branches)
 
     def forward(self, features: Sequence[Tensor], image_size: tuple[int, int]) -> dict[str, object]:
         merged = self.lateral[-1](features[self.level_indices[-1]])

@@ -110,7 +110,7 @@ class Keypoints(Task):
     def __init__(self, name: str, keypoint_names: Sequence[str] | None = None, **settings: Any) -> None:
         super().__init__(name)
         try:
-            self.settings = KeypointSettings(keypoint_names=keypoint_names, **settings)  # type: ignore[arg-type]
+            self.settings = KeypointSettings(keypoint_names=keypoint_names, **settings)
         except ValidationError as err:
             raise config_error_from(
                 err, f"tasks.{name}", f"Invalid keypoints task {name!r}", allowed=KeypointSettings.model_fields
@@ -120,7 +120,6 @@ class Keypoints(Task):
         assert self.settings.sigmas is not None  # the validator fills it
         self.sigmas = list(self.settings.sigmas)
         self.flip_permutation = flip_permutation(self.keypoint_names, self.settings.flip_pairs)
-        self.stride: int | None = self.settings.stride
 
     # ----------------------------------------------------------------------------------------- model side
     @property
@@ -129,11 +128,8 @@ class Keypoints(Task):
         return 7 + 3 * self.num_keypoints
 
     def build_custom_head(self, feature_channels: Sequence[int], feature_strides: Sequence[int]) -> nn.Module:
-        if self.stride is None:
-            self.stride = default_stride(feature_strides)
-        return KeypointHead(
-            feature_channels, feature_strides, self.num_keypoints, self.stride, width=self.settings.head_width
-        )
+        stride = self.settings.stride if self.settings.stride is not None else default_stride(feature_strides)
+        return KeypointHead(feature_channels, feature_strides, self.num_keypoints, stride, self.settings.head_width)
 
     # ------------------------------------------------------------------------------------------ training
     def loss(self, prediction: dict[str, Any], target: Sequence[KeypointTarget], valid: Tensor) -> Tensor:
@@ -263,5 +259,4 @@ class Keypoints(Task):
         settings = self.settings.model_dump()
         settings["flip_pairs"] = [list(pair) for pair in settings["flip_pairs"]]
         settings["skeleton"] = [list(pair) for pair in settings["skeleton"]]
-        settings["stride"] = self.stride
         return {"name": self.name, "kind": self.kind, **settings}

@@ -7,7 +7,10 @@ Every task gives its prediction as ``predict`` sees it before decoding: logits f
 multi-label and segmentation, the depth map, unit normals; a detection task gives its per-location outputs
 as ``<task>.cls_logits``, ``<task>.box_distances``, ``<task>.centerness``, ``<task>.points`` and
 ``<task>.strides`` (decode: score ``sqrt(sigmoid(cls) * sigmoid(centerness))``, box ``points -/+
-distances``, then class-wise NMS). A JSON file beside the graph describes every input and output, how to
+distances``, then class-wise NMS); a keypoints task gives CenterNet's maps as ``<task>.center``,
+``<task>.center_offset``, ``<task>.size``, ``<task>.joints``, ``<task>.keypoint_heatmaps`` and
+``<task>.keypoint_offset`` at the stride its description names (decode: :mod:`mtlvision.tasks.keypoint_decode`).
+A JSON file beside the graph describes every input and output, how to
 prepare an image, the tasks' class names and the detection decoding settings.
 """
 
@@ -102,7 +105,7 @@ def preprocessing(model: MultiTaskModel, image_size: tuple[int, int]) -> dict[st
             "mtlvision predict gives outputs at the image's own size: class maps (argmax of segmentation logits) "
             "resized by nearest neighbour (source pixel floor(i * h / H)), depth and normal maps bilinearly "
             "(normals renormalised), edge probabilities (sigmoid of the edge logits) bilinearly, boxes scaled by the "
-            "ratio of the sizes"
+            "ratio of the sizes (keypoints too)"
         ),
     }
 

@@ -44,9 +44,10 @@ def world_points(layout: sc.SceneLayout, depth: np.ndarray) -> np.ndarray:
 def test_registered_with_the_task_specs_in_preset_order() -> None:
     source = DATASETS.get("scenes")
     specs = source.tasks(source.Params(name="scenes"))
-    assert list(specs) == ["count", "colors", "segmentation", "depth", "normals", "detection", "edges"]
-    assert source.default_tasks(source.Params(name="scenes")) == list(specs)[:6]  # edges only when named
-    assert specs["edges"].kind == "edges"
+    assert list(specs) == ["count", "colors", "segmentation", "depth", "normals", "detection", "edges", "keypoints"]
+    assert source.default_tasks(source.Params(name="scenes")) == list(specs)[:6]  # edges, keypoints when named
+    assert specs["edges"].kind == "edges" and specs["keypoints"].kind == "keypoints"
+    assert specs["keypoints"].params["flip_pairs"] == [["right", "left"]]
     assert specs["count"].kind == "classification" and specs["count"].params["num_classes"] == 4
     assert specs["count"].params["class_names"] == ["1", "2", "3", "4"]
     assert specs["colors"].params == {"num_labels": len(sc.COLORS), "label_names": list(sc.COLOR_NAMES)}
@@ -76,6 +77,12 @@ def test_sample_format(dataset: sc.SceneDataset) -> None:
     assert t["normals"].dtype == torch.float32 and t["normals"].shape == (3, SIZE, SIZE)
     assert t["detection"]["boxes"].dtype == torch.float32 and t["detection"]["labels"].dtype == torch.int64
     assert t["edges"].dtype == torch.int64 and t["edges"].shape == (SIZE, SIZE)
+    count = t["detection"]["boxes"].shape[0]
+    assert t["keypoints"]["keypoints"].shape == (count, 4, 3) and bool((t["keypoints"]["keypoints"][..., 2] == 2).all())
+    assert torch.equal(t["keypoints"]["boxes"], t["detection"]["boxes"])  # the extreme points lie on these boxes
+    boxes, points = t["keypoints"]["boxes"], t["keypoints"]["keypoints"]
+    assert torch.equal(points[:, 0, 1], boxes[:, 1]) and torch.equal(points[:, 1, 0], boxes[:, 2])
+    assert torch.equal(points[:, 2, 1], boxes[:, 3]) and torch.equal(points[:, 3, 0], boxes[:, 0])
     assert sample["valid"] == dict.fromkeys(t, True)
 
 

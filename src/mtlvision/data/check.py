@@ -17,6 +17,7 @@ invalid_label  error    the task's own ``check_target`` refuses the label (out o
 size_mismatch  error    a mask, depth or normal map whose height and width differ from the image's
 invalid_depth  error    depth with NaN, infinite or negative values (0 is the "no measurement" marker)
 box_outside    error    a box that is empty or reaches outside the image
+point_outside  error    a labelled keypoint outside the image
 duplicate      error    the same image (identical decoded pixels) in two splits: a leak into evaluation
 duplicate      warning  the same image twice within one split
 ============== ======== ==================================================================================
@@ -112,6 +113,12 @@ def _boxes(task: Task, target: Any, stats: TaskStats) -> None:
         stats.class_counts[int(label)] += 1
 
 
+def _keypoints(task: Task, target: Any, stats: TaskStats) -> None:
+    """Labelled keypoints counted per keypoint index."""
+    for index in torch.nonzero(target["keypoints"][..., 2] > 0)[:, 1].tolist():
+        stats.class_counts[int(index)] += 1
+
+
 INSPECTORS: dict[TargetKind, Inspector] = {
     TargetKind.LABEL: _label,
     TargetKind.LABELS: _labels,
@@ -120,6 +127,7 @@ INSPECTORS: dict[TargetKind, Inspector] = {
     TargetKind.DEPTH: _depth,
     TargetKind.NORMALS: _normals,
     TargetKind.BOXES: _boxes,
+    TargetKind.KEYPOINTS: _keypoints,
 }
 """Per target kind: the statistics gathered from a target that passed every check."""
 

@@ -65,6 +65,26 @@ def _invalid_depth(task: Task, target: Any) -> list[Problem]:
     return []
 
 
+def _keypoints_outside(task: Task, target: Any, image_size: tuple[int, int]) -> list[Problem]:
+    found = _outside(task, target, image_size)
+    height, width = image_size
+    points = target["keypoints"]
+    labelled = points[..., 2] > 0
+    x, y = points[..., 0], points[..., 1]
+    bad = labelled & ((x < 0) | (x > width) | (y < 0) | (y > height))
+    if bad.any():
+        instance, keypoint = (int(i) for i in torch.nonzero(bad)[0])
+        where = [round(v, 1) for v in points[instance, keypoint, :2].tolist()]
+        found.append(
+            (
+                "point_outside",
+                f"task {task.name!r}: {int(bad.sum())} labelled keypoint(s) outside the {width}x{height} image, e.g. "
+                f"instance {instance} keypoint {keypoint} at {where}",
+            )
+        )
+    return found
+
+
 PRECHECKS: dict[TargetKind, Callable[[Task, Any], list[Problem]]] = {TargetKind.DEPTH: _invalid_depth}
 """Kind-specific problems reported under their own name before the task's ``check_target`` runs."""
 
@@ -74,6 +94,7 @@ SHAPE_CHECKS: dict[TargetKind, Callable[[Task, Any, tuple[int, int]], list[Probl
     TargetKind.DEPTH: _size,
     TargetKind.NORMALS: _size,
     TargetKind.BOXES: _outside,
+    TargetKind.KEYPOINTS: _keypoints_outside,
 }
 """Per target kind: how a target that the task accepts must fit its image."""
 

@@ -14,6 +14,9 @@ depth         nearest (or bilinear over   0 (invalid)                 flipped   
 normals       bilinear over valid pixels, 0 (invalid)                 flipped, x       unchanged
               then renormalised                                       negated
 boxes         coordinates ``* s``         unchanged                   mirrored         unchanged
+keypoints     coordinates ``* s``         unchanged                   mirrored, left   unchanged
+                                                                      and right
+                                                                      swapped
 ============  ==========================  ==========================  ===============  ====================
 
 The training pipeline (:class:`JointTransform`), in order:
@@ -25,8 +28,10 @@ The training pipeline (:class:`JointTransform`), in order:
    the size after step 1). Zooming in by ``s`` is read as the camera moving closer, so depth is divided by ``s``
    (the convention of MTAN, Liu et al. CVPR 2019, and Auto-Lambda, Liu et al. TMLR 2022). A box is kept when
    at least ``min_box_visibility`` of its (zoomed) area lies inside the crop *and* its clipped width and height
-   are at least ``min_box_size`` pixels; other boxes are dropped with their labels.
-3. horizontal flip with probability ``hflip`` (normals' x-component negated).
+   are at least ``min_box_size`` pixels; other boxes are dropped with their labels. Keypoint instances follow
+   their boxes' rule; a kept instance's keypoints outside the crop become unlabelled (v = 0).
+3. horizontal flip with probability ``hflip`` (normals' x-component negated; keypoints x -> W - x, the boxes'
+   pixel-edge convention, then each keypoint swapped with its mirror partner, the task's ``flip_pairs``).
 4. colour jitter on the image only.
 
 Targets whose ``valid`` flag is False hold their task's placeholder; they go through the same geometry so that
@@ -57,16 +62,28 @@ Size = tuple[int, int]
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """How the transforms treat one task's target: its kind and the value that marks unlabelled pixels."""
+    """How the transforms treat one task's target: its kind, the value that marks unlabelled pixels and, for
+    keypoints, which keypoint each one becomes after a horizontal flip (``flip_permutation[i]``: the keypoint whose
+    mirror image is keypoint ``i``; identity when None)."""
 
     kind: TargetKind
     ignore_index: int = 255
+    flip_permutation: tuple[int, ...] | None = None
 
 
 def target_specs(tasks: Mapping[str, Task] | Any) -> dict[str, TargetSpec]:
-    """The :class:`TargetSpec` of each task (``ignore_index`` read from the task where it has one)."""
+    """The :class:`TargetSpec` of each task (``ignore_index`` and ``flip_permutation`` read from the task where it
+    has them)."""
     items = tasks.items() if isinstance(tasks, Mapping) else ((t.name, t) for t in tasks)
-    return {name: TargetSpec(task.target_kind, int(getattr(task, "ignore_index", 255))) for name, task in items}
+    specs = {}
+    for name, task in items:
+        permutation = getattr(task, "flip_permutation", None)
+        specs[name] = TargetSpec(
+            task.target_kind,
+            int(getattr(task, "ignore_index", 255)),
+            tuple(permutation) if permutation is not None else None,
+        )
+    return specs
 
 
 # ------------------------------------------------------------------------------------ per-kind operations
@@ -126,6 +143,23 @@ def _resize_boxes(target: dict[str, Tensor], old: Size, size: Size, zoom: float,
     return {**target, "boxes": boxes * scale}
 
 
+def _resize_keypoints(
+    target: dict[str, Tensor], old: Size, size: Size, zoom: float, ctx: _Context
+) -> dict[str, Tensor]:
+    keypoints = target["keypoints"]
+    points = tv_tensors.KeyPoints(keypoints[..., :2].reshape(-1, 2), canvas_size=old)
+    scaled = F.resize(points, list(size)).as_subclass(Tensor).reshape(keypoints.shape[:-1] + (2,))
+    resized = _resize_boxes(target, old, size, zoom, ctx)
+    return {**resized, "keypoints": torch.cat([scaled, keypoints[..., 2:]], dim=-1)}
+
+
+def _unlabel_outside(keypoints: Tensor, height: int, width: int) -> Tensor:
+    """Keypoints outside ``[0, W] x [0, H]`` become unlabelled; unlabelled keypoints hold (0, 0, 0), as COCO."""
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    labelled = (keypoints[..., 2] > 0) & (x >= 0) & (x <= width) & (y >= 0) & (y <= height)
+    return keypoints * labelled[..., None].to(keypoints.dtype)
+
+
 def _pad_with(fill_of: Callable[[TargetSpec], float]) -> Callable[[Tensor, int, int, _Context], Tensor]:
     def pad(target: Tensor, right: int, bottom: int, ctx: _Context) -> Tensor:
         return nnf.pad(target, (0, right, 0, bottom), value=fill_of(ctx.spec))
@@ -155,25 +189,44 @@ def _crop_boxes(
     return out
 
 
-def _flip_dense(target: Tensor, width: int) -> Tensor:
+def _crop_keypoints(
+    target: dict[str, Tensor], top: int, left: int, height: int, width: int, ctx: _Context
+) -> dict[str, Tensor]:
+    keypoints = target["keypoints"]
+    shift = torch.tensor([left, top, 0], dtype=keypoints.dtype)
+    cropped = _crop_boxes({**target, "keypoints": keypoints - shift}, top, left, height, width, ctx)
+    return {**cropped, "keypoints": _unlabel_outside(cropped["keypoints"], height, width)}
+
+
+def _flip_dense(target: Tensor, width: int, *_: Any) -> Tensor:
     return F.horizontal_flip(target)
 
 
-def _flip_normals(target: Tensor, width: int) -> Tensor:
+def _flip_normals(target: Tensor, width: int, *_: Any) -> Tensor:
     flipped = F.horizontal_flip(target).clone()
     flipped[0] = -flipped[0]
     return flipped
 
 
-def _flip_boxes(target: dict[str, Tensor], width: int) -> dict[str, Tensor]:
+def _flip_boxes(target: dict[str, Tensor], width: int, *_: Any) -> dict[str, Tensor]:
     boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(1, width))
     return {**target, "boxes": F.horizontal_flip(boxes).as_subclass(Tensor)}
+
+
+def _flip_keypoints(target: dict[str, Tensor], width: int, ctx: _Context) -> dict[str, Tensor]:
+    # Own code rather than v2.functional.horizontal_flip: torchvision mirrors keypoints as pixel indices
+    # (x -> W - 1 - x), while boxes and keypoints here use pixel edges (x -> W - x).
+    keypoints = target["keypoints"].clone()
+    keypoints[..., 0] = width - keypoints[..., 0]
+    if ctx.spec.flip_permutation is not None:
+        keypoints = keypoints[:, list(ctx.spec.flip_permutation)]
+    return {**_flip_boxes(target, width), "keypoints": keypoints * (keypoints[..., 2:] > 0).to(keypoints.dtype)}
 
 
 @dataclass(frozen=True)
 class KindOps:
     """How one target kind follows the image: ``resize(t, old, new, zoom, ctx)``, ``pad(t, right, bottom,
-    ctx)``, ``crop(t, top, left, h, w, ctx)`` and ``flip(t, width)``."""
+    ctx)``, ``crop(t, top, left, h, w, ctx)`` and ``flip(t, width, ctx)``."""
 
     resize: Callable[..., Any]
     pad: Callable[..., Any]
@@ -191,6 +244,7 @@ KIND_OPS: dict[TargetKind, KindOps] = {
     TargetKind.DEPTH: KindOps(_resize_depth, _pad_with(lambda s: 0.0), _crop_dense, _flip_dense),
     TargetKind.NORMALS: KindOps(_resize_normals, _pad_with(lambda s: 0.0), _crop_dense, _flip_normals),
     TargetKind.BOXES: KindOps(_resize_boxes, _unchanged, _crop_boxes, _flip_boxes),
+    TargetKind.KEYPOINTS: KindOps(_resize_keypoints, _unchanged, _crop_keypoints, _flip_keypoints),
 }
 """Per target kind, how it is resized, padded, cropped and flipped (see the module docstring's table)."""
 
@@ -298,7 +352,7 @@ class JointTransform:
         if self.hflip > 0 and torch.rand((), generator=self.generator).item() < self.hflip:
             width = int(image.shape[-1])
             image = F.horizontal_flip(image)
-            targets = {n: self._ops(n).flip(t, width) for n, t in targets.items()}
+            targets = {n: self._ops(n).flip(t, width, self._contexts[n]) for n, t in targets.items()}
         if self._jitter_ranges:
             image = self._color_jitter(image)
         return {**sample, "image": image, "targets": targets, "valid": valid}

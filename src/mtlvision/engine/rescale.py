@@ -13,6 +13,7 @@ mask        ``mask`` by nearest neighbour (source pixel ``floor(i * h / H)``); `
 depth       the ``H x W`` map bilinearly
 normals     each component bilinearly, then renormalised to unit length (zero vectors stay zero)
 boxes       ``boxes`` (x1, y1, x2, y2) scaled by the ratio of the sizes
+keypoints   ``boxes`` and the keypoints' x and y scaled by the ratio of the sizes
 edges       ``probability`` bilinearly; ``edges`` (probability >= 0.5) and ``edge_pixels`` recomputed from it
 ==========  ======================================================================================
 
@@ -62,6 +63,14 @@ def _boxes(task: Task, decoded: dict[str, Any], source: Size, size: Size) -> dic
     return {**decoded, "boxes": boxes}
 
 
+def _keypoints(task: Task, decoded: dict[str, Any], source: Size, size: Size) -> dict[str, Any]:
+    sy, sx = size[0] / source[0], size[1] / source[1]
+    keypoints = [
+        [[round(x * sx, 2), round(y * sy, 2), score] for x, y, score in points] for points in decoded["keypoints"]
+    ]
+    return {**_boxes(task, decoded, source, size), "keypoints": keypoints}
+
+
 def _edges(task: Task, decoded: dict[str, Any], source: Size, size: Size) -> dict[str, Any]:
     probability = resize_bilinear(np.asarray(decoded["probability"]), *size)
     edges = (probability >= 0.5).astype(np.uint8)
@@ -80,6 +89,7 @@ RESCALE: dict[TargetKind, Callable[[Task, Any, Size, Size], Any]] = {
     TargetKind.NORMALS: _normals,
     TargetKind.BOXES: _boxes,
     TargetKind.EDGES: _edges,
+    TargetKind.KEYPOINTS: _keypoints,
 }
 """Per target kind, how a decoded result is resized (see the module docstring)."""
 

@@ -5,6 +5,8 @@ Per target kind (:data:`ENCODERS`; no special case is keyed on a task's name):
 - ``label``: ``label``, ``class_name``, ``score`` and ``probabilities`` (class name -> probability).
 - ``labels``: ``labels`` (those above the task's threshold) and ``scores`` (label name -> probability).
 - ``boxes``: ``boxes`` (x1, y1, x2, y2 in the image's pixels), ``scores``, ``labels``, ``class_names``.
+- ``keypoints``: ``scores``, ``boxes``, ``keypoints`` (per instance, per keypoint ``[x, y, score]`` in the
+  image's pixels) and ``keypoint_names``.
 - ``mask``: ``class_histogram`` (pixels per class) and ``mask``, the class map, as ``masks`` asks:
   ``png`` (base64 grey PNG whose values are class indices, 16-bit above 256 classes), ``rle`` (row-major
   runs: ``values[i]`` repeated ``counts[i]`` times), or ``none`` (left out).
@@ -170,6 +172,7 @@ ENCODERS: dict[TargetKind, Callable[[Task, Any, Formats], dict[str, Any]]] = {
     TargetKind.DEPTH: _depth,
     TargetKind.NORMALS: _normals,
     TargetKind.EDGES: _edges,
+    TargetKind.KEYPOINTS: _as_decoded,
 }
 """Per target kind, a decoded result (at the image's size) as JSON (see the module docstring)."""
 

@@ -7,6 +7,7 @@ from mtlvision.tasks.classification import Classification
 from mtlvision.tasks.depth import Depth
 from mtlvision.tasks.detection import Detection
 from mtlvision.tasks.edges import Edges
+from mtlvision.tasks.keypoints import Keypoints
 from mtlvision.tasks.multilabel import MultiLabel
 from mtlvision.tasks.normals import Normals
 from mtlvision.tasks.registry import TASKS
@@ -18,6 +19,7 @@ __all__ = [
     "Depth",
     "Detection",
     "Edges",
+    "Keypoints",
     "MultiLabel",
     "Normals",
     "Segmentation",

@@ -32,6 +32,8 @@ class TargetKind(str, Enum):
     - ``boxes``: dict with ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2 in pixels) and ``labels`` int64 ``[N]``.
     - ``edges``: int64 ``[H, W]`` map of 1 (edge) and 0; ``ignore_index`` marks unlabelled pixels. Transformed
       as a mask; decoded into edge probabilities.
+    - ``keypoints``: dict with ``keypoints`` float32 ``[N, K, 3]`` (x, y, v in pixels; v 0 unlabelled, 1 hidden,
+      2 visible, as COCO) and ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2), one row per instance.
     """
 
     LABEL = "label"
@@ -41,6 +43,7 @@ class TargetKind(str, Enum):
     NORMALS = "normals"
     BOXES = "boxes"
     EDGES = "edges"
+    KEYPOINTS = "keypoints"
 
 
 class TaskMetric(Protocol):

@@ -23,8 +23,9 @@ The test checks these numbers against pycocotools on random cases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -142,3 +143,50 @@ def keypoint_ap(
         "ap50": float(precision[0].mean()),
         "ap75": float(precision[5].mean()),
     }
+
+
+class KeypointMetric:
+    """Accumulates a split's instances and detections, then gives COCO's keypoint ``ap``, ``ap50`` and ``ap75``.
+
+    ``detect(prediction)`` turns a batch prediction into one ``(keypoints [T, K, 2], scores [T])`` pair per
+    image; a target is ``{"keypoints": [N, K, 3], "boxes": [N, 4]}`` (x1, y1, x2, y2). The OKS area of an instance
+    is its box's area (COCO takes the segment's, which a box target does not give).
+    """
+
+    def __init__(
+        self,
+        detect: Callable[[Any], Sequence[tuple[np.ndarray, np.ndarray]]],
+        sigmas: Sequence[float],
+        max_detections: int = 20,
+    ) -> None:
+        self.detect = detect
+        self.sigmas = tuple(sigmas)
+        self.max_detections = max_detections
+        self.reset()
+
+    def reset(self) -> None:
+        self.truths: list[ImageKeypoints] = []
+        self.detections: list[ImageKeypoints] = []
+
+    def update(self, prediction: Any, target: Sequence[dict[str, Any]], valid: Any) -> None:
+        found = self.detect(prediction)
+        for (keypoints, scores), truth, ok in zip(found, target, [bool(v) for v in valid], strict=True):
+            if not ok:
+                continue
+            corners = truth["boxes"].detach().cpu().double().numpy().reshape(-1, 4)
+            xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
+            self.truths.append(
+                ImageKeypoints(
+                    keypoints=truth["keypoints"].detach().cpu().double().numpy().reshape(len(xywh), -1, 3),
+                    boxes=xywh,
+                    areas=xywh[:, 2] * xywh[:, 3],
+                )
+            )
+            padded = np.concatenate([keypoints, np.zeros((*keypoints.shape[:2], 1))], axis=2)
+            self.detections.append(ImageKeypoints(keypoints=padded, scores=np.asarray(scores, dtype=np.float64)))
+
+    def compute(self) -> dict[str, float]:
+        return keypoint_ap(self.truths, self.detections, self.sigmas, self.max_detections)
+
+    def to(self, device: Any) -> KeypointMetric:
+        return self

@@ -1,4 +1,5 @@
-"""``coco``: a dataset in the COCO format, for detection and semantic segmentation from one annotation file.
+"""``coco``: a dataset in the COCO format, for detection, semantic segmentation and keypoints from one annotation
+file.
 
 Layout under ``data.root`` (both paths configurable, ``{split}`` is replaced by train / val / test)::
 
@@ -17,6 +18,14 @@ Tasks, both read from the same file:
   the classes when there are 255 or more) except where a non-crowd object covers them; objects are painted
   largest first so that smaller ones, often in front, stay visible. An image with a non-crowd annotation
   that has no ``segmentation`` has no mask label (``valid`` False).
+- ``keypoints`` (offered when a category lists ``keypoints`` names, as COCO's ``person_keypoints_*.json`` do;
+  point ``data.annotation_file`` at them): per non-crowd annotation of that category, its ``keypoints``
+  ``[x, y, v] * K`` scaled with the image (unlabelled ones stay (0, 0, 0)) and its ``bbox`` as for detection;
+  the category's ``skeleton`` (1-based index pairs) is drawn by ``predict``, and keypoints whose names differ
+  only in ``left``/``right`` are the flip pairs. A wrong number of values, a visibility outside 0..2, a
+  ``num_keypoints`` that disagrees with the visibilities or an annotation of an unknown image is a DataError
+  naming the file and annotation. OKS sigmas: COCO's for its 17 person keypoints; other keypoints need the
+  task's ``sigmas`` (``tasks: [{name: keypoints, sigmas: [...]}]``).
 
 A ``file_name`` that leads outside ``image_dir`` (absolute, or climbing out with ``..``) is refused when the
 sample is read (UnsafePath naming the annotation file), and the file is never opened.
@@ -44,6 +53,7 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mtlvision.data.datasets._keypoints import flip_pairs_by_name, keypoint_target, parse_instance
 from mtlvision.data.datasets.base import DATASETS, SPLITS, DatasetParams, DatasetSource, SampleSource, TaskSpec
 from mtlvision.data.io import read_image_resized
 from mtlvision.data.paths import UnsafePath, confined
@@ -69,10 +79,15 @@ class CocoParams(DatasetParams):
 
 @dataclass(frozen=True)
 class Categories:
-    """COCO category ids, in increasing order, and their names; label ``i`` is ``ids[i]``."""
+    """COCO category ids, in increasing order, and their names; label ``i`` is ``ids[i]``. ``keypoint_category``
+    is the first category listing ``keypoints`` names (None when none does), with those names and its skeleton as
+    pairs of names."""
 
     ids: tuple[int, ...]
     names: tuple[str, ...]
+    keypoint_category: int | None = None
+    keypoint_names: tuple[str, ...] = ()
+    skeleton: tuple[tuple[str, str], ...] = ()
 
     def label_of(self) -> dict[int, int]:
         return {category_id: index for index, category_id in enumerate(self.ids)}
@@ -118,7 +133,20 @@ def categories_of(params: CocoParams) -> Categories:
             records = sorted(load_annotations(path)["categories"], key=lambda c: c["id"])
             if not records:
                 raise DataError(f"{path} lists no categories")
-            return Categories(tuple(int(c["id"]) for c in records), tuple(str(c["name"]) for c in records))
+            ids, names = tuple(int(c["id"]) for c in records), tuple(str(c["name"]) for c in records)
+            with_keypoints = [c for c in records if c.get("keypoints")]
+            if not with_keypoints:
+                return Categories(ids, names)
+            record = with_keypoints[0]
+            keypoint_names = tuple(str(n) for n in record["keypoints"])
+            try:
+                skeleton = tuple((keypoint_names[a - 1], keypoint_names[b - 1]) for a, b in record.get("skeleton", []))
+            except (TypeError, ValueError, IndexError):
+                raise DataError(
+                    f"{path}: category {record['id']}'s skeleton must be pairs of 1-based keypoint indices up to "
+                    f"{len(keypoint_names)}, got {record.get('skeleton')!r}"
+                ) from None
+            return Categories(ids, names, int(record["id"]), keypoint_names, skeleton)
     tried = ", ".join(str(_annotation_path(params, s)) for s in SPLITS)
     raise DataError(f"no COCO annotation file found; tried {tried} (data.annotation_file)")
 
@@ -161,10 +189,29 @@ class CocoDataset(Dataset):
             by_image.setdefault(annotation["image_id"], []).append(annotation)
         self.images = sorted(content["images"], key=lambda record: record["id"])
         self.annotations = [by_image.get(record["id"], []) for record in self.images]
+        self.instances = self._keypoints(content, path) if self.categories.keypoint_names else None
         missing = [r["file_name"] for r in self.images if self._safe(r) and not self._file(r).is_file()]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise DataError(f"{len(missing)} image file(s) named in {path} are missing from {self.image_dir}: {shown}")
+
+    def _keypoints(self, content: dict[str, Any], path: Path) -> dict[int, list[tuple[np.ndarray, list[float]]]]:
+        """Per image id, the parsed (keypoints, box) of the keypoint category's non-crowd annotations."""
+        known = {record["id"] for record in content["images"]}
+        count = len(self.categories.keypoint_names)
+        parsed: dict[int, list[tuple[np.ndarray, list[float]]]] = {}
+        for annotation in content["annotations"]:
+            if annotation.get("category_id") != self.categories.keypoint_category or annotation.get("iscrowd", 0):
+                continue
+            where = f"{path}: annotation {annotation.get('id')}"
+            if annotation.get("image_id") not in known:
+                raise DataError(f"{where} names image id {annotation.get('image_id')}, which the file does not list")
+            points, box = parse_instance(annotation.get("keypoints"), annotation.get("bbox"), count, where)
+            labelled = int((points[:, 2] > 0).sum())
+            if "num_keypoints" in annotation and annotation["num_keypoints"] != labelled:
+                raise DataError(f"{where}: num_keypoints is {annotation['num_keypoints']} but {labelled} are labelled")
+            parsed.setdefault(annotation["image_id"], []).append((points, box))
+        return parsed
 
     def _file(self, record: dict[str, Any]) -> Path:
         """The image file of ``record``, confined to the image folder (UnsafePath naming the json otherwise)."""
@@ -195,12 +242,28 @@ class CocoDataset(Dataset):
             "detection": self._boxes(annotations, width / original_width, height / original_height),
             "segmentation": mask if mask is not None else torch.full((height, width), self.ignore, dtype=torch.int64),
         }
-        return {
-            "image": image,
-            "targets": targets,
-            "valid": {"detection": True, "segmentation": mask is not None},
-            "id": str(record["file_name"]),
-        }
+        valid = {"detection": True, "segmentation": mask is not None}
+        if self.instances is not None:
+            scale = (width / original_width, height / original_height)
+            targets["keypoints"] = self._scaled_keypoints(self.instances.get(record["id"], []), scale)
+            valid["keypoints"] = True
+        return {"image": image, "targets": targets, "valid": valid, "id": str(record["file_name"])}
+
+    def _scaled_keypoints(
+        self, instances: list[tuple[np.ndarray, list[float]]], scale: tuple[float, float]
+    ) -> dict[str, Tensor]:
+        """The instances at the resized image's scale; boxes clipped, instances whose box is left empty dropped."""
+        height, width = self.size
+        kept = []
+        for points, (x1, y1, x2, y2) in instances:
+            box = [
+                *np.clip([x1 * scale[0], x2 * scale[0]], 0, width),
+                *np.clip([y1 * scale[1], y2 * scale[1]], 0, height),
+            ]
+            if box[1] > box[0] and box[3] > box[2]:
+                factor = np.array([scale[0], scale[1], 1.0], dtype=np.float32)
+                kept.append((points * factor, [box[0], box[2], box[1], box[3]]))
+        return keypoint_target(kept, len(self.categories.keypoint_names))
 
     def _boxes(self, annotations: list[dict[str, Any]], scale_x: float, scale_y: float) -> dict[str, Tensor]:
         label_of = self.categories.label_of()
@@ -258,7 +321,9 @@ def _rasterise(annotation: dict[str, Any], height: int, width: int, where: str) 
         ) from error
 
 
-@DATASETS.register("coco", description="COCO-format files: detection and semantic segmentation from instances json")
+@DATASETS.register(
+    "coco", description="COCO-format files: detection, semantic segmentation and keypoints from one annotation json"
+)
 class Coco(DatasetSource):
     """A COCO-format dataset under ``data.root``: detection boxes and semantic masks from one json file."""
 
@@ -269,6 +334,16 @@ class Coco(DatasetSource):
         assert isinstance(params, CocoParams)
         categories = categories_of(params)
         names = list(categories.names)
+        keypoints = {
+            "keypoints": TaskSpec(
+                "keypoints",
+                {
+                    "keypoint_names": list(categories.keypoint_names),
+                    "flip_pairs": flip_pairs_by_name(categories.keypoint_names),
+                    "skeleton": [list(pair) for pair in categories.skeleton],
+                },
+            )
+        }
         return {
             "detection": TaskSpec("detection", {"num_classes": len(names), "class_names": names}),
             "segmentation": TaskSpec(
@@ -279,6 +354,7 @@ class Coco(DatasetSource):
                     "ignore_index": ignore_value(len(names)),
                 },
             ),
+            **(keypoints if categories.keypoint_names else {}),
         }
 
     @classmethod

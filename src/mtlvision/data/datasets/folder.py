@@ -23,6 +23,10 @@ detection       a COCO instances JSON whose ``file_name`` entries are image keys
                 crowd annotations skipped); read with the COCO loader's reader
 edges           folder of grey PNG maps ``{path}/{key without suffix}.png``: 1 = edge, 0 = no edge,
                 ``ignore_index`` (255) = unlabelled; any other value is refused
+keypoints       folder of ``{path}/{key without suffix}.json``, each ``{"instances": [{"keypoints": [x1, y1,
+                v1, ...], "bbox": [x, y, w, h]}, ...]}`` in pixels, one triple per name of
+                ``keypoint_names`` (v: 0 unlabelled, 1 hidden, 2 visible); ``flip_pairs``, ``sigmas`` (OKS,
+                one per keypoint) and ``skeleton`` beside them
 =============== =================================================================================
 
 Every path comes from a file (a split list line, a CSV row) and must stay inside its folder: a key such as
@@ -66,6 +70,7 @@ from mtlvision.data.datasets._files import (
     require_split,
     sample,
 )
+from mtlvision.data.datasets._keypoints import read_keypoint_file
 from mtlvision.data.datasets.base import DATASETS, DatasetParams, DatasetSource, SampleSource, TaskSpec
 from mtlvision.data.datasets.coco import load_annotations
 from mtlvision.data.datasets.pascal_context import decode_normals_png
@@ -81,12 +86,16 @@ class FolderTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["classification", "multilabel", "segmentation", "depth", "normals", "detection", "edges"]
+    kind: Literal["classification", "multilabel", "segmentation", "depth", "normals", "detection", "edges", "keypoints"]
     path: str = Field(description="CSV, folder or JSON holding the labels, relative to data.root")
     num_classes: int | None = Field(None, ge=2, description="classification (or class_names) and segmentation")
     class_names: list[str] | None = None
     ignore_index: int = 255
     depth_scale: float = Field(1000.0, gt=0, description="16-bit depth PNG value per unit of depth")
+    keypoint_names: list[str] | None = Field(None, description="keypoints: one name per keypoint, in file order")
+    flip_pairs: list[tuple[str, str]] = Field(default_factory=list, description="keypoints a flip swaps")
+    sigmas: list[float] | None = Field(None, description="keypoints: OKS sigma per keypoint")
+    skeleton: list[tuple[str, str]] = Field(default_factory=list, description="keypoints joined when drawn")
 
 
 class FolderParams(DatasetParams):
@@ -242,6 +251,27 @@ class EdgeFolder(FileFolder):
         return mask_from_labels(read_png_array(path, self.max_pixels), path, ignore_values=())
 
 
+class KeypointFolder(FileFolder):
+    """One JSON file of instances per image (module docstring)."""
+
+    suffixes = (".json",)
+
+    def spec(self) -> TaskSpec:
+        if not self.task.keypoint_names:
+            raise ConfigError(f"data.tasks.{self.name}: a keypoints task needs keypoint_names (one per keypoint).")
+        params: dict[str, Any] = {
+            "keypoint_names": list(self.task.keypoint_names),
+            "flip_pairs": [list(pair) for pair in self.task.flip_pairs],
+            "skeleton": [list(pair) for pair in self.task.skeleton],
+        }
+        if self.task.sigmas is not None:
+            params["sigmas"] = list(self.task.sigmas)
+        return TaskSpec("keypoints", params)
+
+    def decode(self, path: Path) -> Any:
+        return read_keypoint_file(path, len(self.task.keypoint_names or []))
+
+
 class DepthFolder(FileFolder):
     suffixes = (".png", ".npy")
 
@@ -309,6 +339,7 @@ LABEL_SOURCES: dict[str, type[LabelSource]] = {
     "normals": NormalFolder,
     "detection": CocoBoxes,
     "edges": EdgeFolder,
+    "keypoints": KeypointFolder,
 }
 """Task kind -> how its labels are stored in a ``folder`` dataset."""
 

@@ -17,8 +17,12 @@ border, where an exact normal may point slightly away along the optical axis: ab
 only pixel (column c, row r) is ``(c, r, c + 1, r + 1)``; labels are shape classes, 0-based) and ``edges``
 (the objects' occluding contours, exact from the renderer's instance map and z-buffer: 1 on an object pixel
 with a 4-neighbour that shows the background or a farther object, else 0; one pixel thick, drawn on the
-occluding side). ``edges`` is offered but not in the default task set (a config or preset names it), so
-configs that leave ``tasks`` out train the same six tasks as before.
+occluding side) and ``keypoints`` (each object's four extreme points, as ExtremeNet annotates objects (Zhou, Zhuo
+and Krähenbühl, CVPR 2019): ``top``, ``right``, ``bottom``, ``left`` of its visible pixels, exact from the instance
+map: the extreme point lies on the tight box's side, at the median pixel centre of the object's pixels in the
+extreme row or column; all visible (v = 2); a horizontal flip swaps ``left`` and ``right``). ``edges`` and
+``keypoints`` are offered but not in the default task set (a config or preset names them), so configs that leave
+``tasks`` out train the same six tasks as before.
 
 Every scene is drawn from its own random stream ``(seed, split, index)``, so a scene does not depend on
 the split's size nor on the rendering order. Splits are rendered once, at build time, into compact arrays
@@ -459,6 +463,41 @@ def tight_boxes(instance: np.ndarray, slots: int) -> np.ndarray:
     return boxes
 
 
+def _median_centre(line: np.ndarray) -> np.ndarray:
+    """Per row of a boolean ``[N, L]`` array, the median of its true positions' pixel centres (index + 0.5)."""
+    count = line.sum(axis=1)
+    cumulative = np.cumsum(line, axis=1)
+    low = np.argmax(cumulative >= (count[:, None] + 1) // 2, axis=1)
+    high = np.argmax(cumulative >= count[:, None] // 2 + 1, axis=1)
+    return (low + high) / 2 + 0.5
+
+
+#: the scenes' keypoints, their flip pair and OKS sigma (near COCO's hips and ankles, 0.107 and 0.089)
+EXTREME_POINTS: tuple[str, ...] = ("top", "right", "bottom", "left")
+EXTREME_FLIP_PAIRS: tuple[tuple[str, str], ...] = (("right", "left"),)
+EXTREME_SIGMA = 0.1
+
+
+def extreme_points(instance: np.ndarray, slots: int) -> np.ndarray:
+    """Keypoints ``[N, slots, 4, 3]`` (x, y, v): each slot's top, right, bottom and left extreme point (see the module
+    docstring), v = 2; zeros where the slot has no pixel."""
+    n, height, width = instance.shape
+    points = np.zeros((n, slots, len(EXTREME_POINTS), 3), dtype=np.float32)
+    scenes = np.arange(n)
+    for k in range(slots):
+        mask = instance == k + 1
+        rows, cols = mask.any(2), mask.any(1)
+        top, left = np.argmax(rows, axis=1), np.argmax(cols, axis=1)
+        bottom, right = height - 1 - np.argmax(rows[:, ::-1], axis=1), width - 1 - np.argmax(cols[:, ::-1], axis=1)
+        points[:, k, 0, :2] = np.stack([_median_centre(mask[scenes, top, :]), top], axis=1)
+        points[:, k, 1, :2] = np.stack([right + 1, _median_centre(mask[scenes, :, right])], axis=1)
+        points[:, k, 2, :2] = np.stack([_median_centre(mask[scenes, bottom, :]), bottom + 1], axis=1)
+        points[:, k, 3, :2] = np.stack([left, _median_centre(mask[scenes, :, left])], axis=1)
+        points[:, k, :, 2] = 2.0
+        points[~rows.any(1), k] = 0.0
+    return points
+
+
 # ------------------------------------------------------------------------------------------ dataset split
 class SceneDataset(Dataset):
     """One pre-rendered split of the scenes dataset (see the module docstring for the targets)."""
@@ -475,6 +514,7 @@ class SceneDataset(Dataset):
         self.colors = _pad(layouts, "color", max_objects, -1).astype(np.int64)
         self.boxes = tight_boxes(rendering.instance, max_objects)
         self.edges = occluding_contours(rendering.instance, rendering.depth)
+        self.keypoints = extreme_points(rendering.instance, max_objects)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -494,6 +534,10 @@ class SceneDataset(Dataset):
                 "labels": torch.from_numpy(self.shapes[index, :count].copy()),
             },
             "edges": torch.from_numpy(self.edges[index]).long(),
+            "keypoints": {
+                "keypoints": torch.from_numpy(self.keypoints[index, :count].copy()),
+                "boxes": torch.from_numpy(self.boxes[index, :count].copy()),
+            },
         }
         return {
             "image": torch.from_numpy(self.images[index]).float().div_(255.0),
@@ -534,7 +578,8 @@ class ScenesParams(DatasetParams):
 
 
 @DATASETS.register(
-    "scenes", description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes, edges"
+    "scenes",
+    description="Built-in rendered scenes: count, colours, segmentation, depth, normals, boxes, edges, keypoints",
 )
 class Scenes(DatasetSource):
     """Built-in procedurally rendered scenes with every target kind (no files needed)."""
@@ -555,12 +600,21 @@ class Scenes(DatasetSource):
             "normals": TaskSpec("normals", {}),
             "detection": TaskSpec("detection", {"num_classes": len(SHAPES), "class_names": list(SHAPES)}),
             "edges": TaskSpec("edges", {}),
+            "keypoints": TaskSpec(
+                "keypoints",
+                {
+                    "keypoint_names": list(EXTREME_POINTS),
+                    "flip_pairs": [list(pair) for pair in EXTREME_FLIP_PAIRS],
+                    "sigmas": [EXTREME_SIGMA] * len(EXTREME_POINTS),
+                    "skeleton": [["top", "right"], ["right", "bottom"], ["bottom", "left"], ["left", "top"]],
+                },
+            ),
         }
 
     @classmethod
     def default_tasks(cls, params: DatasetParams) -> list[str]:
-        """The six tasks of the ``scenes`` preset; ``edges`` is trained when named."""
-        return [name for name in cls.tasks(params) if name != "edges"]
+        """The six tasks of the ``scenes`` preset; ``edges`` and ``keypoints`` are trained when named."""
+        return [name for name in cls.tasks(params) if name not in ("edges", "keypoints")]
 
     @classmethod
     def build(cls, params: DatasetParams, split: str) -> SceneDataset:

@@ -48,6 +48,25 @@ function drawBoxes(canvas, result, size) {
   });
 }
 
+function drawKeypoints(canvas, result, size) {
+  canvas.width = size[1];
+  canvas.height = size[0];
+  const pen = canvas.getContext("2d");
+  const radius = Math.max(2, Math.round(size[1] / 150));
+  result.boxes.forEach(([x1, y1, x2, y2], i) => {
+    pen.strokeStyle = "rgb(160, 160, 160)";
+    pen.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    result.keypoints[i].forEach(([x, y], k) => {
+      pen.fillStyle = colour(k + 1);
+      pen.beginPath();
+      pen.arc(x, y, radius, 0, 2 * Math.PI);
+      pen.fill();
+    });
+  });
+}
+
+const OVERLAYS = { boxes: drawBoxes, keypoints: drawKeypoints };  // kinds drawn over the input from the JSON
+
 const RENDER = {  // per target kind: the panel showing one task's result
   label(name, result) {
     const entries = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]).slice(0, 10);
@@ -84,9 +103,10 @@ function show(file, reply, roundTrip) {
     element("h2", {}, `input `, element("small", {}, `${image.size[1]} × ${image.size[0]}`)), stage));
   for (const [name, task] of Object.entries(state.model.tasks)) {
     const result = image.tasks[name];
-    if (task.target_kind === "boxes") {
+    const overlay = OVERLAYS[task.target_kind];
+    if (overlay) {
       const canvas = element("canvas", { class: "layer", "data-task": name, "data-rendered": "1" });
-      drawBoxes(canvas, result, image.size);
+      overlay(canvas, result, image.size);
       stage.append(canvas);
       continue;
     }

@@ -194,12 +194,23 @@ def test_registered_with_its_paper() -> None:
     assert "Vandenhende" in entry.citation and "ECCV 2020" in entry.citation
 
 
-@pytest.mark.parametrize("balancing", [["balancer.name=mgda"], ["balancer.name=mgda", "balancer.mode=representation"]])
-def test_scenes_dense_trains_with_a_gradient_balancer(tmp_path: Path, balancing: list[str]) -> None:
+@pytest.mark.parametrize("mode", ["params", "representation"])
+def test_a_gradient_balancer_updates_every_shared_parameter(mode: str) -> None:
+    """The shared part ends where encode() ends, so representation mode reaches the FPMs and the task
+    feature refinements too, not only the backbone."""
+    tasks = dense_tasks()[:2]
+    model = model_of(tasks, MTINet(channels=(8, 8, 8, 8)))
+    trainer = Trainer(model, "mgda", epochs=1, device="cpu", progress=False, balancer_mode=mode)
+    assert trainer.train_step([batch_of(tasks)]) is not None
+    assert all(p.grad is not None for p in model.shared_parameters())
+    assert all(p.grad is not None for p in model.task_specific_parameters())
+
+
+def test_scenes_dense_trains_end_to_end(tmp_path: Path) -> None:
     tiny = [f"{key}={value}" for key, value in TINY_SCENES.items()]
-    args = ["model.backbone=test_resnet", "model.architecture={name: mti_net, channels: [8, 8, 8, 8]}", *balancing]
+    args = ["model.backbone=test_resnet", "model.architecture={name: mti_net, channels: [8, 8, 8, 8]}"]
+    args += ["balancer.name=mgda", "balancer.mode=representation"]
     assert main(["train", "scenes_dense", "--set", *tiny, *args, "--out", str(tmp_path), "--name", "mti"]) == 0
     report = json.loads((tmp_path / "mti" / "metrics.json").read_text())
     assert set(report["metrics"]) == {"segmentation", "depth", "normals", "edges"}
-    history = (tmp_path / "mti" / "history.csv").read_text()
-    assert "nan" not in history.lower()
+    assert "nan" not in (tmp_path / "mti" / "history.csv").read_text().lower()

@@ -206,6 +206,7 @@ def test_a_gradient_balancer_updates_every_shared_parameter(mode: str) -> None:
     assert all(p.grad is not None for p in model.task_specific_parameters())
 
 
+@pytest.mark.slow
 def test_scenes_dense_trains_end_to_end(tmp_path: Path) -> None:
     tiny = [f"{key}={value}" for key, value in TINY_SCENES.items()]
     args = ["model.backbone=test_resnet", "model.architecture={name: mti_net, channels: [8, 8, 8, 8]}"]

@@ -218,7 +218,8 @@ class MultiScaleTaskInteraction(Architecture):
             out[intermediate_key(name)] = [scale[index] for scale in intermediate]
         used = representation[num * scales :]
         for name, projections in self.passed.items():
-            out[name] = [project(x) for project, x in zip(projections, used)]
+            # one ModuleList of per-scale projections per passed task, built in __init__
+            out[name] = [project(x) for project, x in zip(cast(nn.ModuleList, projections), used)]
         return out
 
     def forward(self, images: Tensor) -> dict[str, list[Tensor]]:

@@ -12,11 +12,14 @@ ratio divides by the HPS figure of the same framework in the same run.
 Hyper-parameters are each library's defaults where it has them and matched otherwise: MMoE 4 experts,
 CGC one expert per task plus one shared, DSelect-k 4 experts with k = 2, gamma = 1. PLE: mtlvision's
 default of two levels over the stages; LibMTL puts one level on each ResNet layer. LibMTL has no
-PAD-Net. LibMTL 1.1.5 (PyPI) is installed by this script with ``pip install --no-deps --target
-.bench_envs/libmtl`` (the directory ``benchmarks/balancers.py`` uses too) and put first on the worker's
-``PYTHONPATH``; torch and the rest come from this environment. ``--wheels DIR`` installs it offline from
-a wheel in DIR (a GPU machine has no network). LibMTL imports ``torchvision.models.utils``, which
-torchvision removed; the worker provides the one function it wants from there.
+PAD-Net or MTI-Net; MTI-Net (its default: task channels equal to the backbone's at strides 4-32) makes
+intermediate segmentation and depth predictions at every scale, and their losses (resized to the image,
+as the model does) join the step's loss. LibMTL 1.1.5 (PyPI) is installed by this script with
+``pip install --no-deps --target .bench_envs/libmtl`` (the directory ``benchmarks/balancers.py`` uses
+too) and put first on the worker's ``PYTHONPATH``; torch and the rest come from this environment.
+``--wheels DIR`` installs it offline from a wheel in DIR (a GPU machine has no network). LibMTL imports
+``torchvision.models.utils``, which torchvision removed; the worker provides the one function it wants
+from there.
 
     python benchmarks/architectures.py              # short: batch 4 of 64×64, 2 timed steps
     python benchmarks/architectures.py --full       # batch 16 of 128×128, 20 timed steps
@@ -41,7 +44,7 @@ from typing import Any
 from balancers import peer_path, timed
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet"]
+ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet", "mti_net"]
 NUM_EXPERTS = 4
 # Our name -> (LibMTL 1.1.5 class, its keyword arguments for three tasks).
 LIBMTL = {
@@ -83,10 +86,17 @@ def ours_model(architecture: str, size: int, device: str) -> Any:
     from torch import nn
 
     from mtlvision.models.architectures import ARCHITECTURES
+    from mtlvision.models.architectures.base import intermediate_key
     from mtlvision.models.backbones import create_backbone
+    from mtlvision.tasks import Classification, Depth, Segmentation
 
+    tasks = [
+        Classification("class", TASKS["class"]),
+        Segmentation("segmentation", TASKS["segmentation"]),
+        Depth("depth"),
+    ]
     spec = ARCHITECTURES.get(architecture)(**OURS.get(architecture, {}))
-    built = spec.build(lambda: create_backbone("resnet18"), list(TASKS))
+    built = spec.build_for(lambda: create_backbone("resnet18"), tasks)
     heads = decoders(size, built.feature_channels[-1])
 
     class Model(nn.Module):
@@ -96,7 +106,10 @@ def ours_model(architecture: str, size: int, device: str) -> Any:
 
         def forward(self, images: Any) -> dict[str, Any]:
             features = self.architecture(images)
-            return {name: self.heads[name](features[name][-1]) for name in TASKS}
+            out = {name: self.heads[name](features[name][-1]) for name in TASKS}
+            for name in built.intermediate_tasks:  # deep supervision (MTI-Net): raw, resized in the step
+                out[f"{name}/intermediate"] = features[intermediate_key(name)]
+            return out
 
     return Model().to(device)
 
@@ -161,6 +174,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             + F.cross_entropy(out["segmentation"], masks)
             + F.l1_loss(out["depth"], depth)
         )
+        for raw in out.get("segmentation/intermediate", []):
+            loss = loss + F.cross_entropy(F.interpolate(raw, size=(size, size), mode="bilinear"), masks)
+        for raw in out.get("depth/intermediate", []):
+            loss = loss + F.l1_loss(F.interpolate(raw, size=(size, size), mode="bilinear"), depth)
         loss.backward()
         optimiser.step()
 

@@ -236,7 +236,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         row = [entry.name, entry.description, entry.citation]
         size = sizes.get(entry.name)
         if sizes and size is None:
-            row += ["n/a (input size)", ""]
+            row += ["n/a (this setting)", ""]
         elif size is not None:
             on = f" on {size['backbone']}" if "backbone" in size else ""  # an architecture bound to its backbone
             row += [

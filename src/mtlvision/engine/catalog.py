@@ -119,7 +119,9 @@ def sizes_config(config: RunConfig | None) -> RunConfig:
 
 
 def architecture_sizes(config: RunConfig | None = None) -> dict[str, dict[str, Any]]:
-    """Parameters and MACs (whole model and shared part) of every architecture for one configuration."""
+    """Parameters and MACs (whole model and shared part) of every architecture for one configuration; an
+    architecture that refuses the configuration (MTI-Net with fewer than two pixel-map tasks, SegNet at an
+    input size it does not take) is left out."""
     from mtlvision.engine.build import build_model, build_tasks, image_size
     from mtlvision.errors import ConfigError
     from mtlvision.models.architectures import ARCHITECTURES
@@ -133,7 +135,10 @@ def architecture_sizes(config: RunConfig | None = None) -> dict[str, dict[str, A
         # an architecture bound to one backbone (segnet_mtan) is measured on it, and says so
         own = entry.obj.backbone
         update = {"architecture": entry.name, **({"backbone": own} if own and own != cfg.model.backbone else {})}
-        model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}), tasks)
+        try:
+            model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}), tasks)
+        except ConfigError:
+            continue  # the architecture cannot serve these tasks (its error says why when one trains it)
         try:
             sizes[entry.name] = model_complexity(model, image_size=size)
         except ConfigError:

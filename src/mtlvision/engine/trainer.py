@@ -67,7 +67,7 @@ from mtlvision.engine.runs import CHECKPOINT_NAME, HISTORY_NAME, TENSORBOARD_DIR
 from mtlvision.engine.sampler import epoch_loader
 from mtlvision.errors import ConfigError, MtlvisionError
 from mtlvision.evaluation.evaluator import EvalResult, evaluate, move_batch
-from mtlvision.models.architectures.base import RepresentationUnavailable
+from mtlvision.models.architectures.base import DEEP_SUPERVISION, RepresentationUnavailable
 from mtlvision.models.multitask import CutRepresentation, MultiTaskModel
 from mtlvision.tasks.base import Task
 
@@ -265,13 +265,20 @@ class Trainer:
         )
 
     def task_losses(self, predictions: dict[str, Any], batch: dict[str, Any]) -> Tensor:
-        """The [T] vector of per-task losses (float32), each over the samples that carry that task's label."""
-        return torch.stack(
-            [
-                task.loss(predictions[name], batch["targets"][name], batch["valid"][name]).float()
-                for name, task in self.tasks.items()
-            ]
-        )
+        """The [T] vector of per-task losses (float32), each over the samples that carry that task's label.
+
+        A task's intermediate predictions (deep supervision, see :data:`DEEP_SUPERVISION`) add their losses
+        to its own, unweighted, as MTI-Net's and PAD-Net's papers train them.
+        """
+        intermediate = predictions.get(DEEP_SUPERVISION, {})
+        losses = []
+        for name, task in self.tasks.items():
+            target, valid = batch["targets"][name], batch["valid"][name]
+            loss = task.loss(predictions[name], target, valid).float()
+            for prediction in intermediate.get(name, ()):
+                loss = loss + task.loss(prediction, target, valid).float()
+            losses.append(loss)
+        return torch.stack(losses)
 
     # ------------------------------------------------------------------------------------------ training
     def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, CutRepresentation | None]:

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError, UnknownNameError
 from mtlvision.models.architectures import HPS, ArchitectureSpec
+from mtlvision.models.architectures.base import DEEP_SUPERVISION, intermediate_key
 from mtlvision.models.backbones import Backbone, BackboneStage, create_backbone
 from mtlvision.models.heads import build_head
 from mtlvision.models.init import INIT_SCHEMES, PRETRAINED, initialise
@@ -46,6 +48,9 @@ class CutRepresentation:
 
 class MultiTaskModel(nn.Module):
     """``model(images) -> {task_name: prediction}`` for images in [0, 1], shape ``[B, C, H, W]``.
+
+    In training mode, an architecture with deep supervision (MTI-Net) adds ``{"deep_supervision": {task:
+    [intermediate predictions at image size]}}``; the trainer adds their losses to the task's.
 
     Args:
         backbone: a backbone name (see :func:`create_backbone`) or a factory returning a :class:`Backbone`.
@@ -106,7 +111,12 @@ class MultiTaskModel(nn.Module):
         head_init = "kaiming" if init == PRETRAINED else init
 
         factory = self._backbone_factory(backbone, pretrained, head_init, in_chans=len(mean))
-        self.architecture = self.architecture_spec.build(factory, names)
+        self.architecture = self.architecture_spec.build_for(factory, list(tasks))
+        if self.architecture.intermediate_tasks and DEEP_SUPERVISION in names:
+            raise ConfigError(
+                f"task name {DEEP_SUPERVISION!r} is taken by the intermediate predictions of architecture "
+                f"{self.architecture_spec.name!r}; rename the task."
+            )
         channels, strides = self.architecture.feature_channels, self.architecture.feature_strides
         head_modules = {}
         for task in tasks:
@@ -176,7 +186,19 @@ class MultiTaskModel(nn.Module):
 
     def _predict(self, features: Mapping[str, list[Tensor]], image_size: Sequence[int]) -> dict[str, Any]:
         size = (int(image_size[0]), int(image_size[1]))
-        return {name: self._tasks[name].postprocess(self.heads[name](features[name], size)) for name in self.task_names}
+        predictions: dict[str, Any] = {
+            name: self._tasks[name].postprocess(self.heads[name](features[name], size)) for name in self.task_names
+        }
+        if self.training and self.architecture.intermediate_tasks:
+            # deep supervision: each intermediate prediction resized to the image, as the task's head output is
+            predictions[DEEP_SUPERVISION] = {
+                name: [
+                    self._tasks[name].postprocess(F.interpolate(raw, size=size, mode="bilinear", align_corners=False))
+                    for raw in features[intermediate_key(name)]
+                ]
+                for name in self.architecture.intermediate_tasks
+            }
+        return predictions
 
     # --------------------------------------------------------------------------------------- parameters
     def shared_parameters(self) -> Iterator[nn.Parameter]:

@@ -10,6 +10,7 @@ from mtlvision.models.architectures.dselect_k import DSelectK
 from mtlvision.models.architectures.hps import HPS
 from mtlvision.models.architectures.mmoe import MMoE
 from mtlvision.models.architectures.mtan import MTAN
+from mtlvision.models.architectures.mti_net import MTINet
 from mtlvision.models.architectures.mtlora import MTLoRA
 from mtlvision.models.architectures.nddr_cnn import NDDRCNN
 from mtlvision.models.architectures.padnet import PADNet
@@ -24,6 +25,7 @@ __all__ = [
     "HPS",
     "MMoE",
     "MTAN",
+    "MTINet",
     "MTLoRA",
     "NDDRCNN",
     "PLE",

@@ -15,6 +15,15 @@ from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
 from mtlvision.models.backbones import Backbone
+from mtlvision.tasks.base import Task
+
+#: the key of the model's predictions that holds, in training mode, each task's intermediate predictions
+DEEP_SUPERVISION = "deep_supervision"
+
+
+def intermediate_key(task: str) -> str:
+    """The key of an architecture's output that holds ``task``'s intermediate predictions (raw, any size)."""
+    return f"{DEEP_SUPERVISION}/{task}"
 
 
 class RepresentationUnavailable(ConfigError):
@@ -25,10 +34,15 @@ class Architecture(nn.Module, ABC):
     """Maps images to ``{task_name: [feature maps, fine to coarse]}``.
 
     ``feature_channels`` / ``feature_strides`` describe the list each task receives (same for every task).
+    An architecture with deep supervision (MTI-Net) names in ``intermediate_tasks`` the tasks whose raw
+    intermediate predictions its output also holds, under :func:`intermediate_key`; the model resizes them
+    to the image and, in training mode, returns them under :data:`DEEP_SUPERVISION`, and their task losses
+    join the task's loss.
     """
 
     feature_channels: list[int]
     feature_strides: list[int]
+    intermediate_tasks: tuple[str, ...] = ()
 
     @abstractmethod
     def forward(self, images: Tensor) -> dict[str, list[Tensor]]: ...
@@ -63,6 +77,11 @@ class ArchitectureSpec(ABC):
 
     @abstractmethod
     def build(self, backbone_factory: Callable[[], Backbone], task_names: Sequence[str]) -> Architecture: ...
+
+    def build_for(self, backbone_factory: Callable[[], Backbone], tasks: Sequence[Task]) -> Architecture:
+        """The module for ``tasks``; by default :meth:`build` with their names (architectures that need a task's
+        output, such as MTI-Net's intermediate predictions, override this)."""
+        return self.build(backbone_factory, [task.name for task in tasks])
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -388,6 +388,8 @@ class Trainer:
             loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
             self._observe(batch, losses)
         assert loss_total is not None and weights is not None
+        if self._meta is not None:  # a bilevel method's own part of the update (FORUM's)
+            self._meta.add_gradient(self.precision.scaler.get_scale() if self.precision.scaler is not None else 1.0)
         dist.average_gradients(list(self.model.parameters()) + list(self.balancer.parameters()))
         scaler = self.precision.scaler
         if scaler is not None:

@@ -460,6 +460,7 @@ class Trainer:
         try:
             with self.stop.catching(), dist.peer_guard(self.run_dir):
                 for epoch in range(self.state.epoch, self.epochs):
+                    self.model.architecture.set_progress(epoch, self.epochs)
                     row = self._train_epoch(train_data, epoch, tb)
                     val, monitor = None, float(row["train_loss"])
                     if val_data is not None:

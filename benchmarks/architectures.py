@@ -12,7 +12,8 @@ ratio divides by the HPS figure of the same framework in the same run.
 Hyper-parameters are each library's defaults where it has them and matched otherwise: MMoE 4 experts,
 CGC one expert per task plus one shared, DSelect-k 4 experts with k = 2, gamma = 1. PLE: mtlvision's
 default of two levels over the stages; LibMTL puts one level on each ResNet layer. LibMTL has no
-PAD-Net. LibMTL 1.1.5 (PyPI) is installed by this script with ``pip install --no-deps --target
+PAD-Net; its LTB is not timed here (it wants its own trainer's epoch counters). LTB is timed past its
+warm-up, with sampled parents. LibMTL 1.1.5 (PyPI) is installed by this script with ``pip install --no-deps --target
 .bench_envs/libmtl`` (the directory ``benchmarks/balancers.py`` uses too) and put first on the worker's
 ``PYTHONPATH``; torch and the rest come from this environment. ``--wheels DIR`` installs it offline from
 a wheel in DIR (a GPU machine has no network). LibMTL imports ``torchvision.models.utils``, which
@@ -41,7 +42,7 @@ from typing import Any
 from balancers import peer_path, timed
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet"]
+ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet", "ltb"]
 NUM_EXPERTS = 4
 # Our name -> (LibMTL 1.1.5 class, its keyword arguments for three tasks).
 LIBMTL = {
@@ -87,6 +88,7 @@ def ours_model(architecture: str, size: int, device: str) -> Any:
 
     spec = ARCHITECTURES.get(architecture)(**OURS.get(architecture, {}))
     built = spec.build(lambda: create_backbone("resnet18"), list(TASKS))
+    built.set_progress(1, 2)  # past LTB's warm-up: its blocks' parents are sampled (no schedule elsewhere)
     heads = decoders(size, built.feature_channels[-1])
 
     class Model(nn.Module):

@@ -33,6 +33,8 @@ class LTBNetwork(Architecture):
     gradient. The logits start at 1 (uniform choices).
     """
 
+    progress: Tensor
+
     def __init__(
         self,
         backbone_factory: Callable[[], Backbone],
@@ -56,13 +58,13 @@ class LTBNetwork(Architecture):
         self.progress.copy_(torch.tensor([epoch, epochs]))
 
     def warming_up(self) -> bool:
-        epoch, epochs = (int(v) for v in self.progress)
-        return epoch < self.warmup * epochs
+        epoch, epochs = self.progress.tolist()
+        return bool(epoch < self.warmup * epochs)
 
     def tau(self) -> float:
         """The Gumbel-softmax temperature of the current epoch."""
-        epoch, epochs = (int(v) for v in self.progress)
-        return self.temperature * epochs / math.sqrt(epoch + 1)
+        epoch, epochs = self.progress.tolist()
+        return float(self.temperature * epochs / math.sqrt(epoch + 1))
 
     def tree(self) -> list[list[int]]:
         """The final tree: for each stage ``s ≥ 1``, the parent (a block of stage ``s − 1``) of each task's block."""

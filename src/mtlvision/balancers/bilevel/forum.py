@@ -19,37 +19,49 @@ from mtlvision.errors import ConfigError, InternalError
 _Q_EPS = 1e-8
 
 
-def forum_weights(gramian: np.ndarray, pi: np.ndarray, linear: float) -> np.ndarray:
-    """FORUM's QP (LibMTL's cvxpy problem): ``min_w wᵀKw − linear·w_T`` over ``w ≥ 0`` [T+1] with
-    ``Σ_{t<T} w_t = 1`` and ``w_T ≥ Σ_{t<T} π_t w_t``, solved with quadprog.
+def forum_weights(gramian: np.ndarray, phi: float) -> np.ndarray:
+    """FORUM's QP (LibMTL's cvxpy problem): ``min_w wᵀKw − φ(‖g_q‖² + ε)·w_T`` over ``w ≥ 0`` [T+1] with
+    ``Σ_{t<T} w_t = 1`` and ``w_T ≥ Σ_{t<T} π_t w_t``, ``π_t = φ − K_tT/(‖g_q‖² + ε)``, solved with quadprog.
 
     Args:
         gramian: ``K = A Aᵀ`` [T+1, T+1] of the T normalised upper-level gradients and ``g_q`` (last row).
-        pi: the [T] coefficients ``π_t`` of the constraint.
-        linear: the reward ``φ‖g_q‖²`` of the last weight.
+        phi: FORUM's φ.
 
     Returns:
-        The [T+1] weights. The QP is solved in ``u = (w_{<T}, ‖g_q‖ w_T)``, where its matrix has a unit
-        diagonal however large ``g_q`` is (a diverging inner loop), with a relative ridge of 1e-12 that keeps
-        quadprog's matrix positive definite.
+        The [T+1] weights. The QP is solved in variables of order one however large ``g_q`` is (a diverging
+        inner loop): ``w_{<T}`` and the slack ``ρ = ‖g_q‖(w_T − πᵀw) ≥ 0``, using ``Σ_{t<T} w_t = 1`` to
+        take the constant ``‖g_q‖φ`` out of ``‖g_q‖ w_T``; a relative ridge of 1e-12 keeps quadprog's matrix
+        positive definite. The weights are accurate to about ``1e-17 ‖g_q‖²`` (1e-11 at ‖g_q‖ = 10⁶; a
+        diverging inner loop, ‖g_q‖ ≈ 10¹⁵, leaves Σ_{t<T} w_t off 1 by 10⁻²).
     """
-    t = pi.size
-    if not gramian[t, t] > 0:
+    t = gramian.shape[0] - 1
+    norm = float(np.sqrt(gramian[t, t]))
+    if not norm > 0:
         raise SolverError("FORUM: g_q = 0 (the lower level is stationary), where its QP is unbounded")
-    scale = np.append(np.ones(t), 1.0 / np.sqrt(gramian[t, t]))
+    linear = phi * (norm**2 + _Q_EPS)
+    # u = ‖g_q‖ w_T = offset + m·w + ρ, and K in (w, u) has a unit last diagonal
+    offset, m = norm * phi, -norm * gramian[:t, t] / (norm**2 + _Q_EPS)
+    scale = np.append(np.ones(t), 1.0 / norm)
     k = gramian * np.outer(scale, scale)
-    g = 2.0 * k + 1e-12 * max(float(np.trace(k)), 1.0) * np.eye(t + 1)
-    a = np.zeros(t + 1)
-    a[t] = linear * scale[t]
+    lift = np.zeros((t + 1, t + 1))  # (w, u − offset) = lift @ (w, ρ)
+    lift[:t, :t] = np.eye(t)
+    lift[t, :t], lift[t, t] = m, 1.0
+    g = 2.0 * lift.T @ k @ lift
+    g += 1e-12 * max(float(np.trace(g)), 1.0) * np.eye(t + 1)
+    # linear terms of wᵀKw − linear·w_T at u = offset + e·x: 2·offset·k_{·,u} − linear/‖g_q‖ along e
+    shift = np.zeros(t + 1)
+    shift[t] = offset
+    gradient = 2.0 * lift.T @ (k @ shift) - (linear / norm) * lift[t]
     simplex = np.append(np.ones(t), 0.0)[:, None]
-    level = np.append(-pi / scale[t], 1.0)[:, None]  # ‖g_q‖ w_T ≥ ‖g_q‖ πᵀw
-    constraints = np.hstack([simplex, level, np.eye(t + 1)])
-    bounds = np.concatenate([[1.0, 0.0], np.zeros(t + 1)])
+    positive = lift[t][:, None]  # w_T ≥ 0: offset + e·x ≥ 0
+    constraints = np.hstack([simplex, positive, np.eye(t + 1)])
+    bounds = np.concatenate([[1.0, -offset], np.zeros(t + 1)])
     try:
-        u = quadprog.solve_qp(g, a, constraints, bounds, 1)[0]
+        x = quadprog.solve_qp(g, -gradient, constraints, bounds, 1)[0]
     except ValueError as error:
         raise SolverError(f"FORUM: quadprog failed on the QP ({error})") from error
-    return np.maximum(u * scale, 0.0)
+    w = np.maximum(x[:t], 0.0)
+    return np.append(w, max(float(offset + lift[t] @ x), 0.0) / norm)
 
 
 @BALANCERS.register(
@@ -127,7 +139,7 @@ class FORUM(BilevelBalancer):
         gramian[t, t] = float(q_xi @ q_xi) + float((q_omega @ q_omega).cpu())
         squared = float(gramian[t, t]) + _Q_EPS
         pi = self.phi - gramian[:t, t] / squared
-        w = forum_weights(gramian.numpy(), pi.numpy(), self.phi * squared)
+        w = forum_weights(gramian.numpy(), self.phi)
         rate = (problem.epoch + 1) ** -0.75
         self.lambdas = self.lambdas + rate * (torch.from_numpy(w[:t]) - self.lambdas)
         nu = max(float(self.lambdas @ pi), 0.0)

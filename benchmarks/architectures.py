@@ -19,7 +19,8 @@ as the model does) join the step's loss. LibMTL 1.1.5 (PyPI) is installed by thi
 too) and put first on the worker's ``PYTHONPATH``; torch and the rest come from this environment.
 ``--wheels DIR`` installs it offline from a wheel in DIR (a GPU machine has no network). LibMTL imports
 ``torchvision.models.utils``, which torchvision removed; the worker provides the one function it wants
-from there.
+from there. LibMTL's LTB is not timed here (it wants its own
+trainer's epoch counters); ours is timed past its warm-up, with sampled parents.
 
     python benchmarks/architectures.py              # short: batch 4 of 64×64, 2 timed steps
     python benchmarks/architectures.py --full       # batch 16 of 128×128, 20 timed steps
@@ -44,7 +45,7 @@ from typing import Any
 from balancers import peer_path, timed
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet", "mti_net"]
+ARCHITECTURES = ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "padnet", "mti_net", "ltb"]
 NUM_EXPERTS = 4
 # Our name -> (LibMTL 1.1.5 class, its keyword arguments for three tasks).
 LIBMTL = {
@@ -97,6 +98,7 @@ def ours_model(architecture: str, size: int, device: str) -> Any:
     ]
     spec = ARCHITECTURES.get(architecture)(**OURS.get(architecture, {}))
     built = spec.build_for(lambda: create_backbone("resnet18"), tasks)
+    built.set_progress(1, 2)  # past LTB's warm-up: its blocks' parents are sampled (no schedule elsewhere)
     heads = decoders(size, built.feature_channels[-1])
 
     class Model(nn.Module):

@@ -195,8 +195,12 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
     jacobian = balancers.resolve_jacobian_path(requested, balancer, engine_mode, True)
     taps = balancers.LayerTaps(trunk, shared) if jacobian == "layers" else None
 
+    meta = bilevel_meta_step(balancer, trunk, heads, task_losses, x)
+
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
+        if meta is not None:
+            meta.before()
         if taps is not None:
             with taps.recording():
                 rep = trunk(x)
@@ -205,12 +209,64 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
         losses = torch.stack(task_losses(heads, rep))
         engine = balancers.GradientEngine(shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps)
         engine.backward(losses, balancer)
+        if meta is not None:
+            meta.after()
         optimiser.step()
         if balancer.needs_post_step_losses:
             with torch.no_grad():
                 balancer.after_step(torch.stack(task_losses(heads, trunk(x))))
 
     return step
+
+
+class BilevelMeta:
+    """A bilevel balancer's meta-step as the Trainer runs it (engine/bilevel.py): before the step, on the step's
+    batch and a second ("validation") batch of other images with the same targets; after the backward, the
+    meta-step's own part of the update (FORUM's) added to ``.grad``."""
+
+    def __init__(self, balancer: Any, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> None:
+        import torch
+        from torch import nn
+
+        class Joint(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.trunk, self.heads = trunk, heads
+
+            def forward(self, images: Any) -> Any:
+                return torch.stack(task_losses(self.heads, self.trunk(images)))
+
+        self.joint, self.balancer, self.x = Joint(), balancer, x
+        self.x_val = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+        self.names = [n for n, _ in self.joint.named_parameters()]
+        self.params = list(self.joint.parameters())
+
+    def losses_at(self, images: Any) -> Callable[[list[Any]], Any]:
+        import torch
+
+        def losses(params: list[Any]) -> Any:
+            tensors = {**{n: b.clone() for n, b in self.joint.named_buffers()}, **dict(zip(self.names, params))}
+            return torch.func.functional_call(self.joint, tensors, (images,), strict=False)
+
+        return losses
+
+    def before(self) -> None:
+        from mtlvision.balancers.bilevel import BilevelProblem
+
+        problem = BilevelProblem(self.params, self.losses_at(self.x), self.losses_at(self.x_val), lr=1e-3)
+        self.balancer.meta_step(problem)
+
+    def after(self) -> None:
+        extra = self.balancer.take_gradient()
+        if extra is not None:
+            for p, g in zip(self.params, extra.split([p.numel() for p in self.params])):
+                p.grad = g.view_as(p) if p.grad is None else p.grad + g.view_as(p)
+
+
+def bilevel_meta_step(balancer: Any, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> BilevelMeta | None:
+    from mtlvision.balancers.bilevel import BilevelBalancer
+
+    return BilevelMeta(balancer, trunk, heads, task_losses, x) if isinstance(balancer, BilevelBalancer) else None
 
 
 def libmtl_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:

@@ -1,4 +1,4 @@
-"""Extra cost per training step of the bilevel balancers (Auto-Lambda, MOML) against equal weights.
+"""Extra cost per training step of the bilevel balancers (Auto-Lambda, MOML, FORUM) against equal weights.
 
 Each method trains the same model (built-in scenes, hard sharing, count/colors/segmentation/depth) through
 ``Trainer.train_step`` on the same batches; a bilevel method also takes its meta-step on a validation batch
@@ -34,7 +34,7 @@ def synchronise(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["ew", "auto_lambda", "moml"])
+    parser.add_argument("--methods", nargs="+", default=["ew", "auto_lambda", "moml", "forum"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -1,4 +1,4 @@
-"""The Trainer's meta-step for bilevel balancers (Auto-Lambda, MOML): one validation batch per optimiser
+"""The Trainer's meta-step for bilevel balancers (Auto-Lambda, MOML, FORUM): one validation batch per optimiser
 step, and the model's per-task losses as functions of its parameters (a :class:`BilevelProblem`).
 
 Validation batches are drawn in a shuffled order that depends only on the seed and the optimiser step, so
@@ -47,6 +47,7 @@ class MetaStep:
         if self.batches == 0:
             raise ConfigError(f"balancer {name} learns from validation batches, but the validation split is empty")
         self._position: tuple[int, int] | None = None
+        self._parameters: list[Tensor] = []
         self._iterator: Iterator[dict[str, Any]] | None = None
 
     def validation_batch(self) -> dict[str, Any]:
@@ -75,11 +76,24 @@ class MetaStep:
 
     def __call__(self, batch: dict[str, Any]) -> None:
         trainer = self.trainer
+        self._parameters = [p for p in trainer.model.parameters() if p.requires_grad]
         problem = BilevelProblem(
-            parameters=[p for p in trainer.model.parameters() if p.requires_grad],
+            parameters=self._parameters,
             train_losses=self.losses_at(batch),
             val_losses=self.losses_at(self.validation_batch()),
             lr=float(trainer.optimizer.param_groups[0]["lr"]),
             reduce=dist.all_reduce_mean,
+            epoch=trainer.state.epoch,
         )
         self.balancer.meta_step(problem)
+
+    def add_gradient(self, factor: float) -> None:
+        """Add the meta-step's own part of the update (FORUM's), times ``factor`` (the loss scale under fp16),
+        to the ``.grad`` that the training step accumulated."""
+        extra = self.balancer.take_gradient()
+        if extra is None:
+            return
+        sizes = [p.numel() for p in self._parameters]
+        for p, g in zip(self._parameters, extra.split(sizes)):
+            g = factor * g.view_as(p).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g

@@ -395,6 +395,8 @@ class Trainer:
             loss_total = losses.detach() if loss_total is None else loss_total + losses.detach()
             self._observe(batch, losses)
         assert loss_total is not None and weights is not None
+        if self._meta is not None:  # a bilevel method's own part of the update (FORUM's)
+            self._meta.add_gradient(self.precision.scaler.get_scale() if self.precision.scaler is not None else 1.0)
         dist.average_gradients(list(self.model.parameters()) + list(self.balancer.parameters()))
         scaler = self.precision.scaler
         if scaler is not None:
@@ -465,6 +467,7 @@ class Trainer:
         try:
             with self.stop.catching(), dist.peer_guard(self.run_dir):
                 for epoch in range(self.state.epoch, self.epochs):
+                    self.model.architecture.set_progress(epoch, self.epochs)
                     row = self._train_epoch(train_data, epoch, tb)
                     val, monitor = None, float(row["train_loss"])
                     if val_data is not None:

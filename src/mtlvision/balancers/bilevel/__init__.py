@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mtlvision.balancers.bilevel._base import BilevelBalancer, BilevelProblem
 from mtlvision.balancers.bilevel.auto_lambda import AutoLambda
+from mtlvision.balancers.bilevel.forum import FORUM
 from mtlvision.balancers.bilevel.moml import MOML
 
-__all__ = ["MOML", "AutoLambda", "BilevelBalancer", "BilevelProblem"]
+__all__ = ["FORUM", "MOML", "AutoLambda", "BilevelBalancer", "BilevelProblem"]

@@ -35,6 +35,7 @@ class BilevelProblem:
     - ``lr``: the optimiser's current learning rate (the virtual step's, when the method uses it).
     - ``reduce``: averages a meta-gradient over ranks under torch.distributed (identity otherwise), so that
       every rank keeps the same weights.
+    - ``epoch``: the number of completed epochs (FORUM's running average decays with it).
     """
 
     parameters: list[Tensor]
@@ -42,6 +43,7 @@ class BilevelProblem:
     val_losses: Callable[[list[Tensor]], Tensor]
     lr: float
     reduce: Callable[[Tensor], Tensor] = lambda tensor: tensor
+    epoch: int = 0
 
 
 def gradients(loss: Tensor, parameters: list[Tensor], retain_graph: bool = False) -> list[Tensor]:
@@ -115,6 +117,12 @@ class BilevelBalancer(LossWeighting):
         optimizer.step()
         self.logits.grad = None
         self.optimizer_state = optimizer.state_dict()
+
+    def take_gradient(self) -> Tensor | None:
+        """A flat [P] gradient (:func:`flat`'s layout over ``problem.parameters``) that the last meta-step
+        adds to the training step's, handed out once; None (the default) when the step is the weighted
+        training losses' gradient alone."""
+        return None
 
     def _adam(self) -> torch.optim.Adam:
         assert self.logits is not None

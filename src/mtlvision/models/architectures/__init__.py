@@ -8,6 +8,7 @@ from mtlvision.models.architectures.cgc import CGC
 from mtlvision.models.architectures.cross_stitch import CrossStitch
 from mtlvision.models.architectures.dselect_k import DSelectK
 from mtlvision.models.architectures.hps import HPS
+from mtlvision.models.architectures.ltb import LTB
 from mtlvision.models.architectures.mmoe import MMoE
 from mtlvision.models.architectures.mtan import MTAN
 from mtlvision.models.architectures.mti_net import MTINet
@@ -23,6 +24,7 @@ __all__ = [
     "ARCHITECTURES",
     "CGC",
     "HPS",
+    "LTB",
     "MMoE",
     "MTAN",
     "MTINet",

@@ -51,6 +51,10 @@ class Architecture(nn.Module, ABC):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that more than one task depends on (the ones gradient balancers act on)."""
 
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        """Told by the trainer at the start of every epoch (0-based) of ``epochs``; architectures whose
+        forward follows a training schedule (LTB's temperature) override it (default: nothing to do)."""
+
     def merged(self) -> Architecture:
         """This architecture for inference and export, any adapters folded into plain weights (default: itself)."""
         return self

@@ -18,7 +18,7 @@ from mtlvision.models.modulated import TaskModulatedModel
 
 def stored_size(model: MultiTaskModel) -> int:
     """The values a model keeps: its parameters; for a task-modulated model (EMR) also its unified vector,
-    per-task statistics and rescalers (its bit-masks, 1/32 of a value per entry and task, left out)."""
+    per-task statistics, rescalers and bit-masks, in 32-bit values (one bit per entry and task)."""
     if isinstance(model, TaskModulatedModel):
         return model.storage()["stored_values"]
     return sum(p.numel() for p in model.parameters())

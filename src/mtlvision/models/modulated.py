@@ -174,7 +174,8 @@ class TaskModulatedModel(MultiTaskModel):
 
     def storage(self) -> dict[str, int]:
         """What the model stores and runs: parameters (start and heads), the unified vector, packed mask bytes,
-        per-group statistics, float values in all, and backbone forwards per batch."""
+        per-group statistics, all of it in 32-bit values (four mask bytes to a value), and backbone forwards
+        per batch."""
         own = dict(self.modulation.named_buffers())
         parameters = sum(p.numel() for p in self.parameters())
         unified = sum(own[f"unified_{i}"].numel() for i in range(len(self.layout.modulated)))
@@ -185,6 +186,6 @@ class TaskModulatedModel(MultiTaskModel):
             "unified_vector": unified,
             "mask_bytes": masks,
             "group_statistics": statistics,
-            "stored_values": parameters + unified + statistics + len(self.layout.groups),
+            "stored_values": parameters + unified + statistics + len(self.layout.groups) + math.ceil(masks / 4),
             "forwards_per_batch": len(self.layout.groups),
         }

@@ -339,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg = verbs.add_parser("merge", help="one multi-task model from single-task experts (heads kept, backbone merged)")
     mg.add_argument("experts", nargs="+", help="expert run folders, or a baseline folder standing for its experts")
     mg.add_argument("--out", required=True, help="the merged run folder to create")
-    mg.add_argument("--rule", default="average", help="merging rule (default: average; `mtlvision list merges`)")
+    mg.add_argument(
+        "--rule",
+        default="average",
+        help="merging rule (default: average; `mtlvision list merges`); emr keeps one backbone per task "
+        "(T forwards, no ONNX export)",
+    )
     mg.add_argument(
         "--set",
         nargs="+",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ from mtlvision.config import DataConfig, RunConfig, TaskEntry
 from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, TaskSpec
 from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
-from mtlvision.engine.checkpoint import load_weights, read_weights
+from mtlvision.engine.checkpoint import load_weights, modulation_layout, read_weights
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
 from mtlvision.errors import CheckpointError, ConfigError, DataError
 from mtlvision.models import MultiTaskModel
 from mtlvision.models.architectures import ARCHITECTURES
 from mtlvision.models.init import INIT_SCHEMES, PRETRAINED
+from mtlvision.models.modulated import ModulationLayout, TaskModulatedModel
 from mtlvision.tasks import TASKS, Task
 from mtlvision.validation import config_error_from
 
@@ -100,6 +102,11 @@ def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]
     """
     own = model.state_dict()
     saved = read_weights(path, like=own)
+    if modulation_layout(path) is not None:
+        raise ConfigError(
+            f"model.init: {path} holds a task-specific merged backbone (EMR-merging: one per task), so there is no "
+            "single set of weights to start from; merge with a rule that gives one (e.g. --rule ties) to train from it"
+        )
     source = {k: k for k in own if k in saved}
     # Architectures place the backbone stages differently (HPS: architecture.backbone.stages.i, MTAN:
     # architecture.stages.i, cross-stitch: one copy per task); a stage tensor found exactly once in the
@@ -140,30 +147,36 @@ def _report_init(path: Path, result: dict[str, list[str]]) -> None:
             logger.info("  kept initialised (%s): %s", label, parts(result[reason]))
 
 
-def build_model(config: RunConfig, tasks: Sequence[Task], load_init: bool = True) -> MultiTaskModel:
+def build_model(
+    config: RunConfig, tasks: Sequence[Task], load_init: bool = True, layout: ModulationLayout | None = None
+) -> MultiTaskModel:
     """The multi-task model of ``model.*`` for ``tasks``.
 
     When ``model.init`` names a run folder (or a ``.safetensors`` file), the model is initialised with kaiming
     and then takes every tensor of those weights whose name and shape match (with ``load_init``; loading a run's own
-    weights afterwards needs no such start).
+    weights afterwards needs no such start). With a ``layout`` the model is a :class:`TaskModulatedModel`
+    (one backbone per task, as EMR-merging makes).
     """
     start = init_run(config)
     if start is not None:
         config = config.model_copy(update={"model": config.model.model_copy(update={"init": "kaiming"})})
-    model = _build_model(config, tasks)
+    model = _build_model(config, tasks, layout)
     if start is not None and load_init:
         weights = start if start.is_file() else start / WEIGHTS_NAME
         _report_init(weights, load_init_weights(model, weights))
     return model
 
 
-def _build_model(config: RunConfig, tasks: Sequence[Task]) -> MultiTaskModel:
+def _build_model(config: RunConfig, tasks: Sequence[Task], layout: ModulationLayout | None = None) -> MultiTaskModel:
     spec_cls = ARCHITECTURES.get(config.model.architecture_name)
     try:
         architecture = spec_cls(**config.model.architecture_params)
     except (TypeError, ValidationError) as exc:
         raise ConfigError(f"model.architecture {config.model.architecture_name!r}: {exc}") from None
-    return MultiTaskModel(
+    factory: Callable[..., MultiTaskModel] = (
+        MultiTaskModel if layout is None else partial(TaskModulatedModel, layout=layout)
+    )
+    return factory(
         backbone=config.model.backbone,
         tasks=tasks,
         architecture=architecture,
@@ -291,8 +304,11 @@ def image_size(config: RunConfig) -> tuple[int, int] | None:
 
 
 def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
-    """The trained model of a run folder (best weights, in eval mode) and its config."""
+    """The trained model of a run folder (best weights, in eval mode) and its config; a
+    :class:`TaskModulatedModel` when its weights record a task modulation (EMR-merging)."""
     run = run if isinstance(run, Run) else Run.load(run)
-    model = build_model(run.config, build_tasks(run.config), load_init=False)
-    load_weights(model, run.path / WEIGHTS_NAME)
+    path = run.path / WEIGHTS_NAME
+    layout = modulation_layout(path) if path.is_file() else None
+    model = build_model(run.config, build_tasks(run.config), load_init=False, layout=layout)
+    load_weights(model, path)
     return model.eval(), run.config

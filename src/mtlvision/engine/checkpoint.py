@@ -1,7 +1,8 @@
 """Checkpoints and weights files: written atomically, read without unpickling anything.
 
 - Model weights: safetensors (``model.safetensors``), with the mtlvision version and a model signature in
-  the metadata so that a file for another model is refused with the mismatch named.
+  the metadata so that a file for another model is refused with the mismatch named; a task-modulated model
+  (EMR-merging) records its :class:`ModulationLayout` there too (:func:`modulation_layout`).
 - Resumable checkpoints (``checkpoint.pt``): a dict of tensors and plain Python values saved with
   ``torch.save`` and read back with ``torch.load(weights_only=True)``, which refuses pickled code.
 Every write goes to a temporary file in the same folder and is moved into place with ``os.replace``, so a
@@ -21,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtlvision._version import __version__
-from mtlvision.errors import CheckpointError
+from mtlvision.errors import CheckpointError, ConfigError
+from mtlvision.models.modulated import ModulationLayout, TaskModulatedModel
+
+#: the metadata key of a weights file holding a task-modulated model's layout
+MODULATION_KEY = "modulation"
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -98,10 +103,29 @@ def model_signature(model: nn.Module) -> str:
     return f"{len(state)} tensors, {sum(t.numel() for t in state.values())} values"
 
 
+def modulation_layout(path: Path) -> ModulationLayout | None:
+    """The task modulation recorded in a weights file (EMR-merging's one backbone per task), or None."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    text = metadata.get(MODULATION_KEY)
+    if text is None:
+        return None
+    try:
+        return ModulationLayout.from_json(text, str(path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
-    """Save the model's state dict as safetensors (shared tensors are stored once, contiguously)."""
+    """Save the model's state dict as safetensors (shared tensors are stored once, contiguously), with a
+    task-modulated model's layout in the metadata."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"mtlvision_version": __version__, "signature": model_signature(model)}
+    if isinstance(model, TaskModulatedModel):
+        metadata[MODULATION_KEY] = model.layout.to_json()
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
@@ -110,6 +134,11 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
     path = Path(path)
     own = model.state_dict()
     state = read_weights(path, like=own)
+    if not isinstance(model, TaskModulatedModel) and modulation_layout(path) is not None:
+        raise CheckpointError(
+            f"{path} holds a task-specific merged backbone (EMR-merging: one start, a unified vector and a mask per "
+            "task), not one set of weights: load its run folder with mtlvision.load_model, which rebuilds it"
+        )
     mis_shaped = [
         f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
         for k, v in state.items()

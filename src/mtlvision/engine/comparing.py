@@ -12,11 +12,25 @@ from mtlvision.engine.device import resolve_device
 from mtlvision.engine.runs import Baselines, Run, directions
 from mtlvision.errors import MtlvisionError
 from mtlvision.evaluation.compare import CompareEntry, Comparison, time_inference
+from mtlvision.models import MultiTaskModel
+from mtlvision.models.modulated import TaskModulatedModel
+
+
+def stored_size(model: MultiTaskModel) -> int:
+    """The values a model keeps: its parameters; for a task-modulated model (EMR) also its unified vector,
+    per-task statistics, rescalers and bit-masks, in 32-bit values (one bit per entry and task)."""
+    if isinstance(model, TaskModulatedModel):
+        return model.storage()["stored_values"]
+    return sum(p.numel() for p in model.parameters())
 
 
 def describe_run(run: Run, experts: Iterable[Path] = ()) -> str:
     """What a run is, read from its config and metrics: merged, distilled, started from another run, ..."""
     if run.report is not None and run.report.merge is not None:
+        specific = run.report.merge.get("task_specific")
+        if specific:
+            count = len(specific["groups"])
+            return f"merged ({run.report.merge['rule']}, task-specific backbones: {count} forwards), before training"
         return f"merged ({run.report.merge['rule']}), before training"
     resolved = {Path(p).resolve() for p in experts}
     if run.path.resolve() in resolved:
@@ -83,7 +97,7 @@ def compare_runs(
                 kind=describe_run(run, expert_paths.values()),
                 path=str(run.path),
                 metrics=report.metrics,
-                parameters=sum(p.numel() for p in model.parameters()),
+                parameters=stored_size(model),
                 inference_ms=time_inference([model], images, repeats, torch_device),
             )
         )

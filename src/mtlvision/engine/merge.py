@@ -25,8 +25,10 @@ from mtlvision.engine.merging import (
     MERGE_RULES,
     LearnedRule,
     MergeRule,
+    ModulatedRule,
     Objective,
     TaskArithmetic,
+    TaskModulation,
     Ties,
     WeightAverage,
     make_rule,
@@ -54,6 +56,8 @@ class MergeReport:
     merged: list[str] = field(default_factory=list)
     averaged_buffers: list[str] = field(default_factory=list)
     copied: dict[str, str] = field(default_factory=dict)
+    #: a :class:`ModulatedRule`'s per-expert modulation of the start (the merged tensors are then the start)
+    modulation: TaskModulation | None = None
 
     def summary(self) -> dict[str, object]:
         per_task: dict[str, int] = {}
@@ -87,7 +91,8 @@ def merge_states(
     ``statistics`` gathers, for the names of the shared parameters, the data statistics a rule such as
     Fisher merging or RegMean needs (``{name: [T, ...]}``, experts in the order of ``experts``). A rule that
     learns its coefficients (AdaMerging) minimises ``objective``, a loss of ``target`` given its shared
-    tensors: ``target`` is loaded with the carried-over heads and buffers first.
+    tensors: ``target`` is loaded with the carried-over heads and buffers first. A :class:`ModulatedRule`
+    (EMR) leaves the start in the shared tensors and returns each expert's modulation in the report.
     """
     own = target.state_dict()
     parameters = {name for name, _ in target.named_parameters()}
@@ -121,7 +126,7 @@ def merge_states(
                 f"tensor {key!r} is held by the experts for {', '.join(holders)} but not by the others: it is "
                 "neither shared by all nor specific to one task"
             )
-    if combined:
+    if combined or isinstance(rule, ModulatedRule):  # a modulated rule refuses one expert itself
         if rule.needs_base and base is None:
             raise ConfigError(f"merging rule {type(rule).__name__} needs the experts' common initialisation")
         if base is not None:
@@ -136,7 +141,11 @@ def merge_states(
         stacked = {k: torch.stack([experts[task][k].float() for task in experts]) for k in combined}
         start = {k: base[k].float() for k in combined} if base is not None else None
         gathered = statistics(combined) if rule.statistics is not None and statistics is not None else None
-        if isinstance(rule, LearnedRule):
+        if isinstance(rule, ModulatedRule):
+            assert start is not None  # needs_base
+            report.modulation = rule.decompose(stacked, start, list(experts))
+            merged = start
+        elif isinstance(rule, LearnedRule):
             if objective is None or start is None:
                 raise ConfigError(
                     f"merging rule {type(rule).__name__} learns its coefficients: it needs the experts' common "

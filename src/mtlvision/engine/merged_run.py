@@ -1,5 +1,7 @@
 """Experts into one run folder (``mtlvision merge``): sources checked, shared part merged, heads carried over,
-BatchNorm statistics recomputed, the result evaluated like a trained run."""
+BatchNorm statistics recomputed, the result evaluated like a trained run. A rule with task-specific weights
+(EMR-merging) gives a :class:`TaskModulatedModel`, its BatchNorm statistics recomputed for each task's
+backbone on its own."""
 
 from __future__ import annotations
 
@@ -7,16 +9,16 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from mtlvision.config import parse_override
+from mtlvision.config import RunConfig, parse_override
 from mtlvision.engine.build import build_model, build_tasks, load_model
 from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
 from mtlvision.engine.job import evaluate_splits, evaluation_loader, input_size
-from mtlvision.engine.merge import has_batch_norm, make_rule, merge_states, recompute_batch_norm
+from mtlvision.engine.merge import MergeReport, has_batch_norm, make_rule, merge_states, recompute_batch_norm
 from mtlvision.engine.merging.adamerging import AdaMerging
 from mtlvision.engine.merging.base import DataRule, LearnedRule
 from mtlvision.engine.merging.entropy import PREDICTION_ENTROPY
@@ -35,6 +37,7 @@ from mtlvision.engine.runs import (
 from mtlvision.errors import MtlvisionError
 from mtlvision.models import MultiTaskModel
 from mtlvision.models.complexity import model_complexity
+from mtlvision.models.modulated import ModulationLayout, TaskModulatedModel
 
 
 def merge_sources(sources: Sequence[str | Path]) -> list[Run]:
@@ -161,6 +164,36 @@ def test_time_objective(runs: Sequence[Run], rule: AdaMerging, model: MultiTaskM
     )
 
 
+def task_modulated(
+    config: RunConfig, model: MultiTaskModel, rule: str, groups: Sequence[Sequence[str]], report: MergeReport
+) -> TaskModulatedModel:
+    """The :class:`TaskModulatedModel` of a modulated merge: ``model`` holds the start and the heads, ``report``
+    each group's modulation; with BatchNorm, each group's statistics are recomputed on the train split with
+    that group's backbone on its own (``model`` is left with the last group's weights)."""
+    modulation = report.modulation
+    assert modulation is not None
+    statistics = tuple(report.averaged_buffers) if has_batch_norm(model) else ()
+    layout = ModulationLayout(
+        rule=rule, groups=tuple(tuple(g) for g in groups), modulated=tuple(modulation.unified), statistics=statistics
+    )
+    modulated = cast(
+        TaskModulatedModel, build_model(config, list(model.tasks.values()), load_init=False, layout=layout)
+    )
+    missing, unexpected = modulated.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("modulation.") for k in missing)
+    per_group: list[dict[str, torch.Tensor]] = []
+    if statistics:
+        device = resolve_device(config.train.device)
+        base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        loader, _ = evaluation_loader(config, model, "train")
+        for g in range(len(groups)):
+            model.load_state_dict({**base, **modulation.task_weights(base, g)})
+            recompute_batch_norm(model.to(device), (batch["image"] for batch in loader), device)
+            per_group.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in statistics})
+    modulated.set_modulation(modulation.unified, modulation.masks, modulation.rescalers, per_group)
+    return modulated.eval()
+
+
 def merge_experts(
     experts: Sequence[str | Path],
     out: str | Path,
@@ -197,7 +230,11 @@ def merge_experts(
     state, merge_report = merge_states(model, states, merging, base, gather, objective)
     merge_seconds = time.perf_counter() - started
     model.load_state_dict(state)
-    if has_batch_norm(model):
+    if merge_report.modulation is not None:
+        model = task_modulated(
+            config, model, rule, [[e.name for e in r.config.tasks or []] for r in runs], merge_report
+        )
+    elif has_batch_norm(model):
         device = resolve_device(config.train.device)
         model.to(device)
         loader, _ = evaluation_loader(config, model, "train")
@@ -218,11 +255,35 @@ def merge_experts(
             "experts": {name: str(run.path) for name, run in zip(states, runs)},
             "base": describe_base(runs, base),
             "merge_seconds": round(merge_seconds, 3),
-            "batch_norm": "recomputed on the train split" if has_batch_norm(model) else "none in the model",
+            "batch_norm": batch_norm_record(model),
             **merge_report.summary(),
+            **({"task_specific": task_specific_record(model, merge_report)} if merge_report.modulation else {}),
             **({"learned": merging.learned} if isinstance(merging, LearnedRule) else {}),
         },
         **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
     )
     report.save(run_dir)
     return Run(path=run_dir, config=config, report=report)
+
+
+def batch_norm_record(model: MultiTaskModel) -> str:
+    """How the merged model's BatchNorm statistics were made, for the report."""
+    if not has_batch_norm(model):
+        return "none in the model"
+    if isinstance(model, TaskModulatedModel):
+        return "recomputed on the train split for each task's backbone on its own"
+    return "recomputed on the train split"
+
+
+def task_specific_record(model: MultiTaskModel, report: MergeReport) -> dict[str, Any]:
+    """What a modulated merge stores and runs: groups, rescalers, the fraction of entries each mask keeps, sizes."""
+    assert isinstance(model, TaskModulatedModel) and report.modulation is not None
+    masks = report.modulation.masks.values()
+    total = sum(m[0].numel() for m in masks)
+    kept = [sum(int(m[g].sum()) for m in masks) / total for g in range(len(model.layout.groups))]
+    return {
+        "groups": [list(g) for g in model.layout.groups],
+        "rescalers": [round(float(v), 6) for v in report.modulation.rescalers],
+        "mask_density": [round(v, 6) for v in kept],
+        "storage": model.storage(),
+    }

@@ -1,6 +1,6 @@
 """Merging rules, one module each, registered in :data:`MERGE_RULES` (``mtlvision list merges``)."""
 
-from mtlvision.engine.merging import adamerging, arithmetic, dare, fisher, iso, model_stock, regmean, ties, tsv
+from mtlvision.engine.merging import adamerging, arithmetic, dare, emr, fisher, iso, model_stock, regmean, ties, tsv
 from mtlvision.engine.merging.adamerging import AdaMerging
 from mtlvision.engine.merging.arithmetic import TaskArithmetic, WeightAverage
 from mtlvision.engine.merging.base import (
@@ -9,11 +9,14 @@ from mtlvision.engine.merging.base import (
     FlatRule,
     LearnedRule,
     MergeRule,
+    ModulatedRule,
     Objective,
+    TaskModulation,
     TensorRule,
     make_rule,
 )
 from mtlvision.engine.merging.dare import DareTaskArithmetic, DareTies
+from mtlvision.engine.merging.emr import EmrMerging
 from mtlvision.engine.merging.fisher import FisherMerging
 from mtlvision.engine.merging.iso import IsoC, IsoCTS
 from mtlvision.engine.merging.model_stock import ModelStock
@@ -27,6 +30,7 @@ __all__ = [
     "DareTaskArithmetic",
     "DareTies",
     "DataRule",
+    "EmrMerging",
     "FisherMerging",
     "FlatRule",
     "IsoC",
@@ -34,9 +38,11 @@ __all__ = [
     "LearnedRule",
     "MergeRule",
     "ModelStock",
+    "ModulatedRule",
     "Objective",
     "RegMean",
     "TaskArithmetic",
+    "TaskModulation",
     "TaskSingularVectors",
     "TensorRule",
     "Ties",
@@ -44,6 +50,7 @@ __all__ = [
     "adamerging",
     "arithmetic",
     "dare",
+    "emr",
     "fisher",
     "iso",
     "make_rule",

@@ -5,13 +5,15 @@ A rule receives the experts' shared parameters tensor by tensor, each stacked ov
 that needs none); it returns the merged tensor of every name. Two helpers cover the two kinds of rules in
 the papers: :class:`FlatRule` sees all tensors flattened into one row per expert (TIES trims over the whole
 task vector), :class:`TensorRule` merges one tensor at a time (TSV-M, Iso-C and Model Stock work per layer).
+A :class:`ModulatedRule` (EMR-merging) gives no single set of weights but one per task, as a
+:class:`TaskModulation` of the common start.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -83,6 +85,51 @@ class LearnedRule(MergeRule):
         raise ConfigError(
             f"merging rule {type(self).__name__} learns its coefficients on unlabelled batches: it needs the merged "
             "model's objective (mtlvision merge builds it from the experts' data), not only their weights"
+        )
+
+
+@dataclass
+class TaskModulation:
+    """Task-specific weights from one shared vector: expert t's tensor ``name`` is
+    ``base[name] + rescalers[t] · masks[name][t] ⊙ unified[name]``.
+
+    Attributes:
+        unified: ``{name: shape}``, the vector every expert shares.
+        masks: ``{name: [T, *shape]}`` booleans, where each expert keeps the unified vector.
+        rescalers: ``[T]``, each expert's scale.
+    """
+
+    unified: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    rescalers: Tensor
+
+    def task_weights(self, base: Mapping[str, Tensor], task: int) -> dict[str, Tensor]:
+        """Expert ``task``'s tensors (index in the experts' order) rebuilt from ``base``."""
+        scale = float(self.rescalers[task])
+        return {k: base[k] + scale * self.masks[k][task] * v for k, v in self.unified.items()}
+
+
+class ModulatedRule(MergeRule):
+    """A rule whose result is one set of weights per expert (:meth:`decompose`), not one merged set: the
+    merged run keeps the start, the shared vector and each expert's modulation, and runs one forward per
+    expert (:class:`mtlvision.models.modulated.TaskModulatedModel`)."""
+
+    needs_base: ClassVar[bool] = True
+
+    @abstractmethod
+    def decompose(self, experts: Mapping[str, Tensor], base: Mapping[str, Tensor], names: list[str]) -> TaskModulation:
+        """Args: experts: ``{name: [T, *shape]}``; base: ``{name: shape}``; names: the experts' names in
+        order (for error messages). Returns the modulation of ``base`` that gives each expert's weights."""
+
+    def merge(
+        self,
+        experts: Mapping[str, Tensor],
+        base: Mapping[str, Tensor] | None,
+        statistics: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        raise ConfigError(
+            f"merging rule {type(self).__name__} gives task-specific weights (one backbone per task), not one merged "
+            "set: use decompose(), as mtlvision merge does"
         )
 
 

@@ -18,6 +18,7 @@ from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, Task
 from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.checkpoint import load_weights, read_weights
+from mtlvision.engine.merging.wemoe import rebuild as rebuild_wemoe
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
 from mtlvision.errors import CheckpointError, ConfigError, DataError
 from mtlvision.models import MultiTaskModel
@@ -294,5 +295,6 @@ def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
     """The trained model of a run folder (best weights, in eval mode) and its config."""
     run = run if isinstance(run, Run) else Run.load(run)
     model = build_model(run.config, build_tasks(run.config), load_init=False)
+    rebuild_wemoe(model, run.path)  # a WEMoE merge's upscaled blocks (nothing for any other run)
     load_weights(model, run.path / WEIGHTS_NAME)
     return model.eval(), run.config

@@ -252,3 +252,18 @@ def test_refusals_name_the_problem(tmp_path) -> None:
     (tmp_path / LAYOUT_NAME).write_text('{"blocks": ["architecture.nowhere"], "experts": 2, "hidden_layers": 2}')
     with pytest.raises(ConfigError, match="not in the run's model"):
         rebuild(_block_model(0), tmp_path)
+
+
+@pytest.mark.slow
+def test_the_routed_model_exports_to_onnx_and_onnxruntime_reproduces_it(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from mtlvision.export import export_onnx
+
+    rule = WEMoE(steps=1)
+    model, _ = _merged_wemoe(rule)
+    with torch.no_grad():  # routing that differs per sample
+        for name, p in model.named_parameters():
+            if ".router." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    report = export_onnx(model.eval(), tmp_path / "wemoe.onnx", (16, 16), check_batch=3)
+    assert report.outputs == ["cls"] and report.max_abs_difference < 1e-4

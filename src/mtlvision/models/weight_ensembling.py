@@ -190,10 +190,10 @@ class WeightEnsemblingBlock(nn.Module):
         finally:
             self.routing.weights = None
 
-    def routed_layers(self) -> Iterator[tuple[str, nn.Module]]:
+    def routed_layers(self) -> Iterator[tuple[str, RoutedConv2d | RoutedLinear | RoutedBatchNorm2d]]:
         """``(name inside the original block, routed layer)`` of every routed layer."""
         for name, module in self.block.named_modules():
-            if isinstance(module, tuple(ROUTED_LAYERS.values())):
+            if isinstance(module, RoutedConv2d | RoutedLinear | RoutedBatchNorm2d):
                 yield name, module
 
 
@@ -208,7 +208,7 @@ def _route_layers(module: nn.Module, experts: int, routing: Routing) -> nn.Modul
     for name, child in list(module.named_children()):
         routed = ROUTED_LAYERS.get(type(child))
         if routed is not None:
-            setattr(module, name, routed(child, experts, routing))  # type: ignore[call-arg]
+            setattr(module, name, routed(child, experts, routing))
         elif any(True for _ in child.parameters(recurse=False)):
             raise ConfigError(
                 f"wemoe cannot route the {type(child).__name__} {name!r} of a {type(module).__name__}: it routes "
@@ -246,9 +246,7 @@ def load_experts(model: nn.Module, names: list[str], base: dict[str, Tensor], ve
     """Give the upscaled blocks ``names`` of ``model`` their start θ_0 (``base``) and task vectors
     (``vectors[key]: [T, *shape]``), both keyed by the parameter names of the model before upscaling."""
     for name in names:
-        block = model.get_submodule(name)
-        assert isinstance(block, WeightEnsemblingBlock)
-        for local, layer in block.routed_layers():
+        for local, layer in block_of(model, name).routed_layers():
             target = layer if isinstance(layer, RoutedBatchNorm2d) else layer.layer
             for param, vector in (("weight", "vectors"), ("bias", "bias_vectors")):
                 key = f"{name}.{local}.{param}"
@@ -256,3 +254,11 @@ def load_experts(model: nn.Module, names: list[str], base: dict[str, Tensor], ve
                     continue
                 getattr(target, param).copy_(base[key])
                 getattr(layer, vector).copy_(vectors[key])
+
+
+def block_of(model: nn.Module, name: str) -> WeightEnsemblingBlock:
+    """The upscaled block ``name`` of ``model``."""
+    block = model.get_submodule(name)
+    if not isinstance(block, WeightEnsemblingBlock):
+        raise ConfigError(f"{name} is a {type(block).__name__}, not an upscaled weight-ensembling block")
+    return block

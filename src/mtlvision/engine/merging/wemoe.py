@@ -25,7 +25,7 @@ from mtlvision.errors import ConfigError
 from mtlvision.models.weight_ensembling import (
     BLOCK_KINDS,
     HIDDEN_LAYERS,
-    WeightEnsemblingBlock,
+    block_of,
     load_experts,
     upscalable_blocks,
     upscale,
@@ -117,18 +117,14 @@ class WEMoE(MergeRule):
         load_experts(model, self.blocks, start, vectors)
         generator = torch.Generator().manual_seed(self.seed)
         for name in self.blocks:
-            block = model.get_submodule(name)
-            assert isinstance(block, WeightEnsemblingBlock)
-            block.router.reset(generator)
+            block_of(model, name).router.reset(generator)
         return self.blocks
 
     def learn_routers(self, model: nn.Module, objective: Objective) -> None:
         """Adam on the routers' parameters alone, minimising ``objective`` (given those parameters)."""
         model.requires_grad_(False)
         routers = {
-            f"{name}.router.{k}": p
-            for name in self.blocks
-            for k, p in model.get_submodule(name).router.named_parameters()
+            f"{name}.router.{k}": p for name in self.blocks for k, p in block_of(model, name).router.named_parameters()
         }
         for parameter in routers.values():
             parameter.requires_grad_(True)
@@ -140,7 +136,6 @@ class WEMoE(MergeRule):
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-        model.requires_grad_(False)
         self.learned = {
             "objective_first_step": losses[0],
             "objective_last_step": losses[-1],

@@ -206,6 +206,8 @@ def test_routers_learnt_on_unlabelled_images_lower_the_entropy_deterministically
         objective = EntropyObjective(model, images, batch_size=8, batches=1, seed=rule.seed)
         rule.learn_routers(model, objective)
         assert rule.learned["objective_last_step"] < rule.learned["objective_first_step"]
+        (routing,) = rule.learned["mean_routing_per_block"].values()
+        assert len(routing) == 2 and routing != [0.3, 0.3]  # moved from the initial λ
         learnt.append({k: v.clone() for k, v in model.state_dict().items() if ".router." in k})
     assert learnt[0].keys() and all(torch.equal(learnt[0][k], learnt[1][k]) for k in learnt[0])
 

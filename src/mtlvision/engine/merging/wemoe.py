@@ -141,7 +141,25 @@ class WEMoE(MergeRule):
             "objective_last_step": losses[-1],
             "upscaled_blocks": list(self.blocks),
             "router_parameters": sum(p.numel() for p in routers.values()),
+            "mean_routing_per_block": self._mean_routing(model, objective, routers),
         }
+
+    def _mean_routing(self, model: nn.Module, objective: Objective, routers: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Each block's routing weights (per expert, in the order of the experts) averaged over one more batch."""
+        seen: dict[str, list[Tensor]] = {}
+        hooks = [
+            block_of(model, name).router.register_forward_hook(
+                lambda _m, _i, out, name=name: seen.setdefault(name, []).append(out.detach())
+            )
+            for name in self.blocks
+        ]
+        try:
+            with torch.no_grad():
+                objective(routers)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {name: [round(float(v), 4) for v in torch.cat(seen[name]).mean(0)] for name in self.blocks}
 
     def layout(self, experts: int) -> dict[str, Any]:
         """What a loader needs to rebuild the upscaled model (written as ``wemoe.json``)."""

@@ -9,9 +9,13 @@ hidden layers of the block's input width, ReLU) applied to every token (ViT) or 
 per sample as in the reference code; it is initialised with weights N(0, 0.01²), zero hidden biases and an
 output bias of ``init`` (λ = 0.3), so that at the start θ(x) ≈ θ_0 + λ Σ_t τ_t: task arithmetic.
 
-Every layer is linear in its weights, so a routed layer never assembles the per-sample weights:
-``layer(x; θ_0 + Σ_t r_t τ_t) = layer(x; θ_0) + Σ_t r_t layer_lin(x; τ_t)``, the T task vectors applied
-in one batched call (convolutions stacked along the output channels, groups kept) and weighted per sample.
+A routed convolution never assembles per-sample weights: it is linear in its weights, so
+``conv(x; θ_0 + Σ_t r_t τ_t) = conv(x; θ_0) + Σ_t r_t conv_lin(x; τ_t)``, the T task vectors applied in one
+batched call (stacked along the output channels, groups kept) and weighted per sample: T + 1 times the
+convolution's work, with a fixed number of groups (so the graph exports with a dynamic batch). A routed
+linear layer (a ViT's MLP, one routing per sample for all its tokens) assembles each sample's weights
+instead (T·out·in per sample) and applies them in one batched product: with many tokens that costs far
+less than T more products.
 Routed layers: Conv2d, Linear and BatchNorm2d (its affine part; the normalisation statistics are the
 block's own, as for every merged BatchNorm). Blocks are the residual blocks of ResNets (timm and
 torchvision ``BasicBlock``/``Bottleneck``) and the MLPs of ViT blocks (timm ``Mlp``), the modules the paper
@@ -120,12 +124,13 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.routing.get()
-        experts, out_features = self.vectors.shape[:2]
-        delta = F.linear(x, self.vectors.flatten(0, 1)).unflatten(-1, (experts, out_features))
-        weights = r.view(r.shape[0], *([1] * (x.dim() - 2)), experts, 1)
-        y = self.layer(x) + (weights * delta).sum(-2)
-        if self.bias_vectors is not None:
-            y = y + (r @ self.bias_vectors).view(r.shape[0], *([1] * (x.dim() - 2)), out_features)
+        # per-sample weights [B, out, in]: T·out·in per sample to assemble, cheaper than T more products when a
+        # sample has many tokens (a ViT's 197), and one batched product
+        weight = self.layer.weight + torch.einsum("bt,toi->boi", r, self.vectors)
+        y = torch.einsum("b...i,boi->b...o", x, weight)
+        if self.layer.bias is not None and self.bias_vectors is not None:
+            bias = self.layer.bias + r @ self.bias_vectors
+            y = y + bias.view(r.shape[0], *([1] * (x.dim() - 2)), -1)
         return y
 
 

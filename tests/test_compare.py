@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from mtlvision import api, cli
@@ -100,6 +101,8 @@ def test_experts_from_a_given_start_are_merged_with_data_rules_and_other_starts_
     first = Baselines.load(pipeline["baselines"]).expert_runs()
     with pytest.raises(MtlvisionError, match="did not start from one initialisation.*model.init="):
         api.merge([first["count"], experts["segmentation"]], out / "m-mixed", rule="tsv_m")
+    with pytest.raises(MtlvisionError, match="did not start from one initialisation.*'wemoe'"):
+        api.merge([first["count"], experts["segmentation"]], out / "m-mixed-wemoe", rule="wemoe")
 
 
 @pytest.mark.slow
@@ -200,6 +203,50 @@ def test_adamerging_learns_coefficients_on_test_images_and_records_them(pipeline
         assert 0 <= first <= 1 and 0 <= second <= 1
         expected = init[key] + first * (trained[0][key] - init[key]) + second * (trained[1][key] - init[key])
         torch.testing.assert_close(weights[key], expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_wemoe_merge_is_rebuilt_by_eval_compare_and_predict(pipeline: dict[str, Path], capsys) -> None:
+    out = pipeline["out"] / "m-wemoe"
+    settings = ["steps=2", "batch_size=4", "lr=0.01"]
+    command = ["merge", str(pipeline["baselines"].parent), "--rule", "wemoe", "--set", *settings, "--out", str(out)]
+    assert cli.main(command) == 0
+    assert "wemoe" in capsys.readouterr().out
+    record = Run.load(out).report.merge
+    blocks = [f"architecture.backbone.stages.{s}.layer{s}.{i}" for s in range(1, 5) for i in (0, 1)]
+    assert record["rule"] == "wemoe" and record["learned"]["upscaled_blocks"] == blocks
+    assert (out / "wemoe.json").is_file()
+    # routed blocks keep θ_0 and both task vectors; the stem outside them is task arithmetic (λ = 0.3)
+    experts = Baselines.load(pipeline["baselines"]).expert_runs()
+    init = load_file(str(experts["count"] / INIT_WEIGHTS_NAME))
+    trained = [load_file(str(experts[t] / "model.safetensors")) for t in ("count", "segmentation")]
+    weights = load_file(str(out / "model.safetensors"))
+    conv = "architecture.backbone.stages.1.layer1.0"
+    assert torch.equal(weights[f"{conv}.block.conv1.layer.weight"], init[f"{conv}.conv1.weight"])
+    vectors = torch.stack([t[f"{conv}.conv1.weight"] - init[f"{conv}.conv1.weight"] for t in trained])
+    torch.testing.assert_close(weights[f"{conv}.block.conv1.vectors"], vectors)
+    stem = "architecture.backbone.stages.0.conv1.weight"
+    torch.testing.assert_close(weights[stem], init[stem] + 0.3 * sum(t[stem] - init[stem] for t in trained))
+    # every loader rebuilds the upscaled model: evaluation gives the merge's metrics, compare counts T task vectors
+    recorded = Run.load(out).report.metrics
+    evaluated = api.evaluate(out).metrics
+    assert evaluated.keys() == recorded.keys()
+    assert all(evaluated[task] == pytest.approx(recorded[task], abs=1e-6) for task in recorded)
+    model, _ = api.load_model(out)
+    plain, _ = api.load_model(pipeline["merged"])
+    in_blocks = sum(p.numel() for b in blocks for p in plain.get_submodule(b).parameters())
+    routers = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert parameters == sum(p.numel() for p in plain.parameters()) + 2 * in_blocks + routers
+    comparison = api.compare([out], repeats=1, batch_size=2)
+    assert comparison.runs[0].parameters == parameters and comparison.runs[0].inference_ms > 0
+    assert comparison.delta(comparison.runs[0]).overall == pytest.approx(Run.load(out).report.delta_m["overall"])
+    image = pipeline["out"] / "wemoe-input.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(image)
+    predictions = api.predict(out, [image], pipeline["out"] / "wemoe-preds")
+    assert len(predictions) == 1 and set(predictions[0]["tasks"]) == {"count", "segmentation"}
+    with pytest.raises(MtlvisionError, match="WEMoE merge"):
+        api.train("scenes", {**TINY, "model.init": str(out)}, out=pipeline["out"], name="from-wemoe")
 
 
 def run_model_parameters(path: Path) -> list[tuple[str, torch.nn.Parameter]]:

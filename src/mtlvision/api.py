@@ -198,7 +198,8 @@ def merge(experts: Sequence[str | Path], out: str | Path, rule: str = "average",
     ``experts`` are run folders (or a baselines folder standing for its experts); ``rule`` is a name of
     :data:`~mtlvision.engine.merge.MERGE_RULES` with ``hparams`` (a mapping or ``KEY=VALUE`` strings).
     The BatchNorm statistics are recomputed on the training split; ``out`` becomes a normal run folder,
-    evaluated like a trained run, that ``eval``, ``predict`` and ``train --set model.init=OUT`` accept. With
+    evaluated like a trained run, that ``eval``, ``predict`` and ``train --set model.init=OUT`` accept (``wemoe``
+    upscales blocks into routed mixtures, recorded in ``OUT/wemoe.json``: loaders rebuild it, training refuses it). With
     ``rule="emr"`` (EMR-merging) each task keeps its own backbone, rebuilt from one start, a unified task
     vector, a mask and a rescaler: ``eval``, ``predict`` and ``compare`` accept it, export and
     ``model.init=OUT`` refuse it, and BatchNorm is recomputed per task.

@@ -200,6 +200,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"{merge['merged_tensors']} shared tensors combined in {merge['merge_seconds']:.1f}s, heads carried over; "
         f"BatchNorm {merge['batch_norm']}; experts' start: {merge['base']}"
     )
+    if upscaled := (merge.get("learned") or {}).get("upscaled_blocks"):
+        console.print(f"{len(upscaled)} blocks upscaled into routed mixtures of the task vectors (wemoe.json)")
     _print_report(run.evaluated)
     console.print(f"Merged run saved in [bold]{run.path}[/]")
     return 0
@@ -352,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         help="the rule's hyper-parameters, e.g. scale=0.5 (task_arithmetic), density=0.2 (ties), alpha=1.2 "
         "(iso_c), samples=64 (fisher, regmean: training samples each expert's statistics are gathered on), "
-        "granularity=task steps=100 regression=expert (adamerging)",
+        "granularity=task steps=100 regression=expert (adamerging), hidden_layers=1 steps=200 lr=1e-3 (wemoe)",
     )
     mg.set_defaults(handler=cmd_merge)
 

@@ -19,6 +19,8 @@ from mtlvision.data.datasets import DATASETS, DatasetParams, DatasetSource, Task
 from mtlvision.data.guard import SkipBadSamples, guard_split
 from mtlvision.data.transforms import JointTransform, build_transforms, target_specs
 from mtlvision.engine.checkpoint import load_weights, modulation_layout, read_weights
+from mtlvision.engine.merging.wemoe import LAYOUT_NAME as WEMOE_LAYOUT
+from mtlvision.engine.merging.wemoe import rebuild as rebuild_wemoe
 from mtlvision.engine.runs import WEIGHTS_NAME, Run
 from mtlvision.errors import CheckpointError, ConfigError, DataError
 from mtlvision.models import MultiTaskModel
@@ -91,6 +93,12 @@ def init_run(config: RunConfig) -> Path | None:
         )
     if not (path / WEIGHTS_NAME).is_file():
         raise ConfigError(f"model.init={value!r}: the run folder {path} holds no {WEIGHTS_NAME} to start from.")
+    if (path / WEMOE_LAYOUT).is_file():
+        raise ConfigError(
+            f"model.init={value!r}: {path} is a WEMoE merge ({WEMOE_LAYOUT}): its residual blocks are routed mixtures "
+            "of the experts' task vectors, not plain weights a model can start from; start from a merge by another "
+            "rule (e.g. task_arithmetic)"
+        )
     return path
 
 
@@ -310,5 +318,6 @@ def load_model(run: str | Path | Run) -> tuple[MultiTaskModel, RunConfig]:
     path = run.path / WEIGHTS_NAME
     layout = modulation_layout(path) if path.is_file() else None
     model = build_model(run.config, build_tasks(run.config), load_init=False, layout=layout)
+    rebuild_wemoe(model, run.path)  # a WEMoE merge's upscaled blocks (nothing for any other run)
     load_weights(model, path)
     return model.eval(), run.config

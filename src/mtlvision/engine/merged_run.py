@@ -24,6 +24,7 @@ from mtlvision.engine.merging.base import DataRule, LearnedRule
 from mtlvision.engine.merging.entropy import PREDICTION_ENTROPY
 from mtlvision.engine.merging.statistics import collect_statistics
 from mtlvision.engine.merging.test_time import EntropyObjective, stack_images
+from mtlvision.engine.merging.wemoe import WEMoE, save_layout
 from mtlvision.engine.runs import (
     BASELINES_NAME,
     INIT_WEIGHTS_NAME,
@@ -139,9 +140,9 @@ def expert_statistics(runs: Sequence[Run], rule: DataRule) -> Callable[[Sequence
     return gather
 
 
-def test_time_objective(runs: Sequence[Run], rule: AdaMerging, model: MultiTaskModel) -> EntropyObjective:
-    """AdaMerging's objective for ``model``: the images of the experts' ``rule.split`` (unlabelled: only the
-    images are read) and, with ``regression=expert``, the experts of the tasks that define no entropy."""
+def test_time_objective(runs: Sequence[Run], rule: AdaMerging | WEMoE, model: MultiTaskModel) -> EntropyObjective:
+    """AdaMerging's (and WEMoE's) objective for ``model``: the images of the experts' ``rule.split`` (unlabelled:
+    only the images are read) and, with ``regression=expert``, the experts of the tasks that define no entropy."""
     config = runs[0].config
     loader, _ = evaluation_loader(config, model, rule.split)
     images = stack_images((batch["image"] for batch in loader), f"the {rule.split} split of the experts' data")
@@ -227,9 +228,16 @@ def merge_experts(
     started = time.perf_counter()
     gather = expert_statistics(runs, merging) if isinstance(merging, DataRule) else None
     objective = test_time_objective(runs, merging, model) if isinstance(merging, AdaMerging) else None
-    state, merge_report = merge_states(model, states, merging, base, gather, objective)
+    if isinstance(merging, WEMoE):
+        assert base is not None  # WEMoE needs the base, which common_init gave
+        state, merge_report = merge_states(model, states, merging.arithmetic(), base)
+        model.load_state_dict(state)
+        merging.upscale(model, states, base, merge_report.merged)
+        merging.learn_routers(model, test_time_objective(runs, merging, model))
+    else:
+        state, merge_report = merge_states(model, states, merging, base, gather, objective)
+        model.load_state_dict(state)
     merge_seconds = time.perf_counter() - started
-    model.load_state_dict(state)
     if merge_report.modulation is not None:
         model = task_modulated(
             config, model, rule, [[e.name for e in r.config.tasks or []] for r in runs], merge_report
@@ -242,6 +250,8 @@ def merge_experts(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     save_weights(model, run_dir / WEIGHTS_NAME)
+    if isinstance(merging, WEMoE):
+        save_layout(run_dir, merging.layout(len(states)))
     split = config.train.eval_split
     metrics = evaluate_splits(config, model, ["val", split])
     report = RunReport(
@@ -258,7 +268,7 @@ def merge_experts(
             "batch_norm": batch_norm_record(model),
             **merge_report.summary(),
             **({"task_specific": task_specific_record(model, merge_report)} if merge_report.modulation else {}),
-            **({"learned": merging.learned} if isinstance(merging, LearnedRule) else {}),
+            **({"learned": merging.learned} if isinstance(merging, LearnedRule | WEMoE) else {}),
         },
         **delta_m_against(Baselines.for_run(run_dir, config), config, tasks, metrics[split], split),
     )

@@ -1,6 +1,6 @@
 """Merging rules, one module each, registered in :data:`MERGE_RULES` (``mtlvision list merges``)."""
 
-from mtlvision.engine.merging import adamerging, arithmetic, dare, emr, fisher, iso, model_stock, regmean, ties, tsv
+from mtlvision.engine.merging import adamerging, arithmetic, dare, emr, fisher, iso, model_stock, regmean, ties, tsv, wemoe
 from mtlvision.engine.merging.adamerging import AdaMerging
 from mtlvision.engine.merging.arithmetic import TaskArithmetic, WeightAverage
 from mtlvision.engine.merging.base import (
@@ -23,6 +23,7 @@ from mtlvision.engine.merging.model_stock import ModelStock
 from mtlvision.engine.merging.regmean import RegMean
 from mtlvision.engine.merging.ties import Ties
 from mtlvision.engine.merging.tsv import TaskSingularVectors
+from mtlvision.engine.merging.wemoe import WEMoE
 
 __all__ = [
     "MERGE_RULES",
@@ -46,6 +47,7 @@ __all__ = [
     "TaskSingularVectors",
     "TensorRule",
     "Ties",
+    "WEMoE",
     "WeightAverage",
     "adamerging",
     "arithmetic",
@@ -58,4 +60,5 @@ __all__ = [
     "regmean",
     "ties",
     "tsv",
+    "wemoe",
 ]

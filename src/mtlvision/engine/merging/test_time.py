@@ -73,9 +73,9 @@ class EntropyObjective:
                 continue
             if regression != "expert":
                 raise ConfigError(
-                    f"AdaMerging minimises prediction entropy, which task {name!r} ({task.kind}, a regression) does "
-                    "not define; set regression=expert to fit it to its own expert's outputs on the same images "
-                    "instead (a label-free surrogate, not the paper's), or merge with another rule"
+                    f"AdaMerging and WEMoE minimise prediction entropy, which task {name!r} ({task.kind}, a "
+                    "regression) does not define; set regression=expert to fit it to its own expert's outputs on the "
+                    "same images instead (a label-free surrogate, not the paper's), or merge with another rule"
                 )
             expert = (experts or {}).get(name)
             if expert is None:

@@ -6,6 +6,7 @@ from mtlvision.engine.merging.arithmetic import TaskArithmetic, WeightAverage
 from mtlvision.engine.merging.base import (
     MERGE_RULES,
     DataRule,
+    DataUse,
     FlatRule,
     LearnedRule,
     MergeRule,
@@ -27,6 +28,7 @@ __all__ = [
     "DareTaskArithmetic",
     "DareTies",
     "DataRule",
+    "DataUse",
     "FisherMerging",
     "FlatRule",
     "IsoC",

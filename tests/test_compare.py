@@ -249,6 +249,52 @@ def test_wemoe_merge_is_rebuilt_by_eval_compare_and_predict(pipeline: dict[str, 
         api.train("scenes", {**TINY, "model.init": str(out)}, out=pipeline["out"], name="from-wemoe")
 
 
+@pytest.mark.slow
+def test_merge_data_gives_the_images_a_rule_learns_on_and_is_recorded(pipeline: dict[str, Path], capsys) -> None:
+    source, out = str(pipeline["baselines"].parent), pipeline["out"]
+    ada = ["--rule", "adamerging", "--set", "steps=1", "batch_size=4", "batches=1", "granularity=task"]
+    tiny_data = [f"{key}={value}" for key, value in TINY.items() if key.startswith("data.")]
+    runs = {name: out / f"d-{name}" for name in ("own", "same", "other")}
+    assert cli.main(["merge", source, *ada, "--out", str(runs["own"])]) == 0
+    assert (
+        cli.main(["merge", source, *ada, "--data", "scenes", "--data-set", *tiny_data, "--out", str(runs["same"])]) == 0
+    )
+    other = ["--data", "multimnist", "--data-set", "data.test_size=8", "--out", str(runs["other"])]
+    assert cli.main(["merge", source, *ada, *other]) == 0
+    records = {name: Run.load(path).report.merge for name, path in runs.items()}
+    assert records["own"]["data"] == {
+        "source": "the experts' data",
+        "dataset": "each expert's own",
+        "split": "test",
+        "labels": False,
+    }
+    assert records["other"]["data"] == {
+        "source": "multimnist",
+        "dataset": "multimnist",
+        "split": "test",
+        "labels": False,
+    }
+    first = {name: record["learned"]["objective_first_step"] for name, record in records.items()}
+    assert first["same"] == pytest.approx(first["own"], rel=1e-6)  # the experts' data named explicitly: same batches
+    assert first["other"] != pytest.approx(first["own"], rel=1e-3)  # MultiMNIST's images: another objective
+    capsys.readouterr()
+    assert cli.main(["merge", source, "--rule", "ties", "--data", "scenes", "--out", str(out / "d-ties")]) == 2
+    assert "merging rule 'ties' combines the experts' weights alone and reads no data" in capsys.readouterr().err
+    assert not (out / "d-ties").exists()
+
+
+@pytest.mark.slow
+def test_merge_without_out_and_compare_with_the_experts_folder(pipeline: dict[str, Path]) -> None:
+    experts = pipeline["baselines"].parent
+    assert cli.main(["merge", str(experts)]) == 0  # the issue's commands: out defaults to m-RULE beside the experts
+    merged = experts.parent / "m-average"
+    assert Run.load(merged).report.merge["rule"] == "average"
+    comparison = api.compare([experts, merged], repeats=1, batch_size=2)
+    assert [e.label for e in comparison.entries] == ["2 experts", "m-average"]
+    with pytest.raises(MtlvisionError, match="one set of experts"):
+        api.compare([experts, merged], pipeline["baselines"], repeats=1)
+
+
 def run_model_parameters(path: Path) -> list[tuple[str, torch.nn.Parameter]]:
     model, _ = api.load_model(path)
     return list(model.named_parameters())

@@ -192,21 +192,37 @@ def check_data(
     return check_config_data(config(source, overrides), splits, progress=progress)
 
 
-def merge(experts: Sequence[str | Path], out: str | Path, rule: str = "average", hparams: Overrides = None) -> Run:
+def merge(
+    experts: Sequence[str | Path],
+    out: str | Path | None = None,
+    rule: str = "average",
+    hparams: Overrides = None,
+    *,
+    data: ConfigSource = None,
+    data_overrides: Overrides = None,
+) -> Run:
     """One multi-task model from experts (``mtlvision merge``): heads carried over, shared part merged.
 
     ``experts`` are run folders (or a baselines folder standing for its experts); ``rule`` is a name of
     :data:`~mtlvision.engine.merge.MERGE_RULES` with ``hparams`` (a mapping or ``KEY=VALUE`` strings).
-    The BatchNorm statistics are recomputed on the training split; ``out`` becomes a normal run folder,
-    evaluated like a trained run, that ``eval``, ``predict`` and ``train --set model.init=OUT`` accept (``wemoe``
-    upscales blocks into routed mixtures, recorded in ``OUT/wemoe.json``: loaders rebuild it, training refuses it). With
-    ``rule="emr"`` (EMR-merging) each task keeps its own backbone, rebuilt from one start, a unified task
-    vector, a mask and a rescaler: ``eval``, ``predict`` and ``compare`` accept it, export and
-    ``model.init=OUT`` refuse it, and BatchNorm is recomputed per task.
+    A rule that reads samples (``fisher``, ``regmean``, ``adamerging``) reads the experts' own data, or
+    ``data``: a preset name or YAML file (as :func:`train` takes, with ``data_overrides``), a mapping or a
+    :class:`RunConfig`, whose ``data`` section is read; ``data`` for a rule that reads none is refused.
+    The BatchNorm statistics are recomputed on the experts' training split; ``out`` (default: ``m-RULE``
+    beside the experts' folder) becomes a normal run folder, evaluated like a trained run, that ``eval``,
+    ``predict`` and ``train --set model.init=OUT`` accept (``wemoe`` upscales blocks into routed mixtures,
+    recorded in ``OUT/wemoe.json``: loaders rebuild it, training refuses it). With ``rule="emr"`` (EMR-merging)
+    each task keeps its own backbone, rebuilt from one start, a unified task vector, a mask and a rescaler:
+    ``eval``, ``predict`` and ``compare`` accept it, export and ``model.init=OUT`` refuse it, and BatchNorm is
+    recomputed per task.
     """
     from mtlvision.engine.merged_run import merge_experts
 
-    return merge_experts(experts, out, rule, hparams)
+    if data is None and data_overrides:
+        raise MtlvisionError("data_overrides apply to the data given with data=, and none was given")
+    given = None if data is None else config(data, data_overrides)
+    source = str(data) if isinstance(data, str | Path) else None
+    return merge_experts(experts, out, rule, hparams, data=given, data_source=source)
 
 
 def export(

@@ -193,7 +193,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from mtlvision import api
 
-    run = api.merge(args.experts, args.out, rule=args.rule, hparams=args.set or [])
+    run = api.merge(
+        args.experts, args.out, rule=args.rule, hparams=args.set or [], data=args.data, data_overrides=args.data_set
+    )
     merge = run.evaluated.merge or {}
     console.print(
         f"Merged {len(merge['experts'])} expert(s) with [bold]{merge['rule']}[/] {merge['hparams'] or ''}: "
@@ -340,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = verbs.add_parser("merge", help="one multi-task model from single-task experts (heads kept, backbone merged)")
     mg.add_argument("experts", nargs="+", help="expert run folders, or a baseline folder standing for its experts")
-    mg.add_argument("--out", required=True, help="the merged run folder to create")
+    mg.add_argument("--out", help="the merged run folder to create (default: m-RULE beside the experts' folder)")
     mg.add_argument(
         "--rule",
         default="average",
@@ -356,10 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(iso_c), samples=64 (fisher, regmean: training samples each expert's statistics are gathered on), "
         "granularity=task steps=100 regression=expert (adamerging), hidden_layers=1 steps=200 lr=1e-3 (wemoe)",
     )
+    mg.add_argument(
+        "--data",
+        metavar="PRESET_OR_YAML",
+        help="the data whose samples fisher, regmean and adamerging read (default: the experts' own data)",
+    )
+    mg.add_argument("--data-set", nargs="+", metavar="KEY=VALUE", action="extend", help="overrides for --data")
     mg.set_defaults(handler=cmd_merge)
 
     cp = verbs.add_parser("compare", help="experts vs merged, joint and distilled runs: metrics, Δm, size, speed")
-    cp.add_argument("runs", nargs="+", help="run folders")
+    cp.add_argument("runs", nargs="+", help="run folders (a baselines folder among them names the experts)")
     cp.add_argument("--baselines", help="a baselines.json or its folder (default: the first run's)")
     cp.add_argument("--out", default="compare", help="folder for compare.png, compare.md, compare.json")
     cp.add_argument("--batch-size", type=int, default=8, help="images per timed batch (default: 8)")

@@ -9,7 +9,7 @@ import torch
 
 from mtlvision.engine.build import build_split, build_tasks, load_model
 from mtlvision.engine.device import resolve_device
-from mtlvision.engine.runs import Baselines, Run, directions
+from mtlvision.engine.runs import BASELINES_NAME, Baselines, Run, directions
 from mtlvision.errors import MtlvisionError
 from mtlvision.evaluation.compare import CompareEntry, Comparison, time_inference
 from mtlvision.models import MultiTaskModel
@@ -63,8 +63,14 @@ def compare_runs(
     repeats: int = 5,
     device: str = "cpu",
 ) -> Comparison:
-    """Every run against the experts (see :func:`mtlvision.api.compare`)."""
-    loaded = [Run.load(r) for r in runs]
+    """Every run against the experts (see :func:`mtlvision.api.compare`); a baselines folder among ``runs``
+    (``mtlvision compare runs/baseline-scenes runs/m-*``) names the experts instead of a run."""
+    folders = [r for r in runs if (Path(r) / BASELINES_NAME).is_file()]
+    if len(folders) > 1 or (folders and baselines):
+        listed = ", ".join(str(f) for f in [*([baselines] if baselines else []), *folders])
+        raise MtlvisionError(f"compare takes one set of experts; got several: {listed}")
+    baselines = baselines or (folders[0] if folders else None)
+    loaded = [Run.load(r) for r in runs if r not in folders]
     if not loaded:
         raise MtlvisionError("compare needs at least one run folder")
     first = loaded[0]

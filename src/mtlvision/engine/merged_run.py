@@ -19,6 +19,7 @@ from mtlvision.engine.checkpoint import read_weights, save_weights
 from mtlvision.engine.device import resolve_device
 from mtlvision.engine.job import evaluate_splits, evaluation_loader, input_size
 from mtlvision.engine.merge import MergeReport, has_batch_norm, make_rule, merge_states, recompute_batch_norm
+from mtlvision.engine.merge_data import MergeData, merge_data
 from mtlvision.engine.merging.adamerging import AdaMerging
 from mtlvision.engine.merging.base import DataRule, LearnedRule
 from mtlvision.engine.merging.entropy import PREDICTION_ENTROPY
@@ -76,6 +77,13 @@ def check_mergeable(runs: Sequence[Run]) -> None:
         raise MtlvisionError(f"cannot merge: several experts predict task(s) {', '.join(repeated)}")
 
 
+def default_out(experts: Sequence[str | Path], rule: str) -> Path:
+    """``m-RULE`` beside the first source (``runs/baseline-scenes`` or its ``baselines.json`` -> ``runs/m-RULE``)."""
+    first = Path(experts[0])
+    folder = first.parent if first.name == BASELINES_NAME else first
+    return folder.parent / f"m-{rule}"
+
+
 def common_init(runs: Sequence[Run], rule: str) -> dict[str, torch.Tensor]:
     """The experts' common start (their ``init.safetensors``), checked to be one and the same.
 
@@ -125,27 +133,33 @@ def describe_base(runs: Sequence[Run], base: Mapping[str, torch.Tensor] | None) 
     return record
 
 
-def expert_statistics(runs: Sequence[Run], rule: DataRule) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
-    """What gathers the rule's data statistics from each expert on the first ``samples`` of its training split
-    (read as evaluation reads it: no augmentation, in order)."""
+def expert_statistics(
+    runs: Sequence[Run], rule: DataRule, data: MergeData
+) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
+    """What gathers the rule's data statistics from each expert on the first ``samples`` of ``data``'s split
+    (read as evaluation reads it: no augmentation, in order; labels only for a rule that needs them)."""
     kind, samples = str(rule.statistics), rule.samples
 
     def gather(names: Sequence[str]) -> dict[str, torch.Tensor]:
         experts = {}
         for run in runs:
             expert, config = load_model(run)
-            experts[str(run.path)] = (expert, evaluation_loader(config, expert, "train")[0])
+            experts[str(run.path)] = (expert, data.loader(config, expert))
         return collect_statistics(kind, experts, names, samples, resolve_device(runs[0].config.train.device))
 
     return gather
 
 
-def test_time_objective(runs: Sequence[Run], rule: AdaMerging | WEMoE, model: MultiTaskModel) -> EntropyObjective:
-    """AdaMerging's (and WEMoE's) objective for ``model``: the images of the experts' ``rule.split`` (unlabelled:
-    only the images are read) and, with ``regression=expert``, the experts of the tasks that define no entropy."""
+def test_time_objective(
+    runs: Sequence[Run], rule: AdaMerging | WEMoE, model: MultiTaskModel, data: MergeData
+) -> EntropyObjective:
+    """AdaMerging's (and WEMoE's) objective for ``model``: the images of ``data``'s split (``rule.split``;
+    unlabelled: only the images are read) and, with ``regression=expert``, the experts of the tasks that
+    define no entropy."""
     config = runs[0].config
-    loader, _ = evaluation_loader(config, model, rule.split)
-    images = stack_images((batch["image"] for batch in loader), f"the {rule.split} split of the experts' data")
+    images = stack_images(
+        (batch["image"] for batch in data.loader(config, model)), f"the {rule.split} split of {data.source}"
+    )
     experts: dict[str, MultiTaskModel] = {}
     if rule.regression == "expert":
         for run in runs:
@@ -197,16 +211,19 @@ def task_modulated(
 
 def merge_experts(
     experts: Sequence[str | Path],
-    out: str | Path,
+    out: str | Path | None,
     rule: str = "average",
     hparams: Mapping[str, Any] | Sequence[str] | None = None,
+    data: RunConfig | None = None,
+    data_source: str | None = None,
 ) -> Run:
-    """One multi-task run folder from experts (see :func:`mtlvision.api.merge`)."""
+    """One multi-task run folder from experts (see :func:`mtlvision.api.merge`); ``data`` (named
+    ``data_source``) replaces the experts' data where the rule reads samples (:mod:`~mtlvision.engine.merge_data`)."""
     settings = dict(hparams) if isinstance(hparams, Mapping) else dict(parse_override(h) for h in hparams or [])
     merging = make_rule(rule, settings)
     runs = merge_sources(experts)
     check_mergeable(runs)
-    run_dir = Path(out)
+    run_dir = Path(out) if out is not None else default_out(experts, rule)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise MtlvisionError(f"--out {run_dir} already exists and is not empty; choose another folder")
     first = runs[0].config
@@ -217,6 +234,7 @@ def merge_experts(
             "distill": first.distill.model_copy(update={"experts": None}),
         }
     )
+    reads = merge_data(merging, rule, config, data, data_source)
     tasks = build_tasks(config)
     model = build_model(config, tasks, load_init=False)
     own = model.state_dict()
@@ -226,14 +244,14 @@ def merge_experts(
     }
     base = common_init(runs, rule) if merging.needs_base else None
     started = time.perf_counter()
-    gather = expert_statistics(runs, merging) if isinstance(merging, DataRule) else None
-    objective = test_time_objective(runs, merging, model) if isinstance(merging, AdaMerging) else None
+    gather = expert_statistics(runs, merging, reads) if isinstance(merging, DataRule) and reads else None
+    objective = test_time_objective(runs, merging, model, reads) if isinstance(merging, AdaMerging) and reads else None
     if isinstance(merging, WEMoE):
-        assert base is not None  # WEMoE needs the base, which common_init gave
+        assert base is not None and reads is not None  # WEMoE needs the base (common_init) and test images
         state, merge_report = merge_states(model, states, merging.arithmetic(), base)
         model.load_state_dict(state)
         merging.upscale(model, states, base, merge_report.merged)
-        merging.learn_routers(model, test_time_objective(runs, merging, model))
+        merging.learn_routers(model, test_time_objective(runs, merging, model, reads))
     else:
         state, merge_report = merge_states(model, states, merging, base, gather, objective)
         model.load_state_dict(state)
@@ -265,6 +283,7 @@ def merge_experts(
             "experts": {name: str(run.path) for name, run in zip(states, runs)},
             "base": describe_base(runs, base),
             "merge_seconds": round(merge_seconds, 3),
+            **({"data": reads.record()} if reads is not None else {}),
             "batch_norm": batch_norm_record(model),
             **merge_report.summary(),
             **({"task_specific": task_specific_record(model, merge_report)} if merge_report.modulation else {}),

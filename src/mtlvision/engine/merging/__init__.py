@@ -1,11 +1,24 @@
 """Merging rules, one module each, registered in :data:`MERGE_RULES` (``mtlvision list merges``)."""
 
-from mtlvision.engine.merging import adamerging, arithmetic, dare, emr, fisher, iso, model_stock, regmean, ties, tsv, wemoe
+from mtlvision.engine.merging import (
+    adamerging,
+    arithmetic,
+    dare,
+    emr,
+    fisher,
+    iso,
+    model_stock,
+    regmean,
+    ties,
+    tsv,
+    wemoe,
+)
 from mtlvision.engine.merging.adamerging import AdaMerging
 from mtlvision.engine.merging.arithmetic import TaskArithmetic, WeightAverage
 from mtlvision.engine.merging.base import (
     MERGE_RULES,
     DataRule,
+    DataUse,
     FlatRule,
     LearnedRule,
     MergeRule,
@@ -31,6 +44,7 @@ __all__ = [
     "DareTaskArithmetic",
     "DareTies",
     "DataRule",
+    "DataUse",
     "EmrMerging",
     "FisherMerging",
     "FlatRule",

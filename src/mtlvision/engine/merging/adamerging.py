@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.engine.merging.base import MERGE_RULES, LearnedRule, Objective, check_range
+from mtlvision.engine.merging.base import MERGE_RULES, DataUse, LearnedRule, Objective, check_range
 from mtlvision.errors import ConfigError
 
 GRANULARITIES = ("task", "layer")
@@ -78,6 +78,10 @@ class AdaMerging(LearnedRule):
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "learned"}
+
+    def data_use(self) -> DataUse:
+        """The images of ``split`` (the test split by default, as in the paper), unlabelled."""
+        return DataUse(split=self.split, labels=False)
 
     def learn(
         self, experts: Mapping[str, Tensor], base: Mapping[str, Tensor], objective: Objective

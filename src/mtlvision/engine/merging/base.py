@@ -23,6 +23,15 @@ from mtlvision.errors import ConfigError
 from mtlvision.registry import Registry
 
 
+@dataclass(frozen=True)
+class DataUse:
+    """The data a rule reads, as its paper defines it: the ``split``, and whether it needs the tasks' ``labels``
+    (Fisher merging's per-sample losses) or the images alone (RegMean's inputs, AdaMerging's test batches)."""
+
+    split: str
+    labels: bool
+
+
 class MergeRule(ABC):
     """Combines the experts' stacked shared tensors ``{name: [T, *shape]}`` (and the base) into merged tensors."""
 
@@ -45,11 +54,21 @@ class MergeRule(ABC):
     def describe(self) -> dict[str, float]:
         return {k: float(v) for k, v in vars(self).items()}
 
+    def data_use(self) -> DataUse | None:
+        """The data the rule reads; None for a rule that combines the experts' weights alone."""
+        return None
+
 
 class DataRule(MergeRule):
     """A rule that needs data statistics (its ``statistics``) from each expert on ``samples`` training samples."""
 
     samples: int
+    #: the statistics come from the tasks' losses (Fisher) rather than from the images alone (RegMean)
+    needs_labels: ClassVar[bool] = False
+
+    def data_use(self) -> DataUse:
+        """The training split, as both papers gather their statistics on training data."""
+        return DataUse(split="train", labels=self.needs_labels)
 
     def check_samples(self, rule: str) -> None:
         """A clear error unless ``samples`` is a positive whole number."""

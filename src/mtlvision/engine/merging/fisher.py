@@ -33,6 +33,7 @@ class FisherMerging(DataRule):
     whose losses have other scales weigh alike (an option of FusionBench; off in the paper)."""
 
     statistics: ClassVar[str | None] = "fisher"
+    needs_labels: ClassVar[bool] = True
     samples: int = 32
     floor: float = 1e-6
     normalize: bool = False

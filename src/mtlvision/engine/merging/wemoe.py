@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mtlvision.engine.merging.adamerging import REGRESSION, SPLITS
 from mtlvision.engine.merging.arithmetic import TaskArithmetic
-from mtlvision.engine.merging.base import MERGE_RULES, MergeRule, Objective, check_range
+from mtlvision.engine.merging.base import MERGE_RULES, DataUse, MergeRule, Objective, check_range
 from mtlvision.errors import ConfigError
 from mtlvision.models.weight_ensembling import (
     BLOCK_KINDS,
@@ -75,6 +75,10 @@ class WEMoE(MergeRule):
         check_range("wemoe", "lr", self.lr, 0.0, 1.0)
         self.learned: dict[str, Any] = {}
         self.blocks: list[str] = []
+
+    def data_use(self) -> DataUse:
+        """The images of ``split`` (the test split by default, as in the paper), unlabelled: the routers' data."""
+        return DataUse(split=self.split, labels=False)
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k not in ("learned", "blocks")}

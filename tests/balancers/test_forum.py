@@ -18,7 +18,7 @@ from torch.testing import assert_close
 from mtlvision.balancers import get
 from mtlvision.balancers.bilevel import BilevelProblem
 from mtlvision.balancers.bilevel.forum import forum_weights
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, InternalError
 
 T = 3
 
@@ -202,7 +202,7 @@ def test_hyper_parameters_are_validated() -> None:
     for hparams in [{"inner_lr": 0.0}, {"inner_steps": 0}, {"inner_steps": 1.5}, {"phi": -0.1}, {"outer_lr": 0}]:
         with pytest.raises(ConfigError):
             get("forum", **hparams)
-    with pytest.raises(Exception, match="before its meta-step"):
+    with pytest.raises(InternalError, match="before its meta-step"):
         get("forum").balance(torch.ones(T), None)
 
 

@@ -212,7 +212,7 @@ class Bench:
 def _model(comparison: Comparison, entry: CompareEntry, epochs: int) -> dict[str, Any]:
     """One model's row: Δm (or why there is none), parameters and latency against the experts, epochs."""
     row: dict[str, Any] = {
-        "run": Path(entry.path).name,
+        "run": entry.label,  # the run folder's name; "T experts" for the experts
         "kind": entry.kind,
         "parameters": entry.parameters,
         "inference_ms": round(entry.inference_ms, 2),

@@ -243,3 +243,18 @@ def test_decode_and_draw_give_json_and_a_picture() -> None:
     image = np.zeros((64, 64, 3), np.uint8)
     picture = task.draw(image, decoded)
     assert picture.shape == (64, 64, 3) and picture.any()
+
+
+def test_data_checks_name_a_labelled_keypoint_outside_the_image() -> None:
+    from mtlvision.data.problems import target_problems
+
+    task = _task()
+    keypoints = torch.tensor([[[2.0, 2.0, 2.0], [30.0, 3.0, 1.0], [0.0, 0.0, 0.0], [1.0, 5.0, 2.0]]])
+    target = {"keypoints": keypoints, "boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]])}
+    problems = target_problems(task, target, "a.json", (10, 10))
+    assert [kind for kind, _ in problems] == ["point_outside"]
+    assert "a.json" in problems[0][1] and "instance 0 keypoint 1" in problems[0][1]
+    keypoints[0, 1, 2] = 0.0  # an unlabelled keypoint may lie anywhere
+    assert (
+        target_problems(task, {**target, "keypoints": keypoints * (keypoints[..., 2:] > 0)}, "a.json", (10, 10)) == []
+    )

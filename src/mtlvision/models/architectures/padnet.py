@@ -85,19 +85,19 @@ class MultiModalDistillation(Architecture):
         )
 
     def encode(self, images: Tensor) -> list[Tensor]:
-        """The backbone's features (fine to coarse), then every scale's intermediate task features (scale by
-        scale, fine to coarse, distilled tasks in order): the shared part ends where the tasks' distillations
-        begin, so every shared parameter lies before the representation."""
+        """Every scale's intermediate task features (scale by scale, fine to coarse, distilled tasks in order),
+        then the backbone's features (fine to coarse, so the last is the coarsest, as under HPS): the shared
+        part ends where the tasks' distillations begin, so every shared parameter lies before it."""
         shared = run_stages(self.stages, images)
         intermediate = [
             f for scale, x in zip(self.scales, shared) for f in cast(DistillationScale, scale).intermediate(x)
         ]
-        return [*shared, *intermediate]
+        return [*intermediate, *shared]
 
     def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
         scales, num = len(self.scales), len(self.distilled)
-        shared = representation[:scales]
-        intermediate = [representation[scales + s * num : scales + (s + 1) * num] for s in range(scales)]
+        shared = representation[scales * num :]
+        intermediate = [representation[s * num : (s + 1) * num] for s in range(scales)]
         features = {name: list(shared) for name in self.task_names}
         per_scale = [scale(x, own) for scale, x, own in zip(self.scales, shared, intermediate)]
         for index, name in enumerate(self.distilled):

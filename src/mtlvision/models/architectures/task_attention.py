@@ -63,7 +63,7 @@ class CrossTaskAttention(Architecture):
         nn.init.zeros_(cast(Tensor, self.project_out.bias))
 
     def encode(self, images: Tensor) -> list[Tensor]:
-        """The backbone's features (fine to coarse), then every task's refined ``level`` map (tasks in order).
+        """Every task's refined ``level`` map (tasks in order), then the backbone's features (fine to coarse).
 
         The attention mixes every task's tokens, so everything up to each task's refined map is shared:
         the representation is what the heads read, and every shared parameter lies before it.
@@ -83,11 +83,11 @@ class CrossTaskAttention(Architecture):
             shared + self.project_out(per_task[:, index].transpose(1, 2).reshape(batch, -1, rows, columns))
             for index in range(len(self.task_names))
         ]
-        return [*backbone, *refined]
+        return [*refined, *backbone]
 
     def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
-        levels = len(self.feature_channels)
-        backbone, refined = representation[:levels], representation[levels:]
+        tasks = len(self.task_names)
+        refined, backbone = representation[:tasks], representation[tasks:]
         return {
             name: [own if i == self.level else f for i, f in enumerate(backbone)]
             for name, own in zip(self.task_names, refined)

@@ -2,8 +2,9 @@
 
 Setting (issue 3): a resnet18 trunk with hard parameter sharing, batch 16 of 64×64 images, either T = 3
 tasks (classification, segmentation, depth) or T = 40 binary attributes. Every (framework, method, T, mode)
-runs in its own subprocess, so that its peak memory is its own: ``ru_maxrss`` minus the resident size
-before the model is built on CPU (with a fixed glibc mmap threshold where the process measures memory
+runs in its own subprocess, so that its peak memory is its own, over the timed steps (the warm-up's one-time
+work left out): ``ru_maxrss`` after the high-water mark is reset at the end of the warm-up, minus the resident
+size before the model is built on CPU (with a fixed glibc mmap threshold where the process measures memory
 only, see :func:`run_worker`), ``torch.cuda.max_memory_allocated`` on GPU. Each ratio divides a median step
 time by the equal-weights median of the same framework, T and run.
 
@@ -372,6 +373,14 @@ def rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def reset_peak_rss() -> None:
+    """Start the process's resident high-water mark (``VmHWM``, which ``ru_maxrss`` reads) afresh at the
+    current resident size (Linux's ``clear_refs``), so that the peak of the timed steps leaves out the
+    warm-up's one-time work (e.g. the layer path timing its two vmapped backwards with the graph kept)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def import_framework(framework: str) -> None:
     """Import what a framework's step needs, so that the modules' own resident size is not counted as the
     step's memory (mtlvision's import alone, with timm and torchmetrics, is about 100 MiB)."""
@@ -427,8 +436,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = spec["device"].startswith("cuda")
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
-        if cuda and i == spec["warmup"]:
-            torch.cuda.reset_peak_memory_stats()
+        if i == spec["warmup"]:
+            torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
         seconds = timed(step, cuda)
         if i >= spec["warmup"]:
             times.append(seconds)

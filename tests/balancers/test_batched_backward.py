@@ -9,7 +9,13 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.profiler import ProfilerActivity, profile
 
-from mtlvision.balancers.jacobian.base import BACKWARD_VMAP, MEASURED_BACKWARDS, batched_backward
+from mtlvision.balancers.jacobian.base import (
+    BACKWARD_VMAP,
+    FUNC_MARGIN,
+    MEASURED_BACKWARDS,
+    batched_backward,
+    faster_way,
+)
 from mtlvision.errors import ConfigError
 
 T, N = 3, 4
@@ -111,3 +117,9 @@ def test_measured_way_is_timed_once_per_key_and_gives_the_same_gradients() -> No
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # the two ways differ by float round-off
     batched_backward([losses], sources, eye, retain=True, preferred="measure", key=("tiny",))
     assert len(MEASURED_BACKWARDS) == 1  # the same key is not measured again
+
+
+def test_the_heavier_folded_way_is_taken_only_when_clearly_faster() -> None:
+    assert faster_way({"func": 0.5, "autograd": 1.0}) == "func"
+    assert faster_way({"func": (FUNC_MARGIN + 0.05), "autograd": 1.0}) == "autograd"  # a near tie: the lighter
+    assert faster_way({"func": 1.2, "autograd": 1.0}) == "autograd"

@@ -364,9 +364,10 @@ def test_dselect_k_selector_matches_a_numpy_product_over_bits() -> None:
 def test_padnet_leaves_image_level_tasks_the_shared_features_and_distils_the_dense_ones() -> None:
     architecture = PADNet(width=4, dense_tasks=("seg", "depth")).build(tiny_factory(), TASKS).eval()
     images = torch.randn(2, 3, 32, 32)
-    shared = architecture.encode(images)
+    shared = architecture.encode(images)[-4:]  # after 4 scales x 2 tasks' intermediate features: the backbone's
+    assert len(architecture.encode(images)) == 4 * 2 + 4
     features = architecture(images)
-    for mine, base in zip(features["cls"], shared):
+    for mine, base in zip(features["cls"], shared, strict=True):
         torch.testing.assert_close(mine, base)
     assert not torch.allclose(features["seg"][0], shared[0])
     assert not torch.allclose(features["seg"][0], features["depth"][0])

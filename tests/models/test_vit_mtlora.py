@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mtlvision.errors import ConfigError
-from mtlvision.models.architectures import HPS, MTAN, MTLoRA
+from mtlvision.models.architectures import HPS, MTAN, MTLoRA, RepresentationUnavailable
 from mtlvision.models.architectures.mtlora import LoRALinear, MTLoRANetwork
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.backbones import Backbone, create_backbone
@@ -166,17 +166,10 @@ def test_task_adapters_are_task_specific_and_the_rest_shared(factory) -> None:
     assert isinstance(first, LoRALinear) and first.lora_b.grad is not None and first.lora_b.grad.abs().sum() > 0
 
 
-def test_encode_decode_is_the_forward(factory) -> None:
-    built = MTLoRA().build(factory, TASKS).eval()
-    randomise_adapters(built)
-    images = torch.randn(1, 3, 48, 32)
-    with torch.no_grad():
-        representation = built.encode(images)
-        assert [tuple(t.shape) for t in representation] == [(1, 1, 64), (1, 64, 3, 2)]
-        split, whole = built.decode(representation), built(images)
-    for name in TASKS:
-        for a, b in zip(split[name], whole[name]):
-            torch.testing.assert_close(a, b)
+def test_representation_mode_is_refused_because_shared_weights_follow_the_adapters(factory) -> None:
+    built = MTLoRA().build(factory, TASKS)
+    with pytest.raises(RepresentationUnavailable, match="task blocks' base weights and the feature pyramid"):
+        built.encode(torch.randn(1, 3, 48, 32))
 
 
 def test_mtlora_errors_name_the_field(factory) -> None:

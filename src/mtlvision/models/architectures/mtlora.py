@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mtlvision.errors import ConfigError
 from mtlvision.models.architectures._stages import require_at_least
-from mtlvision.models.architectures.base import Architecture, ArchitectureSpec
+from mtlvision.models.architectures.base import Architecture, ArchitectureSpec, RepresentationUnavailable
 from mtlvision.models.architectures.registry import ARCHITECTURES
 from mtlvision.models.backbones import Backbone
 from mtlvision.models.vit import ViTBackbone
@@ -90,8 +90,9 @@ def merged_module(module: nn.Module) -> nn.Module:
 class MTLoRANetwork(Architecture):
     """A ViT backbone with TA-LoRA in its shared blocks and per-task LoRA in its last ``task_blocks`` blocks.
 
-    The tokens after the shared blocks are the one shared representation (:meth:`encode`); each task's
-    blocks and the feature pyramid turn them into that task's features (:meth:`decode`).
+    Each task's blocks and the (shared) feature pyramid turn the shared blocks' tokens into that task's
+    features. It has no representation mode (:meth:`encode` raises): the task blocks' base weights and the
+    pyramid are shared but run after the task-specific adapters.
     """
 
     def __init__(self, backbone: ViTBackbone, task_names: Sequence[str], spec: MTLoRA) -> None:
@@ -125,24 +126,19 @@ class MTLoRANetwork(Architecture):
         )
 
     def encode(self, images: Tensor) -> list[Tensor]:
-        """The tokens after the shared blocks: prefix tokens ``[B, P, C]`` and patch tokens as a map."""
-        trunk = self.backbone.trunk
-        tokens = self.shared_blocks(trunk.embed(images))
-        rows, columns = images.shape[-2] // trunk.patch_size, images.shape[-1] // trunk.patch_size
-        prefix, patches = tokens[:, : trunk.num_prefix_tokens], tokens[:, trunk.num_prefix_tokens :]
-        return [prefix, patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, columns)]
-
-    def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
-        prefix, patches = representation
-        tokens = torch.cat([prefix, patches.flatten(2).transpose(1, 2)], dim=1)
-        size = [n * self.backbone.trunk.patch_size for n in patches.shape[-2:]]
-        return {
-            name: self.backbone.pyramid(self.backbone.trunk.to_map(self.task_blocks[name](tokens), size))
-            for name in self.task_names
-        }
+        raise RepresentationUnavailable(
+            "architecture 'mtlora' has no shared representation that every shared parameter lies before: the "
+            "task blocks' base weights and the feature pyramid are shared, but run on each task's own tokens "
+            "after its adapters. Use balancer.mode=params."
+        )
 
     def forward(self, images: Tensor) -> dict[str, list[Tensor]]:
-        return self.decode(self.encode(images))
+        trunk = self.backbone.trunk
+        tokens = self.shared_blocks(trunk.embed(images))
+        return {
+            name: self.backbone.pyramid(trunk.to_map(self.task_blocks[name](tokens), images.shape[-2:]))
+            for name in self.task_names
+        }
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         task_specific = {id(p) for name in self.task_names for p in self.task_adapter_parameters(name)}

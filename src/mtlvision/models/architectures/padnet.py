@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import Tensor, nn
 
@@ -42,11 +42,15 @@ class DistillationScale(nn.Module):
         )
         self.projections = nn.ModuleList(nn.Conv2d(width, channels, 1) for _ in range(num_tasks))
 
-    def forward(self, shared: Tensor) -> list[Tensor]:
-        intermediate = [branch(shared) for branch in self.branches]
+    def intermediate(self, shared: Tensor) -> list[Tensor]:
+        """Every task's intermediate features ``F_k = branch_k(shared)``."""
+        return [branch(shared) for branch in self.branches]
+
+    def forward(self, shared: Tensor, intermediate: Sequence[Tensor]) -> list[Tensor]:
+        """Every task's distilled features from the scale's ``shared`` map and the tasks' ``intermediate`` ones."""
         outputs = []
         for task, own in enumerate(intermediate):
-            others = intermediate[:task] + intermediate[task + 1 :]
+            others = [*intermediate[:task], *intermediate[task + 1 :]]
             gate = self.attention[task](own)
             distilled = own
             messages = self.messages[task]
@@ -81,11 +85,21 @@ class MultiModalDistillation(Architecture):
         )
 
     def encode(self, images: Tensor) -> list[Tensor]:
-        return run_stages(self.stages, images)
+        """Every scale's intermediate task features (scale by scale, fine to coarse, distilled tasks in order),
+        then the backbone's features (fine to coarse, so the last is the coarsest, as under HPS): the shared
+        part ends where the tasks' distillations begin, so every shared parameter lies before it."""
+        shared = run_stages(self.stages, images)
+        intermediate = [
+            f for scale, x in zip(self.scales, shared) for f in cast(DistillationScale, scale).intermediate(x)
+        ]
+        return [*intermediate, *shared]
 
     def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
-        features = {name: list(representation) for name in self.task_names}
-        per_scale = [scale(shared) for scale, shared in zip(self.scales, representation)]
+        scales, num = len(self.scales), len(self.distilled)
+        shared = representation[scales * num :]
+        intermediate = [representation[s * num : (s + 1) * num] for s in range(scales)]
+        features = {name: list(shared) for name in self.task_names}
+        per_scale = [scale(x, own) for scale, x, own in zip(self.scales, shared, intermediate)]
         for index, name in enumerate(self.distilled):
             features[name] = [outputs[index] for outputs in per_scale]
         return features
@@ -94,11 +108,11 @@ class MultiModalDistillation(Architecture):
         return self.decode(self.encode(images))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """The backbone, and every task's intermediate branch: it feeds every other task's distillation."""
+        """The backbone, and every task's intermediate branch (it feeds every other task's distillation):
+        everything :meth:`encode` computes."""
         yield from self.stages.parameters()
         for scale in self.scales:
-            assert isinstance(scale, DistillationScale)  # __init__ fills self.scales with DistillationScales
-            yield from scale.branches.parameters()
+            yield from cast(DistillationScale, scale).branches.parameters()
 
 
 @ARCHITECTURES.register(

@@ -30,8 +30,8 @@ from mtlvision.models.backbones import Backbone
 class CrossTaskAttention(Architecture):
     """A shared backbone, then joint self-attention over every task's tokens at scale ``level``.
 
-    The backbone features are the one shared representation (:meth:`encode`); :meth:`decode` adds each
-    task's attended tokens to its copy of the ``level`` map and passes the other scales through.
+    :meth:`encode` returns the backbone features and every task's ``level`` map with its attended tokens
+    added; :meth:`decode` gives each task its own refined ``level`` map and the other scales unchanged.
     """
 
     def __init__(self, backbone: Backbone, task_names: Sequence[str], spec: TaskAttention) -> None:
@@ -63,10 +63,13 @@ class CrossTaskAttention(Architecture):
         nn.init.zeros_(cast(Tensor, self.project_out.bias))
 
     def encode(self, images: Tensor) -> list[Tensor]:
-        return self.backbone(images)
+        """Every task's refined ``level`` map (tasks in order), then the backbone's features (fine to coarse).
 
-    def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
-        shared = representation[self.level]
+        The attention mixes every task's tokens, so everything up to each task's refined map is shared:
+        the representation is what the heads read, and every shared parameter lies before it.
+        """
+        backbone = self.backbone(images)
+        shared = backbone[self.level]
         batch, _, rows, columns = shared.shape
         x = self.project_in(shared)
         x = x + self.position(x)
@@ -76,12 +79,19 @@ class CrossTaskAttention(Architecture):
         for layer in self.layers:
             joint = layer(joint)
         per_task = self.norm(joint).reshape(batch, len(self.task_names), rows * columns, -1)
-        features = {}
-        for index, name in enumerate(self.task_names):
-            attended = per_task[:, index].transpose(1, 2).reshape(batch, -1, rows, columns)
-            refined = shared + self.project_out(attended)
-            features[name] = [refined if i == self.level else f for i, f in enumerate(representation)]
-        return features
+        refined = [
+            shared + self.project_out(per_task[:, index].transpose(1, 2).reshape(batch, -1, rows, columns))
+            for index in range(len(self.task_names))
+        ]
+        return [*refined, *backbone]
+
+    def decode(self, representation: list[Tensor]) -> dict[str, list[Tensor]]:
+        tasks = len(self.task_names)
+        refined, backbone = representation[:tasks], representation[tasks:]
+        return {
+            name: [own if i == self.level else f for i, f in enumerate(backbone)]
+            for name, own in zip(self.task_names, refined)
+        }
 
     def forward(self, images: Tensor) -> dict[str, list[Tensor]]:
         return self.decode(self.encode(images))

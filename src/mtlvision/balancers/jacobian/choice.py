@@ -42,6 +42,8 @@ class PathChoice:
 
 #: the choices made (or read from disk) in this process, by key
 CHOSEN_PATHS: dict[str, PathChoice] = {}
+#: the (file, key) pairs this process knows to be on disk (a choice made for one run is also written to the next)
+_ON_DISK: set[tuple[Path, str]] = set()
 
 
 def now() -> float:
@@ -121,6 +123,9 @@ def choose_path(
     file = cache_file if cache_file is not None else default_cache_file()
     choice = CHOSEN_PATHS.get(key)
     if choice is not None and choice.path in candidates:
+        if (file, key) not in _ON_DISK:
+            _to_disk(file, choice)
+            _ON_DISK.add((file, key))
         return choice
     choice = _from_disk(file, key, candidates)
     if choice is None:
@@ -136,6 +141,7 @@ def choose_path(
     else:
         source = f"read from {file}"
     CHOSEN_PATHS[key] = choice
+    _ON_DISK.add((file, key))
     times = ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in choice.seconds.items())
     logger.info("balancer.jacobian=auto chose %r (%s; %s)", choice.path, source, times)
     return choice

@@ -180,6 +180,10 @@ def build_problem(
 
 
 # ------------------------------------------------------------------------------------------ step makers
+#: the path balancer.jacobian=auto chose, per method, in this worker (reported beside the time)
+CHOSEN_PATHS: dict[str, str] = {}
+
+
 def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
     import torch
 
@@ -190,11 +194,12 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
     balancer.to(x.device)
     shared, specific = list(trunk.parameters()), list(heads.parameters())
     optimiser = torch.optim.SGD([*shared, *specific, *balancer.parameters()], lr=1e-3)
-    # "params": the path training takes (balancer.jacobian=auto); "batched" / "loop": that path forced
+    # "params": the path training takes (balancer.jacobian=auto: timed at the first, warm-up, step; the
+    # choice is reported in the table); "rule": the fixed rule; "batched" / "loop" / "layers": that path forced
     engine_mode = "representation" if mode == "rep" else "params"
     requested = "auto" if mode in ("params", "rep") else mode
     jacobian = balancers.resolve_jacobian_path(requested, balancer, engine_mode, True)
-    taps = balancers.LayerTaps(trunk, shared) if jacobian == "layers" else None
+    taps = balancers.LayerTaps(trunk, shared) if jacobian in ("layers", "auto") else None
 
     meta = bilevel_meta_step(balancer, trunk, heads, task_losses, x)
 
@@ -210,6 +215,8 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
         losses = torch.stack(task_losses(heads, rep))
         engine = balancers.GradientEngine(shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps)
         engine.backward(losses, balancer)
+        if engine.choice is not None:
+            CHOSEN_PATHS[method] = engine.choice.path
         if meta is not None:
             meta.after()
         optimiser.step()
@@ -446,7 +453,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda
         else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     )
-    return {"median_s": statistics.median(times), "peak_mib": peak_mib}
+    chosen = {"path": CHOSEN_PATHS[spec["method"]]} if spec["method"] in CHOSEN_PATHS else {}
+    return {"median_s": statistics.median(times), "peak_mib": peak_mib, **chosen}
 
 
 def timing_worker(specs: list[dict[str, Any]]) -> dict[str, float | str]:
@@ -584,10 +592,11 @@ def main() -> None:
         "--paths",
         nargs="+",
         default=[],
-        choices=["batched", "layers", "loop"],
+        choices=["batched", "layers", "loop", "rule"],
         help="also time parameter mode with balancer.jacobian forced to these paths (batched: one "
         "vmapped backward into the parameters; layers: into the layer outputs; loop: T plain "
-        "backward passes)",
+        "backward passes; rule: the fixed rule, no measuring); the params column is balancer.jacobian=auto, "
+        "with the path it chose in brackets",
     )
     parser.add_argument(
         "--interleave",
@@ -693,9 +702,10 @@ def table(num_tasks: int, methods: list[str], frameworks: list[str], results: di
             return value
         if value[key] != value[key]:  # NaN: not measured (--no-memory)
             return "–"
+        chosen = f" ({value['path']})" if "path" in value and key == "median_s" else ""
         if not isinstance(base, dict):
-            return f"{value[key]:.3g}"
-        return f"{value[key] / base[key]:.2f}×"
+            return f"{value[key]:.3g}{chosen}"
+        return f"{value[key] / base[key]:.2f}×{chosen}"
 
     head = ["method", "ours (params)", *[f"ours (params, {path})" for path in paths], "ours (rep)", "ours peak mem"]
     head += [f"ours peak mem ({path})" for path in paths]

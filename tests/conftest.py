@@ -47,3 +47,9 @@ def six_task_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mtlvision import api
 
     return api.train("scenes", SIX_TASKS_TINY, out=tmp_path_factory.mktemp("six-task-runs"), name="scenes").path
+
+
+@pytest.fixture(autouse=True)
+def _cache_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches the library writes (``balancer.jacobian=auto``'s measured paths) go under the tests' temp dir."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -124,7 +124,7 @@ class BalancerConfig(BaseModel):
 
     name: str = "ew"
     mode: Literal["auto", "params", "representation"] = "auto"
-    jacobian: Literal["auto", "batched", "layers", "loop"] = "auto"
+    jacobian: Literal["auto", "rule", "batched", "layers", "loop"] = "auto"
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def resolve_balancing(
             else "it is a parameter-mode path (balancer.mode=params)"
         )
         raise ConfigError(f"balancer.jacobian=layers cannot run {name}: {why}; use balancer.jacobian=batched")
-    if needs_gradients and train.compile and balancing.jacobian in ("auto", "batched"):
+    if needs_gradients and train.compile and balancing.jacobian in ("auto", "rule", "batched"):
         raise ConfigError(
             f"train.compile=true with {name} needs balancer.jacobian=loop: the per-task gradients come from a "
             "vmapped backward, which torch.func cannot run through a compiled graph"

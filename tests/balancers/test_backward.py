@@ -68,17 +68,20 @@ def explicit_jacobian(net: Net, x: torch.Tensor, ys: list[torch.Tensor]) -> tupl
     return torch.stack(rows), torch.stack(losses).detach()
 
 
-@pytest.mark.parametrize("jacobian", ["auto", "batched", "loop"])
+@pytest.mark.parametrize("jacobian", ["auto", "rule", "batched", "loop"])
 @pytest.mark.parametrize("method", ["upgrad", "mgda", "pcgrad", "imtl_g", "cagrad"])
 def test_a_gradient_methods_shared_grad_is_aggregate_on_the_explicit_jacobian(method, jacobian):
     net = Net()
     x, ys = batch()
     G, values = explicit_jacobian(Net(), x, ys)
     mtl = mv.MultiTaskBackward(net.trunk, method, jacobian=jacobian)
-    assert mtl.jacobian == ("layers" if jacobian == "auto" else jacobian)
+    assert mtl.jacobian == {"rule": "layers"}.get(jacobian, jacobian)
     with mtl.record():
         losses = task_losses(net, net.trunk(x), ys)
     weights = mtl.backward(losses)
+    if jacobian == "auto":  # measured at the first step: one of the three paths, each timed
+        assert mtl.jacobian_choice is not None and mtl.jacobian == mtl.jacobian_choice.path
+        assert sorted(mtl.jacobian_choice.seconds) == ["batched", "layers", "loop"]
     shared = torch.cat([p.grad.reshape(-1) for p in net.trunk.parameters()])
     assert_close(shared, aggregate(method, G, losses=values), rtol=1e-4, atol=1e-6)
     # each head sees its own task only: its gradient is that task's weighted gradient

@@ -267,12 +267,16 @@ def test_the_layer_path_needs_taps_and_a_recorded_forward() -> None:
         engine.backward(torch.stack([out.mean(), out.std()]), balancers.get("upgrad"))
 
 
-def test_auto_takes_the_layer_path_for_gradient_methods_in_parameter_mode_only() -> None:
-    assert resolve_jacobian_path("auto", balancers.get("upgrad"), "params", True) == "layers"
-    assert resolve_jacobian_path("auto", balancers.get("upgrad"), "params", False) == "batched"
+def test_the_rule_takes_the_layer_path_for_gradient_methods_in_parameter_mode_only() -> None:
+    assert resolve_jacobian_path("rule", balancers.get("upgrad"), "params", True) == "layers"
+    assert resolve_jacobian_path("rule", balancers.get("upgrad"), "params", False) == "batched"
+    assert resolve_jacobian_path("rule", balancers.get("mgda"), "representation", True) == "batched"
+    assert resolve_jacobian_path("rule", balancers.get("moco"), "params", True) == "layers"  # G block by block
+    assert resolve_jacobian_path("rule", balancers.get("uw"), "params", True) == "batched"  # losses only
+    # auto measures where there is a choice to make (a gradient method in parameter mode), else the rule
+    assert resolve_jacobian_path("auto", balancers.get("upgrad"), "params", False) == "auto"
     assert resolve_jacobian_path("auto", balancers.get("mgda"), "representation", True) == "batched"
-    assert resolve_jacobian_path("auto", balancers.get("moco"), "params", True) == "layers"  # G block by block
-    assert resolve_jacobian_path("auto", balancers.get("uw"), "params", True) == "batched"  # losses only
+    assert resolve_jacobian_path("auto", balancers.get("uw"), "params", True) == "batched"
     assert resolve_jacobian_path("loop", balancers.get("upgrad"), "params", True) == "loop"
     with pytest.raises(ConfigError, match="balancer.jacobian must be"):
         resolve_jacobian_path("vmap", balancers.get("upgrad"), "params", True)

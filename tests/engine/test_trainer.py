@@ -237,8 +237,10 @@ def test_unknown_select_lists_the_choices():
 
 
 def test_auto_jacobian_taps_the_shared_layers_for_gradient_methods_in_parameter_mode():
-    assert Trainer(tiny_model(), "upgrad", progress=False).jacobian == "layers"
-    assert Trainer(tiny_model(), "moco", progress=False).jacobian == "layers"
+    assert Trainer(tiny_model(), "upgrad", progress=False).jacobian == "auto"  # measured at the first step
+    assert Trainer(tiny_model(), "upgrad", jacobian="rule", progress=False).jacobian == "layers"
+    assert Trainer(tiny_model(), "moco", jacobian="rule", progress=False).jacobian == "layers"
+    assert Trainer(tiny_model(), "moco", progress=False).taps is not None
     assert Trainer(tiny_model(), "uw", progress=False).taps is None
     trainer = Trainer(tiny_model(), "mgda", balancer_mode="representation", progress=False)
     assert trainer.jacobian == "batched" and trainer.taps is None
@@ -263,6 +265,18 @@ def test_training_on_the_layer_path_gives_the_parameter_path_weights():
         Trainer(model, "upgrad", jacobian=jacobian, **{**COMMON, "epochs": 1, "optimizer": "sgd"}).fit(TinyScenes())
         weights.append(flat_weights(model))
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_jacobian_records_its_measured_choice_in_the_run_folder(tmp_path):
+    trainer = Trainer(tiny_model(), "upgrad", run_dir=tmp_path, **{**COMMON, "epochs": 1})
+    assert trainer.jacobian == "auto" and trainer.taps is not None
+    trainer.fit(TinyScenes(16))
+    choice = trainer.jacobian_choice
+    assert choice is not None and trainer.jacobian == choice.path
+    assert sorted(choice.seconds) == ["batched", "layers", "loop"]
+    assert (trainer.taps is not None) == (choice.path == "layers")  # the hooks go when the layers path lost
+    saved = json.loads((tmp_path / "jacobian_paths.json").read_text())
+    assert saved[choice.key]["path"] == choice.path
 
 
 def test_epoch_end_reports_validation_metrics_and_the_best_epoch_so_far():

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from mtlvision.balancers.base import Balancer, ExtraStateMixin, Needs
 from mtlvision.balancers.bilevel import BilevelBalancer
-from mtlvision.balancers.engine import GradientEngine, resolve_jacobian_path
-from mtlvision.balancers.jacobian import JacobianPath
+from mtlvision.balancers.engine import GradientEngine, JacobianChoice, resolve_jacobian_path
+from mtlvision.balancers.jacobian.choice import PathChoice
 from mtlvision.balancers.layers import LayerTaps
 from mtlvision.balancers.registry import BALANCERS
 from mtlvision.errors import ConfigError
@@ -109,9 +109,11 @@ class MultiTaskBackward:
 
     ``shared`` is the part of the model every task goes through (a module, e.g. ``model.backbone``, or its
     parameters); the task-specific parameters (the heads) are those the losses reach beyond it, found by
-    walking the losses' autograd graph at each step, or given as ``task_specific``. The Jacobian path is the
-    Trainer's (:func:`~mtlvision.balancers.resolve_jacobian_path`): for a gradient method on a ``shared``
-    module with Conv2d or Linear layers, ``"layers"``, whose forward must run inside :meth:`record`.
+    walking the losses' autograd graph at each step, or given as ``task_specific``. The Jacobian path is chosen
+    as the Trainer's (:func:`~mtlvision.balancers.resolve_jacobian_path`): ``"auto"`` times each applicable
+    path at the first step and keeps the fastest (:attr:`jacobian`, :attr:`jacobian_choice`); for a gradient
+    method on a ``shared`` module with Conv2d or Linear layers, ``"layers"`` is one of them, and the forward
+    must then run inside :meth:`record`.
 
     Args:
         shared: The shared module, or its parameters (no layer taps then: the ``"batched"`` path).
@@ -122,7 +124,8 @@ class MultiTaskBackward:
             :meth:`parameters` exist before the optimiser is built.
         mode: ``"auto"`` (representation for the "-UB" variants, else params), ``"params"`` or
             ``"representation"`` (per-task gradients of the ``features`` given to :meth:`backward`).
-        jacobian: ``"auto"``, ``"batched"``, ``"loop"`` or ``"layers"`` (see ``docs/balancers.md``).
+        jacobian: ``"auto"`` (measured), ``"rule"``, ``"batched"``, ``"loop"`` or ``"layers"`` (see
+            ``docs/balancers.md``).
         distributed: Average over the ranks of an initialised ``torch.distributed`` group, as the Trainer
             does: loss values and the Jacobian before the method sees them, then ``.grad``. Run the model
             unwrapped, or forward and backward inside ``DistributedDataParallel.no_sync()``.
@@ -138,7 +141,7 @@ class MultiTaskBackward:
         task_specific: Iterable[nn.Parameter] | None = None,
         num_tasks: int | None = None,
         mode: Literal["auto", "params", "representation"] = "auto",
-        jacobian: Literal["auto", "batched", "loop", "layers"] = "auto",
+        jacobian: Literal["auto", "rule", "batched", "loop", "layers"] = "auto",
         distributed: bool = False,
         gramian_dtype: torch.dtype = torch.float32,
         **hparams: Any,
@@ -176,25 +179,30 @@ class MultiTaskBackward:
         needs_gradients = self.balancer.needs is not Needs.LOSSES
         self.taps: LayerTaps | None = None
         if (
-            jacobian in ("auto", "layers")
+            jacobian in ("auto", "rule", "layers")
             and needs_gradients
             and self.mode == "params"
             and isinstance(shared, nn.Module)
         ):
             self.taps = LayerTaps(shared, self.shared)
-        self.jacobian: JacobianPath = resolve_jacobian_path(jacobian, self.balancer, self.mode, bool(self.taps))
+        self.jacobian: JacobianChoice = resolve_jacobian_path(jacobian, self.balancer, self.mode, bool(self.taps))
+        #: what ``jacobian="auto"`` measured at the first step (path and seconds per path), else None
+        self.jacobian_choice: PathChoice | None = None
         if self.jacobian == "layers" and needs_gradients and not self.taps:
             raise ConfigError(
                 f"jacobian='layers' cannot run {name}: it needs mode='params' and a shared nn.Module holding "
                 "Conv2d or Linear layers; use jacobian='batched'"
             )
-        if self.taps is not None and self.jacobian != "layers":
-            self.taps.remove()
-            self.taps = None
+        self._drop_unused_taps()
         self._recorded = False
         self._awaiting_after_step = False
         self._loss_sum: Tensor | None = None
         self._loss_steps = 0
+
+    def _drop_unused_taps(self) -> None:
+        if self.taps is not None and self.jacobian not in ("layers", "auto"):
+            self.taps.remove()
+            self.taps = None
 
     # ------------------------------------------------------------------------------------ what it says
     @property
@@ -303,6 +311,9 @@ class MultiTaskBackward:
         )
         self._recorded = False
         weights = engine.backward(balanced, self.balancer).weights.detach()
+        if self.jacobian == "auto" and engine.jacobian_path != "auto":
+            self.jacobian, self.jacobian_choice = engine.jacobian_path, engine.choice
+            self._drop_unused_taps()
         if self.distributed:
             # the Jacobian was reduced, so a gradient method's shared .grad already agrees across ranks
             _average_grads([*(specific if needs_gradients else [*self.shared, *specific]), *self.parameters()])

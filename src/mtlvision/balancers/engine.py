@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from mtlvision.balancers.base import Balancer, Needs, Update
-from mtlvision.balancers.jacobian import PATHS, JacobianPath, RepresentationGradients, Step, StepGradients
+from mtlvision.balancers.jacobian import PATHS, RepresentationGradients, Step, StepGradients
 from mtlvision.balancers.jacobian.base import ParameterGradients, split_like
+from mtlvision.balancers.jacobian.choice import PathChoice, choose_path, path_key
 from mtlvision.balancers.layers import LayerTaps
 from mtlvision.errors import ConfigError, InternalError
 
@@ -33,19 +35,26 @@ def _one_of(names: Sequence[str]) -> str:
     return ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
 
 
-def resolve_jacobian_path(requested: str, balancer: Balancer, mode: str, taps_possible: bool) -> JacobianPath:
-    """``balancer.jacobian: auto``: ``"layers"`` for a gradient method in parameter mode when the model has
-    layers to tap (``taps_possible``: some, and no compiled forward), else ``"batched"``. Gramian methods then
-    never hold the Jacobian, methods that read it block by block hold one layer's block at a time, and both
-    are faster than through the vmapped parameter backward (docs/balancers.md). An explicit choice is
-    returned as it is."""
-    if requested != "auto":
-        if requested not in PATHS:
-            raise ConfigError(f"balancer.jacobian must be {_one_of(['auto', *sorted(PATHS)])}, got {requested!r}")
-        return requested  # type: ignore[return-value]
-    if balancer.needs is not Needs.LOSSES and mode == "params" and taps_possible:
-        return "layers"
-    return "batched"
+#: ``balancer.jacobian`` after :func:`resolve_jacobian_path`: a path, or ``"auto"`` (chosen by timing at the first step)
+JacobianChoice = Literal["auto", "batched", "loop", "layers"]
+#: the names ``balancer.jacobian`` accepts: the paths, ``"auto"`` (measure) and ``"rule"`` (the fixed rule)
+JACOBIAN_OPTIONS = ("auto", "rule", *sorted(PATHS))
+
+
+def resolve_jacobian_path(requested: str, balancer: Balancer, mode: str, taps_possible: bool) -> JacobianChoice:
+    """``balancer.jacobian`` for this balancer and mode. ``"auto"`` stays ``"auto"`` for a gradient method
+    in parameter mode (the engine times each applicable path at the first step, see
+    :mod:`mtlvision.balancers.jacobian.choice`) and is the rule otherwise. ``"rule"``, the fixed rule:
+    ``"layers"`` for a gradient method in parameter mode when the model has layers to tap (``taps_possible``:
+    some, and no compiled forward), else ``"batched"``. An explicit path is returned as it is."""
+    if requested not in JACOBIAN_OPTIONS:
+        raise ConfigError(f"balancer.jacobian must be {_one_of(JACOBIAN_OPTIONS)}, got {requested!r}")
+    gradient_method = balancer.needs is not Needs.LOSSES and mode == "params"
+    if requested == "auto" and gradient_method:
+        return "auto"
+    if requested in ("auto", "rule"):
+        return "layers" if gradient_method and taps_possible else "batched"
+    return requested  # type: ignore[return-value]
 
 
 def _accumulate(param: Tensor, grad: Tensor, owned: bool = True) -> None:
@@ -92,13 +101,18 @@ class GradientEngine:
     - ``jacobian``: ``"batched"`` (one vmapped trunk backward, the default), ``"layers"`` (the same backward
       stopped at the outputs of the layers ``taps`` recorded: their per-task weight gradients, Gramian and
       weighted update come from activations, see :mod:`mtlvision.balancers.layers`; parameter mode only) or
-      ``"loop"`` (T plain backward passes, for operations without a vmap batching rule).
+      ``"loop"`` (T plain backward passes, for operations without a vmap batching rule), or ``"auto"``:
+      at the first step of a gradient method in parameter mode, each applicable path is timed (see
+      :func:`~mtlvision.balancers.jacobian.choice.choose_path`; cached per key in ``cache_file`` and in the
+      process) and the fastest kept in :attr:`jacobian_path` and :attr:`choice`; otherwise (loss weighting,
+      representation mode, a ``reduce``: ranks must agree) the rule of :func:`resolve_jacobian_path`.
     - ``taps``: the :class:`~mtlvision.balancers.layers.LayerTaps` whose recording the step's forward ran in;
       needed by ``jacobian="layers"``.
     - ``reduce``: applied to the shared-parameter Jacobian (representation mode: to the Gramian) before the
       balancer sees it, e.g. an all-reduce mean across ranks in distributed training. None (the default):
       nothing to reduce, which also lets ``"layers"`` form a layer's Gramian term from activations.
     - ``gramian_dtype``: float32 (default) or float64 for ``TaskGradients.gramian()``.
+    - ``cache_file``: where ``jacobian="auto"`` keeps its choices on disk (default: the user cache directory).
     """
 
     def __init__(
@@ -109,10 +123,11 @@ class GradientEngine:
         *,
         trunk: Sequence[Tensor] | None = None,
         mode: Literal["params", "representation"] | None = None,
-        jacobian: JacobianPath = "batched",
+        jacobian: JacobianChoice = "batched",
         taps: LayerTaps | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
         gramian_dtype: torch.dtype = torch.float32,
+        cache_file: Path | None = None,
     ) -> None:
         if isinstance(representation, Tensor):
             representation = [representation]
@@ -127,9 +142,9 @@ class GradientEngine:
             raise ConfigError(f"balancer.mode must be 'params' or 'representation', got {mode!r}")
         if mode == "representation" and self.representation is None:
             raise ConfigError("representation mode needs the shared representation tensors of the step")
-        if jacobian not in PATHS:
-            raise ConfigError(f"balancer.jacobian must be {_one_of(sorted(PATHS))}, got {jacobian!r}")
-        if PATHS[jacobian].uses_taps and taps is None:
+        if jacobian not in PATHS and jacobian != "auto":
+            raise ConfigError(f"balancer.jacobian must be {_one_of(['auto', *sorted(PATHS)])}, got {jacobian!r}")
+        if jacobian != "auto" and PATHS[jacobian].uses_taps and taps is None:
             raise ConfigError(
                 f"GradientEngine(jacobian={jacobian!r}) needs the LayerTaps the step's forward recorded in"
             )
@@ -138,7 +153,10 @@ class GradientEngine:
         self.shared = [p for p in shared if p.requires_grad]
         self.task_specific = [p for p in task_specific if p.requires_grad]
         self.mode = mode
-        self.jacobian_path: JacobianPath = jacobian
+        self.jacobian_path: JacobianChoice = jacobian
+        self.cache_file = cache_file
+        #: what ``jacobian="auto"`` chose at this engine's step, with each candidate's time (else None)
+        self.choice: PathChoice | None = None
         self.taps = taps
         self.reduce = reduce
         self.gramian_dtype = gramian_dtype
@@ -170,6 +188,8 @@ class GradientEngine:
                 raise ConfigError(
                     f"{who} needs per-task gradients but the engine was given no shared parameters that require grad"
                 )
+            if self.jacobian_path == "auto":
+                self._choose(losses, balancer, representation_mode)
             grads = self._step_gradients(losses, representation_mode)
             if record is not None:
                 # a gradient method may change the blocks it is handed; a loss-weighting one never sees them
@@ -208,12 +228,58 @@ class GradientEngine:
             blocks = [b.detach().clone() if copy else b.detach() for b in grads.shared_blocks()]
         return RecordedStep(grads.gramian().detach().double(), blocks)
 
+    def _step(self, losses: Tensor) -> Step:
+        return Step(
+            losses, self.shared, self.task_specific, self.representation, self.trunk, self.reduce, self.gramian_dtype
+        )
+
+    def _choose(self, losses: Tensor, balancer: Balancer, representation_mode: bool) -> None:
+        """Resolve ``jacobian="auto"``: the fastest applicable path for this step's key (timed here, graph
+        retained and results discarded, the first time), or the rule where there is nothing to time."""
+        calls = self.taps.take() if self.taps is not None else []
+        if self.taps is not None:
+            self.taps.restore(calls)
+        if balancer.needs is Needs.LOSSES or representation_mode or self.reduce is not None:
+            self.jacobian_path = "layers" if calls and not representation_mode else "batched"
+            return
+        candidates = [name for name, path in PATHS.items() if not path.uses_taps or calls]
+        step = self._step(losses)
+        shapes = [
+            *(p.shape for p in self.shared),
+            *(t.shape for t in self.trunk or ()),
+            *(c.input.shape for c in calls),
+        ]
+        dtypes = sorted({str(t.dtype) for t in [*self.shared, *(self.trunk or ()), *(c.input for c in calls)]})
+        key = path_key(
+            shapes, losses.numel(), losses.device, losses.dtype, [balancer.needs.value, *dtypes, *candidates]
+        )
+        weights = torch.ones(losses.numel(), device=losses.device)
+
+        def run(name: str) -> None:
+            if self.taps is not None:
+                self.taps.restore(calls)
+            grads = PATHS[name].for_step(step, self.taps)
+            grads.keep_graph = True
+            if balancer.needs is Needs.GRAMIAN:
+                grads.gramian()
+            else:
+                for _ in grads.jacobian_blocks():
+                    pass
+            grads.ensure_heads()
+            for _ in grads.consume_weighted_shared(weights):
+                pass
+            if losses.is_cuda:
+                torch.cuda.synchronize(losses.device)
+
+        self.choice = choose_path(key, candidates, run, self.cache_file)
+        self.jacobian_path = self.choice.path  # type: ignore[assignment]
+        if self.taps is not None:
+            self.taps.restore(calls)
+
     def _step_gradients(self, losses: Tensor, representation_mode: bool) -> StepGradients:
         """This step's per-task gradients: the Jacobian path's in parameter mode, the representation's in
         representation mode (where the layer calls a path would use are dropped)."""
-        step = Step(
-            losses, self.shared, self.task_specific, self.representation, self.trunk, self.reduce, self.gramian_dtype
-        )
+        step = self._step(losses)
         path = PATHS[self.jacobian_path]
         if representation_mode:
             if path.uses_taps and self.taps is not None:

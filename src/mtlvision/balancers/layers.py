@@ -317,6 +317,10 @@ class LayerTaps:
         calls, self._calls = self._calls, []
         return calls
 
+    def restore(self, calls: list[LayerCall]) -> None:
+        """Put taken records back, for the next :meth:`take` (the engine times a path on them first)."""
+        self._calls = list(calls)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

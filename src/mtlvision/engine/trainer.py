@@ -41,7 +41,8 @@ from mtlvision.balancers import (
 )
 from mtlvision.balancers import get as get_balancer
 from mtlvision.balancers.bilevel import BilevelBalancer
-from mtlvision.balancers.engine import JacobianPath
+from mtlvision.balancers.engine import JacobianChoice
+from mtlvision.balancers.jacobian.choice import CACHE_NAME, PathChoice
 from mtlvision.config import BalancerConfig, RunConfig, TrainConfig, resolve_balancing, validate_section
 from mtlvision.data.collate import Collate
 from mtlvision.engine import distributed as dist
@@ -168,6 +169,8 @@ class Trainer:
         )
         # after the EMA copy, which would otherwise copy the taps' hooks
         self.jacobian, self.taps = self._jacobian_path(balancing.jacobian, config.compile)
+        #: what ``balancer.jacobian=auto`` measured at the first step (path and seconds per path), else None
+        self.jacobian_choice: PathChoice | None = None
         groups = list(model.parameter_groups(backbone_lr_scale))
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
@@ -231,13 +234,18 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _jacobian_path(self, requested: str, compile: bool) -> tuple[JacobianPath, LayerTaps | None]:
+    def _jacobian_path(self, requested: str, compile: bool) -> tuple[JacobianChoice, LayerTaps | None]:
         """``balancer.jacobian`` resolved (see :func:`~mtlvision.balancers.resolve_jacobian_path`), with the
         forward hooks path ``"layers"`` needs; the configuration's rules were checked by ``resolve_balancing``,
         what is left depends on the model."""
         needs_gradients = self.balancer.needs is not Needs.LOSSES
         taps = None
-        if requested in ("auto", "layers") and needs_gradients and not compile and self.balancer_mode == "params":
+        if (
+            requested in ("auto", "rule", "layers")
+            and needs_gradients
+            and not compile
+            and self.balancer_mode == "params"
+        ):
             taps = LayerTaps(self.model, self.model.shared_parameters())
         path = resolve_jacobian_path(requested, self.balancer, self.balancer_mode, bool(taps))
         if path == "layers" and needs_gradients and not taps:
@@ -245,10 +253,19 @@ class Trainer:
                 f"balancer.jacobian=layers cannot run {type(self.balancer).__name__}: the shared parameters hold "
                 "no Conv2d or Linear layer it can tap; use balancer.jacobian=batched"
             )
-        if taps is not None and path != "layers":
+        if taps is not None and path not in ("layers", "auto"):
             taps.remove()
             taps = None
         return path, taps
+
+    def _chosen(self, engine: GradientEngine) -> None:
+        """Keep what ``balancer.jacobian=auto`` chose at the first step (see :attr:`jacobian_choice`)."""
+        if self.jacobian != "auto" or engine.jacobian_path == "auto":
+            return
+        self.jacobian, self.jacobian_choice = engine.jacobian_path, engine.choice
+        if self.taps is not None and self.jacobian != "layers":
+            self.taps.remove()
+            self.taps = None
 
     def loader(self, data: Dataset | DataLoader, shuffle: bool, epoch: int = 0, start: int = 0) -> DataLoader:
         """A DataLoader over this rank's shard of ``data`` (see :func:`~mtlvision.engine.sampler.epoch_loader`)."""
@@ -312,6 +329,7 @@ class Trainer:
             jacobian=self.jacobian,
             taps=self.taps,
             reduce=dist.all_reduce_mean if dist.is_distributed() else None,
+            cache_file=self.run_dir / CACHE_NAME if self.run_dir is not None else None,
         )
         balanced = dist.global_valued(losses)
         if self.precision.scaler is not None:
@@ -322,6 +340,7 @@ class Trainer:
             balanced = balanced * scale - (balanced * (scale - 1)).detach()
         record = strongest_record(self.probes, self.state.step)
         weights = engine.backward(balanced, self.balancer, record).weights.detach()
+        self._chosen(engine)
         if engine.recorded is not None:
             factor = self.precision.scaler.get_scale() * scale if self.precision.scaler is not None else scale
             self._recorded = (engine.recorded, factor)

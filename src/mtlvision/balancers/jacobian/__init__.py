@@ -13,6 +13,8 @@ The engine (:mod:`mtlvision.balancers.engine`) builds, per step that needs per-t
 - ``loop.py`` (``jacobian="loop"``): T plain backward passes, for an operation without a vmap batching rule.
 - ``layers.py`` (``jacobian="layers"``): the vmapped backward stops at the outputs of the layers that
   :class:`~mtlvision.balancers.layers.LayerTaps` recorded; Gramian, blocks and update come layer by layer.
+- ``choice.py``: ``balancer.jacobian="auto"``: the fastest applicable path, timed once per key at the first
+  step and cached in memory and in a JSON file.
 - ``representation.py``: representation mode (MGDA-UB style), where ``G`` is over the shared representation.
   Only the heads are differentiated there, so it is the same for every path. In parameter mode a
   representation, when given, is a parameter of each path: its backward starts from the trunk with the

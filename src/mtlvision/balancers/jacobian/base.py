@@ -289,6 +289,8 @@ class ParameterGradients(StepGradients):
         self._jacobian: Tensor | None = None
         self._blocks: list[Tensor] | None = None  # per shared parameter: [T, *shape], float32, reduced
         self._released = False  # set by jacobian_blocks(release=True): the Jacobian is gone
+        #: keep the trunk's graph after the backward (set while ``balancer.jacobian=auto`` times the path)
+        self.keep_graph = False
 
     @property
     def num_columns(self) -> int:

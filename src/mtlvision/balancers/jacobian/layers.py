@@ -76,15 +76,17 @@ class LayerGradients(ParameterGradients):
 
     def _backward(self) -> None:
         """One vmapped backward into the tapped layers' outputs and the other shared parameters (and, without
-        a representation, the task-specific ones). The graph is freed: everything the step needs from the
-        trunk is in what it returns."""
+        a representation, the task-specific ones). The graph is freed (unless ``keep_graph``: the path is
+        being timed): everything the step needs from the trunk is in what it returns."""
         if self._output_grads is not None:
             return
         assert self._calls is not None
         edges: list[Tensor | GradientEdge] = [call.output for call in self._calls]
         reduced = any(call.input.dtype in (torch.float16, torch.bfloat16) for call in self._calls)
         key = (self.num_tasks, *((tuple(c.input.shape), tuple(c.output_shape), c.input.dtype) for c in self._calls))
-        grads = self._batched_backward([*edges, *self._untapped], retain_graph=False, reduced=reduced, key=key)
+        grads = self._batched_backward(
+            [*edges, *self._untapped], retain_graph=self.keep_graph, reduced=reduced, key=key
+        )
         like, num_tasks = self._losses, self.num_tasks
         self._output_grads = [
             g if g is not None else torch.zeros((num_tasks, *call.output_shape), dtype=like.dtype, device=like.device)

@@ -1,0 +1,150 @@
+"""``balancer.jacobian: auto``: the Jacobian path chosen by timing each applicable one, once per key.
+
+Every path gives the same update to float tolerance; only speed differs, and which is fastest depends on the
+model, the batch, T and the device (docs/balancers.md, "Where the time goes"). The engine times each
+candidate on the first step whose key is new (the graph retained, the results discarded) and keeps the
+fastest in :data:`CHOSEN_PATHS` for the process and in a small JSON file: the run folder's
+``jacobian_paths.json`` when the caller knows one, else :func:`default_cache_file`. A file that cannot be
+read is ignored with a warning (JSON only, never unpickled) and rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: the file name of the disk cache in a run folder or the user cache directory
+CACHE_NAME = "jacobian_paths.json"
+#: timed computations per candidate path (alternating between paths; the fastest of each path's is kept)
+REPEATS = 2
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """The path chosen for one key, and each candidate's fastest time in seconds."""
+
+    path: str
+    seconds: dict[str, float]
+    key: str
+
+
+#: the choices made (or read from disk) in this process, by key
+CHOSEN_PATHS: dict[str, PathChoice] = {}
+#: the (file, key) pairs this process knows to be on disk (a choice made for one run is also written to the next)
+_ON_DISK: set[tuple[Path, str]] = set()
+
+
+def now() -> float:
+    """The clock the measurement reads (monkeypatched by tests to make the choice deterministic)."""
+    return time.perf_counter()
+
+
+def default_cache_file() -> Path:
+    """``$XDG_CACHE_HOME/mtlvision/jacobian_paths.json`` (``~/.cache`` when the variable is unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "mtlvision" / CACHE_NAME
+
+
+def path_key(
+    shapes: Sequence[Sequence[int]], num_tasks: int, device: torch.device, dtype: torch.dtype, extra: Sequence[Any]
+) -> str:
+    """A short stable key for one measurement: the model signature and batch (``shapes``: the shared
+    parameters', the representation's and the tapped inputs' shapes), T, device, dtype, ``extra`` (the
+    balancer's needs, the candidates), the torch version and its thread count."""
+    text = repr(
+        (
+            [tuple(s) for s in shapes],
+            num_tasks,
+            str(device),
+            str(dtype),
+            list(extra),
+            torch.__version__,
+            torch.get_num_threads(),
+        )
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _read(file: Path) -> dict[str, Any]:
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as error:
+        warnings.warn(f"ignoring the Jacobian path cache {file}: {error}", stacklevel=3)
+        return {}
+
+
+def _from_disk(file: Path, key: str, candidates: Sequence[str]) -> PathChoice | None:
+    entry: Any = _read(file).get(key)
+    try:
+        choice = PathChoice(str(entry["path"]), {str(k): float(v) for k, v in entry["seconds"].items()}, key)
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None
+    return choice if choice.path in candidates else None
+
+
+def _to_disk(file: Path, choice: PathChoice) -> None:
+    """Add ``choice`` to ``file``, written to a temporary file and renamed over it."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(file)
+        data[choice.key] = {"path": choice.path, "seconds": choice.seconds}
+        partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(partial, file)
+    except OSError as error:
+        warnings.warn(f"could not write the Jacobian path cache {file}: {error}", stacklevel=3)
+
+
+def choose_path(
+    key: str, candidates: Sequence[str], run: Callable[[str], None], cache_file: Path | None = None
+) -> PathChoice:
+    """The fastest of ``candidates`` for ``key``: from this process's :data:`CHOSEN_PATHS`, else from
+    ``cache_file`` (default :func:`default_cache_file`), else measured: ``run(path)`` timed :data:`REPEATS`
+    times per path, alternating, and recorded in both."""
+    if not candidates:
+        raise ValueError("choose_path needs at least one candidate path")
+    file = cache_file if cache_file is not None else default_cache_file()
+    choice = CHOSEN_PATHS.get(key)
+    if choice is not None and choice.path in candidates:
+        if (file, key) not in _ON_DISK:
+            _to_disk(file, choice)
+            _ON_DISK.add((file, key))
+        return choice
+    choice = _from_disk(file, key, candidates)
+    if choice is None:
+        seconds: dict[str, float] = {}
+        for _ in range(REPEATS):
+            for path in candidates:
+                start = now()
+                run(path)
+                seconds[path] = min(seconds.get(path, float("inf")), now() - start)
+        choice = PathChoice(min(candidates, key=seconds.__getitem__), seconds, key)
+        _to_disk(file, choice)
+        source = "measured"
+    else:
+        source = f"read from {file}"
+    CHOSEN_PATHS[key] = choice
+    _ON_DISK.add((file, key))
+    times = ", ".join(f"{p} {s * 1e3:.1f} ms" for p, s in choice.seconds.items())
+    logger.info("balancer.jacobian=auto chose %r (%s; %s)", choice.path, source, times)
+    return choice
+
+
+__all__ = ["CACHE_NAME", "CHOSEN_PATHS", "PathChoice", "choose_path", "default_cache_file", "path_key"]

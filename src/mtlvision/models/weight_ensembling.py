@@ -80,18 +80,27 @@ class Router(nn.Module):
         return self.out(hidden).mean(1)
 
 
-class RoutedConv2d(nn.Module):
-    """A convolution with per-sample weights θ_0 + Σ_t r_t τ_t (``vectors [T, *weight]``, ``bias_vectors``)."""
+class _RoutedLayer(nn.Module):
+    """The state a routed layer holds beside its ``layer`` (θ_0): ``vectors [T, *weight]`` and
+    ``bias_vectors [T, *bias]`` (None without a bias), the task vectors the routing mixes."""
 
-    def __init__(self, layer: nn.Conv2d, experts: int, routing: Routing) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, experts: int, routing: Routing) -> None:
         super().__init__()
-        self.layer, self.routing = layer, routing
+        self.routing = routing
         self.vectors = nn.Parameter(torch.zeros(experts, *layer.weight.shape), requires_grad=False)
         self.bias_vectors = (
             nn.Parameter(torch.zeros(experts, *layer.bias.shape), requires_grad=False)
             if layer.bias is not None
             else None
         )
+
+
+class RoutedConv2d(_RoutedLayer):
+    """A convolution with per-sample weights θ_0 + Σ_t r_t τ_t (``vectors [T, *weight]``, ``bias_vectors``)."""
+
+    def __init__(self, layer: nn.Conv2d, experts: int, routing: Routing) -> None:
+        super().__init__(layer, experts, routing)
+        self.layer = layer
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.routing.get()
@@ -109,18 +118,12 @@ class RoutedConv2d(nn.Module):
         return y
 
 
-class RoutedLinear(nn.Module):
+class RoutedLinear(_RoutedLayer):
     """A linear layer with per-sample weights θ_0 + Σ_t r_t τ_t on inputs ``[B, ..., in]``."""
 
     def __init__(self, layer: nn.Linear, experts: int, routing: Routing) -> None:
-        super().__init__()
-        self.layer, self.routing = layer, routing
-        self.vectors = nn.Parameter(torch.zeros(experts, *layer.weight.shape), requires_grad=False)
-        self.bias_vectors = (
-            nn.Parameter(torch.zeros(experts, *layer.bias.shape), requires_grad=False)
-            if layer.bias is not None
-            else None
-        )
+        super().__init__(layer, experts, routing)
+        self.layer = layer
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.routing.get()

@@ -10,8 +10,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtlvision.engine.merging.base import MERGE_RULES, DataUse, LearnedRule, Objective, check_range
-from mtlvision.errors import ConfigError
+from mtlvision.engine.merging.base import (
+    MERGE_RULES,
+    DataUse,
+    LearnedRule,
+    Objective,
+    check_choice,
+    check_range,
+    check_whole,
+)
 
 GRANULARITIES = ("task", "layer")
 SPLITS = ("train", "val", "test")
@@ -60,18 +67,10 @@ class AdaMerging(LearnedRule):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices: dict[str, tuple[str, ...]] = {"granularity": GRANULARITIES, "split": SPLITS, "regression": REGRESSION}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"adamerging: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+        for name, allowed in {"granularity": GRANULARITIES, "split": SPLITS, "regression": REGRESSION}.items():
+            check_choice("adamerging", name, getattr(self, name), allowed)
         for name in ("steps", "batch_size", "batches", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ConfigError(
-                    f"adamerging: {name} must be a whole number >= {0 if name == 'seed' else 1}, got {value!r}"
-                )
+            check_whole("adamerging", name, getattr(self, name), 0 if name == "seed" else 1)
         check_range("adamerging", "prior", self.prior, 0.0, 1.0, open_low=False)
         check_range("adamerging", "lr", self.lr, 0.0, 1.0)
         self.learned = {}

@@ -72,8 +72,7 @@ class DataRule(MergeRule):
 
     def check_samples(self, rule: str) -> None:
         """A clear error unless ``samples`` is a positive whole number."""
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ConfigError(f"{rule}: samples must be a whole number >= 1, got {self.samples!r}")
+        check_whole(rule, "samples", self.samples, 1)
 
 
 #: what a learned rule minimises: the loss of the merged model whose shared parameters are the given tensors
@@ -209,6 +208,18 @@ def check_range(
     if not (above and below):
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
         raise ConfigError(f"{rule}: {name} must be in {interval}, got {value}")
+
+
+def check_whole(rule: str, name: str, value: object, low: int) -> None:
+    """A clear error unless a hyper-parameter is a whole number (not a bool) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{rule}: {name} must be a whole number >= {low}, got {value!r}")
+
+
+def check_choice(rule: str, name: str, value: object, allowed: tuple[object, ...]) -> None:
+    """A clear error unless a hyper-parameter is one of ``allowed`` (a bool never is)."""
+    if isinstance(value, bool) or value not in allowed:
+        raise ConfigError(f"{rule}: {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 MERGE_RULES: Registry[type[MergeRule]] = Registry("merging rule")

@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from mtlvision.engine.merging.adamerging import REGRESSION, SPLITS
 from mtlvision.engine.merging.arithmetic import TaskArithmetic
-from mtlvision.engine.merging.base import MERGE_RULES, DataUse, MergeRule, Objective, check_range
+from mtlvision.engine.merging.base import (
+    MERGE_RULES,
+    DataUse,
+    MergeRule,
+    Objective,
+    check_choice,
+    check_range,
+    check_whole,
+)
 from mtlvision.errors import ConfigError
 from mtlvision.models.weight_ensembling import (
     BLOCK_KINDS,
@@ -63,14 +71,9 @@ class WEMoE(MergeRule):
 
     def __post_init__(self) -> None:
         for name, allowed in {"split": SPLITS, "regression": REGRESSION, "hidden_layers": HIDDEN_LAYERS}.items():
-            if getattr(self, name) not in allowed or isinstance(getattr(self, name), bool):
-                raise ConfigError(
-                    f"wemoe: {name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}"
-                )
+            check_choice("wemoe", name, getattr(self, name), allowed)
         for name in ("steps", "batch_size", "batches", "seed"):
-            value, low = getattr(self, name), 0 if name == "seed" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"wemoe: {name} must be a whole number >= {low}, got {value!r}")
+            check_whole("wemoe", name, getattr(self, name), 0 if name == "seed" else 1)
         check_range("wemoe", "scale", self.scale, 0.0, 1.0, open_low=False)
         check_range("wemoe", "lr", self.lr, 0.0, 1.0)
         self.learned: dict[str, Any] = {}

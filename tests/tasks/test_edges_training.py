@@ -13,24 +13,13 @@ from PIL import Image
 
 from mtlvision import api
 from mtlvision.cli import main
-
-TINY = [
-    "data.image_size=32",
-    "data.train_size=8",
-    "data.val_size=4",
-    "data.test_size=4",
-    "train.epochs=1",
-    "train.batch_size=4",
-    "train.progress=false",
-    "train.device=cpu",
-    "model.backbone=test_resnet",
-]
+from tests.tasks.tiny_run import TINY_RUN
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("edges-run")
-    assert main(["train", "scenes_dense", "--set", *TINY, "--out", str(out), "--name", "dense"]) == 0
+    assert main(["train", "scenes_dense", "--set", *TINY_RUN, "--out", str(out), "--name", "dense"]) == 0
     return out / "dense"
 
 

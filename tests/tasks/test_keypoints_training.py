@@ -13,19 +13,9 @@ from PIL import Image
 
 from mtlvision import api
 from mtlvision.cli import main
+from tests.tasks.tiny_run import TINY_RUN
 
-TINY = [
-    "data.image_size=32",
-    "data.train_size=8",
-    "data.val_size=4",
-    "data.test_size=4",
-    "train.epochs=1",
-    "train.batch_size=4",
-    "train.progress=false",
-    "train.device=cpu",
-    "model.backbone=test_resnet",
-    "tasks=[{name: keypoints, score_threshold: 0.0, max_instances: 3}]",
-]
+TINY = [*TINY_RUN, "tasks=[{name: keypoints, score_threshold: 0.0, max_instances: 3}]"]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ JSON-able result and how to draw it. Tasks import nothing of mtlvision above the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -18,6 +18,30 @@ import torch
 from torch import Tensor, nn
 
 from mtlvision.errors import DataError
+
+
+def pad_instances(
+    targets: Sequence[Mapping[str, Tensor]],
+    fields: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-image instance targets (boxes, keypoints, ...) as one batch: each of ``fields`` (name: the shape after
+    the instance dimension, dtype) zero-padded to ``[B, N, *shape]`` with N the batch's largest instance count
+    (at least one, so that gathering by instance index always has a row), and the real-instance mask ``[B, N]``.
+    The count is read from the first field (the task's own check makes every field agree)."""
+    count_key = next(iter(fields))
+    largest = max([1, *(int(t[count_key].shape[0]) for t in targets)])
+    padded = {
+        name: torch.zeros(len(targets), largest, *shape, dtype=dtype, device=device)
+        for name, (shape, dtype) in fields.items()
+    }
+    real = torch.zeros(len(targets), largest, dtype=torch.bool, device=device)
+    for row, target in enumerate(targets):
+        count = int(target[count_key].shape[0])
+        for name, tensor in padded.items():
+            tensor[row, :count] = target[name].to(device=device, dtype=tensor.dtype)
+        real[row, :count] = True
+    return padded, real
 
 
 class TargetKind(str, Enum):

@@ -30,7 +30,7 @@ from torchvision.ops import (
 )
 
 from mtlvision.errors import ConfigError
-from mtlvision.tasks.base import TargetKind, Task, require
+from mtlvision.tasks.base import TargetKind, Task, pad_instances, require
 from mtlvision.tasks.detection_head import FCOSHead
 from mtlvision.tasks.detection_metric import DetectionMetric, Detections
 from mtlvision.tasks.drawing import palette, to_rgb_uint8
@@ -222,7 +222,8 @@ class Detection(Task):
         cls_logits: Tensor = prediction["cls_logits"]
         device = cls_logits.device
         points, strides = prediction["points"], prediction["strides"]
-        boxes, labels, box_valid = _pad_targets(target, device)
+        padded, box_valid = pad_instances(target, {"boxes": ((4,), torch.float32), "labels": ((), torch.long)}, device)
+        boxes, labels = padded["boxes"], padded["labels"]
         assigned = assign_batch(points, strides, boxes, box_valid, self.center_radius, self.size_factor)
         positive = (assigned >= 0) & valid.to(device=device, dtype=torch.bool)[:, None]  # [B, P]
         image_weight = valid.to(device=device, dtype=cls_logits.dtype)[:, None]
@@ -388,18 +389,3 @@ class Detection(Task):
             "tower_depth": self.tower_depth,
             "multi_label_decode": self.multi_label_decode,
         }
-
-
-def _pad_targets(targets: Sequence[BoxTarget], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Boxes ``[B, N, 4]``, labels ``[B, N]`` and a real-box mask ``[B, N]`` (N: the batch's largest count,
-    at least one so that gathering by box index always has a row)."""
-    largest = max([1, *(int(t["labels"].shape[0]) for t in targets)])
-    boxes = torch.zeros(len(targets), largest, 4, device=device)
-    labels = torch.zeros(len(targets), largest, dtype=torch.long, device=device)
-    box_valid = torch.zeros(len(targets), largest, dtype=torch.bool, device=device)
-    for row, target in enumerate(targets):
-        count = int(target["labels"].shape[0])
-        boxes[row, :count] = target["boxes"].to(device=device, dtype=torch.float32)
-        labels[row, :count] = target["labels"].to(device=device, dtype=torch.long)
-        box_valid[row, :count] = True
-    return boxes, labels, box_valid

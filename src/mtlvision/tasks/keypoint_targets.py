@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtlvision.tasks.base import pad_instances
+
 #: CenterNet's loss weights of the regressions
 JOINT_WEIGHT, SIZE_WEIGHT, CENTER_OFFSET_WEIGHT, KEYPOINT_OFFSET_WEIGHT = 1.0, 0.1, 1.0, 1.0
 #: the peak of an instance without labelled keypoints (no positive)
@@ -70,20 +72,6 @@ class EncodedTargets:
     keypoint_mask: Tensor  # [B, N, K] labelled keypoints
 
 
-def pad_instances(targets: Sequence[dict[str, Tensor]], num_keypoints: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Keypoints ``[B, N, K, 3]``, boxes ``[B, N, 4]`` and a real-instance mask ``[B, N]`` (N at least one)."""
-    largest = max([1, *(int(t["boxes"].shape[0]) for t in targets)])
-    keypoints = torch.zeros(len(targets), largest, num_keypoints, 3, device=device)
-    boxes = torch.zeros(len(targets), largest, 4, device=device)
-    real = torch.zeros(len(targets), largest, dtype=torch.bool, device=device)
-    for row, target in enumerate(targets):
-        count = int(target["boxes"].shape[0])
-        keypoints[row, :count] = target["keypoints"].to(device=device, dtype=torch.float32)
-        boxes[row, :count] = target["boxes"].to(device=device, dtype=torch.float32)
-        real[row, :count] = True
-    return keypoints, boxes, real
-
-
 def _cells(position: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Integer cells ``[..., 2]`` (x, y) of cell positions, clamped into the map, and the sub-cell offsets."""
     limit = torch.tensor([width - 1, height - 1], device=position.device, dtype=position.dtype)
@@ -109,7 +97,9 @@ def encode_targets(
     targets: Sequence[dict[str, Tensor]], num_keypoints: int, stride: int, height: int, width: int, device: torch.device
 ) -> EncodedTargets:
     """The :class:`EncodedTargets` of a batch for an output map of ``height x width`` cells at ``stride``."""
-    keypoints, boxes, real = pad_instances(targets, num_keypoints, device)
+    fields = {"boxes": ((4,), torch.float32), "keypoints": ((num_keypoints, 3), torch.float32)}
+    padded, real = pad_instances(targets, fields, device)
+    keypoints, boxes = padded["keypoints"], padded["boxes"]
     boxes = boxes / stride
     labelled = (keypoints[..., 2] > 0) & real[..., None]  # [B, N, K]
     scored = labelled.any(dim=2)  # [B, N]

@@ -38,6 +38,7 @@ from typing import Any
 
 import mtlvision as mv
 from mtlvision.config import load_config, parse_override
+from mtlvision.engine.build import is_plain_start
 from mtlvision.engine.merging import MERGE_RULES
 from mtlvision.engine.runs import BASELINES_NAME, METRICS_NAME, Run
 from mtlvision.errors import MtlvisionError
@@ -132,12 +133,17 @@ class Bench:
         return len(json.loads((self.baseline / BASELINES_NAME).read_text())["experts"])
 
     def joint(self) -> None:
-        ranked = sorted((d, p) for p in self.merges() if (d := _delta(Run.load(p))) is not None)
+        # the fine-tune starts from the best merge that is one set of weights (EMR's task-specific backbones and
+        # WEMoE's routed blocks cannot be a model.init)
+        startable = [p for p in self.merges() if is_plain_start(p)]
+        ranked = sorted((d, p) for p in startable if (d := _delta(Run.load(p))) is not None)
         if ranked:
             best = ranked[0][1]
             self.train(f"joint-from-{best.name[2:]}", self.args.joint_epochs, **{"model.init": str(best)})
         else:
-            print("no merge has a Δm (see failures.json and each merge's metrics.json): no fine-tune from the best")
+            print(
+                "no merge of one set of weights has a Δm (see failures.json, each merge's metrics.json): no fine-tune"
+            )
         if not self.args.no_equal_compute:
             epochs = self.expert_count() * self.args.expert_epochs + self.args.joint_epochs
             self.train("joint-from-start", epochs, **{"model.init": str(self.start)})

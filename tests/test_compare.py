@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from mtlvision import api, cli
 from mtlvision.config import load_config
+from mtlvision.engine.build import is_plain_start
 from mtlvision.engine.comparing import describe_run
 from mtlvision.engine.merged_run import base_fingerprint, check_mergeable, common_init
 from mtlvision.engine.runs import INIT_WEIGHTS_NAME, Baselines, Run
@@ -245,6 +246,7 @@ def test_wemoe_merge_is_rebuilt_by_eval_compare_and_predict(pipeline: dict[str, 
     Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(image)
     predictions = api.predict(out, [image], pipeline["out"] / "wemoe-preds")
     assert len(predictions) == 1 and set(predictions[0]["tasks"]) == {"count", "segmentation"}
+    assert not is_plain_start(out) and is_plain_start(pipeline["merged"])  # the merging benchmark's start rule
     with pytest.raises(MtlvisionError, match="WEMoE merge"):
         api.train("scenes", {**TINY, "model.init": str(out)}, out=pipeline["out"], name="from-wemoe")
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mtlvision import api, cli
-from mtlvision.engine.build import load_model
+from mtlvision.engine.build import is_plain_start, load_model
 from mtlvision.engine.comparing import describe_run
 from mtlvision.engine.runs import Baselines, Run
 from mtlvision.models import MultiTaskModel
@@ -112,6 +112,8 @@ def test_export_and_training_from_it_are_refused_with_the_reason(emr: dict[str, 
     )
     assert code == 2
     assert "no single set of weights to start from" in capsys.readouterr().err
+    assert not is_plain_start(emr["merged"])  # what the merging benchmark reads to skip it as a start
+    assert all(is_plain_start(run) for run in Baselines.load(emr["baselines"]).expert_runs().values())
     experts = Baselines.load(emr["baselines"]).expert_runs()
     assert cli.main(["merge", str(experts["count"]), "--rule", "emr", "--out", str(emr["out"] / "one")]) == 2
     assert "at least two experts" in capsys.readouterr().err

@@ -102,6 +102,13 @@ def init_run(config: RunConfig) -> Path | None:
     return path
 
 
+def is_plain_start(run_dir: Path) -> bool:
+    """Whether a run folder's weights are one plain set a model can start from (``model.init``): not a WEMoE
+    merge (routed blocks) nor a task-specific one (EMR-merging), the two that ``model.init`` refuses."""
+    weights = run_dir / WEIGHTS_NAME
+    return weights.is_file() and not (run_dir / WEMOE_LAYOUT).is_file() and modulation_layout(weights) is None
+
+
 def load_init_weights(model: MultiTaskModel, path: Path) -> dict[str, list[str]]:
     """Copy every tensor of the weights file ``path`` whose name (or backbone stage) and shape match into ``model``.
 

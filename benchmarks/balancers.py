@@ -41,6 +41,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -182,6 +183,10 @@ def build_problem(
 # ------------------------------------------------------------------------------------------ step makers
 #: the path balancer.jacobian=auto chose, per method, in this worker (reported beside the time)
 CHOSEN_PATHS: dict[str, str] = {}
+#: where this process's balancer.jacobian=auto keeps its choices: a fresh file, so that every benchmark
+#: run measures the paths as a new training run's first step does (the user cache may hold a choice
+#: measured on a busy machine)
+PATH_CACHE = Path(tempfile.mkdtemp(prefix="mtlvision-bench-")) / "jacobian_paths.json"
 
 
 def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
@@ -213,7 +218,9 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
         else:
             rep = trunk(x)
         losses = torch.stack(task_losses(heads, rep))
-        engine = balancers.GradientEngine(shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps)
+        engine = balancers.GradientEngine(
+            shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps, cache_file=PATH_CACHE
+        )
         engine.backward(losses, balancer)
         if engine.choice is not None:
             CHOSEN_PATHS[method] = engine.choice.path

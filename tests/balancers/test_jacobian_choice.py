@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch.testing import assert_close
 
 from mtlvision.balancers import GradientEngine, LayerTaps
 from mtlvision.balancers import get as get_balancer
-from mtlvision.balancers.jacobian import choice
+from mtlvision.balancers.jacobian import BY_MEMORY, PATHS, choice
 
 #: what the fake clock advances for each path's timed run: "loop" is fastest, then "layers", then "batched"
 COSTS = {"loop": 1.0, "layers": 2.0, "batched": 3.0}
@@ -70,8 +71,8 @@ def test_auto_picks_the_fastest_path_and_gives_each_explicit_paths_update(fake_c
     torch.manual_seed(0)
     engine, auto = step("auto", method, tmp_path / "paths.json")
     assert engine.jacobian_path == "loop" and engine.choice is not None
-    # each candidate timed twice, alternating; the fastest of each kept
-    assert fake_clock == ["batched", "loop", "layers"] * 2
+    # each candidate timed twice, alternating, lightest first; the fastest of each kept
+    assert fake_clock == list(BY_MEMORY) * 2
     assert engine.choice.seconds == {path: COSTS[path] for path in ("batched", "loop", "layers")}
     for path in ("batched", "loop", "layers"):
         torch.manual_seed(0)  # PCGrad's random task order
@@ -129,3 +130,39 @@ def test_the_key_changes_with_what_the_speed_depends_on():
 def test_a_loss_weighting_method_measures_nothing(fake_clock, tmp_path):
     engine, _ = step("auto", "dwa", tmp_path / "paths.json")
     assert fake_clock == [] and engine.choice is None and not (tmp_path / "paths.json").exists()
+
+
+def test_every_path_has_a_place_in_the_memory_order():
+    assert sorted(BY_MEMORY) == sorted(PATHS) and BY_MEMORY[0] == "layers"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        ({"layers": 1.0, "batched": 0.95, "loop": 0.93}, "layers"),  # a near tie keeps the lightest
+        ({"layers": 1.0, "batched": 0.85, "loop": 0.8}, "batched"),  # loop is not 10% faster than batched
+        ({"layers": 1.0, "batched": 0.85, "loop": 0.7}, "loop"),
+        ({"layers": 1.0, "batched": 2.0, "loop": 0.89}, "loop"),  # a slow middle path is passed over
+    ],
+)
+def test_a_heavier_path_must_be_faster_by_the_margin(seconds, expected):
+    assert choice.pick(seconds, list(BY_MEMORY)) == expected
+
+
+def test_an_entry_on_disk_is_weighed_by_the_rule_in_force(fake_clock, tmp_path):
+    cache = tmp_path / "jacobian_paths.json"
+    engine, _ = step("auto", "upgrad", cache)
+    key = engine.choice.key  # type: ignore[union-attr]
+    # an entry written by the fastest-only rule, from a near tie
+    cache.write_text(json.dumps({key: {"path": "loop", "seconds": {"layers": 1.0, "batched": 1.2, "loop": 0.97}}}))
+    choice.CHOSEN_PATHS.clear()
+    engine, _ = step("auto", "upgrad", cache)
+    assert engine.jacobian_path == "layers" and len(fake_clock) == 6  # read, not measured again
+
+
+def test_the_key_names_the_machine(monkeypatch):
+    base = dict(shapes=[(4, 3, 3, 3)], num_tasks=3, device=torch.device("cpu"), dtype=torch.float32, extra=[])
+    assert choice.machine_name("cpu").endswith(f"x{os.cpu_count()}")
+    key = choice.path_key(**base)  # type: ignore[arg-type]
+    monkeypatch.setattr(choice, "machine_name", lambda device_type: "another CPU x64")
+    assert key != choice.path_key(**base)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlvision.balancers.base import Balancer, Needs, Update
-from mtlvision.balancers.jacobian import PATHS, RepresentationGradients, Step, StepGradients
+from mtlvision.balancers.jacobian import BY_MEMORY, PATHS, RepresentationGradients, Step, StepGradients
 from mtlvision.balancers.jacobian.base import ParameterGradients, split_like
 from mtlvision.balancers.jacobian.choice import PathChoice, choose_path, path_key
 from mtlvision.balancers.layers import LayerTaps
@@ -104,7 +104,8 @@ class GradientEngine:
       ``"loop"`` (T plain backward passes, for operations without a vmap batching rule), or ``"auto"``:
       at the first step of a gradient method in parameter mode, each applicable path is timed (see
       :func:`~mtlvision.balancers.jacobian.choice.choose_path`; cached per key in ``cache_file`` and in the
-      process) and the fastest kept in :attr:`jacobian_path` and :attr:`choice`; otherwise (loss weighting,
+      process) and the fastest kept in :attr:`jacobian_path` and :attr:`choice`, a path holding more memory
+      only where it is faster by ``choice.HEAVIER_MARGIN``; otherwise (loss weighting,
       representation mode, a ``reduce``: ranks must agree) the rule of :func:`resolve_jacobian_path`.
     - ``taps``: the :class:`~mtlvision.balancers.layers.LayerTaps` whose recording the step's forward ran in;
       needed by ``jacobian="layers"``.
@@ -242,7 +243,7 @@ class GradientEngine:
         if balancer.needs is Needs.LOSSES or representation_mode or self.reduce is not None:
             self.jacobian_path = "layers" if calls and not representation_mode else "batched"
             return
-        candidates = [name for name, path in PATHS.items() if not path.uses_taps or calls]
+        candidates = [name for name in BY_MEMORY if not PATHS[name].uses_taps or calls]
         step = self._step(losses)
         shapes = [
             *(p.shape for p in self.shared),

@@ -47,7 +47,13 @@ PATHS: dict[str, type[ParameterGradients]] = {
     "layers": LayerGradients,
 }
 
+#: the paths from the lightest peak memory to the heaviest (the layer path never holds the ``[T, P]``
+#: Jacobian, the batched path holds it, the loop holds it and its T rows; docs/balancers.md): the order in
+#: which ``balancer.jacobian=auto`` weighs them
+BY_MEMORY: tuple[str, ...] = ("layers", "batched", "loop")
+
 __all__ = [
+    "BY_MEMORY",
     "PATHS",
     "BatchedGradients",
     "JacobianPath",

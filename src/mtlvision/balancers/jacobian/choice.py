@@ -1,19 +1,27 @@
 """``balancer.jacobian: auto``: the Jacobian path chosen by timing each applicable one, once per key.
 
-Every path gives the same update to float tolerance; only speed differs, and which is fastest depends on the
-model, the batch, T and the device (docs/balancers.md, "Where the time goes"). The engine times each
-candidate on the first step whose key is new (the graph retained, the results discarded) and keeps the
-fastest in :data:`CHOSEN_PATHS` for the process and in a small JSON file: the run folder's
+Every path gives the same update to float tolerance; only speed and peak memory differ, and which is fastest
+depends on the model, the batch, T and the device (docs/balancers.md, "Where the time goes"). The engine times
+each candidate on the first step whose key is new (the graph retained, the results discarded) and keeps the
+choice in :data:`CHOSEN_PATHS` for the process and in a small JSON file: the run folder's
 ``jacobian_paths.json`` when the caller knows one, else :func:`default_cache_file`. A file that cannot be
 read is ignored with a warning (JSON only, never unpickled) and rewritten atomically.
+
+The candidates come lightest first (the engine orders them by :data:`~mtlvision.balancers.jacobian.BY_MEMORY`),
+and a heavier path is taken only where it is faster than the lighter choice by :data:`HEAVIER_MARGIN`: the
+per-task loop holds the whole ``[T, P]`` Jacobian and more (2.5x an equal-weights step's peak at T = 3 on
+resnet18, the layer path 1.14x), so a near tie, or a measurement made on a busy machine, keeps the light path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,6 +37,8 @@ logger = logging.getLogger(__name__)
 CACHE_NAME = "jacobian_paths.json"
 #: timed computations per candidate path (alternating between paths; the fastest of each path's is kept)
 REPEATS = 2
+#: a heavier candidate is chosen only if its time is below this fraction of the lighter choice's
+HEAVIER_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,31 @@ class PathChoice:
 CHOSEN_PATHS: dict[str, PathChoice] = {}
 #: the (file, key) pairs this process knows to be on disk (a choice made for one run is also written to the next)
 _ON_DISK: set[tuple[Path, str]] = set()
+
+
+def pick(seconds: dict[str, float], candidates: Sequence[str]) -> str:
+    """The path taken given each candidate's ``seconds``: ``candidates`` lightest first, each heavier one
+    replacing the choice only where it is faster by :data:`HEAVIER_MARGIN`."""
+    chosen = candidates[0]
+    for path in candidates[1:]:
+        if seconds[path] < HEAVIER_MARGIN * seconds[chosen]:
+            chosen = path
+    return chosen
+
+
+@functools.cache
+def machine_name(device_type: str) -> str:
+    """What the speed of a path depends on beyond torch: the GPU's name, or the CPU's model and count (a
+    cache in a home folder shared by several machines keeps one choice per machine kind)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} x{os.cpu_count()}"
 
 
 def now() -> float:
@@ -62,7 +97,8 @@ def path_key(
 ) -> str:
     """A short stable key for one measurement: the model signature and batch (``shapes``: the shared
     parameters', the representation's and the tapped inputs' shapes), T, device, dtype, ``extra`` (the
-    balancer's needs, the candidates), the torch version and its thread count."""
+    balancer's needs, the candidates), the torch version and its thread count, and the machine
+    (:func:`machine_name`)."""
     text = repr(
         (
             [tuple(s) for s in shapes],
@@ -72,6 +108,7 @@ def path_key(
             list(extra),
             torch.__version__,
             torch.get_num_threads(),
+            machine_name(torch.device(device).type),
         )
     )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -96,7 +133,10 @@ def _from_disk(file: Path, key: str, candidates: Sequence[str]) -> PathChoice | 
         choice = PathChoice(str(entry["path"]), {str(k): float(v) for k, v in entry["seconds"].items()}, key)
     except (TypeError, KeyError, AttributeError, ValueError):
         return None
-    return choice if choice.path in candidates else None
+    if not set(candidates) <= set(choice.seconds):
+        return None
+    # the choice is re-derived from the times, so that the rule in force applies to an older entry too
+    return PathChoice(pick(choice.seconds, candidates), choice.seconds, key)
 
 
 def _to_disk(file: Path, choice: PathChoice) -> None:
@@ -115,9 +155,9 @@ def _to_disk(file: Path, choice: PathChoice) -> None:
 def choose_path(
     key: str, candidates: Sequence[str], run: Callable[[str], None], cache_file: Path | None = None
 ) -> PathChoice:
-    """The fastest of ``candidates`` for ``key``: from this process's :data:`CHOSEN_PATHS`, else from
-    ``cache_file`` (default :func:`default_cache_file`), else measured: ``run(path)`` timed :data:`REPEATS`
-    times per path, alternating, and recorded in both."""
+    """The path for ``key`` among ``candidates`` (lightest first; see :func:`pick`): from this process's
+    :data:`CHOSEN_PATHS`, else from ``cache_file`` (default :func:`default_cache_file`), else measured:
+    ``run(path)`` timed :data:`REPEATS` times per path, alternating, and recorded in both."""
     if not candidates:
         raise ValueError("choose_path needs at least one candidate path")
     file = cache_file if cache_file is not None else default_cache_file()
@@ -135,7 +175,7 @@ def choose_path(
                 start = now()
                 run(path)
                 seconds[path] = min(seconds.get(path, float("inf")), now() - start)
-        choice = PathChoice(min(candidates, key=seconds.__getitem__), seconds, key)
+        choice = PathChoice(pick(seconds, candidates), seconds, key)
         _to_disk(file, choice)
         source = "measured"
     else:
@@ -147,4 +187,14 @@ def choose_path(
     return choice
 
 
-__all__ = ["CACHE_NAME", "CHOSEN_PATHS", "PathChoice", "choose_path", "default_cache_file", "path_key"]
+__all__ = [
+    "CACHE_NAME",
+    "CHOSEN_PATHS",
+    "HEAVIER_MARGIN",
+    "PathChoice",
+    "choose_path",
+    "default_cache_file",
+    "machine_name",
+    "path_key",
+    "pick",
+]

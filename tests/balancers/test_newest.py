@@ -128,7 +128,7 @@ def test_ntkmtl_equalises_the_weighted_kernels_at_exponent_one_half(seed: int, t
     kernels = (g * g).sum(dim=1)
     assert_close(shared, t * (kernels.sum() / kernels) ** p)
     if p == 0.5:  # w_t² λ_t = tr K for every task: the weighted kernels are equal
-        assert_close(shared**2 * kernels, torch.full((t,), t**2 * float(kernels.sum())))
+        assert_close(shared**2 * kernels, torch.full((t,), t**2 * float(kernels.sum()), dtype=torch.float64))
 
 
 def test_ntkmtl_clips_the_shared_update_and_skips_zero_tasks() -> None:

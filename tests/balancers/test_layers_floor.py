@@ -1,6 +1,7 @@
 """The layer path's cheaper ways (issue 24) give the gradients of the plain per-task loop: a convolution's T
-weight gradients by the unfolded GEMM or by the convolution's own kernel (forced or measured), and the update
-of a layer whose weight gradients the Gramian formed read from them instead of another weight gradient."""
+weight gradients by the unfolded GEMM or by the convolution's own kernel (forced or measured), the update
+of a layer whose weight gradients the Gramian formed read from them instead of another weight gradient, and
+a layer whose rule would take the kernel left to the vmapped backward itself."""
 
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ class Trunk(nn.Module):
 TERMS = 2 * 4 * 12 * 12
 
 
-def step(path: str, name: str) -> tuple[list[Tensor], list[str]]:
-    """One engine step of balancer ``name`` on path ``path``: every parameter's ``.grad`` and the tapped
-    layers whose weight gradients were kept for the update."""
+def step(path: str, name: str) -> tuple[list[Tensor], list[str], list[str]]:
+    """One engine step of balancer ``name`` on path ``path``: every parameter's ``.grad``, the tapped
+    layers whose weight gradients were kept for the update and those handed to the vmapped backward."""
     torch.manual_seed(0)
     net = Trunk().double()
     x = torch.randn(4, 4, 12, 12, dtype=torch.float64)
@@ -64,28 +65,38 @@ def step(path: str, name: str) -> tuple[list[Tensor], list[str]]:
         net.shared_parameters(), list(net.heads.parameters()), mode="params", jacobian=path, taps=taps
     )
     held: list[str] = []
-    hold = LayerGradients._hold
+    handed: list[str] = []
+    hold, hand = LayerGradients._hold, LayerGradients._hand_to_autograd
 
     def spy(self: LayerGradients, module: nn.Module, grads: list[Tensor]) -> None:
         hold(self, module, grads)
         if module in self._held:
             held.append(taps.modules[module] if taps is not None else "")
 
+    def spy_hand(self: LayerGradients) -> None:
+        before = list(self._groups)
+        hand(self)
+        handed.extend(taps.modules[m] for m in before if m not in self._groups)  # type: ignore[union-attr]
+
     LayerGradients._hold = spy  # type: ignore[method-assign]
+    LayerGradients._hand_to_autograd = spy_hand  # type: ignore[method-assign]
     try:
         engine.backward(net.losses(rep), balancer)
     finally:
-        LayerGradients._hold = hold  # type: ignore[method-assign]
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()], held
+        LayerGradients._hold, LayerGradients._hand_to_autograd = hold, hand  # type: ignore[method-assign]
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()], held, handed
 
 
 @pytest.mark.parametrize("way", ["gemm", "kernel"])
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad", "cagrad", "imtl_g", "nash_mtl"])
 def test_layer_path_with_kept_weight_gradients_equals_the_loop(name: str, way: str, monkeypatch) -> None:
     monkeypatch.setattr(RULES[nn.Conv2d], "weight_way", way)
-    want, _ = step("loop", name)
-    got, held = step("layers", name)
-    assert held == ["conv", "down"]  # the update of those layers came from their kept gradients
+    want, _, _ = step("loop", name)
+    got, held, handed = step("layers", name)
+    if way == "gemm":  # the update of those layers came from their kept gradients
+        assert held == ["conv", "down"] and handed == []
+    else:  # autograd formed their weight gradients in the backward (its own kernel)
+        assert held == [] and handed == ["conv", "down"]
     for g, w in zip(got, want, strict=True):
         assert_within_roundoff(g, w, w.abs().max(), TERMS, torch.float32)
     assert not torch.count_nonzero(got[list(dict(Trunk().named_parameters())).index("frozen.weight")])

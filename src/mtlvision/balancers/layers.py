@@ -89,6 +89,13 @@ class LayerRule(ABC):
     def weighted_gradients(self, module: nn.Module, inputs: Tensor, grad: Tensor) -> list[Tensor]:
         """``[*shape]`` per parameter, from one output gradient (``Σ_t w_t B_t``)."""
 
+    def weights_in_backward(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> bool:
+        """Whether autograd's own weight gradient, formed inside the vmapped backward, is as fast a way to the
+        T weight gradients as this rule's (``grads``: the ``[T, *output shape]`` the rule would be given, a
+        meta tensor where only its shape is read). Default: yes (a linear layer's is one batched GEMM both
+        ways)."""
+        return True
+
     @abstractmethod
     def rows(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         """``A`` [M, D] and ``B`` [T, M, O]: the layer as one matrix product at M places."""
@@ -165,6 +172,19 @@ class Conv2dRule(LayerRule):
             return torch.matmul(outs.transpose(1, 2), rows).view(grads.shape[0], *module.weight.shape)
         shape, geometry = tuple(module.weight.shape), self._geometry(module)
         return torch.stack([conv2d_weight(inputs, shape, g, groups=module.groups, **geometry) for g in grads])
+
+    def weights_in_backward(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> bool:
+        """Yes where this rule would take the convolution's own kernel (autograd runs the same one, task by task,
+        or a grouped convolution under ``torch.func``), no where the unfolded GEMM is measured faster."""
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1 or self.weight_way != "measure":
+            return module.groups != 1 or self.weight_way == "kernel"
+        inputs = inputs.float()
+        key = self._way_key(module, inputs, grads)
+        if key not in MEASURED_WAYS:  # measured on output gradients of the right shape (their values do not matter)
+            like = torch.randn(grads.shape, dtype=torch.float32, device=inputs.device)
+            return measured_way(key, lambda w: self._weights(w, module, inputs, like)) == "kernel"
+        return MEASURED_WAYS[key] == "kernel"
 
     def _way_key(self, module: nn.Conv2d, inputs: Tensor, grads: Tensor) -> tuple[Any, ...]:
         geometry = self._geometry(module)

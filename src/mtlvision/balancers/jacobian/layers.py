@@ -1,9 +1,12 @@
 """``jacobian="layers"``: the vmapped backward stops at the outputs of the tapped layers.
 
 :class:`~mtlvision.balancers.layers.LayerTaps` records, in the forward, each shared ``Conv2d`` and ``Linear``
-call's input and output. The one vmapped backward (from the T losses, or from the trunk with the per-task
-representation gradients) goes into those outputs and the other shared parameters (norms), so autograd forms
-no per-task weight gradient of a tapped layer, and frees the graph. Then, per layer:
+call's input and output. Before the backward, a layer whose Gramian term is not cheaper from activations and
+whose T weight gradients autograd forms as fast as the rule would (the convolution's own kernel) is handed
+back to autograd: its parameters become targets of the backward like the other untapped ones (norms), so its
+input and output gradients are freed where autograd meets it. The one vmapped backward (from the T losses,
+or from the trunk with the per-task representation gradients) goes into the remaining layers' outputs and
+those parameters, and frees the graph. Then, per remaining layer:
 
 - its Gramian term comes from its input and per-task output gradients (``⟨B_s, (A Aᵀ) B_t⟩``) where that is
   cheaper and exact, else from its per-task weight gradients, formed as one GEMM; those are kept (and the

@@ -23,7 +23,8 @@ environment. ``--wheels DIR`` installs them offline from wheels in DIR. LibMTL 1
     python benchmarks/balancers.py --device cuda --dtype bfloat16 --interleave   # bf16 autocast forward
 
 Every table is printed beside the machine it was measured on (CPU model, logical CPUs, torch threads, torch
-version and build, the GPU when ``--device cuda``).
+version and build, the GPU when ``--device cuda``), and followed by the step's multiply-adds per way
+(``benchmarks/multiply_adds.py``): the least an exact Gramian method does, against the floors.
 
 Every run also times the floor in plain PyTorch: the summed losses backpropagated once (its equal-weights
 step) against each task's loss backpropagated through the trunk on its own (T backward passes, nothing
@@ -698,6 +699,14 @@ def main() -> None:
             print(f"  interleaved timing of {len(runnable)} configurations done", file=sys.stderr)
         print(machine + "\n")
         print(table(num_tasks, methods, frameworks, results, args.paths))
+        print(multiply_adds_line(num_tasks, args.batch, args.size) + "\n")
+
+
+def multiply_adds_line(num_tasks: int, batch: int, size: int) -> str:
+    """The step's multiply-adds per way (``benchmarks/multiply_adds.py``), to read the time ratios against."""
+    from multiply_adds import summary  # the sibling script, which imports this one
+
+    return summary(num_tasks, batch, size)
 
 
 def table(num_tasks: int, methods: list[str], frameworks: list[str], results: dict, paths: list[str]) -> str:

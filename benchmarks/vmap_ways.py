@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from balancers import build_problem, machine_line, ours_step, torch_step  # the sibling benchmark script
-from mtlvision.balancers.jacobian.base import BACKWARD_VMAP, MEASURED_BACKWARDS
+from mtlvision.balancers.jacobian.vmap import BACKWARD_VMAP, MEASURED_BACKWARDS
 
 
 def main() -> None:

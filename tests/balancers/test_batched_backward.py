@@ -1,4 +1,4 @@
-"""The vmapped backward's two ways (``mtlvision.balancers.jacobian.base.BATCHED_BACKWARDS``): the same per-task
+"""The vmapped backward's two ways (``mtlvision.balancers.jacobian.vmap.BATCHED_BACKWARDS``): the same per-task
 gradients, and torch.func's folds the task dimension into the convolution's batch (one call of batch T·N)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.profiler import ProfilerActivity, profile
 
-from mtlvision.balancers.jacobian.base import (
+from mtlvision.balancers.jacobian.vmap import (
     BACKWARD_VMAP,
     FUNC_MARGIN,
     MEASURED_BACKWARDS,

@@ -9,6 +9,8 @@ The engine (:mod:`mtlvision.balancers.engine`) builds, per step that needs per-t
   :class:`~.base.ParameterGradients`, the base of every path: it keeps the shared-parameter Jacobian as
   per-parameter blocks or the flat ``[T, P]`` matrix and answers the Jacobian, Gramian, block and weighted
   update views from them.
+- ``vmap.py``: the two ways to run one vmapped backward (torch's ``is_grads_batched`` or ``torch.func.vmap``,
+  which folds the tasks into the batch), chosen by ``BACKWARD_VMAP`` or measured per key.
 - ``batched.py`` (``jacobian="batched"``): one vmapped backward into the shared parameters.
 - ``loop.py`` (``jacobian="loop"``): T plain backward passes, for an operation without a vmap batching rule.
 - ``layers.py`` (``jacobian="layers"``): the vmapped backward stops at the outputs of the layers that

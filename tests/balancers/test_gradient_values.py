@@ -122,3 +122,18 @@ def test_graddrop_by_hand() -> None:
     expected_last = 6.0 if 0.6 > u[2] else -4.0
     assert_close(d, torch.tensor([4.0, -3.0, expected_last]))
     assert_close(aggregate("graddrop", G, leak=1.0), G.sum(0))
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3, [0.0, 0.5, 1.0, 0.25]])
+def test_graddrop_equals_algorithm_one_coordinate_by_coordinate(leak) -> None:  # type: ignore[no-untyped-def]
+    # Chen et al. 2020, Algorithm 1 written out per coordinate, with the same uniform draws
+    G = torch.randn(4, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
+    G[:, :20] = 0.0  # coordinates no task moves: purity ½, direction 0
+    leaks = torch.tensor(leak if isinstance(leak, list) else [leak] * 4, dtype=torch.float64)[:, None]
+    torch.manual_seed(7)
+    u = torch.rand(500, dtype=torch.float64)
+    purity = 0.5 * (1 + torch.nan_to_num(G.sum(0) / G.abs().sum(0)))
+    mask = ((purity > u) & (G > 0)) | ((purity < u) & (G < 0))
+    expected = ((leaks + (1 - leaks) * mask) * G).sum(0)
+    torch.manual_seed(7)
+    assert_close(aggregate("graddrop", G, leak=leak), expected, rtol=1e-12, atol=1e-12)

@@ -42,9 +42,10 @@ class GradDrop(GradientBalancer):
             raise ConfigError(f"balancer.leak must lie in [0, 1], got {leak!r}")
         self.leak = leaks if not isinstance(leak, int | float) else float(leak)
 
-    def _leaks(self, t: int, like: Tensor) -> Tensor:
+    def _leaks(self, t: int, like: Tensor) -> Tensor | float:
+        """The leaks ``ℓ``: one number for every task, else ``[T, 1]``."""
         if isinstance(self.leak, float):
-            return torch.full((t, 1), self.leak, dtype=like.dtype, device=like.device)
+            return self.leak
         if len(self.leak) != t:
             raise ConfigError(f"balancer.leak has {len(self.leak)} values but there are {t} tasks")
         return torch.tensor(self.leak, dtype=like.dtype, device=like.device)[:, None]
@@ -52,19 +53,34 @@ class GradDrop(GradientBalancer):
     def balance(self, losses: Tensor, grads: TaskGradients | None) -> Update:
         grads = require_grads(self, grads)
         direction: Tensor | None = None
-        # Coordinate-wise, so computed block by block: the [T, n] temporaries (signs, masks) stay one
-        # parameter's size, and each block of the Jacobian is released once used.
+        # Coordinate-wise, so computed block by block, each block of the Jacobian released once used. Per
+        # coordinate only sums over the tasks are needed: with r_i = max(g_i, 0), Σ |g_i| = 2 Σ r_i − Σ g_i
+        # gives the purity, and Σ (ℓ_i + (1 − ℓ_i) M_i) g_i is Σ ℓ_i g_i plus Σ (1 − ℓ_i) r_i where the
+        # positive sign is kept, Σ (1 − ℓ_i) (g_i − r_i) where the negative one is: one [T, n] temporary (r)
+        # and a few [n] vectors, not a mask per task.
         for columns, block in grads.jacobian_blocks(release=True):
             block = block.detach()
             if direction is None:
                 direction = block.new_empty(grads.num_columns)
                 leaks = self._leaks(block.shape[0], block)
             total = block.sum(dim=0)
-            magnitude = block.abs().sum(dim=0)
+            positives = block.clamp_min(0.0)
+            positive = positives.sum(dim=0)
+            leaked: Tensor | None = None  # no leak (the default): nothing to add
+            if isinstance(leaks, float):
+                unleaked, kept_positive = total, positive
+                if leaks:
+                    leaked, unleaked, kept_positive = leaks * total, (1.0 - leaks) * total, (1.0 - leaks) * positive
+            else:
+                unleaked = ((1.0 - leaks) * block).sum(dim=0)
+                leaked, kept_positive = total - unleaked, ((1.0 - leaks) * positives).sum(dim=0)
+            del positives
+            magnitude = 2.0 * positive - total
             ratio = total / magnitude.clamp_min(torch.finfo(total.dtype).tiny)
             purity = 0.5 * (1.0 + torch.where(magnitude > 0, ratio, 0.0))
             uniform = torch.rand(purity.shape, dtype=purity.dtype, device=purity.device)
-            keep = ((purity > uniform) & (block > 0)) | ((purity < uniform) & (block < 0))
-            direction[columns] = ((leaks + (1.0 - leaks) * keep.to(block.dtype)) * block).sum(dim=0)
+            kept = torch.where(purity > uniform, kept_positive, unleaked - kept_positive)
+            kept.masked_fill_(purity == uniform, 0.0)  # neither sign is kept where P = U
+            direction[columns] = kept if leaked is None else leaked + kept
         assert direction is not None
         return Update(weights=torch.ones_like(losses.detach()), direction=direction)

@@ -59,7 +59,9 @@ class ExcessMTL(LossWeighting):
                 risk = torch.zeros(shape[0], dtype=torch.float64, device=block.device)
             block_sum = square_sum[:, columns]
             block_sum.addcmul_(block, block)
-            risk += (block.square() / (block_sum + self.eps).sqrt()).sum(dim=1).double()
+            scaled = (block_sum + self.eps).rsqrt_().mul_(block).mul_(block)  # g² / √(Σg² + ε), one temporary
+            risk += scaled.sum(dim=1).double()
+            del scaled
         assert square_sum is not None and risk is not None
         self.grad_square_sum = square_sum
         risk = risk.cpu()

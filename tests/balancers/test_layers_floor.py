@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from mtlvision import balancers
 from mtlvision.balancers import GradientEngine, LayerTaps
 from mtlvision.balancers.jacobian.layers import LayerGradients
+from mtlvision.balancers.jacobian.vmap import BACKWARD_VMAP
 from mtlvision.balancers.layers import MEASURED_WAYS, RULES, Conv2dRule, measured_way
 from mtlvision.errors import ConfigError
 from tests.tolerance import assert_within_roundoff
@@ -87,10 +88,12 @@ def step(path: str, name: str) -> tuple[list[Tensor], list[str], list[str]]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()], held, handed
 
 
+@pytest.mark.parametrize("backward", ["func", "autograd"])  # the handed-back layers under either vmapped backward
 @pytest.mark.parametrize("way", ["gemm", "kernel"])
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad", "cagrad", "imtl_g", "nash_mtl"])
-def test_layer_path_with_kept_weight_gradients_equals_the_loop(name: str, way: str, monkeypatch) -> None:
+def test_layer_path_with_kept_weight_gradients_equals_the_loop(name: str, way: str, backward: str, monkeypatch) -> None:
     monkeypatch.setattr(RULES[nn.Conv2d], "weight_way", way)
+    monkeypatch.setitem(BACKWARD_VMAP, "way", backward)
     want, _, _ = step("loop", name)
     got, held, handed = step("layers", name)
     if way == "gemm":  # the update of those layers came from their kept gradients

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -134,6 +134,7 @@ def test_one_task_is_plain_gradient_descent_up_to_a_positive_scale(name: str) ->
     name=st.sampled_from(OURS),
     exponents=st.lists(st.one_of(st.floats(-10, 15), st.none()), min_size=2, max_size=4),
 )
+@example(name="go4align", exponents=[7.0, 7.0])  # its risk update once underflowed to 0/0 here
 def test_extreme_and_zero_losses_give_finite_weights_or_a_clear_error(name: str, exponents: list[float | None]) -> None:
     losses = torch.tensor([0.0 if e is None else 10.0**e for e in exponents])
     balancer = build(name, len(losses))

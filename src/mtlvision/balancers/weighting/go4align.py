@@ -89,8 +89,9 @@ class GO4Align(LossWeighting):
             self.risk = torch.full((t,), 1.0 / t, dtype=torch.float64)
         if self.risk.numel() != t:
             raise ConfigError(f"GO4Align has risk indicators for {self.risk.numel()} tasks but got {t} losses")
-        risk = self.risk * torch.exp(-self.robust_step_size * values)
-        self.risk = risk / risk.sum()
+        # r ← r·exp(−η L) / Σ(r·exp(−η L)), in log space: exp(−η L) underflows to 0 for every task at large
+        # losses (1e7 with η = 1e-4 gives exp(−1e3)), and the plain form then divides 0 by 0
+        self.risk = torch.softmax(self.risk.log() - self.robust_step_size * values.double(), dim=0)
         gamma = (values.sum() / values) * self.risk
         grouped = kmeans_1d(gamma.numpy(), min(self.num_groups, t))
         return Update(weights=torch.from_numpy(grouped).to(device=losses.device, dtype=losses.dtype))

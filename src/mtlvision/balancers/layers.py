@@ -158,11 +158,21 @@ class Conv2dRule(LayerRule):
     def task_gradients(self, module: nn.Module, inputs: Tensor, grads: Tensor) -> list[Tensor]:
         assert isinstance(module, nn.Conv2d)
         inputs, grads = inputs.float(), grads.float()
-        way = "kernel" if module.groups != 1 else self.weight_way
-        if way == "measure":
-            way = measured_way(self._way_key(module, inputs, grads), lambda w: self._weights(w, module, inputs, grads))
-        weight = self._weights(way, module, inputs, grads)
+        weight = self._weights(self._way(module, inputs, grads), module, inputs, grads)
         return [weight] if module.bias is None else [weight, grads.sum(dim=(1, 3, 4))]
+
+    def _way(self, module: nn.Conv2d, inputs: Tensor, grads: Tensor) -> str:
+        """``"gemm"`` or ``"kernel"`` for these float32 shapes: the kernel for a grouped convolution, else
+        :attr:`weight_way`, measured once per key where it is ``"measure"`` (on random output gradients of
+        ``grads``' shape where ``grads`` is a meta tensor: their values do not matter)."""
+        if module.groups != 1:
+            return "kernel"
+        if self.weight_way != "measure":
+            return self.weight_way
+        key = self._way_key(module, inputs, grads)
+        if key not in MEASURED_WAYS and grads.is_meta:
+            grads = torch.randn(grads.shape, dtype=torch.float32, device=inputs.device)
+        return measured_way(key, lambda w: self._weights(w, module, inputs, grads))
 
     def _weights(self, way: str, module: nn.Conv2d, inputs: Tensor, grads: Tensor) -> Tensor:
         """``[T, *weight shape]``: ``"gemm"``, one GEMM over the layer's unfolded patches, ``[T·O, M] @ [M, D]``;
@@ -177,14 +187,7 @@ class Conv2dRule(LayerRule):
         """Yes where this rule would take the convolution's own kernel (autograd runs the same one, task by task,
         or a grouped convolution under ``torch.func``), no where the unfolded GEMM is measured faster."""
         assert isinstance(module, nn.Conv2d)
-        if module.groups != 1 or self.weight_way != "measure":
-            return module.groups != 1 or self.weight_way == "kernel"
-        inputs = inputs.float()
-        key = self._way_key(module, inputs, grads)
-        if key not in MEASURED_WAYS:  # measured on output gradients of the right shape (their values do not matter)
-            like = torch.randn(grads.shape, dtype=torch.float32, device=inputs.device)
-            return measured_way(key, lambda w: self._weights(w, module, inputs, like)) == "kernel"
-        return MEASURED_WAYS[key] == "kernel"
+        return self._way(module, inputs.float(), grads) == "kernel"
 
     def _way_key(self, module: nn.Conv2d, inputs: Tensor, grads: Tensor) -> tuple[Any, ...]:
         geometry = self._geometry(module)

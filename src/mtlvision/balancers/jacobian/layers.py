@@ -68,6 +68,8 @@ class LayerGradients(ParameterGradients):
         # gradients: those gradients, kept instead of the calls' activations (the blocks and the update read them)
         self._held: dict[nn.Module, list[Tensor]] = {}
         self._untapped_grads: list[Tensor] | None = None  # per untapped shared parameter: [T, *shape]
+        #: the modules whose Gramian term comes from activations (decided before the backward)
+        self._by_activations: set[nn.Module] = set()
 
     @property
     def jacobian_known(self) -> bool:
@@ -89,8 +91,9 @@ class LayerGradients(ParameterGradients):
         for module, indices in self._groups.items():
             rule, first = _rule(module), self._calls[indices[0]]
             shape = torch.empty((self.num_tasks, *first.output_shape), device="meta")
-            by_activations = self._reduce_is_identity and len(indices) == 1 and rule.prefers_activations(module, shape)
-            if by_activations or not rule.weights_in_backward(module, first.checked_input(), shape):
+            if self._reduce_is_identity and len(indices) == 1 and rule.prefers_activations(module, shape):
+                self._by_activations.add(module)
+            if module in self._by_activations or not rule.weights_in_backward(module, first.checked_input(), shape):
                 kept.extend(self._calls[i] for i in indices)
             else:
                 self._untapped.extend(rule.parameters(module))
@@ -191,7 +194,7 @@ class LayerGradients(ParameterGradients):
         for module, indices in self._groups.items():
             rule = _rule(module)
             call, grads = self._calls[indices[0]], self._output_grads[indices[0]]
-            if self._reduce_is_identity and len(indices) == 1 and rule.prefers_activations(module, grads):
+            if module in self._by_activations:
                 gram = gram + rule.gramian_by_activations(module, call.checked_input(), grads, dtype)
             else:
                 weight_grads = self._task_gradients(module)

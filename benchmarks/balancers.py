@@ -36,6 +36,7 @@ a slow spell of a shared machine falls on every method alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -91,13 +92,9 @@ def machine_line(device: str, threads: int = 0) -> str:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    from mtlvision.balancers.jacobian.choice import cpu_model
+
+    cpu = cpu_model()
     build = f"torch {torch.__version__}"
     build += f" (git {torch.version.git_version[:7]}" if getattr(torch.version, "git_version", None) else " ("
     build += f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU-only build"
@@ -184,10 +181,14 @@ def build_problem(
 # ------------------------------------------------------------------------------------------ step makers
 #: the path balancer.jacobian=auto chose, per method, in this worker (reported beside the time)
 CHOSEN_PATHS: dict[str, str] = {}
-#: where this process's balancer.jacobian=auto keeps its choices: a fresh file, so that every benchmark
-#: run measures the paths as a new training run's first step does (the user cache may hold a choice
-#: measured on a busy machine)
-PATH_CACHE = Path(tempfile.mkdtemp(prefix="mtlvision-bench-")) / "jacobian_paths.json"
+
+
+@functools.cache
+def path_cache() -> Path:
+    """Where this process's balancer.jacobian=auto keeps its choices: a fresh file, so that every benchmark
+    run measures the paths as a new training run's first step does (the user cache may hold a choice
+    measured on a busy machine)."""
+    return Path(tempfile.mkdtemp(prefix="mtlvision-bench-")) / "jacobian_paths.json"
 
 
 def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Callable, x: Any) -> Callable[[], None]:
@@ -206,6 +207,7 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
     requested = "auto" if mode in ("params", "rep") else mode
     jacobian = balancers.resolve_jacobian_path(requested, balancer, engine_mode, True)
     taps = balancers.LayerTaps(trunk, shared) if jacobian in ("layers", "auto") else None
+    cache = path_cache()
 
     meta = bilevel_meta_step(balancer, trunk, heads, task_losses, x)
 
@@ -220,7 +222,7 @@ def ours_step(method: str, mode: str, trunk: Any, heads: Any, task_losses: Calla
             rep = trunk(x)
         losses = torch.stack(task_losses(heads, rep))
         engine = balancers.GradientEngine(
-            shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps, cache_file=PATH_CACHE
+            shared, specific, rep, mode=engine_mode, jacobian=jacobian, taps=taps, cache_file=cache
         )
         engine.backward(losses, balancer)
         if engine.choice is not None:

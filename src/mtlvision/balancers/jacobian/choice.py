@@ -67,18 +67,22 @@ def pick(seconds: dict[str, float], candidates: Sequence[str]) -> str:
 
 
 @functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
 def machine_name(device_type: str) -> str:
     """What the speed of a path depends on beyond torch: the GPU's name, or the CPU's model and count (a
     cache in a home folder shared by several machines keeps one choice per machine kind)."""
     if device_type == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} x{os.cpu_count()}"
+    return f"{cpu_model()} x{os.cpu_count()}"
 
 
 def now() -> float:
@@ -193,6 +197,7 @@ __all__ = [
     "HEAVIER_MARGIN",
     "PathChoice",
     "choose_path",
+    "cpu_model",
     "default_cache_file",
     "machine_name",
     "path_key",

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mtlvision.data.datasets.base import SPLITS
 from mtlvision.engine.merging.base import (
     MERGE_RULES,
     DataUse,
@@ -21,9 +22,18 @@ from mtlvision.engine.merging.base import (
 )
 
 GRANULARITIES = ("task", "layer")
-SPLITS = ("train", "val", "test")
 #: what the rule does with a task that defines no prediction entropy (depth, normals)
 REGRESSION = ("refuse", "expert")
+
+
+def check_learning_options(rule: str, options: Any) -> None:
+    """The options every rule learnt on unlabelled batches of the experts' data shares (AdaMerging's and
+    WEMoE's): ``split``, ``regression``, ``steps``, ``batch_size``, ``batches``, ``seed`` and ``lr``."""
+    for name, allowed in {"split": SPLITS, "regression": REGRESSION}.items():
+        check_choice(rule, name, getattr(options, name), allowed)
+    for name in ("steps", "batch_size", "batches", "seed"):
+        check_whole(rule, name, getattr(options, name), 0 if name == "seed" else 1)
+    check_range(rule, "lr", options.lr, 0.0, 1.0)
 
 
 def merged_tensors(
@@ -67,12 +77,9 @@ class AdaMerging(LearnedRule):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in {"granularity": GRANULARITIES, "split": SPLITS, "regression": REGRESSION}.items():
-            check_choice("adamerging", name, getattr(self, name), allowed)
-        for name in ("steps", "batch_size", "batches", "seed"):
-            check_whole("adamerging", name, getattr(self, name), 0 if name == "seed" else 1)
+        check_choice("adamerging", "granularity", self.granularity, GRANULARITIES)
+        check_learning_options("adamerging", self)
         check_range("adamerging", "prior", self.prior, 0.0, 1.0, open_low=False)
-        check_range("adamerging", "lr", self.lr, 0.0, 1.0)
         self.learned = {}
 
     def describe(self) -> dict[str, Any]:

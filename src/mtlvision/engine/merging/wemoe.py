@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlvision.engine.merging.adamerging import REGRESSION, SPLITS
+from mtlvision.engine.merging.adamerging import check_learning_options
 from mtlvision.engine.merging.arithmetic import TaskArithmetic
 from mtlvision.engine.merging.base import (
     MERGE_RULES,
@@ -27,7 +27,6 @@ from mtlvision.engine.merging.base import (
     Objective,
     check_choice,
     check_range,
-    check_whole,
 )
 from mtlvision.errors import ConfigError
 from mtlvision.models.weight_ensembling import (
@@ -70,12 +69,9 @@ class WEMoE(MergeRule):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in {"split": SPLITS, "regression": REGRESSION, "hidden_layers": HIDDEN_LAYERS}.items():
-            check_choice("wemoe", name, getattr(self, name), allowed)
-        for name in ("steps", "batch_size", "batches", "seed"):
-            check_whole("wemoe", name, getattr(self, name), 0 if name == "seed" else 1)
+        check_learning_options("wemoe", self)
+        check_choice("wemoe", "hidden_layers", self.hidden_layers, HIDDEN_LAYERS)
         check_range("wemoe", "scale", self.scale, 0.0, 1.0, open_low=False)
-        check_range("wemoe", "lr", self.lr, 0.0, 1.0)
         self.learned: dict[str, Any] = {}
         self.blocks: list[str] = []
 
